@@ -1,0 +1,355 @@
+"""Typed run configuration: dataclasses loaded with omegaconf from YAML plus ``key=value`` overrides.
+
+Every key a user can set lives here, with the paper's default where the paper states one (see
+``../shared/VLSI_METHOD.md``). :func:`load_config` validates the whole tree before any work starts
+and turns every problem into a :class:`ConfigError` whose message is one sentence naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+STEPS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "sft")
+FAMILIES = ("qwen2_vl", "llava_onevision")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, explained in one sentence that names the key and the fix."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of a tiny model built offline when ``path`` is not given (the CPU demo and the tests)."""
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 128
+    vision_embed_dim: int = 32
+    vision_depth: int = 1
+    seed: int = 0
+
+
+@dataclass
+class TargetLayersConfig:
+    """Which decoder blocks get a verbalizer; 1-based block outputs (``hidden_states[k]``).
+
+    Either an explicit ``layers`` list or the rule "every ``every`` blocks starting at ``start``"
+    (the paper: student 2, 6, ..., 26 is ``start=2, every=4``). The final block is never a target:
+    it has its own loss.
+    """
+
+    layers: list[int] = field(default_factory=list)
+    start: int = 1
+    every: int = 1
+
+    def resolve(self, num_layers: int) -> list[int]:
+        """Return the sorted 1-based target blocks for a model with ``num_layers`` decoder blocks."""
+        if self.layers:
+            return sorted(self.layers)
+        return list(range(self.start, num_layers, self.every))
+
+
+@dataclass
+class ModelConfig:
+    """One backbone: a local checkpoint directory (``path``) or a tiny model built offline."""
+
+    family: str = "qwen2_vl"
+    path: Optional[str] = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    targets: TargetLayersConfig = field(default_factory=TargetLayersConfig)
+
+
+@dataclass
+class VerbalizerConfig:
+    """verb-FFN form. Paper: gated d×d FFN; project choice: final norm + residual + zero-init."""
+
+    residual: bool = True
+    zero_init: bool = True
+    final_norm: bool = True
+
+
+@dataclass
+class MatchingConfig:
+    """Adaptive layer matching (paper default) and the paper's ablation baselines."""
+
+    strategy: str = "multinomial"  # multinomial | random | uniform | bottom_k
+    temperature: str = "adaptive"  # adaptive (formula A) | adaptive_b | fixed
+    temperature_scale: float = 2.0
+    fixed_temperature: float = 1.0
+    eps: float = 1e-6
+    search_range: bool = True
+    order_preservation: bool = True
+    bottom_k: int = 1
+
+
+@dataclass
+class LossConfig:
+    """Step-2 losses. Paper choices: forward KL at KD temperature 1; last-layer KL term."""
+
+    direction: str = "forward"  # forward = KL(teacher || student) | reverse
+    kd_temperature: float = 1.0
+    last_layer: str = "kl"  # kl | ce | none
+    chunk_size: int = 1024  # response tokens per chunk of vocab-sized logits
+
+
+@dataclass
+class SignalConfig:
+    """What the teacher sends: top-k log-probs + tail mass (``topk``), or dense when null."""
+
+    topk: Optional[int] = 64
+
+
+@dataclass
+class LoraConfig:
+    """Step-2 LoRA on the student's language model (paper: rank 64, alpha 64)."""
+
+    rank: int = 64
+    alpha: int = 64
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """One training stage: AdamW with a cosine LR from ``lr`` to ``min_lr`` (paper: 1e-4 → 1e-6)."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    batch_size: int = 4
+    grad_accum: int = 16
+    max_steps: int = 0  # optimizer steps; 0 means `epochs` passes over the train split
+    epochs: float = 1.0
+    tasks: list[str] = field(default_factory=list)  # train rows of these task types only; empty = all
+    grad_clip: float = 1.0
+    log_every: int = 10
+
+
+@dataclass
+class StagesConfig:
+    """Optimisation settings per stage (each stage restarts its cosine schedule, as in the paper)."""
+
+    pretrain_teacher: OptimConfig = field(default_factory=OptimConfig)
+    pretrain_student: OptimConfig = field(default_factory=OptimConfig)
+    verbalize: OptimConfig = field(default_factory=OptimConfig)
+    interact: OptimConfig = field(default_factory=OptimConfig)
+    sft: OptimConfig = field(default_factory=OptimConfig)
+    sft_lora: bool = False  # paper ambiguity: merge the interaction LoRA and fine-tune fully (default)
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic shapes task generated offline when the data directory has no shards."""
+
+    train: int = 6000
+    val: int = 500
+    test: int = 1000
+    seed: int = 0
+    rows_per_shard: int = 1000
+    caption_fraction: float = 0.0
+    tokenizer_vocab_size: int = 512
+
+
+@dataclass
+class DataConfig:
+    """Where the Parquet shards live and how bad rows are handled."""
+
+    dir: str = "data/synthetic"
+    on_error: str = "skip"  # skip (and count) | raise
+    max_length: int = 256
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class RunConfig:
+    """The whole run: models, method options, stages, data and where outputs go."""
+
+    name: str = "tiny"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    runner: str = "local"
+    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    baseline_sft: bool = True  # also train the student by SFT alone (same data/steps) for the report
+    teacher_cache_dir: Optional[str] = None  # reuse a pretrained tiny teacher across runs
+    eval_batch_size: int = 32
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    signal: SignalConfig = field(default_factory=SignalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """Directory of this run's checkpoints, metrics and report."""
+        return Path(self.output_dir) / self.name
+
+
+_CHOICES = {
+    "teacher.family": FAMILIES,
+    "student.family": FAMILIES,
+    "runner": ("local",),
+    "matching.strategy": ("multinomial", "random", "uniform", "bottom_k"),
+    "matching.temperature": ("adaptive", "adaptive_b", "fixed"),
+    "loss.direction": ("forward", "reverse"),
+    "loss.last_layer": ("kl", "ce", "none"),
+    "data.on_error": ("skip", "raise"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load ``path`` (YAML, optional) over the schema defaults, apply ``key=value`` overrides, validate.
+
+    Raises :class:`ConfigError` (one sentence naming the key) on an unknown key, a wrong type or a
+    value the run cannot use; nothing else is touched before this returns.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config.")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value; write it like seed=1.")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, path)) from None
+    validate(cfg)
+    return cfg
+
+
+def _explain(err: OmegaConfBaseException, path: Any) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    where = f" in {path}" if path else ""
+    text = str(err).splitlines()[0]
+    if "not in struct" in text or "Key '" in text and "not" in text:
+        return f"unknown config key '{key}'{where}; check the spelling against vlsi_ray/config.py."
+    return f"config key '{key}'{where} has a bad value ({text}); fix its type or value."
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values the schema's types cannot express; raise :class:`ConfigError` naming the key."""
+    flat = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for key, allowed in _CHOICES.items():
+        value = _get(flat, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}; pick one of those.")
+    unknown = [s for s in cfg.steps if s not in STEPS]
+    if unknown:
+        raise ConfigError(f"steps contains unknown step {unknown[0]!r}; choose from {', '.join(STEPS)}.")
+    if cfg.teacher.family != cfg.student.family:
+        raise ConfigError(
+            f"teacher.family={cfg.teacher.family} and student.family={cfg.student.family} differ; "
+            "VLsI needs a teacher and a student of the same family and tokenizer."
+        )
+    for role in ("teacher", "student"):
+        _validate_model(getattr(cfg, role), role)
+    t_s = len(_targets_if_known(cfg.student))
+    t_l = len(_targets_if_known(cfg.teacher))
+    if t_s and t_l and t_s > t_l:
+        raise ConfigError(
+            f"the student has {t_s} target layers but the teacher only {t_l} (t_s > t_l); "
+            "give student.targets fewer layers or teacher.targets more."
+        )
+    m = cfg.matching
+    if m.order_preservation and not m.search_range:
+        raise ConfigError("matching.order_preservation=true needs matching.search_range=true (the paper adds them in that order).")
+    if m.bottom_k < 1:
+        raise ConfigError(f"matching.bottom_k={m.bottom_k} must be at least 1.")
+    if m.temperature_scale <= 0 or m.fixed_temperature <= 0:
+        raise ConfigError("matching.temperature_scale and matching.fixed_temperature must be positive.")
+    if cfg.loss.kd_temperature <= 0:
+        raise ConfigError(f"loss.kd_temperature={cfg.loss.kd_temperature} must be positive.")
+    if cfg.loss.chunk_size < 1:
+        raise ConfigError(f"loss.chunk_size={cfg.loss.chunk_size} must be at least 1.")
+    if cfg.signal.topk is not None and cfg.signal.topk < 1:
+        raise ConfigError(f"signal.topk={cfg.signal.topk} must be at least 1, or null for a dense signal.")
+    if cfg.lora.rank < 1 or cfg.lora.alpha <= 0:
+        raise ConfigError("lora.rank must be at least 1 and lora.alpha positive.")
+    for stage in STEPS:
+        _validate_optim(getattr(cfg.stages, stage), f"stages.{stage}")
+    syn = cfg.data.synthetic
+    for split in ("train", "val", "test"):
+        if getattr(syn, split) < 1:
+            raise ConfigError(f"data.synthetic.{split} must be at least 1 row.")
+    if not 0.0 <= syn.caption_fraction < 1.0:
+        raise ConfigError(f"data.synthetic.caption_fraction={syn.caption_fraction} must be in [0, 1).")
+    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device={cfg.device!r} is not auto, cpu or cuda[:N]; pick one of those.")
+
+
+def _validate_model(model: ModelConfig, role: str) -> None:
+    if model.path is not None and not Path(model.path).is_dir():
+        raise ConfigError(f"{role}.path={model.path} is not a directory; point it at a local checkpoint (nothing is downloaded).")
+    tiny = model.tiny
+    if model.path is None:
+        if tiny.num_layers < 2 or tiny.hidden_size < 1:
+            raise ConfigError(f"{role}.tiny.num_layers must be at least 2 and hidden_size positive.")
+        if tiny.hidden_size % tiny.num_heads:
+            raise ConfigError(f"{role}.tiny.hidden_size={tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}.")
+    targets = model.targets
+    if targets.every < 1 or targets.start < 1:
+        raise ConfigError(f"{role}.targets.start and {role}.targets.every must be at least 1.")
+    if len(set(targets.layers)) != len(targets.layers):
+        raise ConfigError(f"{role}.targets.layers={targets.layers} repeats a layer; list each block once.")
+    layers = _targets_if_known(model)
+    if model.path is None and not layers:
+        raise ConfigError(f"{role}.targets selects no layer of a {tiny.num_layers}-layer model; lower {role}.targets.start.")
+    num_layers = tiny.num_layers if model.path is None else None
+    for layer in layers:
+        if layer < 1 or (num_layers is not None and layer >= num_layers):
+            limit = f"1..{num_layers - 1}" if num_layers else "≥ 1"
+            raise ConfigError(
+                f"{role}.targets has layer {layer}, outside {limit} (the final block is not a target); fix {role}.targets."
+            )
+
+
+def _targets_if_known(model: ModelConfig) -> list[int]:
+    """Target layers when they can be known before loading the model (tiny, or an explicit list)."""
+    if model.targets.layers:
+        return sorted(model.targets.layers)
+    if model.path is None:
+        return model.targets.resolve(model.tiny.num_layers)
+    return []
+
+
+def _validate_optim(opt: OptimConfig, key: str) -> None:
+    if opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
+        raise ConfigError(f"{key}.lr must be positive and {key}.min_lr in [0, lr].")
+    if opt.batch_size < 1 or opt.grad_accum < 1:
+        raise ConfigError(f"{key}.batch_size and {key}.grad_accum must be at least 1.")
+    if opt.max_steps < 0 or (opt.max_steps == 0 and opt.epochs <= 0):
+        raise ConfigError(f"{key}.max_steps must be positive, or 0 with {key}.epochs > 0.")
+    if opt.log_every < 1:
+        raise ConfigError(f"{key}.log_every must be at least 1.")
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict of ``cfg`` (for metrics files, checkpoints and loggers)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML, written next to every run so it can be re-run exactly."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,20 @@
+"""Process environment defaults: offline Hugging Face, offline wandb, DeepSpeed on CPU without CUDA."""
+
+from __future__ import annotations
+
+import os
+
+
+def set_offline_defaults() -> None:
+    """Set the offline defaults unless the user already chose otherwise (call before importing transformers)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_cuda_device():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _has_cuda_device() -> bool:
+    # Cheap check that does not import torch: NVIDIA's driver exposes /dev/nvidia0 when a GPU is present.
+    return os.path.exists("/dev/nvidia0")

@@ -11,6 +11,8 @@ def set_offline_defaults() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_cuda_device():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy on the synthetic task, reports and plots."""

@@ -1,0 +1,169 @@
+"""The one KL (and cross-entropy) implementation: training, matching, benchmarks and tests all use it.
+
+Paper choices (VLSI_METHOD.md): forward KL(p_teacher ‖ p_student) at KD temperature 1, mean over
+response tokens. No ``T²`` factor is applied for other temperatures; callers scale if they want it.
+
+Vocabulary-sized logits dominate memory (152k entries per token), so :func:`verbalized_kl` and
+:func:`verbalized_ce` apply the verbalizer head chunk by chunk under activation checkpointing:
+only one chunk's ``[n, V]`` logits is alive at a time, in forward and in backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from vlsi_ray.signals.teacher_signal import TeacherSignal
+
+#: KL directions: forward = KL(teacher ‖ student) (paper), reverse = KL(student ‖ teacher).
+DIRECTIONS = ("forward", "reverse")
+#: Log-probability that stands in for an exact zero on the "q" side of KL(p ‖ q): the smallest
+#: normal float32. An underflowed teacher probability (float16 storage, zero tail) then costs a
+#: finite amount in the reverse KL instead of ``inf``.
+LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values [B, T]`` where ``mask [B, T]`` is true; 0 when the mask is empty.
+
+    Entries outside the mask are ignored even when they are ``nan`` or ``inf``.
+    """
+    if values.shape != mask.shape:
+        raise ValueError(f"masked_mean needs values and mask of one shape, got {list(values.shape)} and {list(mask.shape)}.")
+    mask = mask.bool()
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / mask.sum().clamp(min=1).to(total.dtype)
+
+
+def select_positions(x: Tensor, mask: Tensor) -> Tensor:
+    """Rows of ``x [B, T, ...]`` where ``mask [B, T]`` is true, as ``[N, ...]`` in row-major order."""
+    if x.shape[: mask.dim()] != mask.shape or mask.dim() != 2:
+        raise ValueError(f"select_positions needs mask [B, T] matching x's leading dims, got {list(mask.shape)} for {list(x.shape)}.")
+    return x[mask.bool()]
+
+
+def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """KL(p ‖ q) over the last dim from log-probs; ``p = 0`` bins contribute exactly 0 (and no nan grads)."""
+    p_zero = torch.isneginf(p_log)
+    p_safe = p_log.masked_fill(p_zero, 0.0)
+    q_safe = q_log.masked_fill(torch.isneginf(q_log), LOG_FLOOR)
+    return (p_safe.exp() * (p_safe - q_safe)).masked_fill(p_zero, 0.0).sum(-1)
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"KL direction must be one of {DIRECTIONS}, got {direction!r}.")
+
+
+def per_token_kl(
+    teacher: TeacherSignal, student_logits: Tensor, direction: str = "forward", temperature: float = 1.0
+) -> Tensor:
+    """Per-token KL between a single-layer teacher signal (``N`` tokens) and ``student_logits [N, V]``; ``-> [N]``.
+
+    Dense signal: exact KL(p_t ‖ p_s) (``forward``) or KL(p_s ‖ p_t) (``reverse``). Top-k signal:
+    the same KL between the coarse-grained (k+1)-bin distributions: the teacher's top-k probs plus
+    its tail mass, and the student's probs at the same ids plus its remaining mass (computed as a
+    log-sum-exp over the other ids, so it stays accurate when it is tiny). That equals the exact KL
+    when k = V and is never larger otherwise (data-processing inequality).
+
+    Student logits are divided by ``temperature``, which must be the signal's own temperature.
+    Computed in float32 (float64 if the logits are float64); gradients flow to the student only.
+    """
+    _check_direction(direction)
+    if teacher.num_layers != 1:
+        raise ValueError(f"per_token_kl takes a single-layer signal, got {teacher.num_layers} layers; use signal.layer(j).")
+    if student_logits.dim() != 2 or student_logits.shape[0] != teacher.num_tokens:
+        raise ValueError(f"student_logits must be [N={teacher.num_tokens}, V], got {list(student_logits.shape)}.")
+    if student_logits.shape[1] != teacher.vocab_size:
+        raise ValueError(
+            f"student vocabulary ({student_logits.shape[1]}) differs from the teacher signal's ({teacher.vocab_size}); "
+            "slice both to the shared prefix."
+        )
+    if not math.isclose(temperature, teacher.temperature):
+        raise ValueError(f"KD temperature {temperature} differs from the teacher signal's {teacher.temperature}; use the same for both.")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s_log = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    if teacher.is_dense:
+        t_log = teacher.logprobs[0].to(device=s_log.device, dtype=dtype)
+    else:
+        ids = teacher.topk_ids[0].to(s_log.device)
+        t_tail = teacher.tail_logmass[0].to(device=s_log.device, dtype=dtype)
+        t_log = torch.cat([teacher.topk_logprobs[0].to(device=s_log.device, dtype=dtype), t_tail[:, None]], dim=-1)
+        if teacher.k >= s_log.shape[-1]:  # the ids cover the vocabulary: nothing is left over
+            s_tail = torch.full_like(t_tail, float("-inf"))
+        else:
+            s_tail = torch.logsumexp(s_log.scatter(-1, ids, float("-inf")), dim=-1)
+        s_log = torch.cat([s_log.gather(-1, ids), s_tail[:, None]], dim=-1)
+    t_log = t_log.detach()
+    return _kl(t_log, s_log) if direction == "forward" else _kl(s_log, t_log)
+
+
+def _chunked(piece: Callable[[slice], Tensor], n: int, chunk_size: int | None) -> Tensor:
+    """``cat([piece(s) for s in chunks of range(n)])``, each chunk under activation checkpointing."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}.")
+    size = n if chunk_size is None else chunk_size
+    outs = []
+    for start in range(0, n, max(1, size)):
+        sl = slice(start, min(start + size, n))
+        if torch.is_grad_enabled():
+            # Non-reentrant checkpointing also recomputes through parameters the head closes over.
+            outs.append(checkpoint(piece, sl, use_reentrant=False))
+        else:
+            outs.append(piece(sl))
+    return torch.cat(outs)
+
+
+def verbalized_kl(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    teacher: TeacherSignal,
+    direction: str = "forward",
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-token KL between ``teacher`` (one layer, ``N`` tokens) and ``head(hidden)``; ``hidden [N, d] -> [N]``.
+
+    ``head`` maps ``[n, d] -> [n, V]`` (verb-FFN + final norm + LM head). It runs on ``chunk_size``
+    tokens at a time (all ``N`` when None) under ``torch.utils.checkpoint``, so only one chunk's
+    logits is ever alive; values and gradients equal the unchunked
+    ``per_token_kl(teacher, head(hidden), direction, temperature)``.
+    """
+    _check_direction(direction)
+    if hidden.dim() != 2 or hidden.shape[0] != teacher.num_tokens:
+        raise ValueError(f"hidden must be [N={teacher.num_tokens}, d] to match the teacher signal, got {list(hidden.shape)}.")
+    if hidden.shape[0] == 0:
+        return hidden.sum(-1).float()
+
+    def piece(sl: slice) -> Tensor:
+        return per_token_kl(teacher.tokens(sl), head(hidden[sl]), direction, temperature)
+
+    return _chunked(piece, hidden.shape[0], chunk_size)
+
+
+def verbalized_ce(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_size: int | None = None
+) -> Tensor:
+    """Per-token next-token cross-entropy of ``head(hidden)``; ``hidden [N, d]``, ``targets [N]`` int64 ``-> [N]``.
+
+    Targets equal to -100 give 0. Chunked and checkpointed like :func:`verbalized_kl`; computed in
+    float32 at least.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"verbalized_ce needs hidden [N, d] and targets [N], got {list(hidden.shape)} and {list(targets.shape)}.")
+    if targets.is_floating_point():
+        raise ValueError(f"verbalized_ce targets must be integer token ids, got {targets.dtype}.")
+    if hidden.shape[0] == 0:
+        return hidden.sum(-1).float()
+
+    def piece(sl: slice) -> Tensor:
+        logits = head(hidden[sl])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets[sl].long(), reduction="none", ignore_index=-100)
+
+    return _chunked(piece, hidden.shape[0], chunk_size)

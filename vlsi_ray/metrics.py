@@ -1,0 +1,33 @@
+"""Run metrics: one JSON object per line in ``<run_dir>/metrics.jsonl``, read back for reports and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+
+class MetricsWriter:
+    """Append-only JSONL writer; every record is flushed so a killed run keeps what it logged."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        """Append one record (JSON-serialisable values)."""
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path, stage: str | None = None) -> Iterator[dict]:
+    """Records of ``path`` in order, optionally only those of ``stage``."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open() as fh:
+        for line in fh:
+            if line.strip():
+                record = json.loads(line)
+                if stage is None or record.get("stage") == stage:
+                    yield record

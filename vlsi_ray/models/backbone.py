@@ -1,0 +1,372 @@
+"""One small interface over the transformers VLM classes that VLsI distils between.
+
+A :class:`Backbone` wraps a stock ``*ForConditionalGeneration`` model with its tokenizer and image
+processor and exposes what the method needs: every decoder block's output, the backbone's own final
+norm and LM head (shared by the verbalizers), parameter groups, LoRA on the language model only, and
+a local checkpoint format. Family specifics (class, module paths, chat template, image-token counts)
+live in one module per family (``qwen2_vl.py``, ``llava_onevision.py``), found through
+:data:`FAMILIES`.
+
+Hidden-state convention (what transformers 5 returns, verified in tests/models/test_backbones.py):
+``hidden_states`` has ``L + 1`` entries ``[B, T, d]``: the input embeddings (image features already
+scattered in), then the output of block ``k`` at index ``k``. The last entry is already passed
+through the final norm (``lm_head(hidden_states[-1]) == logits``); the others are not. So the
+"logit lens" of block ``k < L`` is ``lm_head(final_norm(hidden_states[k]))``, while applying
+``final_norm`` to ``hidden_states[L]`` normalises twice: use :meth:`Backbone.lens_input`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+#: family name -> module that defines its ``SPEC`` (imported lazily, so importing this is cheap).
+FAMILIES: dict[str, str] = {
+    "qwen2_vl": "vlsi_ray.models.qwen2_vl",
+    "llava_onevision": "vlsi_ray.models.llava_onevision",
+}
+#: Small file written next to the weights naming the family (model_type in config.json also works).
+BACKBONE_FILE = "vlsi_backbone.json"
+#: LoRA targets: the language model's attention and MLP projections, never the vision tower
+#: (SigLIP also has ``self_attn.q_proj``, hence a full-match regex rather than suffixes).
+LM_LORA_TARGETS = (
+    r"model\.language_model\.layers\.\d+\."
+    r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+)
+PARAMETER_GROUPS = ("vision", "projector", "embeddings", "language", "head")
+
+
+class IncompatibleModelsError(ValueError):
+    """Teacher and student cannot be distilled into each other (family, vocabulary, image tokens)."""
+
+
+class UnsupportedModelError(ValueError):
+    """A directory does not hold a model of a supported family."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything family-specific the backbone, tokenizer and collator need."""
+
+    name: str
+    model_type: str  # config.json "model_type"
+    model_class: Callable[[], type]  # returns the transformers class (imported on use)
+    image_processor_class: Callable[[], type]
+    special_tokens: tuple[str, ...]  # in the real family's id order
+    pad_token: str
+    eos_token: str  # end of an assistant turn
+    image_token: str  # the placeholder the chat template emits once per image
+    chat_template: str
+    model_input_names: tuple[str, ...]  # batch keys forwarded to the model
+    group_prefixes: tuple[tuple[str, str], ...]  # (parameter-name prefix, group); first match wins
+    build_image_processor: Callable[..., Any]
+    process_image: Callable[[Any, Any], dict[str, Tensor]]  # (processor, PIL image) -> per-image tensors
+    count_image_tokens: Callable[[Any, dict[str, Tensor]], int]  # placeholder tokens for one image
+    batch_vision: Callable[[list[dict[str, Tensor]]], dict[str, Tensor]]
+    uses_mm_token_type_ids: bool
+    prepare_loaded: Callable[[Any, Any], None] | None = None  # (model config, image processor) after loading
+
+
+def get_family(name: str) -> FamilySpec:
+    """The :class:`FamilySpec` of a family name (``"qwen2_vl"`` or ``"llava_onevision"``)."""
+    if name not in FAMILIES:
+        raise UnsupportedModelError(f"family {name!r} is not supported; use one of {', '.join(FAMILIES)}.")
+    return importlib.import_module(FAMILIES[name]).SPEC
+
+
+def build_image_processor(family: str, image_size: int = 112, **kwargs):
+    """The family's PIL image processor sized so one ``image_size``² image gives few tokens."""
+    return get_family(family).build_image_processor(image_size=image_size, **kwargs)
+
+
+@dataclass
+class BackboneOutput:
+    """``hidden_states``: ``L + 1`` tensors ``[B, T, d]`` (see module docstring); ``logits [B, T, V]``."""
+
+    hidden_states: tuple[Tensor, ...]
+    logits: Tensor
+
+
+def _get_path(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class Backbone:
+    """A transformers VLM plus its tokenizer and image processor, behind one interface."""
+
+    def __init__(self, family: str, model: nn.Module, tokenizer, image_processor, name: str | None = None):
+        get_family(family)  # fail early on an unknown family
+        self.family = family
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name = name or f"in-memory {family} model"
+        self._requires_grad_before_lora: dict[str, bool] | None = None
+
+    # ----- structure ------------------------------------------------------------------------------
+    @property
+    def spec(self) -> FamilySpec:
+        return get_family(self.family)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The ``*ForConditionalGeneration`` module, also when ``model`` is a peft wrapper."""
+        if self.lora_active:
+            return self.model.get_base_model()
+        return self.model
+
+    @property
+    def lora_active(self) -> bool:
+        return hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return _get_path(self.base_model, "model.language_model.layers")
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get_path(self.base_model, "model.language_model.norm")
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.base_model.lm_head
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base_model.config.get_text_config().hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head (may exceed ``len(tokenizer)``: real checkpoints pad their heads)."""
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def image_token_id(self) -> int:
+        return self.base_model.config.image_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.spec.eos_token)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def lora_target_modules(self) -> str:
+        """Regex (peft full-match) for the language model's attention + MLP projections."""
+        return LM_LORA_TARGETS
+
+    # ----- forward --------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> BackboneOutput:
+        """Run the model on a collated batch (extra keys such as ``labels``/``ids`` are ignored).
+
+        ``input_ids [B, T]``, ``attention_mask [B, T]`` and the family's vision inputs ->
+        ``hidden_states`` (``L + 1`` × ``[B, T, d]``) and ``logits [B, T, V]``.
+        """
+        device, dtype = self.device, self.dtype
+        inputs = {}
+        for key in self.spec.model_input_names:
+            value = batch.get(key)
+            if value is None:
+                continue
+            if isinstance(value, Tensor):
+                value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+            inputs[key] = value
+        out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+        return BackboneOutput(hidden_states=tuple(out.hidden_states), logits=out.logits)
+
+    __call__ = forward
+
+    def lens_input(self, hidden_states: tuple[Tensor, ...], k: int) -> Tensor:
+        """What the LM head should read for block ``k`` (1-based; ``k = L`` or ``-1`` is the last).
+
+        ``final_norm(hidden_states[k])`` for ``k < L``; ``hidden_states[L]`` as is, because it is
+        already normed. Shapes ``[..., d]`` -> ``[..., d]``.
+        """
+        last = len(hidden_states) - 1
+        if k == -1 or k == last:
+            return hidden_states[last]
+        return self.final_norm(hidden_states[k])
+
+    # ----- parameters -----------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Partition of every parameter into vision, projector, embeddings, language, head.
+
+        Names are those of the base model (LoRA weights, when applied, fall in ``language``).
+        """
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in PARAMETER_GROUPS}
+        for name, param in self.base_model.named_parameters():
+            group = next((g for prefix, g in self.spec.group_prefixes if name.startswith(prefix)), None)
+            if group is None:
+                raise RuntimeError(f"parameter {name} of {self.name} matches no group; add its prefix to the {self.family} spec.")
+            groups[group].append((name, param))
+        return groups
+
+    def apply_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        """Wrap ``model`` with peft LoRA on :attr:`lora_target_modules` (B zero-initialised).
+
+        peft freezes every base parameter; :meth:`merge_lora` restores the previous flags.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        if self.lora_active:
+            raise RuntimeError(f"{self.name} already has LoRA applied; call merge_lora() first.")
+        self._requires_grad_before_lora = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=self.lora_target_modules, bias="none")
+        self.model = get_peft_model(self.model, config)
+
+    def merge_lora(self) -> None:
+        """Merge the LoRA weights into the base model and drop the peft wrapper."""
+        if not self.lora_active:
+            raise RuntimeError(f"{self.name} has no LoRA to merge; call apply_lora() first.")
+        self.model = self.model.merge_and_unload()
+        flags = self._requires_grad_before_lora or {}
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(flags.get(name, True))
+        self._requires_grad_before_lora = None
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write model, tokenizer, image processor and ``vlsi_backbone.json`` into ``path``."""
+        if self.lora_active:
+            raise RuntimeError(f"{self.name} still has LoRA adapters; call merge_lora() before save_pretrained().")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        (path / BACKBONE_FILE).write_text(json.dumps({"family": self.family, "format": 1}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "Backbone":
+        """Load a backbone from a local directory (never a hub); the family is auto-detected."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist; pass a local checkpoint directory (hubs are never used).")
+        family = detect_family(path)
+        spec = get_family(family)
+        kwargs = {"local_files_only": True}
+        if dtype is not None:
+            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model = spec.model_class().from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = _saved_chat_template(path) or spec.chat_template
+        image_processor = spec.image_processor_class().from_pretrained(str(path), local_files_only=True)
+        if spec.prepare_loaded is not None:
+            spec.prepare_loaded(model.config, image_processor)
+        if device is not None:
+            model.to(device)
+        return cls(family, model, tokenizer, image_processor, name=str(path))
+
+
+def detect_family(path: Path) -> str:
+    """Family of a checkpoint directory from ``vlsi_backbone.json`` or ``config.json``'s model_type."""
+    marker, config = path / BACKBONE_FILE, path / "config.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())["family"]
+    if not config.is_file():
+        raise UnsupportedModelError(f"{path} has no config.json, so it is not a transformers model; point to a saved checkpoint directory.")
+    model_type = json.loads(config.read_text()).get("model_type")
+    for family in FAMILIES:
+        if get_family(family).model_type == model_type:
+            return family
+    raise UnsupportedModelError(f"{path} holds a {model_type!r} model, which is not supported; use one of {', '.join(FAMILIES)}.")
+
+
+def _saved_chat_template(path: Path) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+def load_backbone(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> Backbone:
+    """Same as :meth:`Backbone.from_pretrained`."""
+    return Backbone.from_pretrained(path, device=device, dtype=dtype)
+
+
+#: Image sizes (height, width) probed to compare teacher/student image-token counts.
+PROBE_IMAGE_SIZES = ((112, 112), (224, 168), (84, 252))
+
+
+def image_token_count(backbone: Backbone, height: int, width: int) -> int:
+    """Placeholder tokens ``backbone`` puts in the sequence for one ``height × width`` image."""
+    from PIL import Image
+
+    image = Image.new("RGB", (width, height))
+    processed = backbone.spec.process_image(backbone.image_processor, image)
+    return backbone.spec.count_image_tokens(backbone.image_processor, processed)
+
+
+def _special_tokens(backbone: Backbone) -> set[str]:
+    tokenizer = backbone.tokenizer
+    added = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    return set(tokenizer.all_special_tokens) | set(backbone.spec.special_tokens) | added
+
+
+def check_compatible(teacher: Backbone, student: Backbone) -> None:
+    """Raise :class:`IncompatibleModelsError` unless the pair can be distilled token for token.
+
+    Checks: same family; identical vocabulary on the shared prefix of the two LM heads (ids below
+    ``min(V_t, V_s)``); identical special-token ids; identical image-token counts.
+    """
+    t, s = teacher, student
+    pair = f"teacher {t.name} and student {s.name}"
+    if t.family != s.family:
+        raise IncompatibleModelsError(
+            f"teacher {t.name} is a {t.family} model but student {s.name} is a {s.family} model; "
+            f"pick a {t.family} student (VLsI distils within one family)."
+        )
+    shared = min(t.vocab_size, s.vocab_size)
+    t_vocab = {i: tok for tok, i in t.tokenizer.get_vocab().items() if i < shared}
+    s_vocab = {i: tok for tok, i in s.tokenizer.get_vocab().items() if i < shared}
+    for i in sorted(set(t_vocab) | set(s_vocab)):
+        if t_vocab.get(i) != s_vocab.get(i):
+            raise IncompatibleModelsError(
+                f"{pair} disagree at token id {i} ({t_vocab.get(i)!r} vs {s_vocab.get(i)!r}) within the shared "
+                f"{shared}-row head prefix; use a student whose tokenizer has the teacher's vocabulary order."
+            )
+    specials = sorted(_special_tokens(t) | _special_tokens(s))
+    for tok in specials:
+        t_id, s_id = t.tokenizer.convert_tokens_to_ids(tok), s.tokenizer.convert_tokens_to_ids(tok)
+        if t_id != s_id:
+            raise IncompatibleModelsError(
+                f"{pair} give special token {tok!r} different ids ({t_id} vs {s_id}); use the teacher's tokenizer for the student."
+            )
+    if t.image_token_id != s.image_token_id:
+        raise IncompatibleModelsError(
+            f"{pair} use different image token ids in their configs ({t.image_token_id} vs {s.image_token_id}); "
+            "set the student's image_token_id to the teacher's."
+        )
+    for height, width in PROBE_IMAGE_SIZES:
+        n_t, n_s = image_token_count(t, height, width), image_token_count(s, height, width)
+        if n_t != n_s:
+            raise IncompatibleModelsError(
+                f"{pair} turn a {height}x{width} image into {n_t} vs {n_s} image tokens; give the student the teacher's "
+                "image processor settings (preprocessor_config.json) so both see the same token sequence."
+            )

@@ -1,0 +1,104 @@
+"""Everything a run needs before training: the data splits, the tokenizer, the teacher and the student.
+
+Shared by every runner. Tiny models (no ``path`` in the config) get a BPE tokenizer trained
+offline on the synthetic corpus and cached next to the shards; real checkpoints load from local
+directories only, and the pair is checked for a shared vocabulary before anything trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from vlsi_ray.config import ModelConfig, RunConfig
+from vlsi_ray.data.collate import ChatCollator
+from vlsi_ray.data.shards import ReadStats, generate_dataset, read_rows
+from vlsi_ray.data.synthetic import corpus_texts
+from vlsi_ray.models import qwen2_vl, llava_onevision
+from vlsi_ray.models.backbone import Backbone, check_compatible
+from vlsi_ray.models.tokenizer import train_tokenizer
+
+TINY_BUILDERS = {"qwen2_vl": qwen2_vl.build_tiny, "llava_onevision": llava_onevision.build_tiny}
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class Splits:
+    """Validated rows of each split and what reading them skipped."""
+
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    stats: dict[str, ReadStats]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was requested but CUDA is not available here; use device=auto or device=cpu.")
+    return torch.device(name)
+
+
+def prepare_data(cfg: RunConfig) -> Splits:
+    """Generate the synthetic shards if ``data.dir`` has none, then read and validate each split."""
+    data_dir = Path(cfg.data.dir)
+    if not any(data_dir.glob("*.parquet")):
+        syn = cfg.data.synthetic
+        print(f"[data] generating the synthetic task into {data_dir}", flush=True)
+        generate_dataset(
+            data_dir,
+            {"train": syn.train, "val": syn.val, "test": syn.test},
+            seed=syn.seed,
+            rows_per_shard=syn.rows_per_shard,
+            caption_fraction=syn.caption_fraction,
+        )
+    rows, stats = {}, {}
+    for split in ("train", "val", "test"):
+        rows[split], stats[split] = read_rows(data_dir, split=split, on_error=cfg.data.on_error)
+        skipped = f", skipped {stats[split].skipped} bad rows" if stats[split].skipped else ""
+        print(f"[data] {split}: {stats[split].kept} rows{skipped}", flush=True)
+    return Splits(rows["train"], rows["val"], rows["test"], stats)
+
+
+def tiny_tokenizer(cfg: RunConfig, train_rows: list[dict]):
+    """The offline-trained tokenizer for tiny models, cached in ``<data.dir>/tokenizer``."""
+    from transformers import AutoTokenizer
+
+    path = Path(cfg.data.dir) / TOKENIZER_DIR / cfg.student.family
+    if (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = train_tokenizer(corpus_texts(train_rows), cfg.student.family, cfg.data.synthetic.tokenizer_vocab_size)
+    tokenizer.save_pretrained(str(path))
+    return tokenizer
+
+
+def build_model(model: ModelConfig, role: str, tokenizer, device: torch.device) -> Backbone:
+    """Load ``model.path`` (local directory) or build the tiny model for ``role`` with ``tokenizer``."""
+    if model.path is not None:
+        return Backbone.from_pretrained(model.path, device=device)
+    backbone = TINY_BUILDERS[model.family](role, tokenizer, **asdict(model.tiny))
+    backbone.model.to(device)
+    return backbone
+
+
+def model_key(model: ModelConfig, *parts) -> str:
+    """Short stable hash of a model config plus anything else that decides its trained weights."""
+    blob = json.dumps([asdict(model), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def make_collator(backbone: Backbone, cfg: RunConfig) -> ChatCollator:
+    """The single collate path shared by teacher, student, training and evaluation."""
+    return ChatCollator(backbone.tokenizer, backbone.image_processor, backbone.family, cfg.data.max_length)
+
+
+def check_pair(teacher: Backbone, student: Backbone) -> int:
+    """Refuse incompatible models; return the shared vocabulary size (the KL's support)."""
+    check_compatible(teacher, student)
+    return min(teacher.vocab_size, student.vocab_size)

@@ -1,0 +1,216 @@
+"""The in-process reference runner: tiny-model pretraining, the three VLsI steps, the SFT-only baseline, a report.
+
+Recipe protocol (setup → stages → evaluate → report). Each stage writes its artefacts and a
+``stage.json`` into ``<run_dir>/<stage>/``; re-running the same command skips finished stages and
+loads what they wrote. The Ray runner drives the same objectives from :mod:`vlsi_ray.method.steps`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vlsi_ray.config import RunConfig, to_yaml
+from vlsi_ray.data.synthetic import SCORED_TASKS
+from vlsi_ray.eval.accuracy import evaluate
+from vlsi_ray.eval.report import write_report
+from vlsi_ray.method.loop import train_stage
+from vlsi_ray.method.matching import MatchingOptions
+from vlsi_ray.method.steps import (
+    SFT_GROUPS,
+    InteractionObjective,
+    SFTObjective,
+    VerbalizationObjective,
+    teacher_signal,
+)
+from vlsi_ray.metrics import MetricsWriter
+from vlsi_ray.models.backbone import Backbone
+from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.prepare import (
+    build_model,
+    check_pair,
+    make_collator,
+    model_key,
+    prepare_data,
+    resolve_device,
+    tiny_tokenizer,
+)
+
+STAGE_FILE = "stage.json"
+
+
+class LocalRun:
+    """State of one in-process run: config, device, data, metrics writer and the run directory."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dir = cfg.run_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(to_yaml(cfg))
+        self.device = resolve_device(cfg.device)
+        self.writer = MetricsWriter(self.dir / "metrics.jsonl")
+        self.splits = prepare_data(cfg)
+        needs_tokenizer = cfg.teacher.path is None or cfg.student.path is None
+        self.tokenizer = tiny_tokenizer(cfg, self.splits.train) if needs_tokenizer else None
+        self.collate: Callable | None = None
+
+    # -- stage bookkeeping -------------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        return self.dir / name
+
+    def finished(self, name: str) -> bool:
+        return (self.stage_dir(name) / STAGE_FILE).is_file()
+
+    def finish(self, name: str, history: list[dict], started: float) -> None:
+        summary = {"stage": name, "steps": len(history), "seconds": round(time.perf_counter() - started, 1)}
+        if history:
+            summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
+        (self.stage_dir(name) / STAGE_FILE).write_text(json.dumps(summary, indent=2))
+
+    def train_rows(self, stage: str) -> list[dict]:
+        tasks = getattr(self.cfg.stages, stage).tasks
+        return [r for r in self.splits.train if not tasks or r["task"] in tasks]
+
+    def train(self, stage: str, objective, modules, seed_offset: int, label: str | None = None) -> list[dict]:
+        """Run ``objective`` with the optimisation settings of ``stage`` (the SFT baseline uses ``sft``'s)."""
+        settings = "sft" if stage == "baseline_sft" else stage
+        opt = getattr(self.cfg.stages, settings)
+        return train_stage(
+            label or stage, objective, objective.parameters(), self.train_rows(settings), self.collate, opt,
+            self.cfg.seed + seed_offset, self.device, self.writer, modules,
+        )
+
+    # -- models ------------------------------------------------------------------------------
+    def pretrained(self, role: str, stage: str) -> tuple[Backbone, Path]:
+        """The teacher or student base and the directory it loads from.
+
+        A local checkpoint (``path``), a cached tiny model, or a tiny model pretrained now (or left
+        at random init when ``stage`` is not in ``steps``, which the run says).
+        """
+        model_cfg = getattr(self.cfg, role)
+        if model_cfg.path is not None:
+            print(f"[{role}] loading {model_cfg.path}", flush=True)
+            return build_model(model_cfg, role, None, self.device), Path(model_cfg.path)
+        opt = getattr(self.cfg.stages, stage)
+        trains = stage in self.cfg.steps
+        key = model_key(model_cfg, opt if trains else None, self.cfg.data.synthetic, self.cfg.seed)
+        target = self.stage_dir(stage)
+        cache = Path(self.cfg.teacher_cache_dir) / f"{role}-{key}" if self.cfg.teacher_cache_dir else None
+        for source in (target, cache):
+            if source is not None and (source / STAGE_FILE).is_file():
+                print(f"[{role}] reusing the tiny {role} in {source}", flush=True)
+                return Backbone.from_pretrained(source, device=self.device), source
+        backbone = build_model(model_cfg, role, self.tokenizer, self.device)
+        started = time.perf_counter()
+        history: list[dict] = []
+        if trains:
+            self.collate = self.collate or make_collator(backbone, self.cfg)
+            objective = SFTObjective(backbone, chunk_size=self.cfg.loss.chunk_size)
+            history = self.train(stage, objective, [backbone.model], seed_offset=1 if role == "teacher" else 2)
+        else:
+            print(f"[{role}] {stage} is not in steps: the tiny {role} stays at random init", flush=True)
+        backbone.save_pretrained(target)
+        self.finish(stage, history, started)
+        if cache is not None:
+            shutil.copytree(target, cache, dirs_exist_ok=True)
+        return backbone, target
+
+    def verbalizers(self, backbone: Backbone, role: str) -> Verbalizers:
+        model_cfg, v = getattr(self.cfg, role), self.cfg.verbalizer
+        layers = model_cfg.targets.resolve(backbone.num_layers)
+        return Verbalizers(backbone.hidden_size, layers, v.residual, v.zero_init, v.final_norm).to(self.device)
+
+
+def run_local(cfg: RunConfig) -> dict:
+    """Run every stage in ``cfg.steps`` in this process and return the report dict."""
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    run = LocalRun(cfg)
+    teacher, _ = run.pretrained("teacher", "pretrain_teacher")
+    student, student_base_dir = run.pretrained("student", "pretrain_student")
+    vocab = check_pair(teacher, student)
+    run.collate = make_collator(student, cfg)
+    results: dict[str, dict] = {}
+    test = [r for r in run.splits.test if r["task"] in SCORED_TASKS]
+
+    def score(name: str, backbone: Backbone) -> None:
+        results[name] = evaluate(backbone, test, run.collate, cfg.eval_batch_size, run.device)
+        print(f"[eval] {name}: {100 * results[name]['overall']:.1f}% on {results[name]['n']} test questions", flush=True)
+
+    score("teacher", teacher)
+    score("student_base", student)
+
+    if cfg.baseline_sft and "sft" in cfg.steps:
+        baseline = _stage_model(run, "baseline_sft", student_base_dir, lambda b: SFTObjective(b, SFT_GROUPS, cfg.loss.chunk_size), seed_offset=5)
+        score("student_sft_only", baseline)
+        del baseline
+
+    # Step 1: verbalization (both models' verb-FFNs; backbones frozen).
+    t_verbs, s_verbs = run.verbalizers(teacher, "teacher"), run.verbalizers(student, "student")
+    step1 = run.stage_dir("verbalize")
+    if run.finished("verbalize"):
+        t_verbs = Verbalizers.load(step1 / "teacher_verbalizers", run.device)
+        s_verbs = Verbalizers.load(step1 / "student_verbalizers", run.device)
+    elif "verbalize" in cfg.steps:
+        t0 = time.perf_counter()
+        history = []
+        for role, backbone, verbs, offset in (("teacher", teacher, t_verbs, 3), ("student", student, s_verbs, 4)):
+            objective = VerbalizationObjective(backbone, verbs, cfg.loss.chunk_size)
+            history += run.train("verbalize", objective, [verbs], seed_offset=offset, label=f"verbalize/{role}")
+            verbs.save(step1 / f"{role}_verbalizers")
+        run.finish("verbalize", history, t0)
+
+    # Step 2: interaction (student LoRA + verb-FFNs; teacher frozen).
+    step2 = run.stage_dir("interact")
+    if run.finished("interact"):
+        student = Backbone.from_pretrained(step2 / "student", device=run.device)
+        s_verbs = Verbalizers.load(step2 / "student_verbalizers", run.device)
+    elif "interact" in cfg.steps:
+        t0 = time.perf_counter()
+        teacher.model.eval()
+        t_verbs.eval()
+        student.apply_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+        generator = torch.Generator().manual_seed(cfg.seed + 6)
+        objective = InteractionObjective(
+            student, s_verbs,
+            lambda batch: teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab),
+            MatchingOptions(**vars(cfg.matching)), generator, cfg.loss.direction, cfg.loss.kd_temperature,
+            cfg.loss.last_layer, cfg.loss.chunk_size, vocab,
+        )
+        history = run.train("interact", objective, [student.model, s_verbs], seed_offset=6)
+        student.merge_lora()
+        student.save_pretrained(step2 / "student")
+        s_verbs.save(step2 / "student_verbalizers")
+        run.finish("interact", history, t0)
+    if "interact" in cfg.steps:
+        score("vlsi_without_sft", student)
+
+    # Step 3: SFT of the distilled student (LoRA merged, the LLM fine-tuned fully).
+    if "sft" in cfg.steps:
+        source = step2 / "student" if (step2 / STAGE_FILE).is_file() else student_base_dir
+        student = _stage_model(run, "sft", source, lambda b: SFTObjective(b, SFT_GROUPS, cfg.loss.chunk_size), seed_offset=5)
+        score("vlsi", student)
+
+    report = {"run": cfg.name, "seconds": round(time.perf_counter() - started, 1), "accuracy": results,
+              "skipped_rows": {k: v.skipped for k, v in run.splits.stats.items()}}
+    write_report(run.dir, report)
+    print(f"[done] report in {run.dir / 'report.md'} ({report['seconds']:.0f}s)", flush=True)
+    return report
+
+
+def _stage_model(run: LocalRun, stage: str, source, make_objective, seed_offset: int) -> Backbone:
+    """Load a finished stage's student, or train it by SFT from the checkpoint at ``source``."""
+    target = run.stage_dir(stage)
+    if run.finished(stage):
+        return Backbone.from_pretrained(target / "student", device=run.device)
+    t0 = time.perf_counter()
+    backbone = Backbone.from_pretrained(source, device=run.device)
+    history = run.train(stage, make_objective(backbone), [backbone.model], seed_offset=seed_offset)
+    backbone.save_pretrained(target / "student")
+    run.finish(stage, history, t0)
+    return backbone

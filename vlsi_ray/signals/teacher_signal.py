@@ -1,0 +1,305 @@
+"""What the teacher sends the student: verbalized log-probabilities, dense or top-k + tail.
+
+A :class:`TeacherSignal` holds the teacher's next-token log-probabilities for ``L`` layers (its
+verbalized target layers, usually followed by its final layer) at ``N`` response tokens, in one of
+two forms:
+
+- dense: ``logprobs [L, N, V]``;
+- top-k + tail: ``topk_logprobs [L, N, k]``, ``topk_ids [L, N, k]`` (int64) and
+  ``tail_logmass [L, N]`` = log of the probability outside the top k (``-inf`` when it is zero).
+
+Dense verbalized logits do not scale across actors (~0.62 GB per layer per 2048-token sample for a
+152k vocabulary in bf16); top-64 + tail is ~0.4 KB per token per layer. The KL between the
+coarse-grained (k+1)-bin distributions is computed by :func:`vlsi_ray.method.losses.per_token_kl`.
+
+:meth:`TeacherSignal.to_numpy` / :meth:`TeacherSignal.from_numpy` is the codec for the Ray object
+store: log-probs in float16 or float32, ids in int32, the tail always in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Storage dtypes the numpy codec accepts for the log-probs.
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_TAIL_DTYPE = np.float32
+_ID_DTYPE = np.int32
+
+
+@dataclass
+class TeacherSignal:
+    """Teacher log-probabilities for ``L`` layers at ``N`` tokens, dense or top-k + tail.
+
+    Give either ``logprobs [L, N, V]`` (dense) or all of ``topk_logprobs [L, N, k]``,
+    ``topk_ids [L, N, k]`` (distinct ids per token, any integer dtype, stored as int64),
+    ``tail_logmass [L, N]`` and ``vocab_size``. ``temperature`` is the KD temperature the logits were
+    divided by; the student side must use the same one.
+    """
+
+    logprobs: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+    topk_ids: Tensor | None = None
+    tail_logmass: Tensor | None = None
+    vocab_size: int | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        sparse = (self.topk_logprobs, self.topk_ids, self.tail_logmass)
+        if self.logprobs is not None:
+            if any(t is not None for t in sparse):
+                raise ValueError("TeacherSignal takes either logprobs (dense) or topk_* + tail_logmass, not both.")
+            if self.logprobs.dim() != 3 or not self.logprobs.is_floating_point():
+                raise ValueError(f"TeacherSignal.logprobs must be a float tensor [L, N, V], got {_describe(self.logprobs)}.")
+            vocab = self.logprobs.shape[-1]
+            if self.vocab_size is not None and self.vocab_size != vocab:
+                raise ValueError(f"TeacherSignal.vocab_size={self.vocab_size} does not match logprobs' last dim {vocab}.")
+            self.vocab_size = int(vocab)
+        else:
+            if any(t is None for t in sparse):
+                raise ValueError("TeacherSignal needs logprobs, or all of topk_logprobs, topk_ids and tail_logmass.")
+            lp, ids, tail = sparse
+            if lp.dim() != 3 or not lp.is_floating_point():
+                raise ValueError(f"TeacherSignal.topk_logprobs must be a float tensor [L, N, k], got {_describe(lp)}.")
+            if ids.shape != lp.shape or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ValueError(f"TeacherSignal.topk_ids must be an integer tensor {list(lp.shape)}, got {_describe(ids)}.")
+            if tail.shape != lp.shape[:2] or not tail.is_floating_point():
+                raise ValueError(f"TeacherSignal.tail_logmass must be a float tensor {list(lp.shape[:2])}, got {_describe(tail)}.")
+            if self.vocab_size is None or self.vocab_size < lp.shape[-1]:
+                raise ValueError(f"TeacherSignal.vocab_size must be given and at least k={lp.shape[-1]}, got {self.vocab_size}.")
+            self.vocab_size = int(self.vocab_size)
+            if ids.dtype != torch.int64:
+                self.topk_ids = ids.long()  # torch.gather wants int64 indices
+        if not self.temperature > 0:
+            raise ValueError(f"TeacherSignal.temperature must be positive, got {self.temperature}.")
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int | None, temperature: float = 1.0) -> "TeacherSignal":
+        """Build a signal from raw teacher logits ``[L, N, V]``.
+
+        ``k=None`` keeps the dense log-probs; an integer ``k`` keeps the top ``min(k, V)`` (so
+        ``k >= V`` is the exact distribution in top-k form). Logits are divided by ``temperature``
+        before the log-softmax, computed in float32 (float64 if the logits are float64). The tail
+        is the log-sum-exp of the log-probs outside the top k, so it is exact (no ``1 - sum``
+        cancellation) and exactly ``-inf`` when the top k cover the vocabulary.
+        """
+        if logits.dim() != 3:
+            raise ValueError(f"from_logits expects logits [L, N, V], got shape {list(logits.shape)}; add a layer dim with unsqueeze(0).")
+        if k is not None and k < 1:
+            raise ValueError(f"from_logits needs k >= 1 or None for dense, got k={k}.")
+        if not temperature > 0:
+            raise ValueError(f"from_logits needs a positive temperature, got {temperature}.")
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        vocab = logits.shape[-1]
+        if k is None:
+            return cls(logprobs=torch.log_softmax(logits.to(dtype) / temperature, dim=-1), temperature=temperature)
+        k = min(int(k), vocab)
+        values, ids, tails = [], [], []
+        for layer_logits in logits:  # one layer at a time bounds the extra [N, V] buffers to two
+            lp = torch.log_softmax(layer_logits.to(dtype) / temperature, dim=-1)
+            top, idx = torch.topk(lp, k, dim=-1, sorted=True)
+            values.append(top)
+            ids.append(idx)
+            tails.append(torch.logsumexp(lp.scatter(-1, idx, float("-inf")), dim=-1))
+        return cls(
+            topk_logprobs=torch.stack(values),
+            topk_ids=torch.stack(ids),
+            tail_logmass=torch.stack(tails),
+            vocab_size=vocab,
+            temperature=temperature,
+        )
+
+    @classmethod
+    def from_topk(
+        cls, topk_logprobs: Tensor, topk_ids: Tensor, vocab_size: int, temperature: float = 1.0
+    ) -> "TeacherSignal":
+        """Build a top-k signal when only the top-k log-probs ``[L, N, k]`` are known (e.g. from a server).
+
+        The tail is ``log(1 - sum(exp(topk_logprobs)))`` via ``log1p(-exp(logsumexp))`` in float64,
+        clamped at zero mass (``-inf``), which then contributes exactly 0 to the forward KL.
+        """
+        return cls(
+            topk_logprobs=topk_logprobs,
+            topk_ids=topk_ids,
+            tail_logmass=tail_logmass_from_topk(topk_logprobs).to(torch.promote_types(topk_logprobs.dtype, torch.float32)),
+            vocab_size=vocab_size,
+            temperature=temperature,
+        )
+
+    @classmethod
+    def stack(cls, signals: Sequence["TeacherSignal"]) -> "TeacherSignal":
+        """Concatenate signals of the same form, tokens and vocabulary along the layer dim."""
+        if not signals:
+            raise ValueError("TeacherSignal.stack needs at least one signal.")
+        first = signals[0]
+        for s in signals[1:]:
+            if (s.is_dense, s.k, s.num_tokens, s.vocab_size, s.temperature) != (
+                first.is_dense, first.k, first.num_tokens, first.vocab_size, first.temperature
+            ):
+                raise ValueError("TeacherSignal.stack needs signals with the same form, k, tokens, vocab_size and temperature.")
+        if first.is_dense:
+            return replace(first, logprobs=torch.cat([s.logprobs for s in signals]))
+        return replace(
+            first,
+            topk_logprobs=torch.cat([s.topk_logprobs for s in signals]),
+            topk_ids=torch.cat([s.topk_ids for s in signals]),
+            tail_logmass=torch.cat([s.tail_logmass for s in signals]),
+        )
+
+    # ----------------------------------------------------------------------------- shape and views
+    @property
+    def is_dense(self) -> bool:
+        """True for the dense form."""
+        return self.logprobs is not None
+
+    @property
+    def k(self) -> int | None:
+        """Entries kept per token (None for dense)."""
+        return None if self.is_dense else int(self.topk_logprobs.shape[-1])
+
+    @property
+    def num_layers(self) -> int:
+        """``L``."""
+        return int(self._main.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """``N``."""
+        return int(self._main.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the tensors."""
+        return self._main.device
+
+    @property
+    def _main(self) -> Tensor:
+        return self.logprobs if self.is_dense else self.topk_logprobs
+
+    def _map(self, fn) -> "TeacherSignal":
+        """Apply ``fn`` to every tensor (all have the layer dim first, then tokens)."""
+        if self.is_dense:
+            return replace(self, logprobs=fn(self.logprobs))
+        return replace(
+            self, topk_logprobs=fn(self.topk_logprobs), topk_ids=fn(self.topk_ids), tail_logmass=fn(self.tail_logmass)
+        )
+
+    def select(self, indices: Sequence[int]) -> "TeacherSignal":
+        """The layers at ``indices`` (0-based, in that order)."""
+        index = list(indices)
+        for j in index:
+            if not -self.num_layers <= j < self.num_layers:
+                raise IndexError(f"layer {j} is out of range for a signal with {self.num_layers} layers.")
+        return self._map(lambda t: t[index])
+
+    def layer(self, j: int) -> "TeacherSignal":
+        """Layer ``j`` alone, as a signal with ``L = 1``."""
+        return self.select([j])
+
+    def tokens(self, index: slice | Tensor) -> "TeacherSignal":
+        """The tokens at ``index`` (a slice, an index tensor or a bool mask over ``N``)."""
+        return self._map(lambda t: t[:, index])
+
+    def to(self, device: torch.device | str) -> "TeacherSignal":
+        """Move every tensor to ``device`` (dtypes unchanged)."""
+        return self._map(lambda t: t.to(device))
+
+    # ----------------------------------------------------------------------------- codec and size
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors as they are now (torch dtypes: int64 ids)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self) -> list[Tensor]:
+        return [self.logprobs] if self.is_dense else [self.topk_logprobs, self.topk_ids, self.tail_logmass]
+
+    def bytes_per_token_per_layer(self, storage: str | None = None) -> float:
+        """Bytes per (token, layer): as held now when ``storage`` is None, else in :meth:`to_numpy`'s layout.
+
+        Codec layout: dense ``V·s``; top-k ``k·(s + 4) + 4`` (log-probs of ``s`` bytes, int32 ids,
+        float32 tail), with ``s`` = 2 for float16 and 4 for float32 storage.
+        """
+        if storage is None:
+            return self.nbytes / max(1, self.num_layers * self.num_tokens)
+        s = np.dtype(_storage_dtype(storage)).itemsize
+        if self.is_dense:
+            return float(self.vocab_size * s)
+        return float(self.k * (s + np.dtype(_ID_DTYPE).itemsize) + np.dtype(_TAIL_DTYPE).itemsize)
+
+    def to_numpy(self, storage: str = "float16") -> dict[str, np.ndarray]:
+        """Encode for the Ray object store: log-probs in ``storage`` dtype, ids int32, tail float32.
+
+        Keys: ``logprobs`` (dense) or ``topk_logprobs``, ``topk_ids``, ``tail_logmass``; plus 0-d
+        ``vocab_size`` (int64) and ``temperature`` (float64). float16 turns log-probs below -65504
+        into ``-inf`` (zero probability), which the KL treats as such.
+        """
+        dtype = _storage_dtype(storage)
+        out: dict[str, np.ndarray] = {
+            "vocab_size": np.array(self.vocab_size, dtype=np.int64),
+            "temperature": np.array(self.temperature, dtype=np.float64),
+        }
+        if self.is_dense:
+            out["logprobs"] = _numpy(self.logprobs).astype(dtype)
+            return out
+        if self.vocab_size > np.iinfo(_ID_DTYPE).max:
+            raise ValueError(f"vocab_size={self.vocab_size} does not fit the codec's int32 ids.")
+        out["topk_logprobs"] = _numpy(self.topk_logprobs).astype(dtype)
+        out["topk_ids"] = _numpy(self.topk_ids).astype(_ID_DTYPE)
+        out["tail_logmass"] = _numpy(self.tail_logmass).astype(_TAIL_DTYPE)
+        return out
+
+    @classmethod
+    def from_numpy(cls, d: dict[str, np.ndarray]) -> "TeacherSignal":
+        """Decode :meth:`to_numpy`'s dict (log-probs keep their storage dtype; ids become int64)."""
+        missing = {"vocab_size", "temperature"} - d.keys()
+        if missing:
+            raise ValueError(f"encoded TeacherSignal lacks {sorted(missing)}; it must come from TeacherSignal.to_numpy.")
+        meta = dict(vocab_size=int(d["vocab_size"]), temperature=float(d["temperature"]))
+        if "logprobs" in d:
+            return cls(logprobs=_tensor(d["logprobs"]), **meta)
+        keys = ("topk_logprobs", "topk_ids", "tail_logmass")
+        if any(key not in d for key in keys):
+            raise ValueError(f"encoded TeacherSignal needs 'logprobs' or all of {list(keys)}, got {sorted(d)}.")
+        return cls(
+            topk_logprobs=_tensor(d["topk_logprobs"]),
+            topk_ids=torch.from_numpy(np.asarray(d["topk_ids"]).astype(np.int64)),
+            tail_logmass=_tensor(d["tail_logmass"]),
+            **meta,
+        )
+
+
+def tail_logmass_from_topk(topk_logprobs: Tensor) -> Tensor:
+    """``log(1 - sum(exp(topk_logprobs)))`` over the last dim, ``[..., k] -> [...]``, in float64.
+
+    Uses ``log(-expm1(logsumexp))`` (= ``log1p(-exp(lse))``), which keeps small tails accurate;
+    a top-k mass that rounds to >= 1 gives zero tail mass, i.e. ``-inf``.
+    """
+    lse = torch.logsumexp(topk_logprobs.double(), dim=-1).clamp(max=0.0)
+    return torch.log(-torch.expm1(lse))
+
+
+def _storage_dtype(storage: str) -> type:
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}.")
+    return STORAGE_DTYPES[storage]
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.float()
+    return t.numpy()
+
+
+def _tensor(a: np.ndarray) -> Tensor:
+    a = np.asarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # object-store arrays are read-only
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype} with shape {list(t.shape)}"

@@ -1,4 +1,4 @@
-"""Shared test set-up: offline environment, small thread count, and tiny models built once per session."""
+"""Shared test set-up: the offline environment (no hub, no wandb upload) before anything imports transformers."""
 
 from __future__ import annotations
 

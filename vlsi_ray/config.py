@@ -141,7 +141,7 @@ class StagesConfig:
     verbalize: OptimConfig = field(default_factory=OptimConfig)
     interact: OptimConfig = field(default_factory=OptimConfig)
     sft: OptimConfig = field(default_factory=OptimConfig)
-    sft_lora: bool = False  # paper ambiguity: merge the interaction LoRA and fine-tune fully (default)
+    sft_lora: bool = False  # step 3 (and the SFT-only baseline) through LoRA instead of full fine-tuning of the LLM
 
 
 @dataclass
@@ -154,7 +154,23 @@ class SyntheticConfig:
     seed: int = 0
     rows_per_shard: int = 1000
     caption_fraction: float = 0.0
+    tasks: list[str] = field(default_factory=list)  # scored task types to generate; empty = all five
+    min_objects: int = 2
+    max_objects: int = 5
+    dot_prob: float = 0.25
+    distractors: bool = True  # false: only the objects a question needs
     tokenizer_vocab_size: int = 512
+
+    def generator_kwargs(self) -> dict:
+        """Keyword arguments of :func:`vlsi_ray.data.shards.generate_dataset` beyond sizes and seed."""
+        kwargs = dict(
+            rows_per_shard=self.rows_per_shard, caption_fraction=self.caption_fraction,
+            min_objects=self.min_objects, max_objects=self.max_objects, dot_prob=self.dot_prob,
+            distractors=self.distractors,
+        )
+        if self.tasks:
+            kwargs["tasks"] = list(self.tasks)
+        return kwargs
 
 
 @dataclass
@@ -287,6 +303,15 @@ def validate(cfg: RunConfig) -> None:
     for split in ("train", "val", "test"):
         if getattr(syn, split) < 1:
             raise ConfigError(f"data.synthetic.{split} must be at least 1 row.")
+    from vlsi_ray.data.synthetic import SCORED_TASKS
+
+    if [t for t in syn.tasks if t not in SCORED_TASKS]:
+        bad = [t for t in syn.tasks if t not in SCORED_TASKS][0]
+        raise ConfigError(f"data.synthetic.tasks has unknown task {bad!r}; choose from {', '.join(SCORED_TASKS)}.")
+    if not 1 <= syn.min_objects <= syn.max_objects <= 16:
+        raise ConfigError("data.synthetic.min_objects and max_objects must satisfy 1 <= min <= max <= 16.")
+    if not 0.0 <= syn.dot_prob <= 1.0:
+        raise ConfigError(f"data.synthetic.dot_prob={syn.dot_prob} must be in [0, 1].")
     if not 0.0 <= syn.caption_fraction < 1.0:
         raise ConfigError(f"data.synthetic.caption_fraction={syn.caption_fraction} must be in [0, 1).")
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):

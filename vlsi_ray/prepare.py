@@ -16,7 +16,7 @@ import torch
 
 from vlsi_ray.config import ModelConfig, RunConfig
 from vlsi_ray.data.collate import ChatCollator
-from vlsi_ray.data.shards import ReadStats, generate_dataset, read_rows
+from vlsi_ray.data.shards import MANIFEST, ReadStats, generate_dataset, read_rows
 from vlsi_ray.data.synthetic import corpus_texts
 from vlsi_ray.models import qwen2_vl, llava_onevision
 from vlsi_ray.models.backbone import Backbone, check_compatible
@@ -48,15 +48,14 @@ def resolve_device(name: str) -> torch.device:
 def prepare_data(cfg: RunConfig) -> Splits:
     """Generate the synthetic shards if ``data.dir`` has none, then read and validate each split."""
     data_dir = Path(cfg.data.dir)
-    if not any(data_dir.glob("*.parquet")):
+    user_shards = any(data_dir.glob("*.parquet")) and not (data_dir / MANIFEST).is_file()
+    if not user_shards:  # the synthetic task: (re)generated unless its manifest matches the config
         syn = cfg.data.synthetic
-        print(f"[data] generating the synthetic task into {data_dir}", flush=True)
         generate_dataset(
             data_dir,
             {"train": syn.train, "val": syn.val, "test": syn.test},
             seed=syn.seed,
-            rows_per_shard=syn.rows_per_shard,
-            caption_fraction=syn.caption_fraction,
+            **syn.generator_kwargs(),
         )
     rows, stats = {}, {}
     for split in ("train", "val", "test"):
@@ -67,13 +66,16 @@ def prepare_data(cfg: RunConfig) -> Splits:
 
 
 def tiny_tokenizer(cfg: RunConfig, train_rows: list[dict]):
-    """The offline-trained tokenizer for tiny models, cached in ``<data.dir>/tokenizer``."""
+    """The offline-trained tokenizer for tiny models, cached in ``<data.dir>/tokenizer`` by corpus."""
     from transformers import AutoTokenizer
 
-    path = Path(cfg.data.dir) / TOKENIZER_DIR / cfg.student.family
+    texts = corpus_texts(train_rows)
+    size = cfg.data.synthetic.tokenizer_vocab_size
+    key = hashlib.sha256(json.dumps([sorted(set(texts)), size]).encode()).hexdigest()[:12]
+    path = Path(cfg.data.dir) / TOKENIZER_DIR / f"{cfg.student.family}-{key}"
     if (path / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(path))
-    tokenizer = train_tokenizer(corpus_texts(train_rows), cfg.student.family, cfg.data.synthetic.tokenizer_vocab_size)
+    tokenizer = train_tokenizer(texts, cfg.student.family, size)
     tokenizer.save_pretrained(str(path))
     return tokenizer
 

@@ -210,7 +210,12 @@ def _stage_model(run: LocalRun, stage: str, source, make_objective, seed_offset:
         return Backbone.from_pretrained(target / "student", device=run.device)
     t0 = time.perf_counter()
     backbone = Backbone.from_pretrained(source, device=run.device)
+    lora = run.cfg.stages.sft_lora
+    if lora:
+        backbone.apply_lora(run.cfg.lora.rank, run.cfg.lora.alpha, run.cfg.lora.dropout)
     history = run.train(stage, make_objective(backbone), [backbone.model], seed_offset=seed_offset)
+    if lora:
+        backbone.merge_lora()
     backbone.save_pretrained(target / "student")
     run.finish(stage, history, t0)
     return backbone

@@ -78,13 +78,18 @@ def _vocab_slice(head: Callable[[Tensor], Tensor], vocab: int) -> Callable[[Tens
 class SFTObjective:
     """Next-token cross-entropy on the response (teacher pretraining, step 3, the SFT-only baseline).
 
-    ``groups`` names the backbone's parameter groups to train (all of them when None).
+    ``groups`` names the backbone's parameter groups to train (all of them when None); when LoRA
+    is applied to the backbone, only the LoRA adapters train.
     """
 
     def __init__(self, backbone: Backbone, groups: Iterable[str] | None = None, chunk_size: int = 1024):
         self.backbone = backbone
         self.chunk_size = chunk_size
         set_trainable([backbone.model], False)
+        if backbone.lora_active:  # SFT through LoRA: only the adapters train
+            for name, p in backbone.model.named_parameters():
+                p.requires_grad_("lora_" in name)
+            return
         wanted = set(groups) if groups is not None else None
         for name, params in backbone.parameter_groups().items():
             if wanted is None or name in wanted:
@@ -196,6 +201,8 @@ class InteractionObjective:
         self.last_layer = last_layer
         self.chunk_size = chunk_size
         self.vocab = vocab_size or student.vocab_size
+        if not student.lora_active:
+            raise ValueError("step 2 trains the student through LoRA; call student.apply_lora(...) before building the objective.")
         groups = student.parameter_groups()
         for name in ("vision", "projector", "embeddings", "head"):
             for _, p in groups.get(name, []):

@@ -1,0 +1,168 @@
+"""The in-process runner end to end on tiny models and data, and config errors caught before any output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlsi_ray.config import load_config
+from vlsi_ray.data.shards import read_rows
+from vlsi_ray.data.synthetic import SCORED_TASKS
+from vlsi_ray.metrics import read_metrics
+from vlsi_ray.models.verbalizer import Verbalizers
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_LABELS = (
+    "pretrain_teacher", "pretrain_student", "verbalize/teacher", "verbalize/student", "interact", "baseline_sft", "sft",
+)  # fmt: skip
+MODELS = ("teacher", "student_base", "student_sft_only", "vlsi_without_sft", "vlsi")
+#: Checkpoint directories (relative to the run dir) and what marks each as complete.
+MODEL_DIRS = ("pretrain_teacher", "pretrain_student", "interact/student", "baseline_sft/student", "sft/student")
+VERBALIZER_DIRS = ("verbalize/teacher_verbalizers", "verbalize/student_verbalizers", "interact/student_verbalizers")
+STAGE_DIRS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "baseline_sft", "sft")
+TEACHER = dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128, vision_embed_dim=32, vision_depth=1, seed=1)
+STUDENT = dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, vision_embed_dim=32, vision_depth=1, seed=2)
+STAGE = dict(lr=1e-3, min_lr=3e-4, batch_size=8, grad_accum=1, log_every=20)
+#: Optimizer steps per stage: the teacher gets more, so that the student has something to learn from it.
+STEPS = dict(pretrain_teacher=80, pretrain_student=80, verbalize=60, interact=40, sft=40)
+
+
+def overrides(tmp: Path) -> list[str]:
+    """Tiny data and models under ``tmp``, a few steps per stage (t_l = 3, t_s = 2)."""
+    out = [
+        "name=e2e",
+        f"output_dir={tmp / 'runs'}",
+        f"data.dir={tmp / 'data'}",
+        "data.synthetic.train=300",
+        "data.synthetic.val=20",
+        "data.synthetic.test=100",
+        "teacher_cache_dir=null",
+        "device=cpu",
+        "eval_batch_size=50",
+        "lora.rank=8",
+        "lora.alpha=8",
+        "signal.topk=16",
+        # Deterministic pairs: with the default multinomial matching the logged loss jumps by ~1 nat
+        # between samples of the matched teacher layers, which hides the fall over 40 steps.
+        "matching.strategy=uniform",
+    ]
+    out += [f"teacher.tiny.{k}={v}" for k, v in TEACHER.items()]
+    out += [f"student.tiny.{k}={v}" for k, v in STUDENT.items()]
+    for stage, steps in STEPS.items():
+        out += [f"stages.{stage}.{k}={v}" for k, v in STAGE.items()] + [f"stages.{stage}.max_steps={steps}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is far faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, one_thread):
+    """One full run (all steps + the SFT baseline); returns (config, report, seconds)."""
+    from vlsi_ray.runner import run_local
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = load_config(None, overrides(tmp))
+    started = time.perf_counter()
+    report = run_local(cfg)
+    seconds = time.perf_counter() - started
+    print(f"end-to-end run: {seconds:.1f}s")
+    return cfg, report, seconds
+
+
+@pytest.mark.integration
+class TestEndToEnd:
+    def test_every_stage_loss_falls(self, e2e):
+        cfg, _, _ = e2e
+        records = list(read_metrics(cfg.run_dir / "metrics.jsonl"))
+        assert {r["stage"] for r in records} == set(STAGE_LABELS)
+        for label in STAGE_LABELS:
+            losses = [r["loss"] for r in records if r["stage"] == label]
+            settings = "sft" if label == "baseline_sft" else label.split("/")[0]
+            assert len(losses) == STEPS[settings], label
+            assert torch.isfinite(torch.tensor(losses)).all(), label
+            first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+            print(f"{label}: {first:.4f} -> {last:.4f}")
+            assert last < first, f"{label}: loss did not fall ({first:.4f} -> {last:.4f})"
+        interact = [r for r in records if r["stage"] == "interact"]
+        assert all("matched" in r and "kl/last" in r for r in interact)
+
+    def test_report_accuracies(self, e2e):
+        cfg, report, _ = e2e
+        test_rows, _ = read_rows(Path(cfg.data.dir), split="test")
+        scored = sum(r["task"] in SCORED_TASKS for r in test_rows)
+        assert scored == 100
+        saved = json.loads((cfg.run_dir / "report.json").read_text())
+        assert saved["accuracy"] == report["accuracy"]
+        assert set(saved["accuracy"]) == set(MODELS)
+        for name in MODELS:
+            result = saved["accuracy"][name]
+            assert 0.0 <= result["overall"] <= 1.0, name
+            assert result["n"] == scored, name
+            assert all(0.0 <= v <= 1.0 for v in result["per_task"].values()), name
+        assert (cfg.run_dir / "report.md").stat().st_size > 0
+
+    def test_plots_exist(self, e2e):
+        cfg, _, _ = e2e
+        for plot in ("losses.png", "matching.png"):
+            path = cfg.run_dir / "plots" / plot
+            assert path.is_file() and path.stat().st_size > 0, plot
+
+    def test_checkpoints_exist(self, e2e):
+        cfg, _, _ = e2e
+        run = cfg.run_dir
+        assert (run / "config.yaml").is_file()
+        for stage in STAGE_DIRS:
+            summary = json.loads((run / stage / "stage.json").read_text())
+            assert summary["stage"] == stage
+        for rel in MODEL_DIRS:
+            assert (run / rel / "config.json").is_file(), rel
+            assert (run / rel / "model.safetensors").is_file(), rel
+            assert (run / rel / "vlsi_backbone.json").is_file(), rel
+            assert (run / rel / "tokenizer.json").is_file(), rel
+        for rel in VERBALIZER_DIRS:
+            assert Verbalizers.exists(run / rel), rel
+
+    def test_rerun_skips_training(self, e2e, capsys):
+        from vlsi_ray.runner import run_local
+
+        cfg, report, _ = e2e
+        metrics = cfg.run_dir / "metrics.jsonl"
+        lines = metrics.read_text()
+        stages = {p: p.read_text() for p in cfg.run_dir.glob("*/stage.json")}
+        capsys.readouterr()
+        again = run_local(load_config(None, overrides(Path(cfg.output_dir).parent)))
+        out = capsys.readouterr().out
+        assert metrics.read_text() == lines  # no new training records
+        assert {p: p.read_text() for p in cfg.run_dir.glob("*/stage.json")} == stages
+        assert "optimizer steps" not in out  # train_stage never started
+        assert again["accuracy"] == report["accuracy"]
+
+
+# ------------------------------------------------------------------------------------------ config errors
+def _distill_main():
+    spec = importlib.util.spec_from_file_location("distill_job", ROOT / "jobs" / "distill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("bad", ["stages.sft.bogus=1", "matching.strategy=greedy", "seed"])
+def test_bad_config_fails_before_writing_anything(tmp_path, capsys, bad):
+    out_dir, data_dir = tmp_path / "runs", tmp_path / "data"
+    code = _distill_main()([f"output_dir={out_dir}", f"data.dir={data_dir}", "name=bad", bad])
+    assert code == 2
+    assert "config error" in capsys.readouterr().err
+    assert not out_dir.exists() and not data_dir.exists()
+    assert not any(tmp_path.iterdir())

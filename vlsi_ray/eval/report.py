@@ -118,6 +118,8 @@ def plot_matching(matched: list[dict], path: Path) -> Path:
         freq = counts / np.maximum(1, counts.sum(axis=1, keepdims=True))
         ax.imshow(freq, cmap="viridis", vmin=0, vmax=1, aspect="auto")
         ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(freq.shape[1]))
+        ax.set_yticks(range(freq.shape[0]))
         ax.set_xlabel("teacher target layer (index)", fontsize=8)
         ax.set_ylabel("student target layer", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -34,6 +34,7 @@ class TinyModelConfig:
     vision_embed_dim: int = 32
     vision_depth: int = 1
     seed: int = 0
+    init_gain: float = 1.0  # Linear weights ~ N(0, gain²/fan_in); 0 keeps transformers' std 0.02
 
 
 @dataclass

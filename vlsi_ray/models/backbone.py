@@ -370,3 +370,20 @@ def check_compatible(teacher: Backbone, student: Backbone) -> None:
                 f"{pair} turn a {height}x{width} image into {n_t} vs {n_s} image tokens; give the student the teacher's "
                 "image processor settings (preprocessor_config.json) so both see the same token sequence."
             )
+
+
+def fan_in_init(model: nn.Module, gain: float = 1.0) -> None:
+    """Re-initialise every ``nn.Linear`` weight except the LM head with N(0, gain²/fan_in).
+
+    transformers initialises with a fixed std (``initializer_range=0.02``), tuned for widths of
+    several hundred and more. At the tiny widths of the CPU demo (64–128) that leaves attention
+    logits near zero, so attention is uniform and a from-scratch model takes thousands of steps to
+    attend to the one image token that answers a question (measured: a 64-wide student stayed at
+    chance on single-object colour questions after 200 steps with 0.02, and reached 100% with this
+    init). ``gain=0`` keeps the transformers initialisation.
+    """
+    if gain <= 0:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+            nn.init.normal_(module.weight, std=gain / module.in_features**0.5)

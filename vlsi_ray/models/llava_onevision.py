@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlsi_ray.models.backbone import Backbone, FamilySpec
+from vlsi_ray.models.backbone import Backbone, FamilySpec, fan_in_init
 from vlsi_ray.models.qwen2_vl import resolve_sizes
 
 FAMILY = "llava_onevision"
@@ -152,9 +152,11 @@ def build_tiny(role: str, tokenizer, **overrides) -> Backbone:
     """
     patch_size = overrides.pop("patch_size", None) or PATCH_SIZE
     sizes = resolve_sizes(role, tokenizer, overrides)
+    gain = sizes.pop("init_gain")
     config = tiny_config(tokenizer, patch_size=patch_size, **sizes)
     torch.manual_seed(sizes["seed"])
     model = _model_class()(config)
+    fan_in_init(model, gain)
     model.eval()
     image_processor = build_image_processor(sizes["image_size"], patch_size=patch_size)
     return Backbone(FAMILY, model, tokenizer, image_processor, name=f"tiny {FAMILY} {role}")

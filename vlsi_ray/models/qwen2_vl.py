@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlsi_ray.models.backbone import Backbone, FamilySpec
+from vlsi_ray.models.backbone import Backbone, FamilySpec, fan_in_init
 
 FAMILY = "qwen2_vl"
 #: Qwen2 special tokens in the real checkpoints' id order (151643 ...).
@@ -47,7 +47,7 @@ ROLE_DEFAULTS = {
     "student": dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=192, vision_embed_dim=32, vision_depth=1),
 }
 OVERRIDES = {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vision_depth",
-             "vision_embed_dim", "vision_num_heads", "vocab_size", "seed", "image_size"}  # fmt: skip
+             "vision_embed_dim", "vision_num_heads", "vocab_size", "seed", "image_size", "init_gain"}  # fmt: skip
 
 
 def _image_processor_class():
@@ -139,7 +139,7 @@ def resolve_sizes(role: str, tokenizer, overrides: dict) -> dict:
     unknown = sorted(set(overrides) - OVERRIDES)
     if unknown:
         raise TypeError(f"build_tiny got unknown override {unknown[0]!r}; allowed: {', '.join(sorted(OVERRIDES))}.")
-    sizes = {**ROLE_DEFAULTS[role], "vocab_size": default_vocab_size(tokenizer), "seed": 0, "image_size": 112}
+    sizes = {**ROLE_DEFAULTS[role], "vocab_size": default_vocab_size(tokenizer), "seed": 0, "image_size": 112, "init_gain": 1.0}
     sizes.update({k: v for k, v in overrides.items() if v is not None})
     return sizes
 
@@ -149,12 +149,14 @@ def build_tiny(role: str, tokenizer, **overrides) -> Backbone:
 
     Defaults: teacher LM 128×8 (vision 64×4), student LM 64×4 (vision 32×1); overrides: hidden_size,
     num_layers, num_heads, num_kv_heads, intermediate_size, vision_depth, vision_embed_dim,
-    vision_num_heads, vocab_size, seed, image_size.
+    vision_num_heads, vocab_size, seed, image_size, init_gain (see :func:`fan_in_init`).
     """
     sizes = resolve_sizes(role, tokenizer, overrides)
+    gain = sizes.pop("init_gain")
     config = tiny_config(tokenizer, **sizes)
     torch.manual_seed(sizes["seed"])
     model = _model_class()(config)
+    fan_in_init(model, gain)
     model.eval()
     image_processor = build_image_processor(sizes["image_size"])
     return Backbone(FAMILY, model, tokenizer, image_processor, name=f"tiny {FAMILY} {role}")

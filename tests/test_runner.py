@@ -58,13 +58,6 @@ def overrides(tmp: Path) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is far faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

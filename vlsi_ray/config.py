@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlsi_ray.method.matching import MatchingOptions
+
 STEPS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "sft")
 FAMILIES = ("qwen2_vl", "llava_onevision")
 
@@ -74,20 +76,6 @@ class VerbalizerConfig:
     residual: bool = True
     zero_init: bool = True
     final_norm: bool = True
-
-
-@dataclass
-class MatchingConfig:
-    """Adaptive layer matching (paper default) and the paper's ablation baselines."""
-
-    strategy: str = "multinomial"  # multinomial | random | uniform | bottom_k
-    temperature: str = "adaptive"  # adaptive (formula A) | adaptive_b | fixed
-    temperature_scale: float = 2.0
-    fixed_temperature: float = 1.0
-    eps: float = 1e-6
-    search_range: bool = True
-    order_preservation: bool = True
-    bottom_k: int = 1
 
 
 @dataclass
@@ -200,7 +188,7 @@ class RunConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
-    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    matching: MatchingOptions = field(default_factory=MatchingOptions)  # validated by its own __post_init__
     loss: LossConfig = field(default_factory=LossConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -217,8 +205,6 @@ _CHOICES = {
     "teacher.family": FAMILIES,
     "student.family": FAMILIES,
     "runner": ("local",),
-    "matching.strategy": ("multinomial", "random", "uniform", "bottom_k"),
-    "matching.temperature": ("adaptive", "adaptive_b", "fixed"),
     "loss.direction": ("forward", "reverse"),
     "loss.last_layer": ("kl", "ce", "none"),
     "data.on_error": ("skip", "raise"),
@@ -246,6 +232,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, path)) from None
+    except ValueError as err:  # a section's own validation (e.g. MatchingOptions), already one sentence
+        raise ConfigError(str(err)) from None
     validate(cfg)
     return cfg
 
@@ -283,13 +271,6 @@ def validate(cfg: RunConfig) -> None:
             f"the student has {t_s} target layers but the teacher only {t_l} (t_s > t_l); "
             "give student.targets fewer layers or teacher.targets more."
         )
-    m = cfg.matching
-    if m.order_preservation and not m.search_range:
-        raise ConfigError("matching.order_preservation=true needs matching.search_range=true (the paper adds them in that order).")
-    if m.bottom_k < 1:
-        raise ConfigError(f"matching.bottom_k={m.bottom_k} must be at least 1.")
-    if m.temperature_scale <= 0 or m.fixed_temperature <= 0:
-        raise ConfigError("matching.temperature_scale and matching.fixed_temperature must be positive.")
     if cfg.loss.kd_temperature <= 0:
         raise ConfigError(f"loss.kd_temperature={cfg.loss.kd_temperature} must be positive.")
     if cfg.loss.chunk_size < 1:

@@ -20,7 +20,6 @@ from vlsi_ray.data.synthetic import SCORED_TASKS
 from vlsi_ray.eval.accuracy import evaluate
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import train_stage
-from vlsi_ray.method.matching import MatchingOptions
 from vlsi_ray.method.steps import (
     SFT_GROUPS,
     InteractionObjective,
@@ -179,7 +178,7 @@ def run_local(cfg: RunConfig) -> dict:
         objective = InteractionObjective(
             student, s_verbs,
             lambda batch: teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab),
-            MatchingOptions(**vars(cfg.matching)), generator, cfg.loss.direction, cfg.loss.kd_temperature,
+            cfg.matching, generator, cfg.loss.direction, cfg.loss.kd_temperature,
             cfg.loss.last_layer, cfg.loss.chunk_size, vocab,
         )
         history = run.train("interact", objective, [student.model, s_verbs], seed_offset=6)

@@ -55,19 +55,19 @@ class MatchingOptions:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"MatchingOptions.strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
+            raise ValueError(f"matching.strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
         if self.temperature not in TEMPERATURES:
-            raise ValueError(f"MatchingOptions.temperature must be one of {TEMPERATURES}, got {self.temperature!r}.")
+            raise ValueError(f"matching.temperature must be one of {TEMPERATURES}, got {self.temperature!r}.")
         if not self.temperature_scale > 0:
-            raise ValueError(f"MatchingOptions.temperature_scale must be positive, got {self.temperature_scale}.")
+            raise ValueError(f"matching.temperature_scale must be positive, got {self.temperature_scale}.")
         if not self.fixed_temperature > 0:
-            raise ValueError(f"MatchingOptions.fixed_temperature must be positive, got {self.fixed_temperature}.")
+            raise ValueError(f"matching.fixed_temperature must be positive, got {self.fixed_temperature}.")
         if not self.eps > 0:
-            raise ValueError(f"MatchingOptions.eps must be positive, got {self.eps}.")
+            raise ValueError(f"matching.eps must be positive, got {self.eps}.")
         if self.order_preservation and not self.search_range:
-            raise ValueError("MatchingOptions.order_preservation requires search_range=True (the paper adds them in that order).")
+            raise ValueError("matching.order_preservation requires search_range=True (the paper adds them in that order).")
         if isinstance(self.bottom_k, bool) or not isinstance(self.bottom_k, int) or self.bottom_k < 1:
-            raise ValueError(f"MatchingOptions.bottom_k must be an integer of at least 1, got {self.bottom_k!r}.")
+            raise ValueError(f"matching.bottom_k must be an integer of at least 1, got {self.bottom_k!r}.")
 
     @property
     def uses_distances(self) -> bool:

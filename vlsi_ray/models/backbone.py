@@ -387,3 +387,13 @@ def fan_in_init(model: nn.Module, gain: float = 1.0) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
             nn.init.normal_(module.weight, std=gain / module.in_features**0.5)
+
+
+def instantiate_tiny(family: str, model_class: type, config, tokenizer, image_processor, role: str,
+                     seed: int, init_gain: float) -> Backbone:
+    """A randomly initialised tiny model of ``family``: seeded, width-scaled init, eval mode."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    fan_in_init(model, init_gain)
+    model.eval()
+    return Backbone(family, model, tokenizer, image_processor, name=f"tiny {family} {role}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlsi_ray.models.backbone import Backbone, FamilySpec, fan_in_init
+from vlsi_ray.models.backbone import Backbone, FamilySpec, instantiate_tiny
 
 FAMILY = "qwen2_vl"
 #: Qwen2 special tokens in the real checkpoints' id order (151643 ...).
@@ -154,12 +154,8 @@ def build_tiny(role: str, tokenizer, **overrides) -> Backbone:
     sizes = resolve_sizes(role, tokenizer, overrides)
     gain = sizes.pop("init_gain")
     config = tiny_config(tokenizer, **sizes)
-    torch.manual_seed(sizes["seed"])
-    model = _model_class()(config)
-    fan_in_init(model, gain)
-    model.eval()
     image_processor = build_image_processor(sizes["image_size"])
-    return Backbone(FAMILY, model, tokenizer, image_processor, name=f"tiny {FAMILY} {role}")
+    return instantiate_tiny(FAMILY, _model_class(), config, tokenizer, image_processor, role, sizes["seed"], gain)
 
 
 SPEC = FamilySpec(

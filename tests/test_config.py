@@ -57,6 +57,8 @@ def test_overrides_apply():
         (["stages.sft.min_lr=1.0"], ["stages.sft"]),
         (["teacher.path=/nonexistent/model"], ["teacher.path", "local checkpoint"]),
         (["seed"], ["key=value"]),
+        (["data.synthetic.max_objects=20"], ["data.synthetic", "max_objects"]),
+        (["data.synthetic.tasks=[colour,size]"], ["data.synthetic.tasks", "size"]),
     ],
 )
 def test_bad_config_is_one_sentence_naming_the_key(override, words):

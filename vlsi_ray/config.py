@@ -7,7 +7,6 @@ and turns every problem into a :class:`ConfigError` whose message is one sentenc
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -242,7 +241,7 @@ def _explain(err: OmegaConfBaseException, path: Any) -> str:
     key = getattr(err, "full_key", None) or "?"
     where = f" in {path}" if path else ""
     text = str(err).splitlines()[0]
-    if "not in struct" in text or "Key '" in text and "not" in text:
+    if "not in struct" in text or ("Key '" in text and "not" in text):
         return f"unknown config key '{key}'{where}; check the spelling against vlsi_ray/config.py."
     return f"config key '{key}'{where} has a bad value ({text}); fix its type or value."
 
@@ -285,15 +284,15 @@ def validate(cfg: RunConfig) -> None:
     for split in ("train", "val", "test"):
         if getattr(syn, split) < 1:
             raise ConfigError(f"data.synthetic.{split} must be at least 1 row.")
-    from vlsi_ray.data.synthetic import SCORED_TASKS
+    from vlsi_ray.data.synthetic import SCORED_TASKS, Difficulty
 
-    if [t for t in syn.tasks if t not in SCORED_TASKS]:
-        bad = [t for t in syn.tasks if t not in SCORED_TASKS][0]
-        raise ConfigError(f"data.synthetic.tasks has unknown task {bad!r}; choose from {', '.join(SCORED_TASKS)}.")
-    if not 1 <= syn.min_objects <= syn.max_objects <= 16:
-        raise ConfigError("data.synthetic.min_objects and max_objects must satisfy 1 <= min <= max <= 16.")
-    if not 0.0 <= syn.dot_prob <= 1.0:
-        raise ConfigError(f"data.synthetic.dot_prob={syn.dot_prob} must be in [0, 1].")
+    unknown_tasks = [t for t in syn.tasks if t not in SCORED_TASKS]
+    if unknown_tasks:
+        raise ConfigError(f"data.synthetic.tasks has unknown task {unknown_tasks[0]!r}; choose from {', '.join(SCORED_TASKS)}.")
+    try:  # the generator's own check, so the limits live in one place
+        Difficulty(syn.min_objects, syn.max_objects, syn.dot_prob, syn.distractors).check(grid=4)
+    except ValueError as err:
+        raise ConfigError(f"data.synthetic: {err}") from None
     if not 0.0 <= syn.caption_fraction < 1.0:
         raise ConfigError(f"data.synthetic.caption_fraction={syn.caption_fraction} must be in [0, 1).")
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
@@ -350,11 +349,6 @@ def _get(tree: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree[part]
     return tree
-
-
-def to_dict(cfg: RunConfig) -> dict:
-    """Plain nested dict of ``cfg`` (for metrics files, checkpoints and loggers)."""
-    return dataclasses.asdict(cfg)
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -39,9 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from vlsi_ray.runner import run_local
+    if cfg.runner == "local":
+        from vlsi_ray.runner import run_local
 
-    run_local(cfg)
+        run_local(cfg)
+    else:
+        from vlsi_ray.ray_runner import run_ray
+
+        run_ray(cfg)
     return 0
 
 

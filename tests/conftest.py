@@ -9,6 +9,12 @@ set_offline_defaults()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_config import make_tiny_overrides  # noqa: E402
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """:func:`make_tiny_overrides`, as a fixture."""
+    return make_tiny_overrides
 
 
 @pytest.fixture(scope="module")

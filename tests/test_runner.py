@@ -16,6 +16,8 @@ from vlsi_ray.data.synthetic import SCORED_TASKS
 from vlsi_ray.metrics import read_metrics
 from vlsi_ray.models.verbalizer import Verbalizers
 
+from tiny_config import TINY_STEPS
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LABELS = (
     "pretrain_teacher", "pretrain_student", "verbalize/teacher", "verbalize/student", "interact", "baseline_sft", "sft",
@@ -25,48 +27,13 @@ MODELS = ("teacher", "student_base", "student_sft_only", "vlsi_without_sft", "vl
 MODEL_DIRS = ("pretrain_teacher", "pretrain_student", "interact/student", "baseline_sft/student", "sft/student")
 VERBALIZER_DIRS = ("verbalize/teacher_verbalizers", "verbalize/student_verbalizers", "interact/student_verbalizers")
 STAGE_DIRS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "baseline_sft", "sft")
-TEACHER = dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128, vision_embed_dim=32, vision_depth=1, seed=1)
-STUDENT = dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, vision_embed_dim=32, vision_depth=1, seed=2)
-STAGE = dict(lr=1e-3, min_lr=3e-4, batch_size=8, grad_accum=1, log_every=20)
-#: Optimizer steps per stage: the teacher gets more, so that the student has something to learn from it.
-STEPS = dict(pretrain_teacher=80, pretrain_student=80, verbalize=60, interact=40, sft=40)
-
-
-def overrides(tmp: Path) -> list[str]:
-    """Tiny data and models under ``tmp``, a few steps per stage (t_l = 3, t_s = 2)."""
-    out = [
-        "name=e2e",
-        f"output_dir={tmp / 'runs'}",
-        f"data.dir={tmp / 'data'}",
-        "data.synthetic.train=300",
-        "data.synthetic.val=20",
-        "data.synthetic.test=100",
-        "teacher_cache_dir=null",
-        "device=cpu",
-        "eval_batch_size=50",
-        "lora.rank=8",
-        "lora.alpha=8",
-        "signal.topk=16",
-        # Deterministic pairs: with the default multinomial matching the logged loss jumps by ~1 nat
-        # between samples of the matched teacher layers, which hides the fall over 40 steps.
-        "matching.strategy=uniform",
-    ]
-    out += [f"teacher.tiny.{k}={v}" for k, v in TEACHER.items()]
-    out += [f"student.tiny.{k}={v}" for k, v in STUDENT.items()]
-    for stage, steps in STEPS.items():
-        out += [f"stages.{stage}.{k}={v}" for k, v in STAGE.items()] + [f"stages.{stage}.max_steps={steps}"]
-    return out
-
-
-
-
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory, one_thread):
+def e2e(tmp_path_factory, one_thread, tiny_overrides):
     """One full run (all steps + the SFT baseline); returns (config, report, seconds)."""
     from vlsi_ray.runner import run_local
 
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = load_config(None, overrides(tmp))
+    cfg = load_config(None, tiny_overrides(tmp, "e2e"))
     started = time.perf_counter()
     report = run_local(cfg)
     seconds = time.perf_counter() - started
@@ -83,7 +50,7 @@ class TestEndToEnd:
         for label in STAGE_LABELS:
             losses = [r["loss"] for r in records if r["stage"] == label]
             settings = "sft" if label == "baseline_sft" else label.split("/")[0]
-            assert len(losses) == STEPS[settings], label
+            assert len(losses) == TINY_STEPS[settings], label
             assert torch.isfinite(torch.tensor(losses)).all(), label
             first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
             print(f"{label}: {first:.4f} -> {last:.4f}")
@@ -127,7 +94,7 @@ class TestEndToEnd:
         for rel in VERBALIZER_DIRS:
             assert Verbalizers.exists(run / rel), rel
 
-    def test_rerun_skips_training(self, e2e, capsys):
+    def test_rerun_skips_training(self, e2e, capsys, tiny_overrides):
         from vlsi_ray.runner import run_local
 
         cfg, report, _ = e2e
@@ -135,11 +102,11 @@ class TestEndToEnd:
         lines = metrics.read_text()
         stages = {p: p.read_text() for p in cfg.run_dir.glob("*/stage.json")}
         capsys.readouterr()
-        again = run_local(load_config(None, overrides(Path(cfg.output_dir).parent)))
+        again = run_local(load_config(None, tiny_overrides(Path(cfg.output_dir).parent, "e2e")))
         out = capsys.readouterr().out
         assert metrics.read_text() == lines  # no new training records
         assert {p: p.read_text() for p in cfg.run_dir.glob("*/stage.json")} == stages
-        assert "optimizer steps" not in out  # train_stage never started
+        assert "] steps " not in out  # run_steps never started
         assert again["accuracy"] == report["accuracy"]
 
 

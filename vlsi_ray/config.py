@@ -89,9 +89,56 @@ class LossConfig:
 
 @dataclass
 class SignalConfig:
-    """What the teacher sends: top-k log-probs + tail mass (``topk``), or dense when null."""
+    """What the teacher sends: top-k log-probs + tail mass (``topk``), or dense (debug) when null."""
 
     topk: Optional[int] = 64
+    storage: str = "float16"  # dtype of the log-probs on the wire: float16 | float32
+
+
+@dataclass
+class ResourcesConfig:
+    """Ray resources of one actor or Train worker (custom resources pin roles to node groups)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherPoolConfig:
+    """The teacher actors of the Ray runner (frozen teacher + its verbalizers, one per replica)."""
+
+    replicas: int = 1
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    placement_strategy: str = "PACK"  # placement group over the replicas: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    lookahead: int = 2  # batches requested ahead of the one the student trains on (bounds in-flight signals)
+    max_restarts: int = 3  # Ray restarts a dead teacher actor this often (it reloads from disk)
+    max_task_retries: int = 3  # a request to a dead actor is retried on its restart
+
+
+@dataclass
+class TrainConfig:
+    """The student side of the Ray runner: Ray Train workers, DeepSpeed, checkpoints, reports."""
+
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # null: use GPUs when the cluster has any
+    resources_per_worker: ResourcesConfig = field(default_factory=ResourcesConfig)
+    deepspeed_stage: int = 0  # 0: plain data parallelism (all-reduce); 2 or 3: DeepSpeed ZeRO stage
+    report_every: int = 50  # steps between ray.train.report calls (each costs about a second)
+    checkpoint_every: int = 100  # steps between resumable checkpoints (0: only at the end)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint (FailureConfig)
+    log_ids: bool = False  # write every consumed row id to <stage>/consumed_ids.*.jsonl (a data audit)
+    fail_at_step: int = 0  # fault injection (tests, drills): a worker that started fresh raises after this step
+
+
+@dataclass
+class RayConfig:
+    """Where the Ray runner runs: an existing cluster (``address``/RAY_ADDRESS) or a local Ray."""
+
+    address: Optional[str] = None  # null: RAY_ADDRESS if set, else start a local Ray
+    num_cpus: Optional[int] = None  # local Ray only: logical CPUs (null: the machine's)
+    num_gpus: Optional[int] = None  # local Ray only: logical GPUs (fake ones test placement)
+    logger: str = "wandb"  # wandb (offline unless WANDB_MODE says otherwise) | none
 
 
 @dataclass
@@ -179,7 +226,7 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    runner: str = "local"
+    runner: str = "ray"  # ray: teacher actors + Ray Train student | local: the in-process reference
     steps: list[str] = field(default_factory=lambda: list(STEPS))
     baseline_sft: bool = True  # also train the student by SFT alone (same data/steps) for the report
     teacher_cache_dir: Optional[str] = None  # reuse a pretrained tiny teacher across runs
@@ -193,6 +240,9 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    teacher_pool: TeacherPoolConfig = field(default_factory=TeacherPoolConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -203,14 +253,18 @@ class RunConfig:
 _CHOICES = {
     "teacher.family": FAMILIES,
     "student.family": FAMILIES,
-    "runner": ("local",),
+    "runner": ("ray", "local"),
+    "signal.storage": ("float16", "float32"),
+    "teacher_pool.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "train.deepspeed_stage": (0, 2, 3),
+    "ray.logger": ("wandb", "none"),
     "loss.direction": ("forward", "reverse"),
     "loss.last_layer": ("kl", "ce", "none"),
     "data.on_error": ("skip", "raise"),
 }
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), _text: str | None = None) -> RunConfig:
     """Load ``path`` (YAML, optional) over the schema defaults, apply ``key=value`` overrides, validate.
 
     Raises :class:`ConfigError` (one sentence naming the key) on an unknown key, a wrong type or a
@@ -223,6 +277,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config.")
             layers.append(OmegaConf.load(path))
+        if _text is not None:
+            layers.append(OmegaConf.create(_text))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value; write it like seed=1.")
@@ -295,6 +351,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.synthetic: {err}") from None
     if not 0.0 <= syn.caption_fraction < 1.0:
         raise ConfigError(f"data.synthetic.caption_fraction={syn.caption_fraction} must be in [0, 1).")
+    _validate_ray(cfg)
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device={cfg.device!r} is not auto, cpu or cuda[:N]; pick one of those.")
 
@@ -334,6 +391,19 @@ def _targets_if_known(model: ModelConfig) -> list[int]:
     return []
 
 
+def _validate_ray(cfg: RunConfig) -> None:
+    pool, train = cfg.teacher_pool, cfg.train
+    for key, res in (("teacher_pool.resources", pool.resources), ("train.resources_per_worker", train.resources_per_worker)):
+        if res.num_cpus < 0 or res.num_gpus < 0 or any(v < 0 for v in res.resources.values()):
+            raise ConfigError(f"{key} asks for a negative amount of a resource; use values >= 0.")
+    if pool.replicas < 1 or train.num_workers < 1:
+        raise ConfigError("teacher_pool.replicas and train.num_workers must be at least 1.")
+    if pool.lookahead < 0 or pool.max_restarts < -1 or pool.max_task_retries < -1:
+        raise ConfigError("teacher_pool.lookahead must be >= 0 and max_restarts/max_task_retries >= -1 (-1: unlimited).")
+    if train.report_every < 1 or train.checkpoint_every < 0 or train.max_failures < -1:
+        raise ConfigError("train.report_every must be >= 1, train.checkpoint_every >= 0 and train.max_failures >= -1.")
+
+
 def _validate_optim(opt: OptimConfig, key: str) -> None:
     if opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
         raise ConfigError(f"{key}.lr must be positive and {key}.min_lr in [0, lr].")
@@ -349,6 +419,11 @@ def _get(tree: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree[part]
     return tree
+
+
+def config_from_yaml(text: str) -> RunConfig:
+    """Rebuild a config from :func:`to_yaml`'s text (how Ray actors and workers receive it), validated."""
+    return load_config(None, [], _text=text)
 
 
 def to_yaml(cfg: RunConfig) -> str:

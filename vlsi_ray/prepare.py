@@ -21,6 +21,7 @@ from vlsi_ray.data.synthetic import corpus_texts
 from vlsi_ray.models import qwen2_vl, llava_onevision
 from vlsi_ray.models.backbone import Backbone, check_compatible
 from vlsi_ray.models.tokenizer import train_tokenizer
+from vlsi_ray.models.verbalizer import Verbalizers
 
 TINY_BUILDERS = {"qwen2_vl": qwen2_vl.build_tiny, "llava_onevision": llava_onevision.build_tiny}
 TOKENIZER_DIR = "tokenizer"
@@ -104,3 +105,17 @@ def check_pair(teacher: Backbone, student: Backbone) -> int:
     """Refuse incompatible models; return the shared vocabulary size (the KL's support)."""
     check_compatible(teacher, student)
     return min(teacher.vocab_size, student.vocab_size)
+
+
+def new_verbalizers(cfg: RunConfig, role: str, backbone: Backbone, seed: int) -> Verbalizers:
+    """Freshly initialised verb-FFNs at ``role``'s target layers (on the backbone's device).
+
+    Initialised from ``seed`` alone (the global RNG is left untouched), so every runner and every
+    process draws the same weights.
+    """
+    v = cfg.verbalizer
+    layers = getattr(cfg, role).targets.resolve(backbone.num_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        verbs = Verbalizers(backbone.hidden_size, layers, v.residual, v.zero_init, v.final_norm)
+    return verbs.to(backbone.device)

@@ -35,28 +35,33 @@ from vlsi_ray.prepare import (
     check_pair,
     make_collator,
     model_key,
+    new_verbalizers,
     prepare_data,
     resolve_device,
     tiny_tokenizer,
 )
 
 STAGE_FILE = "stage.json"
+#: Seed offsets per stage (cfg.seed + offset seeds its batch order, LoRA init and matching RNG).
+PRETRAIN_SEED_OFFSET = {"teacher": 1, "student": 2}
+SEED_OFFSET = {"verbalize/teacher": 3, "verbalize/student": 4, "sft": 5, "baseline_sft": 5, "interact": 6}
 
 
-class LocalRun:
-    """State of one in-process run: config, device, data, metrics writer and the run directory."""
+class Run:
+    """State shared by both runners: config, data, metrics writer, the run directory and stage bookkeeping.
+
+    Subclasses say how a tiny model is pretrained (:meth:`pretrain`): in this process or on Ray Train.
+    """
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.dir = cfg.run_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
-        self.device = resolve_device(cfg.device)
         self.writer = MetricsWriter(self.dir / "metrics.jsonl")
         self.splits = prepare_data(cfg)
         needs_tokenizer = cfg.teacher.path is None or cfg.student.path is None
         self.tokenizer = tiny_tokenizer(cfg, self.splits.train) if needs_tokenizer else None
-        self.collate: Callable | None = None
 
     # -- stage bookkeeping -------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
@@ -69,11 +74,61 @@ class LocalRun:
         summary = {"stage": name, "steps": len(history), "seconds": round(time.perf_counter() - started, 1)}
         if history:
             summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
+        self.stage_dir(name).mkdir(parents=True, exist_ok=True)
         (self.stage_dir(name) / STAGE_FILE).write_text(json.dumps(summary, indent=2))
 
     def train_rows(self, stage: str) -> list[dict]:
         tasks = getattr(self.cfg.stages, stage).tasks
         return [r for r in self.splits.train if not tasks or r["task"] in tasks]
+
+    def test_rows(self) -> list[dict]:
+        return [r for r in self.splits.test if r["task"] in SCORED_TASKS]
+
+    # -- models ------------------------------------------------------------------------------
+    def pretrained(self, role: str, stage: str) -> Path:
+        """The directory of the teacher or student base.
+
+        A local checkpoint (``path``), a cached tiny model, or a tiny model pretrained now by
+        :meth:`pretrain` (or left at random init when ``stage`` is not in ``steps``, which the run says).
+        """
+        model_cfg = getattr(self.cfg, role)
+        if model_cfg.path is not None:
+            print(f"[{role}] using the checkpoint in {model_cfg.path}", flush=True)
+            return Path(model_cfg.path)
+        opt = getattr(self.cfg.stages, stage)
+        trains = stage in self.cfg.steps
+        key = model_key(model_cfg, opt if trains else None, self.cfg.data.synthetic, self.cfg.seed)
+        target = self.stage_dir(stage)
+        cache = Path(self.cfg.teacher_cache_dir) / f"{role}-{key}" if self.cfg.teacher_cache_dir else None
+        for source in (target, cache):
+            if source is not None and (source / STAGE_FILE).is_file():
+                print(f"[{role}] reusing the tiny {role} in {source}", flush=True)
+                return source
+        backbone = build_model(model_cfg, role, self.tokenizer, torch.device("cpu"))
+        started = time.perf_counter()
+        history: list[dict] = []
+        if trains:
+            history = self.pretrain(role, stage, backbone, target)
+        else:
+            print(f"[{role}] {stage} is not in steps: the tiny {role} stays at random init", flush=True)
+            backbone.save_pretrained(target)
+        self.finish(stage, history, started)
+        if cache is not None:
+            shutil.copytree(target, cache, dirs_exist_ok=True)
+        return target
+
+    def pretrain(self, role: str, stage: str, backbone: Backbone, target: Path) -> list[dict]:
+        """Train a tiny model from scratch by SFT and save it to ``target``; return the history."""
+        raise NotImplementedError
+
+
+class LocalRun(Run):
+    """The in-process runner's state: everything on one device in this process."""
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.device = resolve_device(cfg.device)
+        self.collate: Callable | None = None
 
     def train(self, stage: str, objective, modules, seed_offset: int, label: str | None = None) -> list[dict]:
         """Run ``objective`` with the optimisation settings of ``stage`` (the SFT baseline uses ``sft``'s)."""
@@ -84,45 +139,16 @@ class LocalRun:
             self.cfg.seed + seed_offset, self.device, self.writer, modules,
         )
 
-    # -- models ------------------------------------------------------------------------------
-    def pretrained(self, role: str, stage: str) -> tuple[Backbone, Path]:
-        """The teacher or student base and the directory it loads from.
-
-        A local checkpoint (``path``), a cached tiny model, or a tiny model pretrained now (or left
-        at random init when ``stage`` is not in ``steps``, which the run says).
-        """
-        model_cfg = getattr(self.cfg, role)
-        if model_cfg.path is not None:
-            print(f"[{role}] loading {model_cfg.path}", flush=True)
-            return build_model(model_cfg, role, None, self.device), Path(model_cfg.path)
-        opt = getattr(self.cfg.stages, stage)
-        trains = stage in self.cfg.steps
-        key = model_key(model_cfg, opt if trains else None, self.cfg.data.synthetic, self.cfg.seed)
-        target = self.stage_dir(stage)
-        cache = Path(self.cfg.teacher_cache_dir) / f"{role}-{key}" if self.cfg.teacher_cache_dir else None
-        for source in (target, cache):
-            if source is not None and (source / STAGE_FILE).is_file():
-                print(f"[{role}] reusing the tiny {role} in {source}", flush=True)
-                return Backbone.from_pretrained(source, device=self.device), source
-        backbone = build_model(model_cfg, role, self.tokenizer, self.device)
-        started = time.perf_counter()
-        history: list[dict] = []
-        if trains:
-            self.collate = self.collate or make_collator(backbone, self.cfg)
-            objective = SFTObjective(backbone, chunk_size=self.cfg.loss.chunk_size)
-            history = self.train(stage, objective, [backbone.model], seed_offset=1 if role == "teacher" else 2)
-        else:
-            print(f"[{role}] {stage} is not in steps: the tiny {role} stays at random init", flush=True)
+    def pretrain(self, role: str, stage: str, backbone: Backbone, target: Path) -> list[dict]:
+        backbone.model.to(self.device)
+        self.collate = self.collate or make_collator(backbone, self.cfg)
+        objective = SFTObjective(backbone, chunk_size=self.cfg.loss.chunk_size)
+        history = self.train(stage, objective, [backbone.model], seed_offset=PRETRAIN_SEED_OFFSET[role])
         backbone.save_pretrained(target)
-        self.finish(stage, history, started)
-        if cache is not None:
-            shutil.copytree(target, cache, dirs_exist_ok=True)
-        return backbone, target
+        return history
 
-    def verbalizers(self, backbone: Backbone, role: str) -> Verbalizers:
-        model_cfg, v = getattr(self.cfg, role), self.cfg.verbalizer
-        layers = model_cfg.targets.resolve(backbone.num_layers)
-        return Verbalizers(backbone.hidden_size, layers, v.residual, v.zero_init, v.final_norm).to(self.device)
+    def load(self, path: Path) -> Backbone:
+        return Backbone.from_pretrained(path, device=self.device)
 
 
 def run_local(cfg: RunConfig) -> dict:
@@ -130,12 +156,13 @@ def run_local(cfg: RunConfig) -> dict:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     run = LocalRun(cfg)
-    teacher, _ = run.pretrained("teacher", "pretrain_teacher")
-    student, student_base_dir = run.pretrained("student", "pretrain_student")
+    teacher = run.load(run.pretrained("teacher", "pretrain_teacher"))
+    student_base_dir = run.pretrained("student", "pretrain_student")
+    student = run.load(student_base_dir)
     vocab = check_pair(teacher, student)
     run.collate = make_collator(student, cfg)
     results: dict[str, dict] = {}
-    test = [r for r in run.splits.test if r["task"] in SCORED_TASKS]
+    test = run.test_rows()
 
     def score(name: str, backbone: Backbone) -> None:
         results[name] = evaluate(backbone, test, run.collate, cfg.eval_batch_size, run.device)
@@ -145,12 +172,15 @@ def run_local(cfg: RunConfig) -> dict:
     score("student_base", student)
 
     if cfg.baseline_sft and "sft" in cfg.steps:
-        baseline = _stage_model(run, "baseline_sft", student_base_dir, lambda b: SFTObjective(b, SFT_GROUPS, cfg.loss.chunk_size), seed_offset=5)
+        baseline = _stage_model(run, "baseline_sft", student_base_dir, lambda b: SFTObjective(b, SFT_GROUPS, cfg.loss.chunk_size), seed_offset=SEED_OFFSET["baseline_sft"])
         score("student_sft_only", baseline)
         del baseline
 
     # Step 1: verbalization (both models' verb-FFNs; backbones frozen).
-    t_verbs, s_verbs = run.verbalizers(teacher, "teacher"), run.verbalizers(student, "student")
+    t_verbs, s_verbs = (
+        new_verbalizers(cfg, "teacher", teacher, cfg.seed + SEED_OFFSET["verbalize/teacher"]),
+        new_verbalizers(cfg, "student", student, cfg.seed + SEED_OFFSET["verbalize/student"]),
+    )
     step1 = run.stage_dir("verbalize")
     if run.finished("verbalize"):
         t_verbs = Verbalizers.load(step1 / "teacher_verbalizers", run.device)
@@ -158,9 +188,9 @@ def run_local(cfg: RunConfig) -> dict:
     elif "verbalize" in cfg.steps:
         t0 = time.perf_counter()
         history = []
-        for role, backbone, verbs, offset in (("teacher", teacher, t_verbs, 3), ("student", student, s_verbs, 4)):
+        for role, backbone, verbs in (("teacher", teacher, t_verbs), ("student", student, s_verbs)):
             objective = VerbalizationObjective(backbone, verbs, cfg.loss.chunk_size)
-            history += run.train("verbalize", objective, [verbs], seed_offset=offset, label=f"verbalize/{role}")
+            history += run.train("verbalize", objective, [verbs], seed_offset=SEED_OFFSET[f"verbalize/{role}"], label=f"verbalize/{role}")
             verbs.save(step1 / f"{role}_verbalizers")
         run.finish("verbalize", history, t0)
 
@@ -173,15 +203,16 @@ def run_local(cfg: RunConfig) -> dict:
         t0 = time.perf_counter()
         teacher.model.eval()
         t_verbs.eval()
+        torch.manual_seed(cfg.seed + SEED_OFFSET["interact"])  # LoRA's random A matrices, as the Ray workers draw them
         student.apply_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
-        generator = torch.Generator().manual_seed(cfg.seed + 6)
+        generator = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET["interact"])
         objective = InteractionObjective(
             student, s_verbs,
             lambda batch: teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab),
             cfg.matching, generator, cfg.loss.direction, cfg.loss.kd_temperature,
             cfg.loss.last_layer, cfg.loss.chunk_size, vocab,
         )
-        history = run.train("interact", objective, [student.model, s_verbs], seed_offset=6)
+        history = run.train("interact", objective, [student.model, s_verbs], seed_offset=SEED_OFFSET["interact"])
         student.merge_lora()
         student.save_pretrained(step2 / "student")
         s_verbs.save(step2 / "student_verbalizers")
@@ -192,7 +223,7 @@ def run_local(cfg: RunConfig) -> dict:
     # Step 3: SFT of the distilled student (LoRA merged, the LLM fine-tuned fully).
     if "sft" in cfg.steps:
         source = step2 / "student" if (step2 / STAGE_FILE).is_file() else student_base_dir
-        student = _stage_model(run, "sft", source, lambda b: SFTObjective(b, SFT_GROUPS, cfg.loss.chunk_size), seed_offset=5)
+        student = _stage_model(run, "sft", source, lambda b: SFTObjective(b, SFT_GROUPS, cfg.loss.chunk_size), seed_offset=SEED_OFFSET["sft"])
         score("vlsi", student)
 
     report = {"run": cfg.name, "seconds": round(time.perf_counter() - started, 1), "accuracy": results,

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from vlsi_ray.config import OptimConfig
-from vlsi_ray.method.loop import BatchOrder, cosine_lr, total_optimizer_steps, train_stage
+import numpy as np
+
+from vlsi_ray.method.loop import BatchOrder, order_keys, cosine_lr, total_optimizer_steps, train_stage
 from vlsi_ray.method.steps import StepOutput
 
 
@@ -29,22 +31,35 @@ def test_total_steps_from_epochs():
 
 
 def test_batch_order_is_seeded_and_covers_each_epoch_once():
-    first = BatchOrder(10, 3, seed=5)
+    ids = [f"row-{i}" for i in range(10)]
+    first = BatchOrder(ids, 3, seed=5)
     batches = [b for b, _ in zip(first, range(6))]
-    again = [b for b, _ in zip(BatchOrder(10, 3, seed=5), range(6))]
+    again = [b for b, _ in zip(BatchOrder(ids, 3, seed=5), range(6))]
     assert batches == again
     epoch0 = sum(batches[:3], [])
     assert len(set(epoch0)) == 9 and set(epoch0) <= set(range(10))
     assert batches[:3] != batches[3:]  # reshuffled each epoch
-    other = [b for b, _ in zip(BatchOrder(10, 3, seed=6), range(3))]
+    other = [b for b, _ in zip(BatchOrder(ids, 3, seed=6), range(3))]
     assert other != batches[:3]
-    resumed = BatchOrder(10, 3, seed=5, position=4)
+    resumed = BatchOrder(ids, 3, seed=5, position=4)
     assert next(iter(resumed)) == batches[4]
+
+
+def test_epoch_order_depends_only_on_ids_seed_and_epoch():
+    ids = [f"row-{i}" for i in range(50)]
+    keys = order_keys(ids, seed=3, epoch=1)
+    assert keys.dtype == np.int64 and keys.min() >= 0 and len(set(keys.tolist())) == 50
+    # The same id gets the same key whatever order or company it comes in (Ray Data blocks).
+    shuffled = ids[::-1][:20]
+    assert order_keys(shuffled, 3, 1).tolist() == [keys[ids.index(i)] for i in shuffled]
+    assert order_keys(ids, 3, 2).tolist() != keys.tolist()
+    order = next(iter(BatchOrder(ids, 50, seed=3, position=1)))  # one batch per epoch: epoch 1, whole
+    assert order == np.argsort(keys, kind="stable").tolist()
 
 
 def test_train_stage_fits_a_linear_model():
     torch.manual_seed(0)
-    rows = [{"x": float(i)} for i in range(64)]
+    rows = [{"id": i, "x": float(i)} for i in range(64)]
     model = nn.Linear(1, 1)
 
     def collate(batch):

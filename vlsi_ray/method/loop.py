@@ -1,16 +1,19 @@
 """The training loop every stage uses: AdamW, a cosine LR per stage, gradient accumulation, seeded order.
 
-One function, :func:`train_stage`, runs any objective from :mod:`vlsi_ray.method.steps` over rows
-of the train split. Batch order comes from :class:`BatchOrder` (a seeded permutation per epoch), so
-a stage is reproducible from its seed alone.
+:func:`run_steps` is the one loop: it takes any objective from :mod:`vlsi_ray.method.steps`, a
+:class:`Stepper` (plain AdamW here; DeepSpeed on Ray Train workers) and an iterator of collated
+batches. The in-process runner feeds it from :class:`BatchOrder`; the Ray Train workers feed it
+from Ray Data in the very same order (:func:`order_keys` defines it), so both paths see the same
+batches and a stage is reproducible from its seed alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,34 +23,56 @@ from vlsi_ray.config import OptimConfig
 from vlsi_ray.metrics import MetricsWriter
 
 
+def order_keys(ids: Iterable, seed: int, epoch: int) -> np.ndarray:
+    """Sort keys ``[n]`` int64 in ``[0, 2**63)`` of row ids for one epoch: a keyed hash of ``(seed, epoch, id)``.
+
+    Sorting rows by these keys is the epoch's shuffle. It depends only on the ids, so a Ray Data
+    pipeline (which sees rows in any block order) and the in-process loop agree on it.
+    """
+    salt = f"vlsi-ray/{seed}/{epoch}/".encode()
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(salt + str(i).encode(), digest_size=8).digest(), "big") >> 1 for i in ids),
+        dtype=np.int64,
+    )
+
+
 @dataclass
 class BatchOrder:
-    """Seeded, epoch-wise shuffled batches of row indices; ``position`` counts batches handed out."""
+    """Seeded, epoch-wise shuffled batches of row indices; ``position`` counts batches handed out.
 
-    num_rows: int
+    Epoch ``e`` orders the rows by :func:`order_keys` ``(ids, seed, e)`` and cuts them into full
+    batches (the remainder is dropped).
+    """
+
+    ids: Sequence
     batch_size: int
     seed: int
     position: int = 0
 
     @property
     def batches_per_epoch(self) -> int:
-        """Full batches per epoch (the remainder of a permutation is dropped)."""
-        return max(1, self.num_rows // self.batch_size)
+        """Full batches per epoch."""
+        return max(1, len(self.ids) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        cached_epoch, order = -1, None
         while True:
             epoch, index = divmod(self.position, self.batches_per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            if epoch != cached_epoch:
+                order, cached_epoch = np.argsort(order_keys(self.ids, self.seed, epoch), kind="stable"), epoch
             start = index * self.batch_size
             self.position += 1
             yield order[start : start + self.batch_size].tolist()
 
 
-def total_optimizer_steps(opt: OptimConfig, num_rows: int) -> int:
-    """Optimizer steps of a stage: ``max_steps``, else ``epochs`` passes of ``num_rows``."""
+def total_optimizer_steps(opt: OptimConfig, num_rows: int, num_workers: int = 1) -> int:
+    """Optimizer steps of a stage: ``max_steps``, else ``epochs`` passes of ``num_rows``.
+
+    One optimizer step consumes ``batch_size × grad_accum`` rows on each of ``num_workers`` workers.
+    """
     if opt.max_steps > 0:
         return opt.max_steps
-    per_step = opt.batch_size * opt.grad_accum
+    per_step = opt.batch_size * opt.grad_accum * num_workers
     return max(1, math.ceil(opt.epochs * num_rows / per_step))
 
 
@@ -60,8 +85,118 @@ def cosine_lr(step: int, total: int, opt: OptimConfig) -> float:
     return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a collated batch's tensors to ``device`` (lists such as ids stay as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Stepper:
+    """AdamW over ``parameters`` with gradient clipping; averages gradients over a process group.
+
+    ``backward`` is called once per micro-batch, ``step`` once per optimizer step. When
+    ``torch.distributed`` is initialised with more than one rank (Ray Train workers without
+    DeepSpeed), gradients are all-reduced (mean) before clipping, i.e. plain data parallelism.
+    """
+
+    def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig):
+        self.parameters = list(parameters)
+        self.grad_clip = opt.grad_clip
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=opt.lr, weight_decay=opt.weight_decay)
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of the coming optimizer step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        """Accumulate the gradient of one micro-batch's ``loss / grad_accum``."""
+        (loss / grad_accum).backward()
+
+    def step(self) -> float:
+        """Average gradients over ranks, clip, update, zero; return the pre-clip gradient norm."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for p in self.parameters:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+        limit = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, limit)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def state_dict(self) -> dict:
+        """Optimizer state for a checkpoint."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.optimizer.load_state_dict(state)
+
+
+def run_steps(
+    name: str,
+    objective: Callable[[dict], "object"],
+    stepper: Stepper,
+    batches: Iterator[dict],
+    opt: OptimConfig,
+    total: int,
+    device: torch.device,
+    writer: MetricsWriter | None = None,
+    modules: Sequence[nn.Module] = (),
+    start_step: int = 0,
+    after_step: Callable[[int, dict], None] | None = None,
+    verbose: bool = True,
+    step_metrics: Callable[[], dict] | None = None,
+) -> list[dict]:
+    """Optimizer steps ``start_step .. total-1`` of a stage; return one metrics dict per step.
+
+    Each step takes ``opt.grad_accum`` batches from ``batches``. ``modules`` are in train mode
+    during the stage (eval mode after). Every step's metrics go to ``writer``; progress is printed
+    every ``opt.log_every`` steps when ``verbose``; ``after_step(step, record)`` runs after each
+    step (checkpointing and reporting on Ray); ``step_metrics()`` adds numbers to each step's record
+    (the teacher client's wait time and bytes).
+    """
+    for module in modules:
+        module.train()
+    history: list[dict] = []
+    started = time.perf_counter()
+    if verbose:
+        print(f"[{name}] steps {start_step + 1}..{total} × {opt.batch_size}×{opt.grad_accum} rows", flush=True)
+    for step in range(start_step, total):
+        lr = cosine_lr(step, total, opt)
+        stepper.set_lr(lr)
+        micro: list[dict] = []
+        for _ in range(opt.grad_accum):
+            out = objective(to_device(next(batches), device))
+            stepper.backward(out.loss, opt.grad_accum)
+            micro.append(out.metrics)
+        grad_norm = stepper.step()
+        record = _reduce(micro)
+        record.update(stage=name, step=step + 1, lr=lr, grad_norm=grad_norm)
+        if step_metrics is not None:
+            record.update(step_metrics())
+        history.append(record)
+        if writer is not None:
+            writer.write(record)
+        if after_step is not None:
+            after_step(step + 1, record)
+        done = step + 1 - start_step
+        if verbose and ((step + 1) % opt.log_every == 0 or step + 1 == total):
+            elapsed = time.perf_counter() - started
+            rate = done * opt.batch_size * opt.grad_accum / elapsed
+            eta = elapsed / done * (total - step - 1)
+            print(
+                f"[{name}] step {step + 1}/{total} loss {record['loss']:.4f} lr {lr:.2e} "
+                f"{rate:.1f} samples/s eta {eta:.0f}s",
+                flush=True,
+            )
+    for module in modules:
+        module.eval()
+    return history
 
 
 def train_stage(
@@ -76,53 +211,18 @@ def train_stage(
     writer: MetricsWriter | None = None,
     modules: Sequence[nn.Module] = (),
 ) -> list[dict]:
-    """Train ``parameters`` on ``objective`` over ``rows``; return one metrics dict per optimizer step.
+    """Train ``parameters`` on ``objective`` over ``rows`` in this process (AdamW, seeded order).
 
-    ``modules`` are put in train mode for the stage (and back in eval mode after). Progress is
-    printed every ``opt.log_every`` steps; every step's metrics go to ``writer`` if given.
+    Returns one metrics dict per optimizer step.
     """
     if not parameters:
         raise ValueError(f"stage {name} has no trainable parameters; check which parameter groups it unfreezes.")
     if not rows:
         raise ValueError(f"stage {name} has no training rows; check data.dir and stages.{name}.tasks.")
     total = total_optimizer_steps(opt, len(rows))
-    optimizer = torch.optim.AdamW(parameters, lr=opt.lr, weight_decay=opt.weight_decay)
-    order = iter(BatchOrder(len(rows), min(opt.batch_size, len(rows)), seed))
-    for module in modules:
-        module.train()
-    history: list[dict] = []
-    started = time.perf_counter()
-    print(f"[{name}] {total} optimizer steps × {opt.batch_size}×{opt.grad_accum} rows, {len(rows)} train rows", flush=True)
-    for step in range(total):
-        lr = cosine_lr(step, total, opt)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro: list[dict] = []
-        for _ in range(opt.grad_accum):
-            batch = _to_device(collate([rows[i] for i in next(order)]), device)
-            out = objective(batch)
-            (out.loss / opt.grad_accum).backward()
-            micro.append(out.metrics)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, opt.grad_clip if opt.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = _reduce(micro)
-        record.update(stage=name, step=step + 1, lr=lr, grad_norm=float(grad_norm))
-        history.append(record)
-        if writer is not None:
-            writer.write(record)
-        if (step + 1) % opt.log_every == 0 or step + 1 == total:
-            elapsed = time.perf_counter() - started
-            rate = (step + 1) * opt.batch_size * opt.grad_accum / elapsed
-            eta = elapsed / (step + 1) * (total - step - 1)
-            print(
-                f"[{name}] step {step + 1}/{total} loss {record['loss']:.4f} lr {lr:.2e} "
-                f"{rate:.1f} samples/s eta {eta:.0f}s",
-                flush=True,
-            )
-    for module in modules:
-        module.eval()
-    return history
+    order = BatchOrder([r["id"] for r in rows], min(opt.batch_size, len(rows)), seed)
+    batches = (collate([rows[i] for i in index]) for index in order)
+    return run_steps(name, objective, Stepper(parameters, opt), batches, opt, total, device, writer, modules)
 
 
 def _reduce(micro: list[dict]) -> dict:

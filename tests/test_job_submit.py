@@ -1,0 +1,62 @@
+"""`ray job submit --working-dir . -- python jobs/distill.py ...` against a head this test starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_config import make_tiny_overrides
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A Ray head on loopback with token auth off (Ray 2.60 turns it on by default), stopped afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # PATH as in an activated virtualenv, so the job's `python` is this environment's.
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    dashboard = _free_port()
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=4",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submit_runs_the_pipeline_and_writes_the_report(head, tmp_path):
+    address, env = head
+    overrides = make_tiny_overrides(tmp_path, "job", {"interact": 4}) + [
+        "steps=[interact]", "baseline_sft=false", "ray.logger=wandb"]
+    done = subprocess.run(
+        [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+         "python", "jobs/distill.py", *overrides],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    assert "[ray] cluster at" in done.stdout  # the job joined the head instead of starting its own Ray
+    report = json.loads((tmp_path / "runs" / "job" / "report.json").read_text())
+    assert report["runner"] == "ray"
+    assert set(report["accuracy"]) == {"teacher", "student_base", "vlsi_without_sft"}
+    assert all(0.0 <= r["overall"] <= 1.0 and r["n"] == 100 for r in report["accuracy"].values())
+    assert list((tmp_path / "runs" / "job" / "wandb").glob("offline-run-*"))  # rank 0 logged to wandb, offline

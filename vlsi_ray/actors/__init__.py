@@ -1,0 +1,2 @@
+"""Ray actors: the teacher pool (teacher.py), the client that hides the transport (client.py) and the
+student's Ray Train loop (student.py)."""

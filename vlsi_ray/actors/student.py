@@ -1,0 +1,243 @@
+"""The student side on Ray Train: one train loop for every stage, fed by Ray Data.
+
+:func:`train_student` is the ``train_loop_per_worker`` of a ``TorchTrainer``. It rebuilds the
+stage's objective from :mod:`vlsi_ray.method.steps` (the same objects the in-process runner
+uses), reads its shard of the Ray Dataset, and runs :func:`vlsi_ray.method.loop.run_steps`. For
+step 2 the teacher is a :class:`TeacherClient` over the teacher actors, pipelined with
+``lookahead``. Every ``train.checkpoint_every`` steps rank 0 reports a checkpoint holding the
+trainable weights (LoRA, verb-FFNs or the fine-tuned LLM), the optimizer, the matching RNG and the
+step; the data position is ``step × grad_accum`` batches, so a restarted or re-run stage skips
+exactly what it consumed. The teacher is never in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+STATE_FILE = "train_state.rank{rank}.pt"  # one per rank: ZeRO optimizer state is partitioned
+
+
+@dataclass
+class StageSpec:
+    """Everything a Train worker needs for one stage (pickled into ``train_loop_config``).
+
+    ``kind``: ``sft`` (cross-entropy; pretraining, step 3, the SFT-only baseline), ``verbalize``
+    (step 1, student side) or ``interact`` (step 2). ``settings`` names the ``stages.*`` entry.
+    """
+
+    stage: str
+    kind: str
+    settings: str
+    cfg_yaml: str
+    model_dir: str
+    out_dir: str
+    metrics_path: str
+    seed: int
+    total_steps: int
+    verbalizer_dir: str | None = None
+    lora: bool = False
+    groups: list[str] | None = None
+    teacher: object = None  # TeacherClient for step 2
+    vocab: int | None = None
+    model_out: str | None = None  # where rank 0 saves the trained model (LoRA merged)
+    verbalizers_out: str | None = None  # where rank 0 saves the trained verb-FFNs
+
+
+class StageObjective:
+    """The objective of one stage plus the modules whose trainable weights a checkpoint holds."""
+
+    def __init__(self, spec: StageSpec, cfg, backbone, device: torch.device):
+        from vlsi_ray.method.steps import InteractionObjective, SFTObjective, VerbalizationObjective
+        from vlsi_ray.models.verbalizer import Verbalizers
+        from vlsi_ray.prepare import new_verbalizers
+
+        self.backbone = backbone
+        self.verbalizers = None
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        if spec.lora:
+            torch.manual_seed(spec.seed)  # LoRA's random A matrices: the same as the in-process runner's
+            backbone.apply_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+        if spec.kind == "sft":
+            self.objective = SFTObjective(backbone, spec.groups, cfg.loss.chunk_size)
+        elif spec.kind == "verbalize":
+            self.verbalizers = new_verbalizers(cfg, "student", backbone, spec.seed)
+            self.objective = VerbalizationObjective(backbone, self.verbalizers, cfg.loss.chunk_size)
+        elif spec.kind == "interact":
+            self.verbalizers = Verbalizers.load(spec.verbalizer_dir, device)
+            self.objective = InteractionObjective(
+                backbone, self.verbalizers, spec.teacher, cfg.matching, self.generator, cfg.loss.direction,
+                cfg.loss.kd_temperature, cfg.loss.last_layer, cfg.loss.chunk_size, spec.vocab,
+            )
+        else:
+            raise ValueError(f"unknown stage kind {spec.kind!r}; use sft, verbalize or interact.")
+        self.modules: dict[str, nn.Module] = {"model": backbone.model}
+        if self.verbalizers is not None:
+            self.modules["verbalizers"] = self.verbalizers
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of every trainable tensor, keyed ``<module>/<parameter name>``."""
+        return {
+            f"{m}/{n}": p.detach().cpu().clone()
+            for m, module in self.modules.items() for n, p in module.named_parameters() if p.requires_grad
+        }
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a :meth:`trainable_state` back into the parameters (names must match exactly)."""
+        params = {f"{m}/{n}": p for m, module in self.modules.items() for n, p in module.named_parameters() if p.requires_grad}
+        if params.keys() != state.keys():
+            raise ValueError("the checkpoint's trainable parameters do not match this stage's; was it written by another stage or config?")
+        with torch.no_grad():
+            for key, p in params.items():
+                p.copy_(state[key].to(p.device))
+
+    def save_outputs(self, spec: StageSpec) -> None:
+        """Rank 0 writes the stage's result: the model (LoRA merged) and/or its verbalizers."""
+        if spec.model_out is not None:
+            if self.backbone.lora_active:
+                self.backbone.merge_lora()
+            self.backbone.save_pretrained(spec.model_out)
+        if spec.verbalizers_out is not None and self.verbalizers is not None:
+            self.verbalizers.save(spec.verbalizers_out)
+
+
+def _make_stepper(parameters, opt, train_cfg, modules: dict[str, nn.Module]):
+    from vlsi_ray.method.loop import Stepper
+
+    if train_cfg.deepspeed_stage:
+        from vlsi_ray.actors.deepspeed import DeepSpeedStepper
+
+        return DeepSpeedStepper(parameters, opt, train_cfg.deepspeed_stage, nn.ModuleDict(modules))
+    return Stepper(parameters, opt)
+
+
+def _batches(shard, collate, batch_size: int, skip: int) -> Iterator[dict]:
+    from vlsi_ray.data.ray_dataset import RayCollate
+
+    it = iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=RayCollate(collate), drop_last=True))
+    for _ in range(skip):  # resume: the batches the checkpoint already trained on
+        next(it)
+    for batch in it:
+        batch.pop("_order", None)
+        yield batch
+
+
+def train_student(config: dict) -> None:
+    """``train_loop_per_worker``: run one stage (``config["spec"]``: a :class:`StageSpec`) on this worker."""
+    import ray.train
+    import ray.train.torch
+
+    from vlsi_ray.config import config_from_yaml
+    from vlsi_ray.env import set_offline_defaults
+    from vlsi_ray.method.loop import run_steps
+    from vlsi_ray.metrics import MetricsWriter
+    from vlsi_ray.models.backbone import Backbone
+    from vlsi_ray.prepare import make_collator
+    from vlsi_ray.tracking import Tracker
+
+    set_offline_defaults()
+    spec: StageSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.seed + rank)
+    cfg = config_from_yaml(spec.cfg_yaml)
+    opt = getattr(cfg.stages, spec.settings)
+    backbone = Backbone.from_pretrained(spec.model_dir, device=device)
+    stage = StageObjective(spec, cfg, backbone, device)
+    stepper = _make_stepper(stage.objective.parameters(), opt, cfg.train, stage.modules)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            path = Path(d) / STATE_FILE.format(rank=rank)
+            if not path.is_file():
+                raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {rank}; resume with the same train.num_workers.")
+            state = torch.load(path, weights_only=False)
+        stage.load_trainable_state(state["trainable"])
+        stepper.load_state_dict(state["optimizer"])
+        stage.generator.set_state(state["generator"])
+        start = state["step"]
+        if rank == 0:
+            print(f"[{spec.stage}] resuming after step {start} from {checkpoint.path}", flush=True)
+
+    batches = _batches(ray.train.get_dataset_shard("train"), make_collator(backbone, cfg), opt.batch_size, start * opt.grad_accum)
+    batches = itertools.islice(batches, (spec.total_steps - start) * opt.grad_accum)  # no teacher request past the end
+    teacher = spec.teacher
+    if teacher is not None:
+        batches = teacher.pipelined(batches)
+    if cfg.train.log_ids:
+        batches = _audit(batches, Path(spec.out_dir) / f"consumed_ids.{spec.stage.replace('/', '-')}.rank{rank}.jsonl")
+    _write_placement(Path(spec.out_dir) / f"placement.{spec.stage.replace('/', '-')}.rank{rank}.json", device)
+    writer = MetricsWriter(spec.metrics_path) if rank == 0 else None
+    tracker = Tracker(cfg.ray.logger if rank == 0 else "none", Path(spec.metrics_path).parent, cfg.name, spec.stage,
+                      {"stage": spec.stage, "settings": spec.settings, "workers": ctx.get_world_size()})
+    window = {"started": time.perf_counter(), "step": start, "wait": 0.0, "bytes": 0}
+
+    def teacher_metrics() -> dict:
+        """The teacher wait and signal bytes of the step just done (the client counts cumulatively)."""
+        counters = teacher.counters()
+        out = {"teacher_wait_s": counters["teacher_wait_s"] - window["wait"],
+               "signal_bytes": counters["signal_bytes"] - window["bytes"]}
+        window["wait"], window["bytes"] = counters["teacher_wait_s"], counters["signal_bytes"]
+        return out
+
+    def after_step(step: int, record: dict) -> None:
+        tracker.log(record, step)
+        if cfg.train.fail_at_step == step and checkpoint is None:
+            raise RuntimeError(f"injected failure after step {step} (train.fail_at_step={step})")
+        last = step == spec.total_steps
+        save = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+        if not (save or step % cfg.train.report_every == 0):
+            return
+        elapsed = time.perf_counter() - window["started"]
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        metrics["samples_per_s"] = (step - window["step"]) * opt.batch_size * opt.grad_accum * ctx.get_world_size() / max(elapsed, 1e-9)
+        window["started"], window["step"] = time.perf_counter(), step
+        if save:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({"trainable": stage.trainable_state(), "optimizer": stepper.state_dict(),
+                            "generator": stage.generator.get_state(), "step": step}, Path(tmp) / STATE_FILE.format(rank=rank))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    modules = list(stage.modules.values())
+    run_steps(spec.stage, stage.objective, stepper, batches, opt, spec.total_steps, device, writer, modules,
+              start_step=start, after_step=after_step, verbose=rank == 0,
+              step_metrics=teacher_metrics if teacher is not None else None)
+    tracker.finish()
+    if rank == 0:
+        stage.save_outputs(spec)
+        if teacher is not None:
+            print(f"[{spec.stage}] teacher: {json.dumps({k: round(v, 3) for k, v in teacher.counters().items()})}", flush=True)
+
+
+def _write_placement(path: Path, device: torch.device) -> None:
+    """Record where this worker runs (node, device, GPU ids, pid): placement checks and debugging."""
+    import os
+
+    import ray
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
+    path.write_text(json.dumps(info))
+
+
+def _audit(batches: Iterator[dict], path: Path) -> Iterator[dict]:
+    """Append each batch's row ids to ``path`` as it is handed to the loop (the exactly-once audit)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for batch in batches:
+        with path.open("a") as fh:
+            fh.write(json.dumps([str(i) for i in batch["ids"]]) + "\n")
+        yield batch

@@ -1,0 +1,151 @@
+"""The teacher as Ray actors: frozen backbone + verbalizers, answering batches with compact signals.
+
+:class:`TeacherWorker` is a plain class (tested in-process); :class:`TeacherPool` turns it into
+``replicas`` Ray actors placed by the config's resources, in a placement group, with restarts.
+An actor loads its weights from paths in its constructor, so when Ray restarts a dead actor it
+comes back as it was and the request that was in flight is retried (``max_task_retries``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlsi_ray.actors.wire import decode_batch
+from vlsi_ray.env import set_offline_defaults
+
+
+class TeacherWorker:
+    """One teacher replica: the frozen teacher and its verbalizers on this process's device.
+
+    ``model_dir`` is a ``save_pretrained`` directory; ``verbalizer_dir`` (optional until step 2)
+    one written by :meth:`Verbalizers.save`. ``signal`` options: ``topk`` (None = dense, a debug
+    option), ``temperature``, ``vocab_size`` (shared vocab prefix), ``storage`` (wire dtype).
+    """
+
+    def __init__(self, model_dir: str, verbalizer_dir: str | None = None, topk: int | None = 64,
+                 temperature: float = 1.0, vocab_size: int | None = None, storage: str = "float16",
+                 device: str = "auto"):
+        set_offline_defaults()
+        from vlsi_ray.models.backbone import Backbone
+        from vlsi_ray.prepare import resolve_device
+
+        self.device = resolve_device(device)
+        self.model_dir = str(model_dir)
+        self.backbone = Backbone.from_pretrained(model_dir, device=self.device)
+        self.backbone.model.eval()
+        for p in self.backbone.model.parameters():
+            p.requires_grad_(False)
+        self.verbalizers = None
+        self.topk, self.temperature, self.vocab_size, self.storage = topk, temperature, vocab_size, storage
+        self.requests = 0
+        if verbalizer_dir is not None:
+            self.load_verbalizers(verbalizer_dir)
+
+    def load_verbalizers(self, path: str) -> list[int]:
+        """Load the teacher's verb-FFNs from ``path``; returns their target layers."""
+        from vlsi_ray.models.verbalizer import Verbalizers
+
+        self.verbalizers = Verbalizers.load(path, self.device)
+        self.verbalizers.eval()
+        return self.verbalizers.layers
+
+    def info(self) -> dict:
+        """Where this replica runs: pid, Ray node id, device and GPU ids (placement checks, fault tests)."""
+        info = {"pid": os.getpid(), "device": str(self.device), "model_dir": self.model_dir, "requests": self.requests}
+        try:
+            import ray
+
+            ctx = ray.get_runtime_context()
+            info.update(node_id=ctx.get_node_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+        except Exception:  # not inside Ray (unit tests)
+            pass
+        return info
+
+    def signal(self, batch: dict) -> dict:
+        """The teacher signal of one encoded batch (see :mod:`vlsi_ray.actors.wire`).
+
+        Returns :meth:`TeacherSignal.to_numpy`'s arrays (``t_l + 1`` layers × ``N`` response
+        tokens; top-k log-probs, int32 ids, tail mass) plus ``ids`` and the forward's ``seconds``.
+        """
+        from vlsi_ray.method.loop import to_device
+        from vlsi_ray.method.steps import teacher_signal
+
+        if self.verbalizers is None:
+            raise RuntimeError("the teacher has no verbalizers yet; run step 1 (verbalize) before step 2.")
+        started = time.perf_counter()
+        tensors = to_device(decode_batch(batch), self.device)
+        signal = teacher_signal(self.backbone, self.verbalizers, tensors, self.topk, self.temperature, self.vocab_size)
+        out = signal.to_numpy(self.storage)
+        self.requests += 1
+        out["ids"] = list(batch["ids"])
+        out["seconds"] = np.array(time.perf_counter() - started)
+        return out
+
+    def train_verbalizers(self, cfg_yaml: str, rows: list[dict], out_dir: str, seed: int) -> list[dict]:
+        """Step 1 on the teacher's side: train its verb-FFNs where the teacher lives; save to ``out_dir``.
+
+        ``rows`` are the stage's train rows; returns the per-step metrics history.
+        """
+        from vlsi_ray.config import config_from_yaml
+        from vlsi_ray.method.loop import train_stage
+        from vlsi_ray.method.steps import VerbalizationObjective
+        from vlsi_ray.prepare import make_collator, new_verbalizers
+
+        cfg = config_from_yaml(cfg_yaml)
+        verbs = new_verbalizers(cfg, "teacher", self.backbone, seed)
+        objective = VerbalizationObjective(self.backbone, verbs, cfg.loss.chunk_size)
+        history = train_stage("verbalize/teacher", objective, objective.parameters(), rows,
+                              make_collator(self.backbone, cfg), cfg.stages.verbalize, seed, self.device,
+                              modules=[verbs])
+        verbs.save(out_dir)
+        self.verbalizers = verbs.eval()
+        return history
+
+
+class TeacherPool:
+    """``replicas`` :class:`TeacherWorker` actors in one placement group, restarted by Ray on failure.
+
+    Verbalizers are a constructor argument (not loaded later) so that a restarted replica has them.
+    Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``);
+    the placement group keeps the pool together (PACK) or apart (SPREAD) as configured.
+    """
+
+    def __init__(self, pool_cfg, model_dir: str | Path, verbalizer_dir: str | Path | None, topk: int | None,
+                 temperature: float, vocab_size: int | None, storage: str):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        res = pool_cfg.resources
+        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.resources}
+        self.placement_group = placement_group([dict(bundle) for _ in range(pool_cfg.replicas)],
+                                               strategy=pool_cfg.placement_strategy, name="")
+        if not self.placement_group.wait(timeout_seconds=120):
+            raise RuntimeError(
+                f"the cluster cannot place {pool_cfg.replicas} teacher replica(s) of {bundle}; "
+                "lower teacher_pool.resources or add nodes."
+            )
+        actor_cls = ray.remote(TeacherWorker)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=dict(res.resources) or None,
+                max_restarts=pool_cfg.max_restarts, max_task_retries=pool_cfg.max_task_retries,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+            ).remote(str(model_dir), None if verbalizer_dir is None else str(verbalizer_dir), topk, temperature,
+                     vocab_size, storage)
+            for i in range(pool_cfg.replicas)
+        ]
+        self.infos = ray.get([a.info.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        """Kill the actors and free the placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from vlsi_ray.runner import PRETRAIN_SEED_OFFSET, SEED_OFFSET, STAGE_FILE, Run
 
 def ray_env() -> dict[str, str]:
     """Environment variables every actor and worker gets: the offline defaults and quieter Train logs."""
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "DS_ACCELERATOR",
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "WANDB_SILENT", "DS_ACCELERATOR",
                                        "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY") if k in os.environ}
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # worker progress lines once, not twice
     return env
@@ -168,10 +169,9 @@ def run_ray(cfg: RunConfig) -> dict:
     where = connect(cfg)
     print(f"[ray] {where}: {ray.cluster_resources()}", flush=True)
     run = RayRun(cfg)
-    teacher_dir = run.pretrained("teacher", "pretrain_teacher")
-    student_base_dir = run.pretrained("student", "pretrain_student")
-    vocab = ray.get(ray.remote(_check_pair).options(num_cpus=0).remote(str(teacher_dir), str(student_base_dir)))
-    results = run.evaluate({"teacher": teacher_dir, "student_base": student_base_dir})
+    check = ray.remote(_check_pair).options(num_cpus=0)
+    if cfg.teacher.path and cfg.student.path:  # real checkpoints: refuse an incompatible pair before any training
+        ray.get(check.remote(cfg.teacher.path, cfg.student.path))
 
     def sft_stage(stage: str, source: Path) -> Path:
         out = run.stage_dir(stage) / "student"
@@ -182,8 +182,18 @@ def run_ray(cfg: RunConfig) -> dict:
             run.finish(stage, run.fit(spec), t0)
         return out
 
-    if cfg.baseline_sft and "sft" in cfg.steps:
-        results.update(run.evaluate({"student_sft_only": sft_stage("baseline_sft", student_base_dir)}))
+    # The teacher's pretraining and the student's chain (its pretraining, then the SFT-only
+    # baseline) do not depend on each other: they run at the same time, each on its own worker.
+    with ThreadPoolExecutor(max_workers=1) as background:
+        teacher_future = background.submit(run.pretrained, "teacher", "pretrain_teacher")
+        student_base_dir = run.pretrained("student", "pretrain_student")
+        baseline_dir = sft_stage("baseline_sft", student_base_dir) if cfg.baseline_sft and "sft" in cfg.steps else None
+        teacher_dir = teacher_future.result()
+    vocab = ray.get(check.remote(str(teacher_dir), str(student_base_dir)))
+    models = {"teacher": teacher_dir, "student_base": student_base_dir}
+    if baseline_dir is not None:
+        models["student_sft_only"] = baseline_dir
+    results = run.evaluate(models)
 
     # Step 1: the teacher's verb-FFNs train in a teacher actor while the student's train on Ray Train.
     step1 = run.stage_dir("verbalize")

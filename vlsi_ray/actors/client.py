@@ -43,6 +43,10 @@ class TeacherClient:
         state["_pending"] = OrderedDict()
         return state
 
+    def start_at(self, replica: int) -> None:
+        """Begin the round-robin at ``replica`` (each student worker passes its rank to spread the load)."""
+        self._next = replica
+
     def submit(self, batch: dict) -> None:
         """Ask a replica for ``batch``'s signal now, unless it is already in flight."""
         key = batch_key(batch)

@@ -1,8 +1,9 @@
-"""DeepSpeed ZeRO as a :class:`~vlsi_ray.method.loop.Stepper` for Ray Train workers (``train.deepspeed_stage``).
+"""DeepSpeed ZeRO-2 as a :class:`~vlsi_ray.method.loop.Stepper` for Ray Train workers (``train.deepspeed_stage``).
 
 The objectives call the backbone and verbalizers directly; the engine wraps a container of those
-modules, so ZeRO's gradient hooks (stage 2) and parameter gathering hooks (stage 3) fire on the
-same forward. DeepSpeed reuses the process group Ray Train set up (gloo on CPU, NCCL on GPU).
+modules, so ZeRO's gradient hooks fire on the same forward. DeepSpeed reuses the process group Ray
+Train set up (gloo on CPU, NCCL on GPU). Only ZeRO-2 is offered: ZeRO-3 partitions the parameters
+themselves, and the checkpoints here copy trainable tensors directly.
 """
 
 from __future__ import annotations

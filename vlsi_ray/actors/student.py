@@ -174,6 +174,7 @@ def train_student(config: dict) -> None:
     batches = itertools.islice(batches, (spec.total_steps - start) * opt.grad_accum)  # no teacher request past the end
     teacher = spec.teacher
     if teacher is not None:
+        teacher.start_at(rank)
         batches = teacher.pipelined(batches)
     if cfg.train.log_ids:
         batches = _audit(batches, Path(spec.out_dir) / f"consumed_ids.{spec.stage.replace('/', '-')}.rank{rank}.jsonl")
@@ -201,7 +202,7 @@ def train_student(config: dict) -> None:
             return
         elapsed = time.perf_counter() - window["started"]
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        metrics["samples_per_s"] = (step - window["step"]) * opt.batch_size * opt.grad_accum * ctx.get_world_size() / max(elapsed, 1e-9)
+        metrics["global_samples_per_s"] = (step - window["step"]) * opt.batch_size * opt.grad_accum * ctx.get_world_size() / max(elapsed, 1e-9)
         window["started"], window["step"] = time.perf_counter(), step
         if save:
             with tempfile.TemporaryDirectory() as tmp:

@@ -167,6 +167,7 @@ def run_steps(
     if verbose:
         print(f"[{name}] steps {start_step + 1}..{total} × {opt.batch_size}×{opt.grad_accum} rows", flush=True)
     for step in range(start_step, total):
+        step_started = time.perf_counter()
         lr = cosine_lr(step, total, opt)
         stepper.set_lr(lr)
         micro: list[dict] = []
@@ -176,7 +177,8 @@ def run_steps(
             micro.append(out.metrics)
         grad_norm = stepper.step()
         record = _reduce(micro)
-        record.update(stage=name, step=step + 1, lr=lr, grad_norm=grad_norm)
+        record.update(stage=name, step=step + 1, lr=lr, grad_norm=grad_norm,
+                      samples_per_s=opt.batch_size * opt.grad_accum / (time.perf_counter() - step_started))
         if step_metrics is not None:
             record.update(step_metrics())
         history.append(record)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,7 @@ from vlsi_ray.prepare import (
 )
 
 STAGE_FILE = "stage.json"
+_INIT_LOCK = threading.Lock()
 #: Seed offsets per stage (cfg.seed + offset seeds its batch order, LoRA init and matching RNG).
 PRETRAIN_SEED_OFFSET = {"teacher": 1, "student": 2}
 SEED_OFFSET = {"verbalize/teacher": 3, "verbalize/student": 4, "sft": 5, "baseline_sft": 5, "interact": 6}
@@ -104,7 +106,8 @@ class Run:
             if source is not None and (source / STAGE_FILE).is_file():
                 print(f"[{role}] reusing the tiny {role} in {source}", flush=True)
                 return source
-        backbone = build_model(model_cfg, role, self.tokenizer, torch.device("cpu"))
+        with _INIT_LOCK:  # initialisation seeds torch's global RNG: one model at a time (Ray runs two threads)
+            backbone = build_model(model_cfg, role, self.tokenizer, torch.device("cpu"))
         started = time.perf_counter()
         history: list[dict] = []
         if trains:

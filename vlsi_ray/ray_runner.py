@@ -205,13 +205,14 @@ def run_ray(cfg: RunConfig) -> dict:
             cfg.seed + SEED_OFFSET["verbalize/teacher"])
         spec = run.spec("verbalize/student", "verbalize", "verbalize", student_base_dir,
                         cfg.seed + SEED_OFFSET["verbalize/student"], verbalizers_out=str(step1 / "student_verbalizers"))
-        history = run.fit(spec)
-        teacher_history = ray.get(teacher_job)
+        try:
+            history = run.fit(spec)
+            teacher_history = ray.get(teacher_job)
+        finally:
+            pool.shutdown()
         for record in teacher_history:
             run.writer.write(record)
-        pool.shutdown()
         run.finish("verbalize", teacher_history + history, t0)
-
     elif not run.finished("verbalize"):  # step 1 skipped: untrained verb-FFNs (the logit lens at zero-init)
         for role, model_dir in (("teacher", teacher_dir), ("student", student_base_dir)):
             verbs = new_verbalizers(cfg, role, Backbone.from_pretrained(model_dir), cfg.seed + SEED_OFFSET[f"verbalize/{role}"])

@@ -90,7 +90,7 @@ class RayRun(Run):
         _data_context()
         cfg, opt = self.cfg, getattr(self.cfg.stages, spec.settings)
         workers = cfg.train.num_workers
-        dataset, _ = train_dataset(cfg.data.dir, opt.tasks, cfg.data.on_error, spec.seed, opt.batch_size * workers,
+        dataset = train_dataset(cfg.data.dir, opt.tasks, cfg.data.on_error, spec.seed, opt.batch_size * workers,
                                    spec.total_steps * opt.grad_accum, len(self.train_rows(spec.settings)))
         res = cfg.train.resources_per_worker
         per_worker = {"CPU": res.num_cpus, **res.resources}

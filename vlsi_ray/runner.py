@@ -11,6 +11,7 @@ import json
 import shutil
 import threading
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +50,7 @@ PRETRAIN_SEED_OFFSET = {"teacher": 1, "student": 2}
 SEED_OFFSET = {"verbalize/teacher": 3, "verbalize/student": 4, "sft": 5, "baseline_sft": 5, "interact": 6}
 
 
-class Run:
+class Run(ABC):
     """State shared by both runners: config, data, metrics writer, the run directory and stage bookkeeping.
 
     Subclasses say how a tiny model is pretrained (:meth:`pretrain`): in this process or on Ray Train.
@@ -120,9 +121,9 @@ class Run:
             shutil.copytree(target, cache, dirs_exist_ok=True)
         return target
 
+    @abstractmethod
     def pretrain(self, role: str, stage: str, backbone: Backbone, target: Path) -> list[dict]:
         """Train a tiny model from scratch by SFT and save it to ``target``; return the history."""
-        raise NotImplementedError
 
 
 class LocalRun(Run):

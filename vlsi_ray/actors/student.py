@@ -125,9 +125,7 @@ def _batches(shard, collate, batch_size: int, skip: int) -> Iterator[dict]:
     it = iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=RayCollate(collate), drop_last=True))
     for _ in range(skip):  # resume: the batches the checkpoint already trained on
         next(it)
-    for batch in it:
-        batch.pop("_order", None)
-        yield batch
+    yield from it
 
 
 def train_student(config: dict) -> None:

@@ -61,7 +61,7 @@ def train_dataset(data_dir: str | Path, tasks: Sequence[str], on_error: str, see
     ``total_batches`` counts global batches (optimizer steps × grad_accum); ``rows`` is the number
     of usable rows (the driver counted them when it validated the split). Each epoch is a
     range-partitioned sort on the hash keys (uniform, so fixed boundaries split it evenly and no
-    sampling pass is needed). Returns ``(dataset, rows_per_epoch)``.
+    sampling pass is needed).
     """
     import ray
 
@@ -80,8 +80,7 @@ def train_dataset(data_dir: str | Path, tasks: Sequence[str], on_error: str, see
         base.map_batches(EpochKeys(seed, e), batch_format="pyarrow").sort(ORDER_COLUMN, boundaries=boundaries).limit(batches_per_epoch * global_batch)
         for e in range(epochs)
     ]
-    dataset = per_epoch[0].union(*per_epoch[1:]) if epochs > 1 else per_epoch[0]
-    return dataset, batches_per_epoch * global_batch
+    return per_epoch[0].union(*per_epoch[1:]) if epochs > 1 else per_epoch[0]
 
 
 class RayCollate(NumpyBatchCollateFn):

@@ -286,14 +286,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), _
         merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(_explain(err, path)) from None
+        raise ConfigError(explain_omegaconf_error(err, path)) from None
     except ValueError as err:  # a section's own validation (e.g. MatchingOptions), already one sentence
         raise ConfigError(str(err)) from None
     validate(cfg)
     return cfg
 
 
-def _explain(err: OmegaConfBaseException, path: Any) -> str:
+def explain_omegaconf_error(err: OmegaConfBaseException, path: Any) -> str:
+    """One sentence naming the key an omegaconf merge or conversion failed on (``path``: where it came from)."""
     key = getattr(err, "full_key", None) or "?"
     where = f" in {path}" if path else ""
     text = str(err).splitlines()[0]

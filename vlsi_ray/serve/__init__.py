@@ -1,0 +1,1 @@
+"""Ray Serve app: an OpenAI-compatible endpoint for exported VLsI students."""

@@ -7,9 +7,13 @@ from vlsi_ray.env import set_offline_defaults
 set_offline_defaults()
 
 
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tiny_config import make_tiny_overrides  # noqa: E402
+from tiny_run import make_tiny_run  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_overrides():
@@ -24,3 +28,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> SimpleNamespace:
+    """``run`` (a finished tiny run: teacher, SFT student, both verbalizers; see tiny_run.py) and ``data`` (its shards)."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = make_tiny_run(tmp)
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(run=run, data=tmp / "data")
+
+
+@pytest.fixture(scope="session")
+def fixture_sets(tmp_path_factory):
+    """Tiny MCQ / POPE files in VLMEvalKit's formats (10 MCQ rows, 4 images × 3 POPE questions)."""
+    from vlsi_ray.eval.fixtures import write_fixture_sets
+
+    return write_fixture_sets(Path(tmp_path_factory.mktemp("eval_sets")))

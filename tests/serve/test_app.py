@@ -34,7 +34,7 @@ def server(exported):
     from vlsi_ray.ray_runner import ray_env
     from vlsi_ray.serve.app import build_app
 
-    ray.init(num_cpus=4, runtime_env={"env_vars": {**ray_env(), "VLSI_TEST_KEY": KEY}}, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {**ray_env(), "VLSI_TEST_KEY": KEY}}, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model_dir": str(exported), "model_name": NAME, "api_key_env": "VLSI_TEST_KEY", "max_batch_size": 8, "default_max_tokens": 16,
@@ -54,7 +54,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def row(tiny_run):
-    return read_rows(tiny_run.parents[1] / "data", split="test")[0][0]
+    return read_rows(tiny_run.data, split="test")[0][0]
 
 
 def _messages(row) -> list[dict]:
@@ -149,3 +149,17 @@ def test_32_concurrent_requests_all_succeed(client, row):
     # Same seed, same text, whatever batch a request landed in.
     again = ask(3)
     assert again.choices[0].message.content == replies[3].choices[0].message.content
+
+
+def test_eval_harness_scores_the_endpoint_like_the_local_model(server, exported, fixture_sets):
+    from vlsi_ray.eval.benchmarks import mcq_benchmark
+    from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, LocalPredictor
+
+    items = mcq_benchmark(fixture_sets.mcq).items[:4]
+    endpoint = EndpointPredictor(server, NAME, api_key=KEY, workers=4, max_tokens=4)
+    local = LocalPredictor(exported, batch_size=1, max_tokens=4)
+    assert endpoint.predict(items) == [local.predict([it])[0] for it in items]
+    with pytest.raises(EndpointError, match="answered 401.*--api-key-env"):
+        EndpointPredictor(server, NAME, api_key="wrong")
+    with pytest.raises(EndpointError, match=r"does not serve model 'other'"):
+        EndpointPredictor(server, "other", api_key=KEY)

@@ -45,16 +45,16 @@ def test_export_layout(exported, tiny_run):
     assert (exported / "vlsi_verbalizers" / "verbalizers.safetensors").is_file()
     assert not (exported / "vlsi_backbone.json").exists()
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == \
-        json.loads((tiny_run / "sft" / "student" / "generation_config.json").read_text())["eos_token_id"]
+        json.loads((tiny_run.run / "sft" / "student" / "generation_config.json").read_text())["eos_token_id"]
 
 
 def test_plain_transformers_greedy_matches(exported, tiny_run, tmp_path):
-    row = read_rows(tiny_run.parents[1] / "data", split="test")[0][0]
+    row = read_rows(tiny_run.data, split="test")[0][0]
     messages = json.loads(row["messages"])
     question = next(p["text"] for p in messages[0]["content"] if p["type"] == "text")
     (tmp_path / "image.png").write_bytes(row["image"])
     n = 12
-    ours = ChatGenerator.from_pretrained(tiny_run / "sft" / "student").generate([row], SamplingParams(max_tokens=n))[0]
+    ours = ChatGenerator.from_pretrained(tiny_run.run / "sft" / "student").generate([row], SamplingParams(max_tokens=n))[0]
     proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(exported), question, str(tmp_path / "image.png"), str(n)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

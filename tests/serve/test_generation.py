@@ -44,12 +44,12 @@ def test_undecided_tail_is_held_back(text, stops, kept):
 
 @pytest.fixture(scope="module")
 def generator(tiny_run):
-    return ChatGenerator.from_pretrained(tiny_run / "sft" / "student")
+    return ChatGenerator.from_pretrained(tiny_run.run / "sft" / "student")
 
 
 @pytest.fixture(scope="module")
 def rows(tiny_run):
-    return read_rows(tiny_run.parents[1] / "data", split="test")[0][:3]
+    return read_rows(tiny_run.data, split="test")[0][:3]
 
 
 def test_streamed_pieces_add_up_and_batching_keeps_greedy_answers(generator, rows):

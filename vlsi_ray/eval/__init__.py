@@ -1,1 +1,1 @@
-"""Evaluation: accuracy on the synthetic task, reports and plots."""
+"""Evaluation: accuracy on the synthetic task, benchmark readers and scoring, predictors, traces, reports and plots."""

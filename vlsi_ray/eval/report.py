@@ -1,7 +1,14 @@
 """The run report: ``report.json``, ``report.md`` and PNG plots of losses and layer matching.
 
-Plots (matplotlib, Agg backend) are drawn from ``metrics.jsonl``: one loss curve per stage, and the
-matched teacher layer of each student layer over step 2 (early vs late halves: the paper's Fig. 5).
+Plots (matplotlib, Agg backend) are drawn from ``metrics.jsonl`` by :func:`write_plots`:
+
+- ``losses.png``: the training loss of every stage against its optimizer step;
+- ``layer_losses.png``: per-layer losses as logged, ``ce/<block>`` of each verbalizer in step 1
+  (``verbalize/teacher``, ``verbalize/student``) and ``kl/<block>`` of each student verbalizer plus
+  the last-layer term (``kl/last`` or ``ce/last``) in step 2 (``interact``);
+- ``matching.png``: how often each student target layer matched each teacher target layer in the
+  first and second halves of step 2 (the paper's Fig. 5). ``matched`` holds 0-based positions in
+  the teacher's target-layer list; ticks show the block numbers when the run's verbalizers are saved.
 """
 
 from __future__ import annotations
@@ -26,17 +33,39 @@ MODEL_LABELS = {
 def write_report(run_dir: str | Path, report: dict) -> dict:
     """Write ``report.json``, ``report.md`` and ``plots/*.png`` into ``run_dir``; return the plot paths."""
     run_dir = Path(run_dir)
-    metrics = list(read_metrics(run_dir / "metrics.jsonl"))
-    plots = {}
-    if metrics:
-        plots["losses"] = plot_losses(metrics, run_dir / "plots" / "losses.png")
-        matched = [m for m in metrics if m.get("stage") == "interact" and "matched" in m]
-        if matched:
-            plots["matching"] = plot_matching(matched, run_dir / "plots" / "matching.png")
+    plots = write_plots(run_dir)
     report = dict(report, plots={k: str(v.relative_to(run_dir)) for k, v in plots.items()})
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     (run_dir / "report.md").write_text(render_markdown(report, run_dir))
     return plots
+
+
+def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Draw every plot that ``<run_dir>/metrics.jsonl`` has data for into ``out_dir`` (default ``<run_dir>/plots``).
+
+    Returns ``{"losses" | "layer_losses" | "matching": path}`` for the plots written.
+    """
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    metrics = list(read_metrics(run_dir / "metrics.jsonl"))
+    plots: dict[str, Path] = {}
+    if not metrics:
+        return plots
+    plots["losses"] = plot_losses(metrics, out / "losses.png")
+    if layer_loss_series(metrics):
+        plots["layer_losses"] = plot_layer_losses(metrics, out / "layer_losses.png")
+    matched = [m for m in metrics if m.get("stage") == "interact" and "matched" in m]
+    if matched:
+        plots["matching"] = plot_matching(matched, out / "matching.png", _target_layers(run_dir / "verbalize" / "teacher_verbalizers"),
+                                          _target_layers(run_dir / "interact" / "student_verbalizers"))
+    return plots
+
+
+def _target_layers(verbalizers_dir: Path) -> list[int] | None:
+    from vlsi_ray.models.verbalizer import CONFIG_FILE
+
+    path = verbalizers_dir / CONFIG_FILE
+    return json.loads(path.read_text())["layers"] if path.is_file() else None
 
 
 def render_markdown(report: dict, run_dir: Path) -> str:
@@ -84,17 +113,55 @@ def plot_losses(metrics: list[dict], path: Path) -> Path:
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("loss", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def matching_counts(matched: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Counts ``[2, t_s, t_l]`` of matched teacher layer per student layer, first vs second half of step 2."""
+def layer_loss_series(metrics: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per-layer losses by stage: ``{stage: {"ce/3" | "kl/2" | "kl/last" ...: [(step, value)]}}``, in logged order."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for m in metrics:
+        for key, value in m.items():
+            if key.startswith(("ce/", "kl/")) and isinstance(value, (int, float)):
+                series[m["stage"]][key].append((m["step"], float(value)))
+    return {stage: dict(keys) for stage, keys in series.items()}
+
+
+def plot_layer_losses(metrics: list[dict], path: Path) -> Path:
+    """One panel per stage with per-layer losses: a line per layer (moving average over ~1/20 of the stage)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = layer_loss_series(metrics)
+    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.0), squeeze=False)
+    for ax, (stage, keys) in zip(axes[0], series.items()):
+        ordered = sorted(keys, key=lambda k: (k.endswith("/last"), int(k.split("/")[1]) if k.split("/")[1].isdigit() else 0))
+        colours = plt.cm.viridis(np.linspace(0, 0.9, len(ordered)))
+        for key, colour in zip(ordered, colours):
+            steps, values = map(np.asarray, zip(*keys[key]))
+            window = max(1, len(values) // 20)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            label = "last layer" if key.endswith("/last") else f"block {key.split('/')[1]}"
+            ax.plot(steps[window - 1:], smooth, lw=1, color="k" if key.endswith("/last") else colour, label=label)
+        what = "CE per verbalizer" if ordered[0].startswith("ce/") else "KL to the matched teacher layer"
+        ax.set_title(f"{stage}: {what}", fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, ncol=2)
+    axes[0][0].set_ylabel("loss", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def matching_counts(matched: list[dict], num_teacher_layers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Counts ``[t_s, t_l]`` of matched teacher layer per student layer, first and second half of step 2.
+
+    ``t_l`` is ``num_teacher_layers``, or one past the largest index seen if that is more.
+    """
     draws = [m["matched"] for m in matched]  # per step: per micro-batch: per student layer: indices
     t_s = len(draws[0][0])
-    t_l = 1 + max(j for step in draws for micro in step for layer in micro for j in layer)
+    t_l = max(num_teacher_layers or 0, 1 + max(j for step in draws for micro in step for layer in micro for j in layer))
     counts = np.zeros((2, t_s, t_l))
     half = len(draws) / 2
     for n, step in enumerate(draws):
@@ -105,26 +172,43 @@ def matching_counts(matched: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return counts[0], counts[1]
 
 
-def plot_matching(matched: list[dict], path: Path) -> Path:
-    """Heatmaps of how often each student layer matched each teacher layer, early vs late in step 2."""
+def plot_matching(matched: list[dict], path: Path, teacher_layers: list[int] | None = None,
+                  student_layers: list[int] | None = None) -> Path:
+    """Heatmaps of how often each student layer matched each teacher layer, early vs late in step 2.
+
+    Each row is normalised to the share of its student layer's draws; ticks are block numbers when
+    ``teacher_layers`` / ``student_layers`` (the target layers) are given, else 0-based positions.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    early, late = matching_counts(matched)
-    fig, axes = plt.subplots(1, 2, figsize=(7, 2.8))
-    for ax, counts, title in ((axes[0], early, "first half of step 2"), (axes[1], late, "second half")):
+    early, late = matching_counts(matched, len(teacher_layers) if teacher_layers else None)
+    if teacher_layers and len(teacher_layers) != early.shape[1] or student_layers and len(student_layers) != early.shape[0]:
+        teacher_layers = student_layers = None  # saved verbalizers do not fit the log: show positions
+    steps = [m["step"] for m in matched]
+    halves = (steps[: (len(steps) + 1) // 2], steps[(len(steps) + 1) // 2:])  # the split of matching_counts
+    titles = [f"steps {h[0]}–{h[-1]}" if h else "no steps" for h in halves]
+    fig, axes = plt.subplots(1, 2, figsize=(7.6, 2.9))
+    for ax, counts, title in zip(axes, (early, late), titles):
         freq = counts / np.maximum(1, counts.sum(axis=1, keepdims=True))
-        ax.imshow(freq, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(freq.shape[1]))
-        ax.set_yticks(range(freq.shape[0]))
-        ax.set_xlabel("teacher target layer (index)", fontsize=8)
-        ax.set_ylabel("student target layer", fontsize=8)
+        image = ax.imshow(freq, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_title(f"step 2, {title}", fontsize=9)
+        ax.set_xticks(range(freq.shape[1]), teacher_layers or range(freq.shape[1]))
+        ax.set_yticks(range(freq.shape[0]), student_layers or range(freq.shape[0]))
+        ax.set_xlabel("teacher target layer" + ("" if teacher_layers else " (index)"), fontsize=8)
+        ax.set_ylabel("student target layer" + ("" if student_layers else " (index)"), fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
+    fig.colorbar(image, ax=list(axes), fraction=0.04, label="share of draws")
+    return _save(fig, path, bbox_inches="tight")
+
+
+def _save(fig, path: Path, **kwargs) -> Path:
+    """Write ``fig`` to ``path`` (PNG, 110 dpi) and free it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, **kwargs)
     plt.close(fig)
     return path

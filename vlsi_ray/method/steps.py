@@ -264,7 +264,7 @@ class InteractionObjective:
             term = sum(w * self._kl(hidden[i], heads[i], signal.layer(j)) for j, w in zip(indices, weights))
             metrics[f"kl/{layers[i]}"] = term.item()
             loss = loss + term
-        # Matched teacher target layers (1-based block numbers) per student target layer: Fig. 5's data.
+        # Matched teacher target layers (0-based positions in the teacher's target list) per student target layer: Fig. 5's data.
         metrics["matched"] = [[int(j) for j in indices] for indices in match.indices]
         final = out.hidden_states[-1][mask]
         if self.last_layer == "kl":

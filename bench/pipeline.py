@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     from vlsi_ray.actors.teacher import TeacherPool
     from vlsi_ray.ray_runner import ray_env
 
-    ray.init(num_cpus=2, runtime_env={"env_vars": ray_env()}, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": ray_env()}, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         teacher.save_pretrained(Path(tmp) / "teacher")
         t_verbs.save(Path(tmp) / "verbs")

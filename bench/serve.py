@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64, help="requests per measurement at 16 clients (a quarter at 1 client)")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched app")
+    parser.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s of the batched app")
     args = parser.parse_args(argv)
 
     import ray
@@ -102,17 +103,18 @@ def main(argv=None) -> int:
         model_dir, data_dir = Path(args.model_dir), Path(args.data_dir or ROOT / "data" / "synthetic")
     else:
         model_dir, data_dir = untrained_student(work)
-    ray.init(num_cpus=4, runtime_env={"env_vars": ray_env()}, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": ray_env()}, include_dashboard=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model_dir": str(model_dir), "model_name": "bench", "api_key_env": None, "limits": {"max_tokens": max(64, args.max_tokens)},
-              "default_max_tokens": args.max_tokens, "batch_wait_timeout_s": 0.01, "max_ongoing_requests": 64}
-    for name, batch in (("batched", args.batch), ("unbatched", 1)):
-        serve.run(build_app({**common, "max_batch_size": batch}), name=name, route_prefix=f"/{name}")
+              "default_max_tokens": args.max_tokens, "max_ongoing_requests": 64}
+    for name, batch, wait in (("batched", args.batch, args.batch_wait), ("unbatched", 1, 0.0)):
+        serve.run(build_app({**common, "max_batch_size": batch, "batch_wait_timeout_s": wait}), name=name, route_prefix=f"/{name}")
     bodies = chat_bodies(data_dir, "bench", args.max_tokens, args.requests)
-    print(f"model {model_dir}, {args.max_tokens} new tokens per request, batched app max_batch_size={args.batch}", flush=True)
+    print(f"model {model_dir}, {args.max_tokens} new tokens per request, batched app max_batch_size={args.batch}, "
+          f"batch_wait_timeout_s={args.batch_wait}", flush=True)
     print("| clients | app | requests/s | tokens/s | p50 s | p99 s |\n|---|---|---|---|---|---|")
     results = {}
     for clients in (1, 16):

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     key_env = app_args.get("api_key_env")
     if key_env and os.environ.get(key_env):  # the replicas check the key from their own environment
         env[key_env] = os.environ[key_env]
-    ray.init(runtime_env={"env_vars": env})
+    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), runtime_env={"env_vars": env})
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(app_args), name=file.applications[0].get("name", "vlsi"), route_prefix="/")
     print(f"[serve] {app_args.get('model_name') or Path(app_args['model_dir']).name} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)

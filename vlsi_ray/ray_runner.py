@@ -47,7 +47,8 @@ def connect(cfg: RunConfig) -> str:
     if address:
         ray.init(address=address, runtime_env={"env_vars": ray_env()})
         return f"cluster at {address}"
-    ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, runtime_env={"env_vars": ray_env()})
+    # address="local": a new Ray even when `ray start` left one running here (that one is joined by address only).
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, runtime_env={"env_vars": ray_env()})
     return "local Ray"
 
 

@@ -106,7 +106,9 @@ class Run(ABC):
         for source in (target, cache):
             if source is not None and (source / STAGE_FILE).is_file():
                 print(f"[{role}] reusing the tiny {role} in {source}", flush=True)
-                return source
+                if source != target:  # a copy (a few MB), so the run directory holds every model it used
+                    shutil.copytree(source, target, dirs_exist_ok=True)
+                return target
         with _INIT_LOCK:  # initialisation seeds torch's global RNG: one model at a time (Ray runs two threads)
             backbone = build_model(model_cfg, role, self.tokenizer, torch.device("cpu"))
         started = time.perf_counter()

@@ -17,7 +17,7 @@ def local_ray():
 
     from vlsi_ray.ray_runner import ray_env
 
-    ray.init(num_cpus=4, num_gpus=2, runtime_env={"env_vars": ray_env()}, include_dashboard=True)
+    ray.init(address="local", num_cpus=4, num_gpus=2, runtime_env={"env_vars": ray_env()}, include_dashboard=True)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -98,7 +98,8 @@ def test_killed_teacher_is_restarted_and_every_row_is_consumed_once(local_ray, s
             if sum(1 for _ in read_metrics(metrics, "interact")) >= 2:
                 from ray.util.state import list_actors
 
-                for actor in list_actors(filters=[("class_name", "=", "TeacherWorker"), ("state", "=", "ALIVE")]):
+                cluster = local_ray.get_runtime_context().gcs_address  # this test's Ray, not another one on the machine
+                for actor in list_actors(address=cluster, filters=[("class_name", "=", "TeacherWorker"), ("state", "=", "ALIVE")]):
                     os.kill(actor.pid, signal.SIGKILL)
                     killed["pid"] = actor.pid
                 return

@@ -24,14 +24,17 @@ def test_every_shipped_config_loads():
     for path in sorted((ROOT / "conf").glob("*.yaml")):
         if path.name.startswith("qwen2vl_72b"):
             continue  # needs local checkpoints; checked below with the paths removed
-        if path.name == "serve.yaml":  # a Ray Serve config: its app's args are a ServeConfig
-            from omegaconf import OmegaConf
+        from omegaconf import OmegaConf
 
+        if "applications" in OmegaConf.load(path):  # a Ray Serve config
             from vlsi_ray.serve.config import serve_config
 
             app = OmegaConf.to_container(OmegaConf.load(path).applications[0])
-            assert app["import_path"] == "vlsi_ray.serve.app:build_app"
-            serve_config(app["args"], check_model=False)
+            if app["import_path"] == "vlsi_ray.serve.app:build_app":  # the project's app: its args are a ServeConfig
+                serve_config(app["args"], check_model=False)
+            else:  # Ray Serve LLM (vLLM) on the exported checkpoint
+                assert app["import_path"] == "ray.serve.llm:build_openai_app", path
+                assert all(c["model_loading_config"]["model_source"] for c in app["args"]["llm_configs"])
             continue
         load_config(path)
 

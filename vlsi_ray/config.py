@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from vlsi_ray.method.matching import MatchingOptions
 
 STEPS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "sft")
+EVAL_MODELS = ("teacher", "student_base", "student_sft_only", "vlsi_without_sft", "vlsi")
 FAMILIES = ("qwen2_vl", "llava_onevision")
 
 
@@ -114,6 +115,7 @@ class TeacherPoolConfig:
     lookahead: int = 2  # batches requested ahead of the one the student trains on (bounds in-flight signals)
     max_restarts: int = 3  # Ray restarts a dead teacher actor this often (it reloads from disk)
     max_task_retries: int = 3  # a request to a dead actor is retried on its restart
+    placement_timeout_s: float = 600.0  # how long to wait for the pool's resources (an autoscaler adds GPU nodes in minutes)
 
 
 @dataclass
@@ -231,6 +233,9 @@ class RunConfig:
     baseline_sft: bool = True  # also train the student by SFT alone (same data/steps) for the report
     teacher_cache_dir: Optional[str] = None  # reuse a pretrained tiny teacher across runs
     eval_batch_size: int = 32
+    # Models whose test accuracy goes in the report (each is a full pass over the test split; at
+    # 72B the teacher's pass is the expensive one).
+    eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS))
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
@@ -313,6 +318,9 @@ def validate(cfg: RunConfig) -> None:
     unknown = [s for s in cfg.steps if s not in STEPS]
     if unknown:
         raise ConfigError(f"steps contains unknown step {unknown[0]!r}; choose from {', '.join(STEPS)}.")
+    unknown = [m for m in cfg.eval_models if m not in EVAL_MODELS]
+    if unknown:
+        raise ConfigError(f"eval_models contains unknown model {unknown[0]!r}; choose from {', '.join(EVAL_MODELS)}.")
     if cfg.teacher.family != cfg.student.family:
         raise ConfigError(
             f"teacher.family={cfg.teacher.family} and student.family={cfg.student.family} differ; "

@@ -19,7 +19,7 @@ from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.shards import MANIFEST, ReadStats, generate_dataset, read_rows
 from vlsi_ray.data.synthetic import corpus_texts
 from vlsi_ray.models import qwen2_vl, llava_onevision
-from vlsi_ray.models.backbone import Backbone, check_compatible
+from vlsi_ray.models.backbone import Backbone, ModelInfo, check_compatible
 from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
 
@@ -101,10 +101,15 @@ def make_collator(backbone: Backbone, cfg: RunConfig) -> ChatCollator:
     return ChatCollator(backbone.tokenizer, backbone.image_processor, backbone.family, cfg.data.max_length)
 
 
-def check_pair(teacher: Backbone, student: Backbone) -> int:
+def check_pair(teacher: Backbone | ModelInfo, student: Backbone | ModelInfo) -> int:
     """Refuse incompatible models; return the shared vocabulary size (the KL's support)."""
     check_compatible(teacher, student)
     return min(teacher.vocab_size, student.vocab_size)
+
+
+def check_pair_paths(teacher_dir: str | Path, student_dir: str | Path) -> int:
+    """:func:`check_pair` on two checkpoint directories without loading their weights."""
+    return check_pair(ModelInfo.from_pretrained(teacher_dir), ModelInfo.from_pretrained(student_dir))
 
 
 def new_verbalizers(cfg: RunConfig, role: str, backbone: Backbone, seed: int) -> Verbalizers:
@@ -118,4 +123,4 @@ def new_verbalizers(cfg: RunConfig, role: str, backbone: Backbone, seed: int) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         verbs = Verbalizers(backbone.hidden_size, layers, v.residual, v.zero_init, v.final_norm)
-    return verbs.to(backbone.device)
+    return verbs.to(backbone.lm_head.weight.device)  # next to the heads they feed (the last GPU of a spread model)

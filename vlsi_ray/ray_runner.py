@@ -25,20 +25,27 @@ from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.method.steps import SFT_GROUPS
 from vlsi_ray.metrics import read_metrics
 from vlsi_ray.models.backbone import Backbone
-from vlsi_ray.prepare import new_verbalizers
+from vlsi_ray.prepare import check_pair_paths, new_verbalizers
 from vlsi_ray.runner import PRETRAIN_SEED_OFFSET, SEED_OFFSET, STAGE_FILE, Run
 
 
 def ray_env() -> dict[str, str]:
-    """Environment variables every actor and worker gets: the offline defaults and quieter Train logs."""
+    """Environment variables every actor and worker gets: the offline defaults and quieter Train logs.
+
+    ``DS_ACCELERATOR`` goes along only when the user set it: otherwise each worker picks its own
+    (cuda where it sees a GPU), whatever the driver's machine has.
+    """
+    from vlsi_ray.env import DEFAULTED
+
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "WANDB_SILENT", "DS_ACCELERATOR",
-                                       "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY") if k in os.environ}
+                                       "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY") if k in os.environ and k not in DEFAULTED}
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # worker progress lines once, not twice
     return env
 
 
 def connect(cfg: RunConfig) -> str:
-    """Join the cluster at ``ray.address`` (or ``RAY_ADDRESS``), else start a local Ray; return which."""
+    """Join the cluster at ``ray.address`` (or ``RAY_ADDRESS``), else one started here with ``ray start``,
+    else start a local Ray (``ray.num_cpus``/``num_gpus``); return which."""
     import ray
 
     if ray.is_initialized():
@@ -47,7 +54,11 @@ def connect(cfg: RunConfig) -> str:
     if address:
         ray.init(address=address, runtime_env={"env_vars": ray_env()})
         return f"cluster at {address}"
-    # address="local": a new Ray even when `ray start` left one running here (that one is joined by address only).
+    try:  # a cluster started on this machine with `ray start`
+        ray.init(address="auto", runtime_env={"env_vars": ray_env()})
+        return "the Ray cluster running on this machine"
+    except ConnectionError:
+        pass
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, runtime_env={"env_vars": ray_env()})
     return "local Ray"
 
@@ -122,8 +133,12 @@ class RayRun(Run):
         return self.fit(spec)
 
     def evaluate(self, named_dirs: dict[str, Path]) -> dict[str, dict]:
-        """Test accuracy of each checkpoint, evaluated concurrently as Ray tasks."""
+        """Test accuracy of each checkpoint in ``eval_models``, evaluated concurrently as Ray tasks."""
         import ray
+
+        named_dirs = {name: path for name, path in named_dirs.items() if name in self.cfg.eval_models}
+        if not named_dirs:
+            return {}
 
         rows = ray.put(self.test_rows())
         res = self.cfg.train.resources_per_worker
@@ -156,12 +171,6 @@ def _evaluate_checkpoint(model_dir: str, cfg_yaml: str, rows: list[dict]) -> dic
     return evaluate(backbone, rows, make_collator(backbone, cfg), cfg.eval_batch_size, device)
 
 
-def _check_pair(teacher_dir: str, student_dir: str) -> int:
-    from vlsi_ray.prepare import check_pair
-
-    return check_pair(Backbone.from_pretrained(teacher_dir), Backbone.from_pretrained(student_dir))
-
-
 def run_ray(cfg: RunConfig) -> dict:
     """Run every stage in ``cfg.steps`` on Ray (joining or starting a cluster) and return the report dict."""
     import ray
@@ -170,9 +179,8 @@ def run_ray(cfg: RunConfig) -> dict:
     where = connect(cfg)
     print(f"[ray] {where}: {ray.cluster_resources()}", flush=True)
     run = RayRun(cfg)
-    check = ray.remote(_check_pair).options(num_cpus=0)
     if cfg.teacher.path and cfg.student.path:  # real checkpoints: refuse an incompatible pair before any training
-        ray.get(check.remote(cfg.teacher.path, cfg.student.path))
+        check_pair_paths(cfg.teacher.path, cfg.student.path)  # configs and tokenizers only: cheap on the head
 
     def sft_stage(stage: str, source: Path) -> Path:
         out = run.stage_dir(stage) / "student"
@@ -190,7 +198,7 @@ def run_ray(cfg: RunConfig) -> dict:
         student_base_dir = run.pretrained("student", "pretrain_student")
         baseline_dir = sft_stage("baseline_sft", student_base_dir) if cfg.baseline_sft and "sft" in cfg.steps else None
         teacher_dir = teacher_future.result()
-    vocab = ray.get(check.remote(str(teacher_dir), str(student_base_dir)))
+    vocab = check_pair_paths(teacher_dir, student_base_dir)
     models = {"teacher": teacher_dir, "student_base": student_base_dir}
     if baseline_dir is not None:
         models["student_sft_only"] = baseline_dir

@@ -171,6 +171,8 @@ def run_local(cfg: RunConfig) -> dict:
     test = run.test_rows()
 
     def score(name: str, backbone: Backbone) -> None:
+        if name not in cfg.eval_models:
+            return
         results[name] = evaluate(backbone, test, run.collate, cfg.eval_batch_size, run.device)
         print(f"[eval] {name}: {100 * results[name]['overall']:.1f}% on {results[name]['n']} test questions", flush=True)
 

@@ -74,7 +74,7 @@ def test_paper_config_fits_its_worker_group(role):
     assert group is not group_for(spec, demands[other][0]), "teacher and student share a worker group"
     capacity = group_capacity(group)
     per_pod = actors_per_pod(capacity, demand)
-    if role == "teacher":  # TeacherPool.__init__ waits 120 s for its placement group; a cold GPU pod takes longer
+    if role == "teacher":  # TeacherPool waits placement_timeout_s for its group; a cold GPU pod may take longer
         pods = -(-count // per_pod)
         assert group["minReplicas"] >= pods, f"teacher minReplicas={group['minReplicas']} < the {pods} pods the pool needs at once"
     else:  # Ray Data's read tasks need CPUs next to the Train workers (conf/tiny.yaml: without, the stage deadlocks)
@@ -141,11 +141,15 @@ def test_runtime_envs_set_no_variable_that_ray_init_also_sets(monkeypatch):
 
 
 def test_driver_pods_tell_gpu_workers_to_use_cuda(monkeypatch):
-    """The driver's DS_ACCELERATOR reaches every worker (ray_env); on a GPU-less head it would default to cpu."""
+    """A DS_ACCELERATOR the driver was given reaches every worker (ray_env); one it defaulted to itself does not."""
+    from vlsi_ray import env as vlsi_env
     from vlsi_ray.ray_runner import ray_env
 
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    assert ray_env().get("DS_ACCELERATOR") == "cpu", "ray_env() no longer forwards DS_ACCELERATOR: revisit this test"
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.setattr(vlsi_env, "DEFAULTED", set())
+    assert ray_env().get("DS_ACCELERATOR") == "cuda", "ray_env() no longer forwards DS_ACCELERATOR: revisit this test"
+    monkeypatch.setattr(vlsi_env, "DEFAULTED", {"DS_ACCELERATOR"})  # what set_offline_defaults() does on a GPU-less driver
+    assert "DS_ACCELERATOR" not in ray_env()
     for kind in ("RayCluster", "RayJob"):
         [head] = cluster_specs()[kind]["headGroupSpec"]["template"]["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in head.get("env", [])}

@@ -57,7 +57,7 @@ def test_tiny_distillation_places_teacher_and_student_on_their_groups(kuberay_li
 
     cluster, nodes, asks = kuberay_like_cluster
     overrides = make_tiny_overrides(tmp_path, "kuberay-rehearsal", {"interact": 4}) + [
-        "steps=[interact]", "baseline_sft=false", "train.use_gpu=false",
+        "steps=[interact]", "baseline_sft=false", "train.use_gpu=false", "eval_models=[]",
         f"teacher_pool.resources.resources={_dotlist(asks['teacher'])}",
         f"train.resources_per_worker.resources={_dotlist(asks['student'])}",
     ]

@@ -222,6 +222,24 @@ def test_check_compatible(setup, tmp_path):
         check_compatible(teacher, low_res)
 
 
+def test_weight_free_check_reads_what_the_backbones_give(setup, tmp_path):
+    from vlsi_ray.models import ModelInfo
+    from vlsi_ray.prepare import check_pair, check_pair_paths
+
+    family, tok, teacher, student, _ = setup
+    bigger = MODULES[family].build_tiny("student", tok, vocab_size=teacher.vocab_size + 128)
+    low_res = MODULES[family].build_tiny("student", tok, image_size=56)
+    for name, backbone in (("teacher", teacher), ("student", student), ("bigger", bigger), ("low_res", low_res)):
+        backbone.save_pretrained(tmp_path / name)
+        (tmp_path / name / "model.safetensors").unlink()  # the check must not need the weights
+    info = ModelInfo.from_pretrained(tmp_path / "bigger")
+    assert (info.family, info.vocab_size, info.image_token_id) == (family, bigger.vocab_size, bigger.image_token_id)
+    assert check_pair_paths(tmp_path / "teacher", tmp_path / "bigger") == check_pair(teacher, bigger) == teacher.vocab_size
+    assert check_pair_paths(tmp_path / "teacher", tmp_path / "student") == min(teacher.vocab_size, student.vocab_size)
+    with pytest.raises(IncompatibleModelsError, match="image tokens"):
+        check_pair_paths(tmp_path / "teacher", tmp_path / "low_res")
+
+
 def test_load_errors_are_one_sentence(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_backbone(tmp_path / "missing")

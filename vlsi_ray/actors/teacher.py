@@ -35,7 +35,14 @@ class TeacherWorker:
 
         self.device = resolve_device(device)
         self.model_dir = str(model_dir)
-        self.backbone = Backbone.from_pretrained(model_dir, device=self.device)
+        import torch
+
+        if self.device.type == "cuda" and torch.cuda.device_count() > 1:
+            # A replica given several GPUs (Ray sets CUDA_VISIBLE_DEVICES to them) spreads the teacher over all.
+            self.backbone = Backbone.from_pretrained(model_dir, device_map="auto")
+            self.device = self.backbone.device  # where inputs go: the first module's GPU
+        else:
+            self.backbone = Backbone.from_pretrained(model_dir, device=self.device)
         self.backbone.model.eval()
         for p in self.backbone.model.parameters():
             p.requires_grad_(False)
@@ -49,13 +56,15 @@ class TeacherWorker:
         """Load the teacher's verb-FFNs from ``path``; returns their target layers."""
         from vlsi_ray.models.verbalizer import Verbalizers
 
-        self.verbalizers = Verbalizers.load(path, self.device)
+        self.verbalizers = Verbalizers.load(path, self.backbone.lm_head.weight.device)  # next to the heads they feed
         self.verbalizers.eval()
         return self.verbalizers.layers
 
     def info(self) -> dict:
         """Where this replica runs: pid, Ray node id, device and GPU ids (placement checks, fault tests)."""
-        info = {"pid": os.getpid(), "device": str(self.device), "model_dir": self.model_dir, "requests": self.requests}
+        devices = sorted({str(p.device) for p in self.backbone.model.parameters()})
+        info = {"pid": os.getpid(), "device": str(self.device), "devices": devices, "model_dir": self.model_dir,
+                "requests": self.requests}
         try:
             import ray
 
@@ -117,17 +126,19 @@ class TeacherPool:
     def __init__(self, pool_cfg, model_dir: str | Path, verbalizer_dir: str | Path | None, topk: int | None,
                  temperature: float, vocab_size: int | None, storage: str):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         res = pool_cfg.resources
         bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.resources}
         self.placement_group = placement_group([dict(bundle) for _ in range(pool_cfg.replicas)],
                                                strategy=pool_cfg.placement_strategy, name="")
-        if not self.placement_group.wait(timeout_seconds=120):
+        if not self.placement_group.wait(timeout_seconds=pool_cfg.placement_timeout_s):
+            remove_placement_group(self.placement_group)
             raise RuntimeError(
-                f"the cluster cannot place {pool_cfg.replicas} teacher replica(s) of {bundle}; "
-                "lower teacher_pool.resources or add nodes."
+                f"the cluster could not place {pool_cfg.replicas} teacher replica(s) of {bundle} within "
+                f"teacher_pool.placement_timeout_s={pool_cfg.placement_timeout_s:g}; lower teacher_pool.resources, add nodes "
+                "or wait longer for the autoscaler."
             )
         actor_cls = ray.remote(TeacherWorker)
         self.actors = [

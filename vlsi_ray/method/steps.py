@@ -132,15 +132,26 @@ class VerbalizationObjective:
         with torch.no_grad():
             out = self.backbone.forward(model_inputs(batch))
         mask, targets = response_positions(batch["labels"])
-        loss = torch.zeros((), device=targets.device)
+        device = next(self.verbalizers.parameters()).device
+        targets = targets.to(device)
+        loss = torch.zeros((), device=device)
         metrics = {}
         for layer in self.verbalizers.layers:
             head = self.verbalizers.head(layer, self.backbone.final_norm, self.backbone.lm_head)
-            ce = verbalized_ce(out.hidden_states[layer][mask], head, targets, self.chunk_size).mean()
+            ce = verbalized_ce(at_positions(out.hidden_states[layer], mask, device), head, targets, self.chunk_size).mean()
             metrics[f"ce/{layer}"] = ce.item()
             loss = loss + ce
         metrics["loss"] = loss.item()
         return StepOutput(loss, metrics)
+
+
+def at_positions(hidden: Tensor, mask: Tensor, device: torch.device) -> Tensor:
+    """``hidden [B, T, d]`` at ``mask [B, T]`` -> ``[N, d]`` on ``device``.
+
+    A model spread over GPUs (``device_map``) leaves each block's output on that block's GPU, so the
+    mask follows the hidden states and the result goes where the verbalizer heads are.
+    """
+    return hidden[mask.to(hidden.device)].to(device)
 
 
 @torch.no_grad()
@@ -161,11 +172,12 @@ def teacher_signal(
     vocab = vocab_size or teacher.vocab_size
     out = teacher.forward(model_inputs(batch))
     mask, _ = response_positions(batch["labels"])
+    device = teacher.lm_head.weight.device
     layers = []
     for layer in verbalizers.layers:
         head = verbalizers.head(layer, teacher.final_norm, teacher.lm_head)
-        layers.append(head(out.hidden_states[layer][mask])[..., :vocab])
-    layers.append(teacher.lm_head(out.hidden_states[-1][mask])[..., :vocab])
+        layers.append(head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab])
+    layers.append(teacher.lm_head(at_positions(out.hidden_states[-1], mask, device))[..., :vocab])
     return TeacherSignal.from_logits(torch.stack(layers).float(), topk, temperature)
 
 

@@ -259,10 +259,13 @@ class Backbone:
         (path / BACKBONE_FILE).write_text(json.dumps({"family": self.family, "format": 1}, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "Backbone":
-        """Load a backbone from a local directory (never a hub); the family is auto-detected."""
-        from transformers import AutoTokenizer
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                        device_map: str | dict | None = None) -> "Backbone":
+        """Load a backbone from a local directory (never a hub); the family is auto-detected.
 
+        ``device_map`` (e.g. ``"auto"``) spreads the model over the visible GPUs instead of moving
+        it to ``device``: a teacher too large for one GPU (Qwen2-VL-72B) on a multi-GPU replica.
+        """
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist; pass a local checkpoint directory (hubs are never used).")
@@ -271,16 +274,61 @@ class Backbone:
         kwargs = {"local_files_only": True}
         if dtype is not None:
             kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = spec.model_class().from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        if tokenizer.chat_template is None:
-            tokenizer.chat_template = _saved_chat_template(path) or spec.chat_template
-        image_processor = spec.image_processor_class().from_pretrained(str(path), local_files_only=True)
-        if spec.prepare_loaded is not None:
-            spec.prepare_loaded(model.config, image_processor)
-        if device is not None:
+        tokenizer, image_processor = _load_processors(path, spec, model.config)
+        if device is not None and device_map is None:
             model.to(device)
         return cls(family, model, tokenizer, image_processor, name=str(path))
+
+
+@dataclass
+class ModelInfo:
+    """What :func:`check_compatible` reads from a checkpoint, loaded without its weights.
+
+    The same attributes as a :class:`Backbone` (``family``, ``name``, ``tokenizer``,
+    ``image_processor``, ``vocab_size``, ``image_token_id``, ``spec``), from ``config.json``, the
+    tokenizer and the image processor, so a 72B/7B pair is checked in seconds on a CPU-only head.
+    """
+
+    family: str
+    name: str
+    tokenizer: Any
+    image_processor: Any
+    vocab_size: int  # rows of the LM head: the text config's vocab_size
+    image_token_id: int
+
+    @property
+    def spec(self) -> FamilySpec:
+        return get_family(self.family)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelInfo":
+        """Read the checkpoint directory ``path`` (never a hub) without loading any weight."""
+        from transformers import AutoConfig
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist; pass a local checkpoint directory (hubs are never used).")
+        family = detect_family(path)
+        spec = get_family(family)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        tokenizer, image_processor = _load_processors(path, spec, config)
+        return cls(family, str(path), tokenizer, image_processor, config.get_text_config().vocab_size, config.image_token_id)
+
+
+def _load_processors(path: Path, spec: FamilySpec, config) -> tuple[Any, Any]:
+    """The tokenizer (with the family's chat template if none was saved) and image processor in ``path``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = _saved_chat_template(path) or spec.chat_template
+    image_processor = spec.image_processor_class().from_pretrained(str(path), local_files_only=True)
+    if spec.prepare_loaded is not None:
+        spec.prepare_loaded(config, image_processor)
+    return tokenizer, image_processor
 
 
 def detect_family(path: Path) -> str:
@@ -314,7 +362,7 @@ def load_backbone(path: str | Path, device: str | torch.device | None = None, dt
 PROBE_IMAGE_SIZES = ((112, 112), (224, 168), (84, 252))
 
 
-def image_token_count(backbone: Backbone, height: int, width: int) -> int:
+def image_token_count(backbone: Backbone | ModelInfo, height: int, width: int) -> int:
     """Placeholder tokens ``backbone`` puts in the sequence for one ``height × width`` image."""
     from PIL import Image
 
@@ -323,14 +371,16 @@ def image_token_count(backbone: Backbone, height: int, width: int) -> int:
     return backbone.spec.count_image_tokens(backbone.image_processor, processed)
 
 
-def _special_tokens(backbone: Backbone) -> set[str]:
+def _special_tokens(backbone: Backbone | ModelInfo) -> set[str]:
     tokenizer = backbone.tokenizer
     added = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
     return set(tokenizer.all_special_tokens) | set(backbone.spec.special_tokens) | added
 
 
-def check_compatible(teacher: Backbone, student: Backbone) -> None:
+def check_compatible(teacher: Backbone | ModelInfo, student: Backbone | ModelInfo) -> None:
     """Raise :class:`IncompatibleModelsError` unless the pair can be distilled token for token.
+
+    Takes loaded backbones or weight-free :class:`ModelInfo`\ s (the Ray runner checks paths that way).
 
     Checks: same family; identical vocabulary on the shared prefix of the two LM heads (ids below
     ``min(V_t, V_s)``); identical special-token ids; identical image-token counts.

@@ -44,8 +44,9 @@ def ray_env() -> dict[str, str]:
 
 
 def connect(cfg: RunConfig) -> str:
-    """Join the cluster at ``ray.address`` (or ``RAY_ADDRESS``), else one started here with ``ray start``,
-    else start a local Ray (``ray.num_cpus``/``num_gpus``); return which."""
+    """Join the cluster at ``ray.address`` (or ``RAY_ADDRESS``), else a Ray already running on this machine
+    (e.g. ``ray start --head``; Ray's ``address="auto"``), else start a local Ray (``ray.num_cpus``/``num_gpus``);
+    return which."""
     import ray
 
     if ray.is_initialized():
@@ -54,7 +55,7 @@ def connect(cfg: RunConfig) -> str:
     if address:
         ray.init(address=address, runtime_env={"env_vars": ray_env()})
         return f"cluster at {address}"
-    try:  # a cluster started on this machine with `ray start`
+    try:  # a Ray already running on this machine
         ray.init(address="auto", runtime_env={"env_vars": ray_env()})
         return "the Ray cluster running on this machine"
     except ConnectionError:

@@ -198,8 +198,7 @@ class ChatGenerator:
             raise ValueError(f"got {len(rows)} rows but {len(params)} sampling params; pass one per row.")
         b = self.backbone
         batch = self.collator(list(rows))
-        inputs = {k: v.to(b.device) if k != "pixel_values" else v.to(b.device, b.dtype)
-                  for k, v in batch.items() if k in b.spec.model_input_names}
+        inputs = b.model_inputs(batch)
         state = _BatchState(b.tokenizer, b.eos_token_id, params, b.device, on_step)
 
         class _Stop(StoppingCriteria):

@@ -184,6 +184,11 @@ class Backbone:
         ``input_ids [B, T]``, ``attention_mask [B, T]`` and the family's vision inputs ->
         ``hidden_states`` (``L + 1`` × ``[B, T, d]``) and ``logits [B, T, V]``.
         """
+        out = self.model(**self.model_inputs(batch), output_hidden_states=True, use_cache=False, return_dict=True)
+        return BackboneOutput(hidden_states=tuple(out.hidden_states), logits=out.logits)
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The family's model inputs of a collated batch, on the model's device (floats in its dtype)."""
         device, dtype = self.device, self.dtype
         inputs = {}
         for key in self.spec.model_input_names:
@@ -193,8 +198,7 @@ class Backbone:
             if isinstance(value, Tensor):
                 value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
             inputs[key] = value
-        out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
-        return BackboneOutput(hidden_states=tuple(out.hidden_states), logits=out.logits)
+        return inputs
 
     __call__ = forward
 

@@ -1,9 +1,9 @@
-"""DeepSpeed ZeRO-2 as the student's stepper: the same updates as plain AdamW, and two Ray Train workers."""
+"""DeepSpeed ZeRO-2/3 as the student's stepper: the same updates as plain AdamW, exact resume, two Ray Train workers."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from vlsi_ray.config import OptimConfig, load_config
 from vlsi_ray.method.loop import Stepper
+from vlsi_ray.method.steps import StepOutput
 from vlsi_ray.metrics import read_metrics
 
 from tiny_config import make_tiny_overrides
@@ -18,51 +19,116 @@ from tiny_config import make_tiny_overrides
 STEPS = 4
 
 
-@pytest.fixture
-def single_process_group(monkeypatch):
-    """A one-rank gloo group, as Ray Train sets up for each worker."""
+@pytest.fixture(scope="module")
+def single_process_group():
+    """A one-rank gloo group, as Ray Train sets up for each worker; one per module (DeepSpeed caches its groups)."""
+    import socket
+
     import torch.distributed as dist
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561", "RANK": "0", "WORLD_SIZE": "1",
+    mp = pytest.MonkeyPatch()
+    with socket.socket() as sock:  # a free port: another test session may hold any fixed one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
+        mp.setenv(key, value)
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    mp.undo()
 
 
-def test_zero2_stepper_makes_the_same_updates_as_adamw(single_process_group):
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _objective(net: nn.Module):
+    def objective(batch: dict) -> StepOutput:
+        x = batch["x"]
+        return StepOutput(((net(x) - x[:, :3]) ** 2).mean() * 10, {"rows": x.shape[0]})
+
+    return objective
+
+
+def _train(stepper, net: nn.Module, opt: OptimConfig, steps: range) -> list[float]:
+    """Optimizer steps over seeded micro-batches of 4 rows; returns the gradient norms."""
+    run = stepper.wrap(_objective(net))
+    norms = []
+    for step in steps:
+        stepper.set_lr(opt.lr / (step + 1))
+        gen = torch.Generator().manual_seed(step)
+        for _ in range(opt.grad_accum):
+            out = run({"x": torch.randn(4, 6, generator=gen)})
+            assert out.metrics == {"rows": 4}
+            stepper.backward(out.loss, opt.grad_accum)
+        norms.append(stepper.step())
+    return norms
+
+
+def _roundtrip(state: dict) -> dict:
+    """Through torch.save / torch.load, as the checkpoint files go."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _weights(stepper, net: nn.Module) -> list[torch.Tensor]:
+    with stepper.gathered(list(net.parameters())):
+        return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stepper_makes_the_same_updates_as_adamw(single_process_group, stage):
+    """Same gradient norms and weights as plain AdamW, with accumulation over 2 micro-batches and clipping."""
     from vlsi_ray.actors.deepspeed import DeepSpeedStepper
 
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5, weight_decay=0.01)
-    torch.manual_seed(0)
-    reference = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    model.load_state_dict(reference.state_dict())
+    reference, model = _net(), _net()
     plain = Stepper(list(reference.parameters()), opt)
-    zero = DeepSpeedStepper(list(model.parameters()), opt, 2, nn.ModuleDict({"model": model}))
-    for step in range(5):
-        for stepper, net in ((plain, reference), (zero, model)):
-            stepper.set_lr(opt.lr / (step + 1))
-        norms = []
-        for stepper, net in ((plain, reference), (zero, model)):
-            gen = torch.Generator().manual_seed(step)
-            for _ in range(opt.grad_accum):
-                x = torch.randn(4, 6, generator=gen)
-                stepper.backward(((net(x) - x[:, :3]) ** 2).mean() * 10, opt.grad_accum)
-            norms.append(stepper.step())
-        assert norms[1] == pytest.approx(norms[0], rel=1e-5)
-        for p, q in zip(reference.parameters(), model.parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    zero = DeepSpeedStepper(list(model.parameters()), opt, stage, {"model": model})
+    if stage == 3:
+        assert all(p.numel() == 0 for p in model.parameters())  # partitioned outside a forward
+    expected = _train(plain, reference, opt, range(5))
+    assert _train(zero, model, opt, range(5)) == pytest.approx(expected, rel=1e-5)
+    for p, q in zip(reference.parameters(), _weights(zero, model)):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stepper_resumes_exactly(single_process_group, stage):
+    """Save weights + optimizer state after 2 steps, restore into a fresh engine: steps 3-5 equal the uninterrupted run's."""
+    from vlsi_ray.actors.deepspeed import DeepSpeedStepper
+
+    opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5, weight_decay=0.01)
+    model = _net()
+    zero = DeepSpeedStepper(list(model.parameters()), opt, stage, {"model": model})
+    _train(zero, model, opt, range(2))
+    saved_weights, saved_state = _weights(zero, model), _roundtrip(zero.state_dict())
+    expected = _train(zero, model, opt, range(2, 5))
+    expected_weights = _weights(zero, model)
+
+    restarted = _net()
+    fresh = DeepSpeedStepper(list(restarted.parameters()), opt, stage, {"model": restarted})
+    with fresh.gathered(list(restarted.parameters()), modify=True), torch.no_grad():
+        for p, w in zip(restarted.parameters(), saved_weights):
+            p.copy_(w)
+    fresh.load_rank_states([saved_state], 0)
+    assert _train(fresh, restarted, opt, range(2, 5)) == pytest.approx(expected, rel=1e-6)
+    for p, q in zip(expected_weights, _weights(fresh, restarted)):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.integration
-def test_two_workers_with_zero2_shard_the_data_and_train(local_ray, tmp_path):
+def test_two_workers_with_zero3_shard_the_data_and_train(local_ray, tmp_path):
+    """ZeRO-3 on two gloo workers: every step logged, disjoint data shards, the whole (gathered) student saved."""
     from vlsi_ray.ray_runner import run_ray
 
-    cfg = load_config(None, make_tiny_overrides(tmp_path, "zero2", {"interact": STEPS}) + [
+    cfg = load_config(None, make_tiny_overrides(tmp_path, "zero3", {"interact": STEPS}) + [
         "steps=[interact]", "baseline_sft=false", "train.use_gpu=false", "train.num_workers=2",
-        "train.deepspeed_stage=2", "train.log_ids=true", "train.checkpoint_every=0"])
+        "train.deepspeed_stage=3", "train.log_ids=true", "train.checkpoint_every=0"])
     run_ray(cfg)
     records = list(read_metrics(cfg.run_dir / "metrics.jsonl", "interact"))
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -71,4 +137,10 @@ def test_two_workers_with_zero2_shard_the_data_and_train(local_ray, tmp_path):
             for i in json.loads(line)] for r in (0, 1)]
     assert len(ids[0]) == len(ids[1]) == STEPS * 8
     assert not set(ids[0]) & set(ids[1])  # each worker trains on its own shard of every global batch
-    assert os.path.isfile(cfg.run_dir / "interact" / "student" / "config.json")
+    from vlsi_ray.models.backbone import Backbone
+
+    saved = Backbone.from_pretrained(cfg.run_dir / "interact" / "student")  # whole tensors, LoRA merged
+    base = Backbone.from_pretrained(cfg.run_dir / "pretrain_student")
+    trained = dict(saved.model.named_parameters())
+    assert {n: p.shape for n, p in trained.items()} == {n: p.shape for n, p in base.model.named_parameters()}
+    assert any(not torch.equal(trained[n], p) for n, p in base.model.named_parameters())

@@ -1,19 +1,26 @@
-"""DeepSpeed ZeRO-2 as a :class:`~vlsi_ray.method.loop.Stepper` for Ray Train workers (``train.deepspeed_stage``).
+"""DeepSpeed ZeRO-2/3 as a :class:`~vlsi_ray.method.loop.Stepper` for Ray Train workers (``train.deepspeed_stage``).
 
-The objectives call the backbone and verbalizers directly; the engine wraps a container of those
-modules, so ZeRO's gradient hooks fire on the same forward. DeepSpeed reuses the process group Ray
-Train set up (gloo on CPU, NCCL on GPU). Only ZeRO-2 is offered: ZeRO-3 partitions the parameters
-themselves, and the checkpoints here copy trainable tensors directly.
+The engine wraps an :class:`ObjectiveModule`: the modules a stage trains, with the stage's
+objective as ``forward``, so every micro-batch runs as an engine forward (ZeRO-3 gathers the
+partitioned parameters around it and accumulates gradients across micro-batches correctly only
+then). DeepSpeed reuses the process group Ray Train set up (gloo on CPU, NCCL on GPU).
+
+Under ZeRO-3 a parameter holds only this rank's shard outside a forward; :meth:`DeepSpeedStepper.gathered`
+gathers whole tensors for checkpoints and the final save (every rank must enter it: it is a collective).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from vlsi_ray.config import OptimConfig
+
+#: ZeRO stages ``train.deepspeed_stage`` accepts (0 is plain data parallelism without DeepSpeed).
+ZERO_STAGES = (2, 3)
 
 
 def deepspeed_config(opt: OptimConfig, stage: int) -> dict:
@@ -29,18 +36,61 @@ def deepspeed_config(opt: OptimConfig, stage: int) -> dict:
     }
 
 
-class DeepSpeedStepper:
-    """AdamW inside a DeepSpeed engine; same interface as :class:`vlsi_ray.method.loop.Stepper`."""
+class ObjectiveModule(nn.Module):
+    """``modules`` as children, ``objective(batch)`` as forward, returning ``(loss [], metrics)``."""
 
-    def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig, stage: int, container: nn.Module):
+    def __init__(self, objective: Callable, modules: dict[str, nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+        self.objective = objective
+
+    def forward(self, batch: dict):
+        out = self.objective(batch)
+        return out.loss, out.metrics
+
+
+class DeepSpeedStepper:
+    """AdamW inside a DeepSpeed engine; same interface as :class:`vlsi_ray.method.loop.Stepper`, plus
+    :meth:`wrap` (run the objective through the engine) and :meth:`gathered` (whole parameters)."""
+
+    def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig, stage: int, modules: dict[str, nn.Module],
+                 objective: Callable | None = None):
         import deepspeed
 
+        if stage not in ZERO_STAGES:
+            raise ValueError(f"train.deepspeed_stage must be one of {ZERO_STAGES} for DeepSpeed (0 disables it), got {stage}.")
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             deepspeed.init_distributed()
+        self.stage = stage
+        self.container = ObjectiveModule(objective, modules)
         optimizer = torch.optim.AdamW(list(parameters), lr=opt.lr, weight_decay=opt.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=container, optimizer=optimizer, config=deepspeed_config(opt, stage)
+            model=self.container, optimizer=optimizer, config=deepspeed_config(opt, stage)
         )
+
+    def wrap(self, objective: Callable) -> Callable:
+        """``objective`` run as the engine's forward: ``batch -> StepOutput``."""
+        from vlsi_ray.method.steps import StepOutput
+
+        self.container.objective = objective
+
+        def run(batch: dict) -> StepOutput:
+            loss, metrics = self.engine(batch)
+            return StepOutput(loss, metrics)
+
+        return run
+
+    @contextlib.contextmanager
+    def gathered(self, parameters: Sequence[nn.Parameter], modify: bool = False) -> Iterator[None]:
+        """Whole tensors in ``parameters`` inside the block (ZeRO-3; a no-op for ZeRO-2). With ``modify``,
+        what rank 0 writes into them is kept and re-partitioned on exit. Every rank must enter."""
+        if self.stage != 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=0 if modify else None):
+            yield
 
     def set_lr(self, lr: float) -> None:
         """Learning rate of the coming optimizer step."""
@@ -58,9 +108,13 @@ class DeepSpeedStepper:
         return float(norm) if norm is not None else float("nan")
 
     def state_dict(self) -> dict:
-        """This rank's (partitioned) optimizer state."""
+        """This rank's (partitioned) optimizer state, with its fp32 master shards."""
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (same world size and ZeRO stage)."""
-        self.optimizer.load_state_dict(state)
+    def load_rank_states(self, states: list[dict], rank: int) -> None:
+        """Restore from every rank's :meth:`state_dict` (index = rank; same world size and ZeRO stage).
+
+        ZeRO-2 merges the shards (optimizer state and fp32 masters) of all ranks and re-partitions
+        them; ZeRO-3 reads this rank's shard, whose fp32 masters also restore the parameters.
+        """
+        self.optimizer.load_state_dict(states, load_from_fp32_weights=self.stage == 2)

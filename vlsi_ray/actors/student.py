@@ -83,19 +83,25 @@ class StageObjective:
         if self.verbalizers is not None:
             self.modules["verbalizers"] = self.verbalizers
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Copies of every trainable tensor, keyed ``<module>/<parameter name>``."""
-        return {
-            f"{m}/{n}": p.detach().cpu().clone()
-            for m, module in self.modules.items() for n, p in module.named_parameters() if p.requires_grad
-        }
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {f"{m}/{n}": p for m, module in self.modules.items() for n, p in module.named_parameters() if p.requires_grad}
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+    def all_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the stage's modules (ZeRO-3 gathers them all for the final save)."""
+        return [p for module in self.modules.values() for p in module.parameters()]
+
+    def trainable_state(self, stepper) -> dict[str, torch.Tensor]:
+        """Copies of every trainable tensor, keyed ``<module>/<parameter name>`` (gathered whole under ZeRO-3)."""
+        params = self._trainable()
+        with stepper.gathered(params.values()):
+            return {key: p.detach().cpu().clone() for key, p in params.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], stepper) -> None:
         """Copy a :meth:`trainable_state` back into the parameters (names must match exactly)."""
-        params = {f"{m}/{n}": p for m, module in self.modules.items() for n, p in module.named_parameters() if p.requires_grad}
+        params = self._trainable()
         if params.keys() != state.keys():
             raise ValueError("the checkpoint's trainable parameters do not match this stage's; was it written by another stage or config?")
-        with torch.no_grad():
+        with stepper.gathered(params.values(), modify=True), torch.no_grad():
             for key, p in params.items():
                 p.copy_(state[key].to(p.device))
 
@@ -115,7 +121,7 @@ def _make_stepper(parameters, opt, train_cfg, modules: dict[str, nn.Module]):
     if train_cfg.deepspeed_stage:
         from vlsi_ray.actors.deepspeed import DeepSpeedStepper
 
-        return DeepSpeedStepper(parameters, opt, train_cfg.deepspeed_stage, nn.ModuleDict(modules))
+        return DeepSpeedStepper(parameters, opt, train_cfg.deepspeed_stage, modules)
     return Stepper(parameters, opt)
 
 
@@ -156,13 +162,19 @@ def train_student(config: dict) -> None:
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        world = ctx.get_world_size()
         with checkpoint.as_directory() as d:
-            path = Path(d) / STATE_FILE.format(rank=rank)
-            if not path.is_file():
-                raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {rank}; resume with the same train.num_workers.")
-            state = torch.load(path, weights_only=False)
-        stage.load_trainable_state(state["trainable"])
-        stepper.load_state_dict(state["optimizer"])
+            # ZeRO-2 re-partitions every rank's optimizer shard; otherwise a rank reads only its own file.
+            wanted = range(world) if getattr(stepper, "stage", 0) == 2 else [rank]
+            states: list = [None] * world
+            for r in wanted:
+                path = Path(d) / STATE_FILE.format(rank=r)
+                if not path.is_file():
+                    raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {r}; resume with the same train.num_workers.")
+                states[r] = torch.load(path, weights_only=False)
+        state = states[rank]
+        stage.load_trainable_state(state["trainable"], stepper)
+        stepper.load_rank_states([s["optimizer"] if s is not None else None for s in states], rank)
         stage.generator.set_state(state["generator"])
         start = state["step"]
         if rank == 0:
@@ -204,19 +216,21 @@ def train_student(config: dict) -> None:
         window["started"], window["step"] = time.perf_counter(), step
         if save:
             with tempfile.TemporaryDirectory() as tmp:
-                torch.save({"trainable": stage.trainable_state(), "optimizer": stepper.state_dict(),
+                torch.save({"trainable": stage.trainable_state(stepper), "optimizer": stepper.state_dict(),
                             "generator": stage.generator.get_state(), "step": step}, Path(tmp) / STATE_FILE.format(rank=rank))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
 
     modules = list(stage.modules.values())
-    run_steps(spec.stage, stage.objective, stepper, batches, opt, spec.total_steps, device, writer, modules,
+    run_steps(spec.stage, stepper.wrap(stage.objective), stepper, batches, opt, spec.total_steps, device, writer, modules,
               start_step=start, after_step=after_step, verbose=rank == 0,
               step_metrics=teacher_metrics if teacher is not None else None)
     tracker.finish()
+    with stepper.gathered(stage.all_parameters()):  # ZeRO-3: a collective, then rank 0 saves whole tensors
+        if rank == 0:
+            stage.save_outputs(spec)
     if rank == 0:
-        stage.save_outputs(spec)
         if teacher is not None:
             print(f"[{spec.stage}] teacher: {json.dumps({k: round(v, 3) for k, v in teacher.counters().items()})}", flush=True)
 

@@ -9,6 +9,8 @@ batches and a stage is reproducible from its seed alone.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import math
 import time
@@ -132,9 +134,17 @@ class Stepper:
         """Optimizer state for a checkpoint."""
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`."""
-        self.optimizer.load_state_dict(state)
+    def load_rank_states(self, states: list[dict], rank: int) -> None:
+        """Restore this rank's :meth:`state_dict` from every rank's (index = rank; all equal here)."""
+        self.optimizer.load_state_dict(states[rank])
+
+    def wrap(self, objective):
+        """The objective as the loop calls it (DeepSpeed runs it through its engine; here, unchanged)."""
+        return objective
+
+    def gathered(self, parameters: Sequence[nn.Parameter], modify: bool = False):
+        """Whole parameters inside the block: they always are here (ZeRO-3 partitions them)."""
+        return contextlib.nullcontext()
 
 
 def run_steps(

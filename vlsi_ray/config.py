@@ -125,7 +125,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # null: use GPUs when the cluster has any
     resources_per_worker: ResourcesConfig = field(default_factory=ResourcesConfig)
-    deepspeed_stage: int = 0  # 0: plain data parallelism (all-reduce); 2: DeepSpeed ZeRO-2
+    deepspeed_stage: int = 0  # 0: plain data parallelism (all-reduce); 2 / 3: DeepSpeed ZeRO-2 / ZeRO-3
     report_every: int = 50  # steps between ray.train.report calls (each costs about a second)
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: only at the end)
     max_failures: int = 2  # worker-group restarts from the last checkpoint (FailureConfig)
@@ -217,6 +217,10 @@ class DataConfig:
     dir: str = "data/synthetic"
     on_error: str = "skip"  # skip (and count) | raise
     max_length: int = 256
+    # Ray runner: a train split whose Parquet shards total at most this many MB is read once,
+    # kept in the object store and sorted per epoch in one task; larger ones stream from the files
+    # through Ray Data's distributed sort (same order either way).
+    sort_in_memory_mb: float = 512
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -261,7 +265,7 @@ _CHOICES = {
     "runner": ("ray", "local"),
     "signal.storage": ("float16", "float32"),
     "teacher_pool.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-    "train.deepspeed_stage": (0, 2),  # ZeRO-3 needs gathered parameters in checkpoints: not supported yet
+    "train.deepspeed_stage": (0, 2, 3),
     "ray.logger": ("wandb", "none"),
     "loss.direction": ("forward", "reverse"),
     "loss.last_layer": ("kl", "ce", "none"),
@@ -335,6 +339,8 @@ def validate(cfg: RunConfig) -> None:
             f"the student has {t_s} target layers but the teacher only {t_l} (t_s > t_l); "
             "give student.targets fewer layers or teacher.targets more."
         )
+    if cfg.data.sort_in_memory_mb < 0:
+        raise ConfigError(f"data.sort_in_memory_mb={cfg.data.sort_in_memory_mb} must be 0 (always the distributed sort) or more.")
     if cfg.loss.kd_temperature <= 0:
         raise ConfigError(f"loss.kd_temperature={cfg.loss.kd_temperature} must be positive.")
     if cfg.loss.chunk_size < 1:

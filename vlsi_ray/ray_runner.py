@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,11 +80,22 @@ class RayRun(Run):
         super().__init__(cfg)
         self.cfg_yaml = to_yaml(cfg)
         self.dir = self.dir.resolve()
+        self._split = None
+        self._split_lock = threading.Lock()  # the teacher's and the student's pretraining start together
         self.use_gpu = cfg.train.use_gpu
         if self.use_gpu is None:
             import ray
 
             self.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+
+    def split(self):
+        """The validated train split on Ray Data, read once per run (every stage orders it its own way)."""
+        from vlsi_ray.data.ray_dataset import train_split
+
+        with self._split_lock:
+            if self._split is None:
+                self._split = train_split(self.cfg.data.dir, self.cfg.data.on_error, self.cfg.data.sort_in_memory_mb)
+        return self._split
 
     def spec(self, stage: str, kind: str, settings: str, model_dir: Path, seed: int, **kw) -> StageSpec:
         opt = getattr(self.cfg.stages, settings)
@@ -103,8 +115,8 @@ class RayRun(Run):
         _data_context()
         cfg, opt = self.cfg, getattr(self.cfg.stages, spec.settings)
         workers = cfg.train.num_workers
-        dataset = train_dataset(cfg.data.dir, opt.tasks, cfg.data.on_error, spec.seed, opt.batch_size * workers,
-                                   spec.total_steps * opt.grad_accum, len(self.train_rows(spec.settings)))
+        dataset = train_dataset(self.split(), opt.tasks, spec.seed, opt.batch_size * workers,
+                                spec.total_steps * opt.grad_accum, [r["id"] for r in self.train_rows(spec.settings)])
         res = cfg.train.resources_per_worker
         per_worker = {"CPU": res.num_cpus, **res.resources}
         if self.use_gpu:

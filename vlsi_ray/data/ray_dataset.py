@@ -8,10 +8,14 @@ steps, and a resumed worker skips the batches its checkpoint already consumed.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -19,6 +23,7 @@ from vlsi_ray.data.shards import CorruptRowError, SKIP_HINT, shard_files, valida
 from vlsi_ray.method.loop import order_keys
 
 ORDER_COLUMN = "_order"
+BUCKET_COLUMN = "_bucket"
 
 
 class ValidRows:
@@ -42,45 +47,108 @@ class ValidRows:
         return table.filter(pa.array(keep, type=pa.bool_()))
 
 
-class EpochKeys:
-    """``map_batches`` function: add the epoch's sort key column (uint64) from the row ids."""
+class EpochRows:
+    """``map_batches`` function: every row of ``tasks`` (all when empty) once per epoch it trains in.
 
-    def __init__(self, seed: int, epoch: int):
-        self.seed, self.epoch = seed, epoch
+    Epoch ``e`` keeps the rows whose key ``order_keys(id, seed, e)`` is at most ``cutoffs[e]`` (the
+    whole batches of that epoch) and tags them with two sort columns: ``ORDER_COLUMN`` (the key)
+    and ``BUCKET_COLUMN`` = ``e × parts`` + the key's range among ``parts`` equal ranges. Sorting by
+    (bucket, key) yields epoch 0 in key order, then epoch 1, ...; the buckets are the partitions of
+    a distributed sort.
+    """
+
+    def __init__(self, seed: int, cutoffs: Sequence[int], parts: int, tasks: Sequence[str] = ()):
+        self.seed, self.cutoffs, self.parts, self.tasks = seed, list(cutoffs), parts, set(tasks)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        keys = order_keys(table.column("id").to_pylist(), self.seed, self.epoch)
-        return table.append_column(ORDER_COLUMN, pa.array(keys, type=pa.int64()))
+        if self.tasks:
+            table = table.filter(pa.array([t in self.tasks for t in table.column("task").to_pylist()], type=pa.bool_()))
+        ids = table.column("id").to_pylist()
+        epochs = []
+        for epoch, cutoff in enumerate(self.cutoffs):
+            keys = order_keys(ids, self.seed, epoch)
+            keep = keys <= cutoff
+            ranges = keys[keep] // np.int64(-(-(2**63) // self.parts)) if self.parts > 1 else np.zeros(int(keep.sum()), np.int64)
+            buckets = epoch * self.parts + ranges
+            epochs.append(table.filter(pa.array(keep)).append_column(ORDER_COLUMN, pa.array(keys[keep], type=pa.int64()))
+                          .append_column(BUCKET_COLUMN, pa.array(buckets, type=pa.int64())))
+        return pa.concat_tables(epochs)
 
 
-def train_dataset(data_dir: str | Path, tasks: Sequence[str], on_error: str, seed: int, global_batch: int,
-                  total_batches: int, rows: int):
-    """A Ray Dataset of the train split in training order, long enough for ``total_batches``.
+@dataclass
+class TrainSplit:
+    """The validated train rows as a Ray Dataset, whether it is materialized, and its file count."""
 
-    ``global_batch`` rows (per-worker batch × workers) make one batch of every worker;
-    ``total_batches`` counts global batches (optimizer steps × grad_accum); ``rows`` is the number
-    of usable rows (the driver counted them when it validated the split). Each epoch is a
-    range-partitioned sort on the hash keys (uniform, so fixed boundaries split it evenly and no
-    sampling pass is needed).
+    dataset: Any
+    in_memory: bool
+    num_files: int
+
+
+def train_split(data_dir: str | Path, on_error: str, sort_in_memory_mb: float) -> TrainSplit:
+    """The validated train split as a Ray Dataset (read once per run; every stage orders it its own way).
+
+    When the split's Parquet shards total at most ``sort_in_memory_mb``, the validated rows are
+    materialized in the object store and each stage sorts them in one task; larger splits stream
+    from the files through Ray Data's distributed sort. Either way the order is the same.
     """
     import ray
 
     files = [str(f) for f in shard_files(data_dir, "train")]
-    base = ray.data.read_parquet(files).map_batches(ValidRows(tasks, on_error), batch_format="pyarrow")
-    parts = max(2, len(files))
-    boundaries = [(2**63 // parts) * i for i in range(1, parts)]
-    if rows < global_batch:
+    in_memory = sum(os.path.getsize(f) for f in files) <= sort_in_memory_mb * 2**20
+    with _footer_readers(files):
+        dataset = ray.data.read_parquet(files).map_batches(ValidRows((), on_error), batch_format="pyarrow")
+    return TrainSplit(dataset.materialize() if in_memory else dataset, in_memory, len(files))
+
+
+def train_dataset(split: TrainSplit, tasks: Sequence[str], seed: int, global_batch: int, total_batches: int, ids: Sequence[str]):
+    """One stage's Ray Dataset: the rows of ``tasks`` from :func:`train_split` in training order, long
+    enough for ``total_batches``.
+
+    ``global_batch`` rows (per-worker batch × workers) make one batch of every worker;
+    ``total_batches`` counts global batches (optimizer steps × grad_accum); ``ids`` are the usable
+    rows of ``tasks`` (the driver validated the split): from them the driver finds where each
+    epoch's whole batches end. All epochs are ordered by one sort on (epoch bucket, key): in one
+    task for an in-memory split, else as Ray Data's distributed sort with a partition per bucket
+    (the keys are uniform, so fixed boundaries split each epoch evenly and no sampling pass is needed).
+    """
+    if len(ids) < global_batch:
         raise ValueError(
-            f"the train split in {data_dir} has {rows} usable rows, fewer than one global batch of "
+            f"the train split has {len(ids)} usable rows, fewer than one global batch of "
             f"{global_batch}; lower the stage's batch_size or train.num_workers."
         )
-    batches_per_epoch = rows // global_batch
-    epochs = math.ceil(total_batches / batches_per_epoch)
-    per_epoch = [
-        base.map_batches(EpochKeys(seed, e), batch_format="pyarrow").sort(ORDER_COLUMN, boundaries=boundaries).limit(batches_per_epoch * global_batch)
-        for e in range(epochs)
-    ]
-    return per_epoch[0].union(*per_epoch[1:]) if epochs > 1 else per_epoch[0]
+    used = (len(ids) // global_batch) * global_batch
+    epochs = math.ceil(total_batches / (len(ids) // global_batch))
+    cutoffs = [int(np.sort(order_keys(ids, seed, e))[used - 1]) for e in range(epochs)]
+    parts = 1 if split.in_memory else max(2, split.num_files)
+    tagged = split.dataset.map_batches(EpochRows(seed, cutoffs, parts, tasks), batch_format="pyarrow")
+    if split.in_memory:
+        return tagged.repartition(1).map_batches(_sort_rows, batch_format="pyarrow", batch_size=None)
+    return tagged.sort([BUCKET_COLUMN, ORDER_COLUMN], boundaries=list(range(1, epochs * parts)))
+
+
+def _sort_rows(table: pa.Table) -> pa.Table:
+    """``map_batches`` function over the whole (single-block) stream: rows in (bucket, key) order."""
+    return table.sort_by([(BUCKET_COLUMN, "ascending"), (ORDER_COLUMN, "ascending")])
+
+
+#: Parquet files per footer-reading actor. Ray Data starts 32 such actors for every read by default:
+#: 32 Python processes (~20 s on 2 cores) to read the footers of a handful of files.
+FILES_PER_FOOTER_READER = 64
+_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+@contextlib.contextmanager
+def _footer_readers(files: Sequence[str]):
+    """Size Ray Data's Parquet footer-reader pool to the number of files (unless the user set it);
+    the reader reads the variable when ``read_parquet`` plans the read."""
+    if _FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[_FOOTER_ACTORS_ENV] = str(min(32, max(1, math.ceil(len(files) / FILES_PER_FOOTER_READER))))
+    try:
+        yield
+    finally:
+        del os.environ[_FOOTER_ACTORS_ENV]
 
 
 class RayCollate(NumpyBatchCollateFn):

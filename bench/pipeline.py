@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     student.apply_lora(cfg.lora.rank, cfg.lora.alpha)
 
     def local_teacher(batch):
-        return teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature)
+        return teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature,
+                              tail_samples=cfg.signal.tail_samples, seed=cfg.seed)
 
     def make_objective(teacher_fn):
         objective = InteractionObjective(student, s_verbs, teacher_fn, cfg.matching, torch.Generator().manual_seed(0))
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         teacher.save_pretrained(Path(tmp) / "teacher")
         t_verbs.save(Path(tmp) / "verbs")
         pool = TeacherPool(cfg.teacher_pool, Path(tmp) / "teacher", Path(tmp) / "verbs", cfg.signal.topk,
-                           cfg.loss.kd_temperature, None, cfg.signal.storage)
+                           cfg.loss.kd_temperature, None, cfg.signal.storage, tail_samples=cfg.signal.tail_samples, seed=cfg.seed)
         client = TeacherClient(pool.actors, args.lookahead)
         objective, stepper = make_objective(client)
         student_loop(objective, stepper, client.pipelined(iter(warm)))

@@ -94,6 +94,9 @@ class SignalConfig:
 
     topk: Optional[int] = 64
     storage: str = "float16"  # dtype of the log-probs on the wire: float16 | float32
+    # Ids drawn per token and layer from the teacher's tail (top-k only): the KL then adds an unbiased
+    # estimate of the part inside the tail that top-k + tail mass misses. 0 = none.
+    tail_samples: int = 0
 
 
 @dataclass
@@ -347,6 +350,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"loss.chunk_size={cfg.loss.chunk_size} must be at least 1.")
     if cfg.signal.topk is not None and cfg.signal.topk < 1:
         raise ConfigError(f"signal.topk={cfg.signal.topk} must be at least 1, or null for a dense signal.")
+    if cfg.signal.tail_samples < 0:
+        raise ConfigError(f"signal.tail_samples={cfg.signal.tail_samples} must be 0 (no tail samples) or more.")
+    if cfg.signal.tail_samples and cfg.signal.topk is None:
+        raise ConfigError(f"signal.tail_samples={cfg.signal.tail_samples} needs a top-k signal; set signal.topk or signal.tail_samples=0.")
     if cfg.lora.rank < 1 or cfg.lora.alpha <= 0:
         raise ConfigError("lora.rank must be at least 1 and lora.alpha positive.")
     for stage in STEPS:

@@ -246,7 +246,8 @@ def run_ray(cfg: RunConfig) -> dict:
         if not run.finished("interact"):
             t0 = time.perf_counter()
             pool = TeacherPool(cfg.teacher_pool, teacher_dir, step1 / "teacher_verbalizers", cfg.signal.topk,
-                               cfg.loss.kd_temperature, vocab, cfg.signal.storage)
+                               cfg.loss.kd_temperature, vocab, cfg.signal.storage,
+                               tail_samples=cfg.signal.tail_samples, seed=cfg.seed + SEED_OFFSET["interact"])
             step2.mkdir(parents=True, exist_ok=True)
             (step2 / "teacher_placement.json").write_text(json.dumps(pool.infos, indent=2))
             print(f"[interact] teacher replicas on {[(i['node_id'][:8], i['device']) for i in pool.infos]}", flush=True)

@@ -216,7 +216,8 @@ def run_local(cfg: RunConfig) -> dict:
         generator = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET["interact"])
         objective = InteractionObjective(
             student, s_verbs,
-            lambda batch: teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab),
+            lambda batch: teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
+                                         tail_samples=cfg.signal.tail_samples, seed=cfg.seed + SEED_OFFSET["interact"]),
             cfg.matching, generator, cfg.loss.direction, cfg.loss.kd_temperature,
             cfg.loss.last_layer, cfg.loss.chunk_size, vocab,
         )

@@ -23,12 +23,14 @@ class TeacherWorker:
 
     ``model_dir`` is a ``save_pretrained`` directory; ``verbalizer_dir`` (optional until step 2)
     one written by :meth:`Verbalizers.save`. ``signal`` options: ``topk`` (None = dense, a debug
-    option), ``temperature``, ``vocab_size`` (shared vocab prefix), ``storage`` (wire dtype).
+    option), ``temperature``, ``vocab_size`` (shared vocab prefix), ``storage`` (wire dtype),
+    ``tail_samples`` and the ``seed`` their draw is seeded from, with each batch's row ids (see
+    :func:`vlsi_ray.method.steps.teacher_signal`: a restarted replica sends the same samples).
     """
 
     def __init__(self, model_dir: str, verbalizer_dir: str | None = None, topk: int | None = 64,
                  temperature: float = 1.0, vocab_size: int | None = None, storage: str = "float16",
-                 device: str = "auto"):
+                 device: str = "auto", *, tail_samples: int = 0, seed: int = 0):
         set_offline_defaults()
         from vlsi_ray.models.backbone import Backbone
         from vlsi_ray.prepare import resolve_device
@@ -48,6 +50,7 @@ class TeacherWorker:
             p.requires_grad_(False)
         self.verbalizers = None
         self.topk, self.temperature, self.vocab_size, self.storage = topk, temperature, vocab_size, storage
+        self.tail_samples, self.seed = tail_samples, seed
         self.requests = 0
         if verbalizer_dir is not None:
             self.load_verbalizers(verbalizer_dir)
@@ -78,7 +81,8 @@ class TeacherWorker:
         """The teacher signal of one encoded batch (see :mod:`vlsi_ray.actors.wire`).
 
         Returns :meth:`TeacherSignal.to_numpy`'s arrays (``t_l + 1`` layers × ``N`` response
-        tokens; top-k log-probs, int32 ids, tail mass) plus ``ids`` and the forward's ``seconds``.
+        tokens; top-k log-probs, int32 ids, tail mass, tail samples if any) plus ``ids`` and the
+        forward's ``seconds``.
         """
         from vlsi_ray.method.loop import to_device
         from vlsi_ray.method.steps import teacher_signal
@@ -87,7 +91,8 @@ class TeacherWorker:
             raise RuntimeError("the teacher has no verbalizers yet; run step 1 (verbalize) before step 2.")
         started = time.perf_counter()
         tensors = to_device(decode_batch(batch), self.device)
-        signal = teacher_signal(self.backbone, self.verbalizers, tensors, self.topk, self.temperature, self.vocab_size)
+        signal = teacher_signal(self.backbone, self.verbalizers, tensors, self.topk, self.temperature, self.vocab_size,
+                                tail_samples=self.tail_samples, seed=self.seed)
         out = signal.to_numpy(self.storage)
         self.requests += 1
         out["ids"] = list(batch["ids"])
@@ -118,13 +123,14 @@ class TeacherWorker:
 class TeacherPool:
     """``replicas`` :class:`TeacherWorker` actors in one placement group, restarted by Ray on failure.
 
-    Verbalizers are a constructor argument (not loaded later) so that a restarted replica has them.
+    Verbalizers are a constructor argument (not loaded later) so that a restarted replica has them;
+    so are ``tail_samples`` and ``seed`` (:class:`TeacherWorker`).
     Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``);
     the placement group keeps the pool together (PACK) or apart (SPREAD) as configured.
     """
 
     def __init__(self, pool_cfg, model_dir: str | Path, verbalizer_dir: str | Path | None, topk: int | None,
-                 temperature: float, vocab_size: int | None, storage: str):
+                 temperature: float, vocab_size: int | None, storage: str, tail_samples: int = 0, seed: int = 0):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -147,7 +153,7 @@ class TeacherPool:
                 max_restarts=pool_cfg.max_restarts, max_task_retries=pool_cfg.max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(str(model_dir), None if verbalizer_dir is None else str(verbalizer_dir), topk, temperature,
-                     vocab_size, storage)
+                     vocab_size, storage, tail_samples=tail_samples, seed=seed)
             for i in range(pool_cfg.replicas)
         ]
         self.infos = ray.get([a.info.remote() for a in self.actors])

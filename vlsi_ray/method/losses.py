@@ -69,7 +69,16 @@ def per_token_kl(
     the same KL between the coarse-grained (k+1)-bin distributions: the teacher's top-k probs plus
     its tail mass, and the student's probs at the same ids plus its remaining mass (computed as a
     log-sum-exp over the other ids, so it stays accurate when it is tiny). That equals the exact KL
-    when k = V and is never larger otherwise (data-processing inequality).
+    when k = V and is never larger otherwise (data-processing inequality): it misses the KL inside
+    the tail, ``P·KL(p'‖q')`` (forward) or ``Q·KL(q'‖p')`` (reverse), with ``P``, ``Q`` the tail
+    masses and ``p'``, ``q'`` the distributions renormalized over the tail.
+
+    A signal with tail samples (ids drawn from ``p'``) adds a Monte Carlo estimate of that term, so
+    the value and the gradient are unbiased for the exact KL. With ``w = q'_i/p'_i`` at a drawn id
+    it averages ``w - 1 - log w`` (forward, ``E[-log w]`` = KL(p'‖q')) or ``w·log w - w + 1``
+    (reverse, importance-weighted); the ``±(w - 1)`` control variate has mean zero and makes every
+    term non-negative. Empty draws (teacher or student tail mass 0) contribute 0; a zero student
+    probability at a drawn id counts as ``LOG_FLOOR``, as in the (k+1)-bin KL.
 
     Student logits are divided by ``temperature``, which must be the signal's own temperature.
     Computed in float32 (float64 if the logits are float64); gradients flow to the student only.
@@ -87,20 +96,48 @@ def per_token_kl(
     if not math.isclose(temperature, teacher.temperature):
         raise ValueError(f"KD temperature {temperature} differs from the teacher signal's {teacher.temperature}; use the same for both.")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    s_log = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    s_full = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     if teacher.is_dense:
-        t_log = teacher.logprobs[0].to(device=s_log.device, dtype=dtype)
+        t_log, s_log = teacher.logprobs[0].to(device=s_full.device, dtype=dtype), s_full
     else:
-        ids = teacher.topk_ids[0].to(s_log.device)
-        t_tail = teacher.tail_logmass[0].to(device=s_log.device, dtype=dtype)
-        t_log = torch.cat([teacher.topk_logprobs[0].to(device=s_log.device, dtype=dtype), t_tail[:, None]], dim=-1)
-        if teacher.k >= s_log.shape[-1]:  # the ids cover the vocabulary: nothing is left over
+        ids = teacher.topk_ids[0].to(s_full.device)
+        t_tail = teacher.tail_logmass[0].to(device=s_full.device, dtype=dtype).detach()
+        t_log = torch.cat([teacher.topk_logprobs[0].to(device=s_full.device, dtype=dtype), t_tail[:, None]], dim=-1)
+        if teacher.k >= s_full.shape[-1]:  # the ids cover the vocabulary: nothing is left over
             s_tail = torch.full_like(t_tail, float("-inf"))
         else:
-            s_tail = torch.logsumexp(s_log.scatter(-1, ids, float("-inf")), dim=-1)
-        s_log = torch.cat([s_log.gather(-1, ids), s_tail[:, None]], dim=-1)
+            s_tail = torch.logsumexp(s_full.scatter(-1, ids, float("-inf")), dim=-1)
+        s_log = torch.cat([s_full.gather(-1, ids), s_tail[:, None]], dim=-1)
     t_log = t_log.detach()
-    return _kl(t_log, s_log) if direction == "forward" else _kl(s_log, t_log)
+    kl = _kl(t_log, s_log) if direction == "forward" else _kl(s_log, t_log)
+    if teacher.is_dense or not teacher.tail_samples or teacher.k >= s_full.shape[-1]:
+        return kl
+    return kl + _sampled_tail_kl(teacher, s_full, t_tail, s_tail, direction)
+
+
+def _sampled_tail_kl(teacher: TeacherSignal, s_full: Tensor, t_tail: Tensor, s_tail: Tensor, direction: str) -> Tensor:
+    """Monte Carlo estimate of the KL inside the tail (see :func:`per_token_kl`); ``-> [N]``.
+
+    ``s_full [N, V]`` student log-probs, ``t_tail``, ``s_tail [N]`` the teacher's and the student's
+    log tail masses; the teacher's draws are ``teacher.tail_sample_ids``/``_logprobs [1, N, m]``.
+    """
+    draw = teacher.tail_sample_ids[0].to(s_full.device)
+    t_draw = teacher.tail_sample_logprobs[0].to(device=s_full.device, dtype=s_full.dtype).detach()
+    # A student with no tail mass has no q' (and Q·KL(q'‖p') = 0): its draws count as empty too.
+    empty = torch.isneginf(t_draw) | (torch.isneginf(t_tail) | torch.isneginf(s_tail))[:, None]
+    # A zero student probability at a drawn id stands at LOG_FLOOR: forward, as on the q side of _kl;
+    # reverse, w ~ 0 then gives the w -> 0 limit of its term (1) without the nan of 0·log 0.
+    s_draw = s_full.gather(-1, draw)
+    s_draw = s_draw.masked_fill(torch.isneginf(s_draw), LOG_FLOOR)
+    # log w = log q'_i - log p'_i; filling empty draws before exp keeps values and gradients finite.
+    log_w = (s_draw - s_tail[:, None]) - (t_draw - t_tail[:, None])
+    log_w = log_w.masked_fill(empty, 0.0)
+    if direction == "forward":
+        terms, mass = torch.expm1(log_w) - log_w, t_tail.exp()
+    else:
+        terms, mass = log_w.exp() * log_w - torch.expm1(log_w), s_tail.exp()
+    drawn = (~empty).sum(-1).clamp(min=1).to(terms.dtype)
+    return mass * terms.masked_fill(empty, 0.0).sum(-1) / drawn
 
 
 def _chunked(piece: Callable[[slice], Tensor], n: int, chunk_size: int | None) -> Tensor:

@@ -21,7 +21,7 @@ from vlsi_ray.method.losses import per_token_kl, verbalized_ce, verbalized_kl
 from vlsi_ray.method.matching import MatchingOptions, band_mask, match_layers
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
-from vlsi_ray.signals.teacher_signal import TeacherSignal
+from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
 
 #: Batch keys that are not model inputs.
 NON_INPUT_KEYS = ("ids", "labels", "tasks", "answers")
@@ -162,13 +162,21 @@ def teacher_signal(
     topk: int | None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    tail_samples: int = 0,
+    seed: int = 0,
 ) -> TeacherSignal:
     """The teacher's verbalized distributions for one batch (step 2's teacher side).
 
     Returns a signal with ``t_l + 1`` layers over the ``N`` response positions: one per teacher
     target layer (in ``verbalizers.layers`` order) and the final layer last; top-k + tail when
     ``topk`` is set, dense otherwise. ``vocab_size`` restricts logits to the shared vocab prefix.
+    ``tail_samples`` (top-k only) adds that many tail samples per token and layer, drawn by
+    :func:`tail_sample_generator` from ``seed`` and the batch's row ``ids``: the teacher actors
+    (:class:`vlsi_ray.actors.teacher.TeacherWorker`) call this very function, so they send the same
+    samples for the same batch.
     """
+    if tail_samples and "ids" not in batch:
+        raise KeyError("teacher_signal with tail_samples needs the batch's row 'ids' to seed the draw; collate it with ChatCollator.")
     vocab = vocab_size or teacher.vocab_size
     out = teacher.forward(model_inputs(batch))
     mask, _ = response_positions(batch["labels"])
@@ -178,7 +186,9 @@ def teacher_signal(
         head = verbalizers.head(layer, teacher.final_norm, teacher.lm_head)
         layers.append(head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab])
     layers.append(teacher.lm_head(at_positions(out.hidden_states[-1], mask, device))[..., :vocab])
-    return TeacherSignal.from_logits(torch.stack(layers).float(), topk, temperature)
+    logits = torch.stack(layers).float()
+    generator = tail_sample_generator(seed, batch["ids"], logits.device) if tail_samples else None
+    return TeacherSignal.from_logits(logits, topk, temperature, tail_samples, generator)
 
 
 class InteractionObjective:

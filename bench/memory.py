@@ -1,0 +1,344 @@
+"""Step-2 memory: the student's peak memory of the interaction loss + backward vs the number of candidates.
+
+    python bench/memory.py                         # vocabulary 152,064, 1,024 response tokens, C = 1 4 14 20
+    python bench/memory.py --student-layers 2      # t_s = 2: the band of each of 2 student layers has C entries
+    python bench/memory.py --candidates 1 20 --chunk-size 256
+
+One :class:`InteractionObjective` step (candidate KLs without grad over the matching band, then the
+chosen pairs and the last layer recomputed with grad, then ``loss.backward()``) on a real tiny
+Qwen2-VL student whose LM head has the real 152,064 rows, with LoRA and real verbalizers, against a
+synthetic top-64 + tail teacher signal with ``t_l = t_s + C - 1`` target layers, so that with the
+paper's search range every student target layer has exactly ``C`` candidate teacher layers.
+
+Each ``C`` runs in a fresh subprocess, so peaks do not mix. Peak = the highest resident set size
+during the step minus the resident set size just before it (models, batch and signal already
+built): the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``), checked
+against a thread sampling ``/proc/self/statm`` every millisecond. On a GPU (picked when CUDA is
+available, or with ``--device``) it is ``torch.cuda.max_memory_allocated`` over the allocated
+baseline. Goal: peak(C) <= 1.2 × peak(1) for every C.
+
+The table also gives the peak reached by the end of the candidate KLs and by the end of the loss
+forward (before ``backward``), and the number of candidate KLs the objective evaluated (calls of
+``per_token_kl`` in :mod:`vlsi_ray.method.steps`, divided by the chunks per layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vlsi_ray.env import set_offline_defaults  # noqa: E402
+
+set_offline_defaults()
+
+import torch  # noqa: E402
+
+from vlsi_ray.signals.teacher_signal import TeacherSignal  # noqa: E402
+
+MB = 1e6  # decimal megabytes, as the table prints them
+GOAL = 1.2  # peak(C) / peak(1) must stay at or below this
+FAMILY = "qwen2_vl"
+PROMPT_TOKENS = 16  # non-response tokens before the response
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def synthetic_signal(num_layers: int, num_tokens: int, vocab_size: int, k: int, generator: torch.Generator) -> TeacherSignal:
+    """A top-``k`` + tail teacher signal of ``num_layers`` layers at ``num_tokens`` tokens.
+
+    One layer comes from random peaked logits ``[1, N, V]`` through :meth:`TeacherSignal.from_logits`
+    (Gaussian logits plus a +10 peak at one random id per token, so the top 64 hold most of the
+    mass); layer ``j`` is that distribution with the vocabulary rotated by ``j·7919`` ids, i.e.
+    exactly ``from_logits`` of the rotated logits, without paying a ``[N, V]`` top-k per layer.
+    Returns ``topk_logprobs [L, N, k]``, ``topk_ids [L, N, k]``, ``tail_logmass [L, N]``.
+    """
+    logits = torch.randn(num_tokens, vocab_size, generator=generator)
+    peaks = torch.randint(vocab_size, (num_tokens,), generator=generator)
+    logits[torch.arange(num_tokens), peaks] += 10.0
+    base = TeacherSignal.from_logits(logits[None], k)
+    del logits
+    shifts = torch.arange(num_layers)[:, None, None] * 7919
+    return TeacherSignal(
+        topk_logprobs=base.topk_logprobs.expand(num_layers, -1, -1).clone(),
+        topk_ids=(base.topk_ids + shifts) % vocab_size,
+        tail_logmass=base.tail_logmass.expand(num_layers, -1).clone(),
+        vocab_size=vocab_size,
+    )
+
+
+def response_batch(num_response: int, prompt: int, token_ids: int, generator: torch.Generator) -> dict:
+    """One text-only row with exactly ``num_response`` response positions, as model inputs.
+
+    ``input_ids [1, T]`` (random ids below ``token_ids``), ``attention_mask [1, T]``,
+    ``mm_token_type_ids [1, T]`` (zeros: no image) and ``labels [1, T]`` (-100 on the ``prompt``
+    tokens), ``T = prompt + num_response``. Position ``t`` predicts ``labels[t + 1]``, so positions
+    ``prompt - 1 .. T - 2`` carry the loss: ``num_response`` of them.
+    """
+    length = prompt + num_response
+    input_ids = torch.randint(token_ids, (1, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :prompt] = -100
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones(1, length, dtype=torch.long),
+        "mm_token_type_ids": torch.zeros(1, length, dtype=torch.int),
+        "labels": labels,
+    }
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (``/proc/self/statm``, psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """Peak resident set size over a block, in bytes above the RSS at entry.
+
+    ``peak`` is the kernel's high-water mark (``VmHWM`` after a reset through ``/proc/self/clear_refs``)
+    when that works, else the sampled maximum; ``sampled`` is a 1 ms sampling thread's maximum (it can
+    miss a short spike, never overstate one). ``mark(name)`` records the peak so far under ``name``.
+    """
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.marks: dict[str, int] = {}
+
+    def _hwm(self) -> int | None:
+        kb = _status_kb("VmHWM") if self._reset_ok else None
+        return None if kb is None else kb * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, current_rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self._reset_ok = _status_kb("VmHWM") is not None
+        except OSError:
+            self._reset_ok = False
+        self.baseline = current_rss()
+        self._max = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def peak_so_far(self) -> int:
+        """Bytes above the baseline reached so far."""
+        hwm = self._hwm()
+        return (hwm if hwm is not None else max(self._max, current_rss())) - self.baseline
+
+    def mark(self, name: str) -> None:
+        """Record :meth:`peak_so_far` as ``marks[name]``."""
+        self.marks[name] = self.peak_so_far()
+
+    def __exit__(self, *exc) -> None:
+        self.peak = self.peak_so_far()
+        self._stop.set()
+        self._thread.join()
+        self.sampled = self._max - self.baseline
+        self.source = "VmHWM" if self._reset_ok else "sampled RSS"
+
+
+class PeakCUDA:
+    """Peak ``torch.cuda.max_memory_allocated`` over a block, in bytes above the allocation at entry."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: dict[str, int] = {}
+
+    def __enter__(self) -> PeakCUDA:
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def peak_so_far(self) -> int:
+        """Bytes above the baseline reached so far."""
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - self.baseline
+
+    def mark(self, name: str) -> None:
+        """Record :meth:`peak_so_far` as ``marks[name]``."""
+        self.marks[name] = self.peak_so_far()
+
+    def __exit__(self, *exc) -> None:
+        self.peak = self.sampled = self.peak_so_far()
+        self.source = "cuda max_memory_allocated"
+
+
+# ------------------------------------------------------------------------------------------ one C
+def measure(candidates: int, args: argparse.Namespace) -> dict:
+    """Build everything for ``candidates`` teacher layers per student layer, then measure one step.
+
+    Student: tiny Qwen2-VL LM (``args.hidden`` wide, ``t_s + 1`` blocks, target blocks ``1..t_s``)
+    with a ``[V, d]`` LM head, ``V = args.vocab``; LoRA; residual verbalizers. Teacher: a synthetic
+    signal with ``t_l + 1 = t_s + C`` layers over the batch's ``N = args.tokens`` response tokens.
+    Returns the peak (bytes above the pre-step baseline), the peak reached by the end of the
+    candidate KLs and by the end of the loss forward, the band sizes (candidates per student layer),
+    the candidate KLs the objective evaluated, and the step's wall time.
+    """
+    from vlsi_ray.data.synthetic import corpus_texts, generate_rows
+    from vlsi_ray.method import steps
+    from vlsi_ray.method.matching import MatchingOptions, band_mask
+    from vlsi_ray.models.qwen2_vl import build_tiny
+    from vlsi_ray.models.tokenizer import train_tokenizer
+    from vlsi_ray.models.verbalizer import Verbalizers
+
+    device = torch.device(args.device)
+    t_s = args.student_layers
+    t_l = t_s + candidates - 1
+    generator = torch.Generator().manual_seed(0)
+    tokenizer = train_tokenizer(corpus_texts(generate_rows("train", 8, seed=0)), FAMILY)
+    student = build_tiny(
+        "student", tokenizer, hidden_size=args.hidden, num_layers=t_s + 1, num_heads=4, intermediate_size=2 * args.hidden,
+        vision_embed_dim=32, vision_depth=1, vocab_size=args.vocab, seed=2,
+    )  # fmt: skip
+    student.model.to(device)
+    student.apply_lora(args.lora_rank, args.lora_rank)
+    torch.manual_seed(4)
+    verbalizers = Verbalizers(student.hidden_size, list(range(1, t_s + 1))).to(device)
+    batch = {k: v.to(device) for k, v in response_batch(args.tokens, PROMPT_TOKENS, len(tokenizer), generator).items()}
+    signal = synthetic_signal(t_l + 1, args.tokens, args.vocab, args.topk, generator).to(device)
+    options = MatchingOptions(search_range=True, order_preservation=True)
+    band = band_mask(t_s, t_l, options)
+    objective = steps.InteractionObjective(
+        student, verbalizers, lambda b: signal, options, torch.Generator().manual_seed(0), chunk_size=args.chunk_size
+    )
+
+    # Count the candidate KLs the objective evaluates (per chunk) and mark the peak when they end.
+    evaluated = [0]
+    kl = steps.per_token_kl
+
+    def counting_kl(*a, **kw):
+        evaluated[0] += 1
+        return kl(*a, **kw)
+
+    steps.per_token_kl = counting_kl
+    meter = PeakCUDA(device) if device.type == "cuda" else PeakRSS()
+    distances = objective._candidate_distances
+
+    def marked(*a, **kw):
+        out = distances(*a, **kw)
+        meter.mark("candidates")
+        return out
+
+    objective._candidate_distances = marked
+    started = time.perf_counter()
+    with meter:
+        out = objective(batch)
+        meter.mark("loss")
+        out.loss.backward()
+    seconds = time.perf_counter() - started
+    chunks = -(-args.tokens // args.chunk_size)
+    return {
+        "C": candidates,
+        "t_s": t_s,
+        "t_l": t_l,
+        "band": [int(n) for n in band.sum(1)],
+        "evaluated": evaluated[0] // chunks,
+        "peak": meter.peak,
+        "sampled": meter.sampled,
+        "candidates_peak": meter.marks.get("candidates"),
+        "loss_peak": meter.marks.get("loss"),
+        "source": meter.source,
+        "device": str(device),
+        "matched": out.metrics["matched"],
+        "seconds": seconds,
+    }
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _child_argv(candidates: int, args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable, str(Path(__file__).resolve()), "--child", str(candidates), "--tokens", str(args.tokens),
+        "--vocab", str(args.vocab), "--topk", str(args.topk), "--hidden", str(args.hidden),
+        "--student-layers", str(args.student_layers), "--chunk-size", str(args.chunk_size),
+        "--lora-rank", str(args.lora_rank), "--device", args.device,
+    ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 14, 20], help="teacher layers per student layer")
+    parser.add_argument("--tokens", type=int, default=1024, help="response tokens in the batch (N)")
+    parser.add_argument("--vocab", type=int, default=152_064, help="LM head rows (V)")
+    parser.add_argument("--topk", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=64, help="student width d")
+    parser.add_argument("--student-layers", type=int, default=1, help="student target layers t_s (each gets C candidates)")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="the objective's chunk_size (tokens per [chunk, V] logits)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child is not None:
+        print("RESULT " + json.dumps(measure(args.child, args)), flush=True)
+        return 0
+
+    dense = args.tokens * args.vocab * 4
+    print(f"vocabulary {args.vocab:,}, {args.tokens:,} response tokens, top-{args.topk} + tail signal, "
+          f"t_s = {args.student_layers} student target layers, chunk_size {args.chunk_size}, device {args.device}")
+    print(f"one dense [{args.tokens}, {args.vocab}] fp32 logits tensor: {dense / MB:.1f} MB")
+    results = []
+    for c in args.candidates:
+        proc = subprocess.run(_child_argv(c, args), check=False, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise SystemExit(f"the C={c} measurement failed (exit {proc.returncode}).")
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    base = next((r["peak"] for r in results if r["C"] == 1), results[0]["peak"])
+    base_c = next((r["C"] for r in results if r["peak"] == base), results[0]["C"])
+    print(f"peak = {results[0]['source']} above the pre-step baseline; MB = 10^6 bytes\n")
+    print(f"| C | t_l | candidates per student layer | candidate KLs evaluated | peak MB | peak ÷ dense | "
+          f"by end of candidate KLs MB | by end of loss forward MB | sampled MB | ratio vs C={base_c} | step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for r in results:
+        ratio = r["peak"] / base
+        worst = max(worst, ratio)
+        cand, fwd = ("-" if r[key] is None else f"{r[key] / MB:.0f}" for key in ("candidates_peak", "loss_peak"))
+        print(f"| {r['C']} | {r['t_l']} | {'/'.join(map(str, r['band']))} | {r['evaluated']} | {r['peak'] / MB:.0f} | "
+              f"{r['peak'] / dense:.2f} | {cand} | {fwd} | {r['sampled'] / MB:.0f} | {ratio:.2f} | {r['seconds']:.1f} |")
+    verdict = "MET" if worst <= GOAL else "MISSED"
+    print(f"\ngoal: peak <= {GOAL} x the C={base_c} peak for every C -> worst ratio {worst:.2f}: {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -143,6 +143,7 @@ class RayConfig:
     address: Optional[str] = None  # null: RAY_ADDRESS if set, else start a local Ray
     num_cpus: Optional[int] = None  # local Ray only: logical CPUs (null: the machine's)
     num_gpus: Optional[int] = None  # local Ray only: logical GPUs (fake ones test placement)
+    include_dashboard: bool = True  # local Ray only: the dashboard process (~15% of a core while it runs)
     logger: str = "wandb"  # wandb (offline unless WANDB_MODE says otherwise) | none
 
 

@@ -20,7 +20,7 @@ import torch
 from vlsi_ray.actors.client import TeacherClient
 from vlsi_ray.actors.student import StageSpec, train_student
 from vlsi_ray.actors.teacher import TeacherPool
-from vlsi_ray.config import RunConfig, to_yaml
+from vlsi_ray.config import EVAL_MODELS, RunConfig, to_yaml
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.method.steps import SFT_GROUPS
@@ -61,7 +61,8 @@ def connect(cfg: RunConfig) -> str:
         return "the Ray cluster running on this machine"
     except ConnectionError:
         pass
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, runtime_env={"env_vars": ray_env()})
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
+             runtime_env={"env_vars": ray_env()})
     return "local Ray"
 
 
@@ -81,6 +82,8 @@ class RayRun(Run):
         self.cfg_yaml = to_yaml(cfg)
         self.dir = self.dir.resolve()
         self._split = None
+        self._evals: dict[str, object] = {}  # model name -> ObjectRef of its evaluation
+        self._test_rows = None
         self._split_lock = threading.Lock()  # the teacher's and the student's pretraining start together
         self.use_gpu = cfg.train.use_gpu
         if self.use_gpu is None:
@@ -145,21 +148,29 @@ class RayRun(Run):
         spec = self.spec(stage, "sft", stage, init, self.cfg.seed + PRETRAIN_SEED_OFFSET[role], model_out=str(target))
         return self.fit(spec)
 
-    def evaluate(self, named_dirs: dict[str, Path]) -> dict[str, dict]:
-        """Test accuracy of each checkpoint in ``eval_models``, evaluated concurrently as Ray tasks."""
+    def evaluate(self, named_dirs: dict[str, Path]) -> None:
+        """Start the test-accuracy pass of each checkpoint in ``eval_models`` as a Ray task and return at
+        once: the passes run while later stages train; :meth:`accuracy` collects them."""
         import ray
 
         named_dirs = {name: path for name, path in named_dirs.items() if name in self.cfg.eval_models}
         if not named_dirs:
-            return {}
-
-        rows = ray.put(self.test_rows())
+            return
+        if self._test_rows is None:
+            self._test_rows = ray.put(self.test_rows())
         res = self.cfg.train.resources_per_worker
         task = ray.remote(_evaluate_checkpoint).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
-        refs = {name: task.remote(str(path), self.cfg_yaml, rows) for name, path in named_dirs.items()}
-        results = {name: ray.get(ref) for name, ref in refs.items()}
-        for name, r in results.items():
-            print(f"[eval] {name}: {100 * r['overall']:.1f}% on {r['n']} test questions", flush=True)
+        for name, path in named_dirs.items():
+            self._evals[name] = task.remote(str(path), self.cfg_yaml, self._test_rows)
+
+    def accuracy(self) -> dict[str, dict]:
+        """Wait for every evaluation started by :meth:`evaluate`; return the results by model name."""
+        import ray
+
+        results = {}
+        for name in sorted(self._evals, key=EVAL_MODELS.index):  # the report's order
+            results[name] = ray.get(self._evals[name])
+            print(f"[eval] {name}: {100 * results[name]['overall']:.1f}% on {results[name]['n']} test questions", flush=True)
         return results
 
 
@@ -206,16 +217,16 @@ def run_ray(cfg: RunConfig) -> dict:
 
     # The teacher's pretraining and the student's chain (its pretraining, then the SFT-only
     # baseline) do not depend on each other: they run at the same time, each on its own worker.
+    # Evaluations start as soon as their checkpoint exists and run beside the stages that follow.
     with ThreadPoolExecutor(max_workers=1) as background:
         teacher_future = background.submit(run.pretrained, "teacher", "pretrain_teacher")
         student_base_dir = run.pretrained("student", "pretrain_student")
-        baseline_dir = sft_stage("baseline_sft", student_base_dir) if cfg.baseline_sft and "sft" in cfg.steps else None
+        run.evaluate({"student_base": student_base_dir})
+        if cfg.baseline_sft and "sft" in cfg.steps:
+            run.evaluate({"student_sft_only": sft_stage("baseline_sft", student_base_dir)})
         teacher_dir = teacher_future.result()
     vocab = check_pair_paths(teacher_dir, student_base_dir)
-    models = {"teacher": teacher_dir, "student_base": student_base_dir}
-    if baseline_dir is not None:
-        models["student_sft_only"] = baseline_dir
-    results = run.evaluate(models)
+    run.evaluate({"teacher": teacher_dir})
 
     # Step 1: the teacher's verb-FFNs train in a teacher actor while the student's train on Ray Train.
     step1 = run.stage_dir("verbalize")
@@ -260,12 +271,13 @@ def run_ray(cfg: RunConfig) -> dict:
             finally:
                 pool.shutdown()
             run.finish("interact", history, t0)
-        results.update(run.evaluate({"vlsi_without_sft": step2 / "student"}))
+        run.evaluate({"vlsi_without_sft": step2 / "student"})
 
     if "sft" in cfg.steps:
         source = step2 / "student" if (step2 / STAGE_FILE).is_file() else student_base_dir
-        results.update(run.evaluate({"vlsi": sft_stage("sft", source)}))
+        run.evaluate({"vlsi": sft_stage("sft", source)})
 
+    results = run.accuracy()
     report = {"run": cfg.name, "runner": "ray", "seconds": round(time.perf_counter() - started, 1), "accuracy": results,
               "skipped_rows": {k: v.skipped for k, v in run.splits.stats.items()}}
     write_report(run.dir, report)

@@ -241,6 +241,7 @@ class RunConfig:
     baseline_sft: bool = True  # also train the student by SFT alone (same data/steps) for the report
     teacher_cache_dir: Optional[str] = None  # reuse a pretrained tiny teacher across runs
     eval_batch_size: int = 32
+    eval_tasks: int = 1  # Ray runner: each model's test pass is split over this many Ray tasks (tiny.yaml: 2 cores, 2)
     # Models whose test accuracy goes in the report (each is a full pass over the test split; at
     # 72B the teacher's pass is the expensive one).
     eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS))
@@ -343,6 +344,8 @@ def validate(cfg: RunConfig) -> None:
             f"the student has {t_s} target layers but the teacher only {t_l} (t_s > t_l); "
             "give student.targets fewer layers or teacher.targets more."
         )
+    if cfg.eval_tasks < 1:
+        raise ConfigError(f"eval_tasks={cfg.eval_tasks} must be at least 1 (Ray tasks per model's test pass).")
     if cfg.data.sort_in_memory_mb < 0:
         raise ConfigError(f"data.sort_in_memory_mb={cfg.data.sort_in_memory_mb} must be 0 (always the distributed sort) or more.")
     if cfg.loss.kd_temperature <= 0:

@@ -82,8 +82,8 @@ class RayRun(Run):
         self.cfg_yaml = to_yaml(cfg)
         self.dir = self.dir.resolve()
         self._split = None
-        self._evals: dict[str, object] = {}  # model name -> ObjectRef of its evaluation
-        self._test_rows = None
+        self._evals: dict[str, list] = {}  # model name -> ObjectRefs of its test pass, one per slice
+        self._test_slices = None
         self._split_lock = threading.Lock()  # the teacher's and the student's pretraining start together
         self.use_gpu = cfg.train.use_gpu
         if self.use_gpu is None:
@@ -149,27 +149,32 @@ class RayRun(Run):
         return self.fit(spec)
 
     def evaluate(self, named_dirs: dict[str, Path]) -> None:
-        """Start the test-accuracy pass of each checkpoint in ``eval_models`` as a Ray task and return at
-        once: the passes run while later stages train; :meth:`accuracy` collects them."""
+        """Start the test pass of each checkpoint in ``eval_models`` as ``eval_tasks`` Ray tasks (one slice
+        of the test split each) and return at once: the passes run while later stages train;
+        :meth:`accuracy` collects them."""
         import ray
 
         named_dirs = {name: path for name, path in named_dirs.items() if name in self.cfg.eval_models}
         if not named_dirs:
             return
-        if self._test_rows is None:
-            self._test_rows = ray.put(self.test_rows())
+        if self._test_slices is None:
+            rows, n = self.test_rows(), self.cfg.eval_tasks
+            self._test_slices = [ray.put(rows[i * len(rows) // n:(i + 1) * len(rows) // n]) for i in range(n)]
         res = self.cfg.train.resources_per_worker
-        task = ray.remote(_evaluate_checkpoint).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
+        task = ray.remote(_predict_letters).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
         for name, path in named_dirs.items():
-            self._evals[name] = task.remote(str(path), self.cfg_yaml, self._test_rows)
+            self._evals[name] = [task.remote(str(path), self.cfg_yaml, rows) for rows in self._test_slices]
 
     def accuracy(self) -> dict[str, dict]:
-        """Wait for every evaluation started by :meth:`evaluate`; return the results by model name."""
+        """Wait for every test pass started by :meth:`evaluate`; return the accuracies by model name."""
         import ray
 
-        results = {}
+        from vlsi_ray.eval.accuracy import accuracy_report
+
+        rows, results = self.test_rows(), {}
         for name in sorted(self._evals, key=EVAL_MODELS.index):  # the report's order
-            results[name] = ray.get(self._evals[name])
+            predictions = [letter for part in ray.get(self._evals[name]) for letter in part]
+            results[name] = accuracy_report(rows, predictions)
             print(f"[eval] {name}: {100 * results[name]['overall']:.1f}% on {results[name]['n']} test questions", flush=True)
         return results
 
@@ -182,17 +187,18 @@ def _last_run(history: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _evaluate_checkpoint(model_dir: str, cfg_yaml: str, rows: list[dict]) -> dict:
+def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict]) -> list[str]:
+    """The option letter the checkpoint at ``model_dir`` picks for each of ``rows`` (a Ray task)."""
     from vlsi_ray.config import config_from_yaml
     from vlsi_ray.env import set_offline_defaults
-    from vlsi_ray.eval.accuracy import evaluate
+    from vlsi_ray.eval.accuracy import letter_token_ids, predict_letters
     from vlsi_ray.prepare import make_collator, resolve_device
 
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
     backbone = Backbone.from_pretrained(model_dir, device=device)
-    return evaluate(backbone, rows, make_collator(backbone, cfg), cfg.eval_batch_size, device)
+    return predict_letters(backbone, rows, make_collator(backbone, cfg), letter_token_ids(backbone.tokenizer), cfg.eval_batch_size, device)
 
 
 def run_ray(cfg: RunConfig) -> dict:

@@ -14,6 +14,7 @@ from vlsi_ray.data.synthetic import generate_rows
 from vlsi_ray.method.losses import verbalized_kl
 from vlsi_ray.method.steps import response_positions, teacher_signal
 from vlsi_ray.models.backbone import Backbone
+from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import make_collator, new_verbalizers
 
 from tiny_config import make_tiny_overrides
@@ -54,8 +55,6 @@ def test_worker_signal_equals_in_process_teacher_signal(teacher_dirs):
     worker = TeacherWorker(str(model_dir), str(verb_dir), topk=None, storage="float32", device="cpu")
     out = worker.signal(encode_batch(batches[0]))
     assert out["ids"] == batches[0]["ids"] and float(out["seconds"]) > 0
-    from vlsi_ray.models.verbalizer import Verbalizers
-
     reference = teacher_signal(Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir), batches[0], None)
     assert out["logprobs"].dtype == np.float32
     np.testing.assert_array_equal(out["logprobs"], reference.logprobs.numpy())
@@ -127,3 +126,49 @@ def test_teacher_and_student_get_different_fake_gpus(local_ray, teacher_dirs):
         assert pool.infos[0]["device"] == "cpu"  # fake GPUs: CUDA itself is not there
     finally:
         pool.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ tail samples
+def test_worker_and_in_process_teacher_send_the_same_samples(teacher_dirs):
+    """The Ray runner's teacher actor and the in-process runner build the same signal, samples included;
+    a fresh worker (what Ray restarts) repeats them; another batch or seed draws others."""
+
+    model_dir, verb_dir, batches = teacher_dirs
+    teacher, verbs = Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir)
+    reference = teacher_signal(teacher, verbs, batches[0], 8, tail_samples=5, seed=11)
+    assert reference.tail_samples == 5 and reference.num_layers == len(verbs.layers) + 1
+
+    def answer(worker, batch):
+        return {k: v for k, v in worker.signal(encode_batch(batch)).items() if k not in ("ids", "seconds")}
+
+    worker = TeacherWorker(str(model_dir), str(verb_dir), topk=8, storage="float32", device="cpu", tail_samples=5, seed=11)
+    out = answer(worker, batches[0])
+    np.testing.assert_array_equal(out["tail_sample_ids"], reference.tail_sample_ids.numpy())
+    np.testing.assert_array_equal(out["tail_sample_logprobs"], reference.tail_sample_logprobs.numpy())
+    np.testing.assert_array_equal(out["topk_ids"], reference.topk_ids.numpy())
+    answer(worker, batches[1])  # other requests in between change nothing
+    restarted = TeacherWorker(str(model_dir), str(verb_dir), topk=8, storage="float32", device="cpu", tail_samples=5, seed=11)
+    for again in (answer(worker, batches[0]), answer(restarted, batches[0])):
+        assert again.keys() == out.keys()
+        for key in out:
+            np.testing.assert_array_equal(again[key], out[key])
+    # Another seed, or the same rows under other ids (the same logits), draw other samples.
+    renamed = dict(batches[0], ids=[f"{i}-copy" for i in batches[0]["ids"]])
+    for other in (teacher_signal(teacher, verbs, batches[0], 8, tail_samples=5, seed=12),
+                  teacher_signal(teacher, verbs, renamed, 8, tail_samples=5, seed=11)):
+        assert torch.equal(other.topk_ids, reference.topk_ids)
+        assert not torch.equal(other.tail_sample_ids, reference.tail_sample_ids)
+    # Without samples the worker sends exactly what it sent before: no sample arrays.
+    plain = answer(TeacherWorker(str(model_dir), str(verb_dir), topk=8, storage="float32", device="cpu"), batches[0])
+    assert sorted(plain) == ["tail_logmass", "temperature", "topk_ids", "topk_logprobs", "vocab_size"]
+    np.testing.assert_array_equal(plain["topk_logprobs"], out["topk_logprobs"])
+
+
+def test_teacher_signal_with_samples_needs_row_ids(teacher_dirs):
+
+    model_dir, verb_dir, batches = teacher_dirs
+    batch = {k: v for k, v in batches[0].items() if k != "ids"}
+    teacher, verbs = Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir)
+    with pytest.raises(KeyError, match="row 'ids'"):
+        teacher_signal(teacher, verbs, batch, 8, tail_samples=2)
+    assert teacher_signal(teacher, verbs, batch, 8).tail_samples == 0  # without samples ids are not needed

@@ -146,17 +146,17 @@ def test_ray_data_validation_drops_the_same_rows_as_the_reader(tmp_path, rows):
     """The Ray Data path (ValidRows in map_batches) keeps exactly what read_rows keeps, or raises."""
     import pyarrow as pa
 
-    from vlsi_ray.data.ray_dataset import ValidRows
+    from vlsi_ray.data.ray_dataset import EpochRows, ValidRows
 
     good, bad = corrupt(rows)
     mixed = good[:3] + list(bad.values()) + good[3:]
     write_shards(mixed, tmp_path, "train", rows_per_shard=20)
     table = pq.read_table(tmp_path / "train-00000.parquet")
-    kept = ValidRows([], "skip")(table)
+    kept = ValidRows("skip")(table)
     assert kept.column("id").to_pylist() == [r["id"] for r in read_rows(tmp_path, "train")[0]]
     assert kept.schema == table.schema
-    tasks = {good[0]["task"]}
-    assert set(ValidRows(sorted(tasks), "skip")(table).column("task").to_pylist()) == tasks
+    tasks = {good[0]["task"]}  # a stage's tasks are picked when its epochs are laid out
+    assert set(EpochRows(0, [2**63 - 1], 1, sorted(tasks))(kept).column("task").to_pylist()) == tasks
     with pytest.raises(CorruptRowError, match="'truncated-png'"):
-        ValidRows([], "raise")(table)
+        ValidRows("raise")(table)
     assert isinstance(kept, pa.Table)

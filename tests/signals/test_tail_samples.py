@@ -10,7 +10,6 @@ import torch
 from vlsi_ray.config import ConfigError, load_config
 from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
 
-from tiny_config import make_tiny_overrides
 
 V, K = 50, 5
 
@@ -156,77 +155,3 @@ def test_config_tail_samples_default_and_validation():
         load_config(None, ["signal.tail_samples=-1"])
     with pytest.raises(ConfigError, match=r"signal\.tail_samples=4 needs a top-k signal"):
         load_config(None, ["signal.tail_samples=4", "signal.topk=null"])
-
-
-# ------------------------------------------------------------------------------------------ teacher side
-@pytest.fixture(scope="module")
-def teacher_dirs(tmp_path_factory, one_thread):
-    """A tiny teacher with non-zero verbalizers saved to disk, and three collated batches of 4 rows."""
-    from vlsi_ray.data.synthetic import corpus_texts, generate_rows
-    from vlsi_ray.models.qwen2_vl import build_tiny
-    from vlsi_ray.models.tokenizer import train_tokenizer
-    from vlsi_ray.prepare import make_collator, new_verbalizers
-
-    tmp = tmp_path_factory.mktemp("tail_teacher")
-    cfg = load_config(None, make_tiny_overrides(tmp, "tail") + ["verbalizer.zero_init=false"])
-    rows = generate_rows("train", 12, seed=0)
-    tok = train_tokenizer(corpus_texts(rows), "qwen2_vl")
-    teacher = build_tiny("teacher", tok, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
-                         vision_embed_dim=32, vision_depth=1, seed=1)
-    teacher.save_pretrained(tmp / "teacher")
-    new_verbalizers(cfg, "teacher", teacher, seed=3).save(tmp / "verbs")
-    collate = make_collator(teacher, cfg)
-    return tmp / "teacher", tmp / "verbs", [collate(rows[i : i + 4]) for i in range(0, 12, 4)]
-
-
-def test_worker_and_in_process_teacher_send_the_same_samples(teacher_dirs):
-    """The Ray runner's teacher actor and the in-process runner build the same signal, samples included;
-    a fresh worker (what Ray restarts) repeats them; another batch or seed draws others."""
-    from vlsi_ray.actors.teacher import TeacherWorker
-    from vlsi_ray.actors.wire import encode_batch
-    from vlsi_ray.method.steps import teacher_signal
-    from vlsi_ray.models.backbone import Backbone
-    from vlsi_ray.models.verbalizer import Verbalizers
-
-    model_dir, verb_dir, batches = teacher_dirs
-    teacher, verbs = Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir)
-    reference = teacher_signal(teacher, verbs, batches[0], 8, tail_samples=5, seed=11)
-    assert reference.tail_samples == 5 and reference.num_layers == len(verbs.layers) + 1
-
-    def answer(worker, batch):
-        return {k: v for k, v in worker.signal(encode_batch(batch)).items() if k not in ("ids", "seconds")}
-
-    worker = TeacherWorker(str(model_dir), str(verb_dir), topk=8, storage="float32", device="cpu", tail_samples=5, seed=11)
-    out = answer(worker, batches[0])
-    np.testing.assert_array_equal(out["tail_sample_ids"], reference.tail_sample_ids.numpy())
-    np.testing.assert_array_equal(out["tail_sample_logprobs"], reference.tail_sample_logprobs.numpy())
-    np.testing.assert_array_equal(out["topk_ids"], reference.topk_ids.numpy())
-    answer(worker, batches[1])  # other requests in between change nothing
-    restarted = TeacherWorker(str(model_dir), str(verb_dir), topk=8, storage="float32", device="cpu", tail_samples=5, seed=11)
-    for again in (answer(worker, batches[0]), answer(restarted, batches[0])):
-        assert again.keys() == out.keys()
-        for key in out:
-            np.testing.assert_array_equal(again[key], out[key])
-    # Another seed, or the same rows under other ids (the same logits), draw other samples.
-    renamed = dict(batches[0], ids=[f"{i}-copy" for i in batches[0]["ids"]])
-    for other in (teacher_signal(teacher, verbs, batches[0], 8, tail_samples=5, seed=12),
-                  teacher_signal(teacher, verbs, renamed, 8, tail_samples=5, seed=11)):
-        assert torch.equal(other.topk_ids, reference.topk_ids)
-        assert not torch.equal(other.tail_sample_ids, reference.tail_sample_ids)
-    # Without samples the worker sends exactly what it sent before: no sample arrays.
-    plain = answer(TeacherWorker(str(model_dir), str(verb_dir), topk=8, storage="float32", device="cpu"), batches[0])
-    assert sorted(plain) == ["tail_logmass", "temperature", "topk_ids", "topk_logprobs", "vocab_size"]
-    np.testing.assert_array_equal(plain["topk_logprobs"], out["topk_logprobs"])
-
-
-def test_teacher_signal_with_samples_needs_row_ids(teacher_dirs):
-    from vlsi_ray.method.steps import teacher_signal
-    from vlsi_ray.models.backbone import Backbone
-    from vlsi_ray.models.verbalizer import Verbalizers
-
-    model_dir, verb_dir, batches = teacher_dirs
-    batch = {k: v for k, v in batches[0].items() if k != "ids"}
-    teacher, verbs = Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir)
-    with pytest.raises(KeyError, match="row 'ids'"):
-        teacher_signal(teacher, verbs, batch, 8, tail_samples=2)
-    assert teacher_signal(teacher, verbs, batch, 8).tail_samples == 0  # without samples ids are not needed

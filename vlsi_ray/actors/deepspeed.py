@@ -68,6 +68,11 @@ class DeepSpeedStepper:
             model=self.container, optimizer=optimizer, config=deepspeed_config(opt, stage)
         )
 
+    @property
+    def needs_every_rank_state(self) -> bool:
+        """ZeRO-2 re-partitions the optimizer shards of every rank on load; ZeRO-3 reads its own."""
+        return self.stage == 2
+
     def wrap(self, objective: Callable) -> Callable:
         """``objective`` run as the engine's forward: ``batch -> StepOutput``."""
         from vlsi_ray.method.steps import StepOutput

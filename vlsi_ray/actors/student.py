@@ -164,8 +164,7 @@ def train_student(config: dict) -> None:
     if checkpoint is not None:
         world = ctx.get_world_size()
         with checkpoint.as_directory() as d:
-            # ZeRO-2 re-partitions every rank's optimizer shard; otherwise a rank reads only its own file.
-            wanted = range(world) if getattr(stepper, "stage", 0) == 2 else [rank]
+            wanted = range(world) if stepper.needs_every_rank_state else [rank]
             states: list = [None] * world
             for r in wanted:
                 path = Path(d) / STATE_FILE.format(rank=r)

@@ -27,14 +27,14 @@ BUCKET_COLUMN = "_bucket"
 
 
 class ValidRows:
-    """``map_batches`` function: keep rows of ``tasks`` that :func:`validate_row` accepts.
+    """``map_batches`` function: keep the rows that :func:`validate_row` accepts.
 
     A corrupt row is dropped (``on_error="skip"``; the driver counts them when it reads the
-    splits) or raises :class:`CorruptRowError` naming the row (``"raise"``).
+    splits) or raises :class:`CorruptRowError` naming the row (``"raise"``). Each stage picks its
+    tasks later (:class:`EpochRows`).
     """
 
-    def __init__(self, tasks: Sequence[str], on_error: str):
-        self.tasks = set(tasks)
+    def __init__(self, on_error: str):
         self.on_error = on_error
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -43,7 +43,7 @@ class ValidRows:
             problem = validate_row(row)
             if problem is not None and self.on_error == "raise":
                 raise CorruptRowError(f"Row {row.get('id')!r} is corrupt ({problem}); {SKIP_HINT}.")
-            keep.append(problem is None and (not self.tasks or row["task"] in self.tasks))
+            keep.append(problem is None)
         return table.filter(pa.array(keep, type=pa.bool_()))
 
 
@@ -96,7 +96,7 @@ def train_split(data_dir: str | Path, on_error: str, sort_in_memory_mb: float) -
     files = [str(f) for f in shard_files(data_dir, "train")]
     in_memory = sum(os.path.getsize(f) for f in files) <= sort_in_memory_mb * 2**20
     with _footer_readers(files):
-        dataset = ray.data.read_parquet(files).map_batches(ValidRows((), on_error), batch_format="pyarrow")
+        dataset = ray.data.read_parquet(files).map_batches(ValidRows(on_error), batch_format="pyarrow")
     return TrainSplit(dataset.materialize() if in_memory else dataset, in_memory, len(files))
 
 

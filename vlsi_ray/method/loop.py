@@ -10,7 +10,6 @@ batches and a stage is reproducible from its seed alone.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import math
 import time
@@ -99,6 +98,9 @@ class Stepper:
     ``torch.distributed`` is initialised with more than one rank (Ray Train workers without
     DeepSpeed), gradients are all-reduced (mean) before clipping, i.e. plain data parallelism.
     """
+
+    #: Whether :meth:`load_rank_states` needs every rank's saved state, not only this rank's.
+    needs_every_rank_state = False
 
     def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig):
         self.parameters = list(parameters)

@@ -124,8 +124,8 @@ class TeacherSignal:
 
         ``tail_samples = m > 0`` (top-k only) also draws ``m`` ids per token with replacement from
         the teacher's distribution renormalized over the tail (``generator`` seeds the draw; it must
-        live on the logits' device: training uses :func:`tail_sample_generator`) and keeps them with their log-probs: ``tail_sample_ids`` and
-        ``tail_sample_logprobs [L, N, m]``. Tokens whose tail has no mass get empty draws (id 0,
+        live on the logits' device: training uses :func:`tail_sample_generator`) and keeps them
+        with their log-probs: ``tail_sample_ids`` and ``tail_sample_logprobs [L, N, m]``. Tokens whose tail has no mass get empty draws (id 0,
         log-prob ``-inf``); with ``k >= V`` no samples are kept, so the signal stays exact.
         """
         if logits.dim() != 3:

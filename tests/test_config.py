@@ -64,6 +64,8 @@ def test_overrides_apply():
         (["student.targets.layers=[1,1]"], ["student.targets.layers", "repeats"]),
         (["teacher.targets.layers=[1,2]"], ["t_s > t_l"]),
         (["matching.search_range=false"], ["matching.order_preservation"]),
+        (["loss.intermediate=l2"], ["loss.intermediate", "kl"]),
+        (["loss.intermediate=none", "loss.last_layer=none"], ["without a loss"]),
         (["steps=[verbalise]"], ["steps", "verbalise"]),
         (["student.family=llava_onevision"], ["same family"]),
         (["stages.sft.min_lr=1.0"], ["stages.sft"]),

@@ -85,6 +85,7 @@ class LossConfig:
     direction: str = "forward"  # forward = KL(teacher || student) | reverse
     kd_temperature: float = 1.0
     last_layer: str = "kl"  # kl | ce | none
+    intermediate: str = "kl"  # verbalized layers: kl (to the matched teacher layers) | ce (ground truth) | none
     chunk_size: int = 1024  # response tokens per chunk of vocab-sized logits
 
 
@@ -274,6 +275,7 @@ _CHOICES = {
     "ray.logger": ("wandb", "none"),
     "loss.direction": ("forward", "reverse"),
     "loss.last_layer": ("kl", "ce", "none"),
+    "loss.intermediate": ("kl", "ce", "none"),
     "data.on_error": ("skip", "raise"),
 }
 
@@ -350,6 +352,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.sort_in_memory_mb={cfg.data.sort_in_memory_mb} must be 0 (always the distributed sort) or more.")
     if cfg.loss.kd_temperature <= 0:
         raise ConfigError(f"loss.kd_temperature={cfg.loss.kd_temperature} must be positive.")
+    if cfg.loss.intermediate == "none" and cfg.loss.last_layer == "none":
+        raise ConfigError("loss.intermediate=none with loss.last_layer=none leaves step 2 without a loss; set one of them to kl or ce.")
     if cfg.loss.chunk_size < 1:
         raise ConfigError(f"loss.chunk_size={cfg.loss.chunk_size} must be at least 1.")
     if cfg.signal.topk is not None and cfg.signal.topk < 1:

@@ -219,7 +219,7 @@ def run_local(cfg: RunConfig) -> dict:
             lambda batch: teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
                                          tail_samples=cfg.signal.tail_samples, seed=cfg.seed + SEED_OFFSET["interact"]),
             cfg.matching, generator, cfg.loss.direction, cfg.loss.kd_temperature,
-            cfg.loss.last_layer, cfg.loss.chunk_size, vocab,
+            cfg.loss.last_layer, cfg.loss.chunk_size, vocab, intermediate=cfg.loss.intermediate,
         )
         history = run.train("interact", objective, [student.model, s_verbs], seed_offset=SEED_OFFSET["interact"])
         student.merge_lora()

@@ -328,6 +328,49 @@ def test_interaction_loss_matches_a_hand_reference(setup):
     assert all(p.grad is not None for p in s_verbs.parameters())
 
 
+@pytest.mark.parametrize("intermediate", ["ce", "none"])
+def test_interaction_ablation_losses_match_a_hand_reference(setup, intermediate):
+    """Table 4(d)/(b)'s step-2 variants: ground-truth CE on the student's verbalized layers, or none."""
+    teacher, student, _, _, batch = setup
+    vocab = teacher.vocab_size
+    t_verbs = _verbalizers(teacher, TEACHER_LAYERS, seed=5, zero_init=False)
+    s_verbs = _verbalizers(student, STUDENT_LAYERS, seed=6, zero_init=False)
+    student.apply_lora(LORA_RANK, LORA_RANK)
+    objective = InteractionObjective(
+        student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, None, vocab_size=vocab),
+        MatchingOptions(), torch.Generator().manual_seed(0), vocab_size=vocab, intermediate=intermediate,
+    )
+    out = objective(batch)
+    last = _reference_loss(teacher, student, t_verbs, s_verbs, batch, [], vocab)  # the last-layer KL alone
+    with torch.no_grad():
+        mask, targets = response_positions(batch["labels"])
+        hidden = student.forward(model_inputs(batch)).hidden_states
+        ce = {
+            layer: torch.nn.functional.cross_entropy(
+                s_verbs.head(layer, student.final_norm, student.lm_head)(hidden[layer][mask]).double(), targets
+            ).item()
+            for layer in STUDENT_LAYERS
+        }
+    assert "matched" not in out.metrics  # no matching without intermediate KL
+    assert not any(key.startswith("kl/") and key != "kl/last" for key in out.metrics)
+    if intermediate == "ce":
+        assert min(ce.values()) > 1.0  # random heads: a real CE, not a vacuous zero
+        for layer in STUDENT_LAYERS:
+            assert out.metrics[f"ce/{layer}"] == pytest.approx(ce[layer], rel=1e-5)
+        expected = last + sum(ce.values())
+    else:
+        expected = last
+    assert out.metrics["kl/last"] == pytest.approx(last, rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_interaction_rejects_an_unknown_intermediate_loss(setup):
+    _, student, _, s_verbs, _ = setup
+    student.apply_lora(LORA_RANK, LORA_RANK)
+    with pytest.raises(ValueError, match="intermediate must be one of"):
+        InteractionObjective(student, s_verbs, lambda b: None, MatchingOptions(), torch.Generator(), intermediate="l2")
+
+
 @pytest.mark.parametrize("strategy", ["uniform", "multinomial"])
 def test_interaction_loss_is_zero_for_identical_teacher_and_student(setup, strategy):
     _, student, _, s_verbs, batch = setup

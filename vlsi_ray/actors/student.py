@@ -76,6 +76,7 @@ class StageObjective:
             self.objective = InteractionObjective(
                 backbone, self.verbalizers, spec.teacher, cfg.matching, self.generator, cfg.loss.direction,
                 cfg.loss.kd_temperature, cfg.loss.last_layer, cfg.loss.chunk_size, spec.vocab,
+                intermediate=cfg.loss.intermediate,
             )
         else:
             raise ValueError(f"unknown stage kind {spec.kind!r}; use sft, verbalize or interact.")

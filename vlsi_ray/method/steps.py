@@ -27,6 +27,9 @@ from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
 NON_INPUT_KEYS = ("ids", "labels", "tasks", "answers")
 #: Parameter groups fine-tuned in step 3 ("the LLM fully"; the vision tower stays as distilled).
 SFT_GROUPS = ("embeddings", "language", "head", "projector")
+#: Step 2's loss on the student's verbalized layers: KL to the matched teacher layers (paper),
+#: cross-entropy on the ground truth, or none (final-layer-only KD): Table 4(b)/(d)'s ablations.
+INTERMEDIATE_LOSSES = ("kl", "ce", "none")
 
 
 @dataclass
@@ -197,7 +200,8 @@ class InteractionObjective:
     ``teacher`` maps a batch to its :class:`TeacherSignal` (``t_l`` target layers + final). The
     student trains through LoRA (applied by the caller) plus its verb-FFNs; heads and vision frozen.
     Candidate KLs are computed without grad over the matching band; only the chosen pairs are
-    recomputed with grad, so memory does not grow with the number of candidates.
+    recomputed with grad, so memory does not grow with the number of candidates. ``intermediate``
+    (:data:`INTERMEDIATE_LOSSES`) and ``last_layer`` (``kl`` | ``ce`` | ``none``) pick the two terms.
     """
 
     def __init__(
@@ -212,7 +216,10 @@ class InteractionObjective:
         last_layer: str = "kl",
         chunk_size: int = 1024,
         vocab_size: int | None = None,
+        intermediate: str = "kl",
     ):
+        if intermediate not in INTERMEDIATE_LOSSES:
+            raise ValueError(f"intermediate must be one of {INTERMEDIATE_LOSSES}, got {intermediate!r}.")
         self.student = student
         self.verbalizers = verbalizers
         self.teacher = teacher
@@ -221,6 +228,7 @@ class InteractionObjective:
         self.direction = direction
         self.kd_temperature = kd_temperature
         self.last_layer = last_layer
+        self.intermediate = intermediate
         self.chunk_size = chunk_size
         self.vocab = vocab_size or student.vocab_size
         if not student.lora_active:
@@ -278,16 +286,23 @@ class InteractionObjective:
                 f"teacher signal covers {signal.num_tokens} response tokens but the student batch has "
                 f"{targets.numel()}; teacher and student must see the same collated batch."
             )
-        distances = self._candidate_distances(hidden, heads, signal) if self.options.uses_distances else torch.zeros(t_s, t_l)
-        match = match_layers(distances, self.options, self.generator)
         loss = torch.zeros((), device=targets.device)
         metrics: dict = {}
-        for i, (indices, weights) in enumerate(zip(match.indices, match.weights)):
-            term = sum(w * self._kl(hidden[i], heads[i], signal.layer(j)) for j, w in zip(indices, weights))
-            metrics[f"kl/{layers[i]}"] = term.item()
-            loss = loss + term
-        # Matched teacher target layers (0-based positions in the teacher's target list) per student target layer: Fig. 5's data.
-        metrics["matched"] = [[int(j) for j in indices] for indices in match.indices]
+        if self.intermediate == "kl":
+            uses_distances = self.options.uses_distances
+            distances = self._candidate_distances(hidden, heads, signal) if uses_distances else torch.zeros(t_s, t_l)
+            match = match_layers(distances, self.options, self.generator)
+            for i, (indices, weights) in enumerate(zip(match.indices, match.weights)):
+                term = sum(w * self._kl(hidden[i], heads[i], signal.layer(j)) for j, w in zip(indices, weights))
+                metrics[f"kl/{layers[i]}"] = term.item()
+                loss = loss + term
+            # Matched teacher target layers (0-based positions in the teacher's target list) per student target layer: Fig. 5's data.
+            metrics["matched"] = [[int(j) for j in indices] for indices in match.indices]
+        elif self.intermediate == "ce":  # Table 4(d)'s ablation: ground truth instead of the teacher's layers
+            for i, layer in enumerate(layers):
+                term = verbalized_ce(hidden[i], heads[i], targets, self.chunk_size).mean()
+                metrics[f"ce/{layer}"] = term.item()
+                loss = loss + term
         final = out.hidden_states[-1][mask]
         if self.last_layer == "kl":
             last = self._kl(final, _vocab_slice(self.student.lm_head, self.vocab), signal.layer(t_l))

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        from vlsi_ray.teacher_cache import require_cache
+
+        require_cache(cfg)  # teacher.source=cache: the cache must exist before any work
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

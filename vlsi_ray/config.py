@@ -70,6 +70,14 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a :class:`ModelConfig` plus where step 2 gets its signal from."""
+
+    source: str = "live"  # live: teacher actors (or the in-process teacher) | cache: jobs/teacher_cache.py's Parquet signal
+    cache_dir: Optional[str] = None  # the teacher cache (null: <run_dir>/teacher_cache)
+
+
+@dataclass
 class VerbalizerConfig:
     """verb-FFN form. Paper: gated d×d FFN; project choice: final norm + residual + zero-init."""
 
@@ -246,7 +254,7 @@ class RunConfig:
     # Models whose test accuracy goes in the report (each is a full pass over the test split; at
     # 72B the teacher's pass is the expensive one).
     eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS))
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     matching: MatchingOptions = field(default_factory=MatchingOptions)  # validated by its own __post_init__
@@ -264,9 +272,15 @@ class RunConfig:
         """Directory of this run's checkpoints, metrics and report."""
         return Path(self.output_dir) / self.name
 
+    @property
+    def teacher_cache(self) -> Path:
+        """Directory of the offline teacher signal (``teacher.cache_dir``, else ``<run_dir>/teacher_cache``)."""
+        return Path(self.teacher.cache_dir) if self.teacher.cache_dir else self.run_dir / "teacher_cache"
+
 
 _CHOICES = {
     "teacher.family": FAMILIES,
+    "teacher.source": ("live", "cache"),
     "student.family": FAMILIES,
     "runner": ("ray", "local"),
     "signal.storage": ("float16", "float32"),
@@ -360,6 +374,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"signal.topk={cfg.signal.topk} must be at least 1, or null for a dense signal.")
     if cfg.signal.tail_samples < 0:
         raise ConfigError(f"signal.tail_samples={cfg.signal.tail_samples} must be 0 (no tail samples) or more.")
+    if cfg.teacher.source == "cache" and cfg.signal.topk is None:
+        raise ConfigError("teacher.source=cache stores a top-k signal, but signal.topk is null (dense); set signal.topk or teacher.source=live.")
     if cfg.signal.tail_samples and cfg.signal.topk is None:
         raise ConfigError(f"signal.tail_samples={cfg.signal.tail_samples} needs a top-k signal; set signal.topk or signal.tail_samples=0.")
     if cfg.lora.rank < 1 or cfg.lora.alpha <= 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -92,7 +92,8 @@ def build_model(model: ModelConfig, role: str, tokenizer, device: torch.device) 
 
 def model_key(model: ModelConfig, *parts) -> str:
     """Short stable hash of a model config plus anything else that decides its trained weights."""
-    blob = json.dumps([asdict(model), *parts], sort_keys=True, default=str)
+    weights = {f.name for f in fields(ModelConfig)}  # a teacher's signal source does not change its weights
+    blob = json.dumps([{k: v for k, v in asdict(model).items() if k in weights}, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

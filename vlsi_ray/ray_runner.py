@@ -28,6 +28,7 @@ from vlsi_ray.metrics import read_metrics
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.prepare import check_pair_paths, new_verbalizers
 from vlsi_ray.runner import PRETRAIN_SEED_OFFSET, SEED_OFFSET, STAGE_FILE, Run
+from vlsi_ray.teacher_cache import open_cache, require_cache
 
 
 def ray_env() -> dict[str, str]:
@@ -206,6 +207,7 @@ def run_ray(cfg: RunConfig) -> dict:
     import ray
 
     started = time.perf_counter()
+    require_cache(cfg)  # before any Ray work
     where = connect(cfg)
     print(f"[ray] {where}: {ray.cluster_resources()}", flush=True)
     run = RayRun(cfg)
@@ -262,20 +264,25 @@ def run_ray(cfg: RunConfig) -> dict:
     if "interact" in cfg.steps:
         if not run.finished("interact"):
             t0 = time.perf_counter()
-            pool = TeacherPool(cfg.teacher_pool, teacher_dir, step1 / "teacher_verbalizers", cfg.signal.topk,
-                               cfg.loss.kd_temperature, vocab, cfg.signal.storage,
-                               tail_samples=cfg.signal.tail_samples, seed=cfg.seed + SEED_OFFSET["interact"])
-            step2.mkdir(parents=True, exist_ok=True)
-            (step2 / "teacher_placement.json").write_text(json.dumps(pool.infos, indent=2))
-            print(f"[interact] teacher replicas on {[(i['node_id'][:8], i['device']) for i in pool.infos]}", flush=True)
+            pool = None
+            if cfg.teacher.source == "cache":  # no teacher actors: the workers read the cached signal
+                teacher = open_cache(cfg, teacher_dir, student_base_dir, step1 / "teacher_verbalizers", vocab)
+            else:
+                pool = TeacherPool(cfg.teacher_pool, teacher_dir, step1 / "teacher_verbalizers", cfg.signal.topk,
+                                   cfg.loss.kd_temperature, vocab, cfg.signal.storage,
+                                   tail_samples=cfg.signal.tail_samples, seed=cfg.seed + SEED_OFFSET["interact"])
+                step2.mkdir(parents=True, exist_ok=True)
+                (step2 / "teacher_placement.json").write_text(json.dumps(pool.infos, indent=2))
+                print(f"[interact] teacher replicas on {[(i['node_id'][:8], i['device']) for i in pool.infos]}", flush=True)
+                teacher = TeacherClient(pool.actors, cfg.teacher_pool.lookahead)
             spec = run.spec("interact", "interact", "interact", student_base_dir, cfg.seed + SEED_OFFSET["interact"],
-                            verbalizer_dir=str(step1 / "student_verbalizers"), lora=True,
-                            teacher=TeacherClient(pool.actors, cfg.teacher_pool.lookahead), vocab=vocab,
+                            verbalizer_dir=str(step1 / "student_verbalizers"), lora=True, teacher=teacher, vocab=vocab,
                             model_out=str(step2 / "student"), verbalizers_out=str(step2 / "student_verbalizers"))
             try:
                 history = run.fit(spec)
             finally:
-                pool.shutdown()
+                if pool is not None:
+                    pool.shutdown()
             run.finish("interact", history, t0)
         run.evaluate({"vlsi_without_sft": step2 / "student"})
 

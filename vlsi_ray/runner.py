@@ -32,6 +32,7 @@ from vlsi_ray.method.steps import (
 from vlsi_ray.metrics import MetricsWriter
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.teacher_cache import open_cache, require_cache
 from vlsi_ray.prepare import (
     build_model,
     check_pair,
@@ -160,9 +161,11 @@ class LocalRun(Run):
 def run_local(cfg: RunConfig) -> dict:
     """Run every stage in ``cfg.steps`` in this process and return the report dict."""
     started = time.perf_counter()
+    require_cache(cfg)
     torch.manual_seed(cfg.seed)
     run = LocalRun(cfg)
-    teacher = run.load(run.pretrained("teacher", "pretrain_teacher"))
+    teacher_dir = run.pretrained("teacher", "pretrain_teacher")
+    teacher = run.load(teacher_dir)
     student_base_dir = run.pretrained("student", "pretrain_student")
     student = run.load(student_base_dir)
     vocab = check_pair(teacher, student)
@@ -214,11 +217,14 @@ def run_local(cfg: RunConfig) -> dict:
         torch.manual_seed(cfg.seed + SEED_OFFSET["interact"])  # LoRA's random A matrices, as the Ray workers draw them
         student.apply_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
         generator = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET["interact"])
+        if cfg.teacher.source == "cache":
+            signal = open_cache(cfg, teacher_dir, student_base_dir, step1 / "teacher_verbalizers", vocab)
+        else:
+            def signal(batch: dict):
+                return teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
+                                      tail_samples=cfg.signal.tail_samples, seed=cfg.seed + SEED_OFFSET["interact"])
         objective = InteractionObjective(
-            student, s_verbs,
-            lambda batch: teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
-                                         tail_samples=cfg.signal.tail_samples, seed=cfg.seed + SEED_OFFSET["interact"]),
-            cfg.matching, generator, cfg.loss.direction, cfg.loss.kd_temperature,
+            student, s_verbs, signal, cfg.matching, generator, cfg.loss.direction, cfg.loss.kd_temperature,
             cfg.loss.last_layer, cfg.loss.chunk_size, vocab, intermediate=cfg.loss.intermediate,
         )
         history = run.train("interact", objective, [student.model, s_verbs], seed_offset=SEED_OFFSET["interact"])

@@ -273,6 +273,21 @@ def test_teacher_signal_shapes_and_last_layer(setup, topk):
         torch.testing.assert_close(signal.topk_logprobs[-1], expected.gather(-1, signal.topk_ids[-1]), atol=1e-5, rtol=1e-5)
 
 
+def test_teacher_signal_tail_samples_belong_to_rows_not_batches(base, setup):
+    """Each row's tail samples come from its own id: the same in any batch order (what the teacher cache relies on)."""
+    tokenizer, _, student, _ = base
+    teacher, _, t_verbs, _, _ = setup
+    rows = generate_rows("train", 2, seed=5)
+    collate = ChatCollator(tokenizer, student.image_processor, FAMILY)
+    forward = teacher_signal(teacher, t_verbs, collate(rows), 16, tail_samples=8, seed=3)
+    backward = teacher_signal(teacher, t_verbs, collate(rows[::-1]), 16, tail_samples=8, seed=3)
+    n0 = int((collate(rows[:1])["labels"] != -100).sum())  # row 0's response tokens: first in one batch, last in the other
+    assert torch.equal(forward.tail_sample_ids[:, :n0], backward.tail_sample_ids[:, -n0:])
+    assert torch.equal(forward.tail_sample_ids[:, n0:], backward.tail_sample_ids[:, :-n0])
+    other_seed = teacher_signal(teacher, t_verbs, collate(rows), 16, tail_samples=8, seed=4)
+    assert not torch.equal(other_seed.tail_sample_ids, forward.tail_sample_ids)
+
+
 def test_teacher_signal_vocab_prefix(setup):
     teacher, _, t_verbs, _, batch = setup
     signal = teacher_signal(teacher, t_verbs, batch, None, vocab_size=teacher.vocab_size - 64)

@@ -155,3 +155,14 @@ def test_config_tail_samples_default_and_validation():
         load_config(None, ["signal.tail_samples=-1"])
     with pytest.raises(ConfigError, match=r"signal\.tail_samples=4 needs a top-k signal"):
         load_config(None, ["signal.tail_samples=4", "signal.topk=null"])
+
+
+def test_cat_tokens_inverts_token_slices(logits):
+    sig = _sampled(logits, 8)
+    parts = [sig.tokens(slice(0, 1)), sig.tokens(slice(1, 4))]
+    back = TeacherSignal.cat_tokens(parts)
+    for name, tensor in sig._named_tensors().items():
+        if tensor is not None:
+            assert torch.equal(getattr(back, name), tensor), name
+    with pytest.raises(ValueError, match="cat_tokens needs signals with the same form"):
+        TeacherSignal.cat_tokens([sig.tokens(slice(0, 1)), TeacherSignal.from_logits(logits, K).tokens(slice(1, 4))])

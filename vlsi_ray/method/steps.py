@@ -173,10 +173,10 @@ def teacher_signal(
     Returns a signal with ``t_l + 1`` layers over the ``N`` response positions: one per teacher
     target layer (in ``verbalizers.layers`` order) and the final layer last; top-k + tail when
     ``topk`` is set, dense otherwise. ``vocab_size`` restricts logits to the shared vocab prefix.
-    ``tail_samples`` (top-k only) adds that many tail samples per token and layer, drawn by
-    :func:`tail_sample_generator` from ``seed`` and the batch's row ``ids``: the teacher actors
-    (:class:`vlsi_ray.actors.teacher.TeacherWorker`) call this very function, so they send the same
-    samples for the same batch.
+    ``tail_samples`` (top-k only) adds that many tail samples per token and layer, drawn for each
+    row by :func:`tail_sample_generator` from ``seed`` and the row's id: the teacher actors
+    (:class:`vlsi_ray.actors.teacher.TeacherWorker`) and the teacher cache call this very function,
+    so they send the same samples for the same row, in any batch.
     """
     if tail_samples and "ids" not in batch:
         raise KeyError("teacher_signal with tail_samples needs the batch's row 'ids' to seed the draw; collate it with ChatCollator.")
@@ -190,8 +190,15 @@ def teacher_signal(
         layers.append(head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab])
     layers.append(teacher.lm_head(at_positions(out.hidden_states[-1], mask, device))[..., :vocab])
     logits = torch.stack(layers).float()
-    generator = tail_sample_generator(seed, batch["ids"], logits.device) if tail_samples else None
-    return TeacherSignal.from_logits(logits, topk, temperature, tail_samples, generator)
+    if not tail_samples:
+        return TeacherSignal.from_logits(logits, topk, temperature)
+    # Each row's samples come from its own generator: the same whatever batch the row is in.
+    ends = mask.sum(dim=1).cumsum(0).tolist()
+    return TeacherSignal.cat_tokens([
+        TeacherSignal.from_logits(logits[:, start:end], topk, temperature, tail_samples,
+                                  tail_sample_generator(seed, [row_id], logits.device))
+        for row_id, start, end in zip(batch["ids"], [0] + ends[:-1], ends)
+    ])
 
 
 class InteractionObjective:

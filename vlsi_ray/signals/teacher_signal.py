@@ -185,20 +185,30 @@ class TeacherSignal:
     @classmethod
     def stack(cls, signals: Sequence["TeacherSignal"]) -> "TeacherSignal":
         """Concatenate signals of the same form, tokens and vocabulary along the layer dim."""
-        if not signals:
-            raise ValueError("TeacherSignal.stack needs at least one signal.")
-        first = signals[0]
-        for s in signals[1:]:
-            if (s.is_dense, s.k, s.tail_samples, s.num_tokens, s.vocab_size, s.temperature) != (
-                first.is_dense, first.k, first.tail_samples, first.num_tokens, first.vocab_size, first.temperature
-            ):
-                raise ValueError(
-                    "TeacherSignal.stack needs signals with the same form, k, tail_samples, tokens, vocab_size and temperature."
-                )
-        names = [name for name, t in first._named_tensors().items() if t is not None]
-        return replace(first, **{name: torch.cat([getattr(s, name) for s in signals]) for name in names})
+        return cls._concat(signals, dim=0, shared="num_tokens", what="stack")
 
-    # ----------------------------------------------------------------------------- shape and views
+    @classmethod
+    def cat_tokens(cls, signals: Sequence["TeacherSignal"]) -> "TeacherSignal":
+        """Concatenate signals of the same form, layers and vocabulary along the token dim (rows of a batch)."""
+        return cls._concat(signals, dim=1, shared="num_layers", what="cat_tokens")
+
+    @classmethod
+    def _concat(cls, signals: Sequence["TeacherSignal"], dim: int, shared: str, what: str) -> "TeacherSignal":
+        if not signals:
+            raise ValueError(f"TeacherSignal.{what} needs at least one signal.")
+        first = signals[0]
+
+        def key(s: "TeacherSignal") -> tuple:
+            return s.is_dense, s.k, s.tail_samples, getattr(s, shared), s.vocab_size, s.temperature
+
+        if any(key(s) != key(first) for s in signals[1:]):
+            other = "tokens" if shared == "num_tokens" else "layers"
+            raise ValueError(
+                f"TeacherSignal.{what} needs signals with the same form, k, tail_samples, {other}, vocab_size and temperature."
+            )
+        names = [name for name, t in first._named_tensors().items() if t is not None]
+        return replace(first, **{name: torch.cat([getattr(s, name) for s in signals], dim=dim) for name in names})
+
     @property
     def is_dense(self) -> bool:
         """True for the dense form."""
@@ -358,11 +368,12 @@ def tail_logmass_from_topk(topk_logprobs: Tensor) -> Tensor:
 
 
 def tail_sample_generator(seed: int, row_ids: Sequence, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator that draws one batch's tail samples: seeded by ``seed`` and the batch's row ids, in order.
+    """The generator that draws tail samples for ``row_ids``: seeded by ``seed`` and the ids, in order.
 
-    The in-process teacher and a teacher actor (a restarted one too) build the same generator for the
-    same batch, so on the same kind of device they send the same samples; another batch or another
-    seed gets other samples. The seed is a BLAKE2b hash (Python's ``hash`` of a str differs between
+    Training draws each row's samples with the generator of that row alone
+    (:func:`vlsi_ray.method.steps.teacher_signal`), so the in-process teacher, a teacher actor (a
+    restarted one too) and the offline teacher cache send the same samples for a row, whatever batch
+    it came in; another row or another seed gets other samples. The seed is a BLAKE2b hash (Python's ``hash`` of a str differs between
     processes). ``device`` must be the teacher logits' device.
     """
     key = json.dumps([int(seed), [str(i) for i in row_ids]]).encode()

@@ -1,0 +1,166 @@
+"""Build the offline teacher cache: Ray Data over the train shards, the teacher in Ray Data actors.
+
+:func:`build_cache` reads the validated train split (:func:`vlsi_ray.data.ray_dataset.train_split`),
+keeps step 2's tasks, and maps batches through :class:`CacheSignals`: an actor class holding a
+:class:`~vlsi_ray.actors.teacher.TeacherWorker` (the same teacher code as the live pool) placed
+with ``teacher_pool``'s resources, ``teacher_pool.replicas`` of them. Each batch is collated with
+the student's collator, exactly as step 2 collates it, and split into one row per sample
+(:func:`vlsi_ray.signals.cache.signal_rows`). Ray Data writes the rows as Parquet; the manifest
+is written last, so a cache without one is incomplete and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlsi_ray.config import RunConfig, to_yaml
+from vlsi_ray.data.collate import IGNORE_INDEX
+from vlsi_ray.signals.cache import FORMAT_VERSION, MANIFEST, cache_spec
+
+#: Rows per Parquet row group: the unit :class:`~vlsi_ray.signals.cache.TeacherCache` reads.
+ROW_GROUP_ROWS = 256
+
+
+def step2_inputs(cfg: RunConfig) -> dict[str, Path]:
+    """The teacher, its step-1 verbalizers and the student base of ``cfg``'s run (what step 2 uses).
+
+    Raises ``FileNotFoundError`` naming what is missing and the command that makes it.
+    """
+    run_dir = cfg.run_dir
+    found = {
+        "teacher": Path(cfg.teacher.path) if cfg.teacher.path else run_dir / "pretrain_teacher",
+        "student": Path(cfg.student.path) if cfg.student.path else run_dir / "pretrain_student",
+        "teacher_verbalizers": run_dir / "verbalize" / "teacher_verbalizers",
+    }
+    for what, path in found.items():
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"the teacher cache needs the run's {what.replace('_', ' ')} in {path}, which does not exist; run "
+                "`python jobs/distill.py steps=[pretrain_teacher,pretrain_student,verbalize]` with the same config first."
+            )
+    return found
+
+
+class CacheSignals:
+    """Ray Data actor: one teacher replica turning batches of train rows into per-sample cache rows."""
+
+    def __init__(self, cfg_yaml: str, teacher_dir: str, verbalizer_dir: str, student_dir: str, vocab: int):
+        from vlsi_ray.actors.teacher import TeacherWorker
+        from vlsi_ray.config import config_from_yaml
+        from vlsi_ray.models.backbone import ModelInfo
+        from vlsi_ray.prepare import make_collator
+        from vlsi_ray.runner import SEED_OFFSET
+
+        cfg = config_from_yaml(cfg_yaml)
+        self.collate = make_collator(ModelInfo.from_pretrained(student_dir), cfg)
+        self.worker = TeacherWorker(teacher_dir, verbalizer_dir, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
+                                    cfg.signal.storage, cfg.device, tail_samples=cfg.signal.tail_samples,
+                                    seed=cfg.seed + SEED_OFFSET["interact"])
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
+        """Columns of ``B`` train rows -> ``B`` cache rows (``id``, ``tokens`` and the signal's arrays)."""
+        from vlsi_ray.actors.wire import encode_batch
+        from vlsi_ray.signals.cache import signal_rows
+
+        batch = self.collate(rows)
+        counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+        encoded = self.worker.signal(encode_batch(batch))
+        return signal_rows(encoded, encoded["ids"], counts)
+
+
+def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
+    """Write the teacher cache of ``cfg``'s run to ``cfg.teacher_cache``; returns its manifest.
+
+    A complete cache with the same spec is kept unless ``overwrite``; an incomplete one or one with
+    another spec is replaced. Needs a running Ray (``ray.init``) and the run's step-1 outputs.
+    """
+    from vlsi_ray.data.ray_dataset import train_split
+    from vlsi_ray.data.shards import shard_files
+    from vlsi_ray.prepare import check_pair_paths
+
+    inputs = step2_inputs(cfg)
+    vocab = check_pair_paths(inputs["teacher"], inputs["student"])
+    train_files = shard_files(cfg.data.dir, "train")
+    spec = cache_spec(cfg, inputs["teacher"], inputs["teacher_verbalizers"], inputs["student"], vocab, train_files)
+    out = cfg.teacher_cache
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file() and not overwrite:
+        old = json.loads(manifest_path.read_text())
+        if old.get("spec") == spec:
+            print(f"[teacher_cache] {out} is complete and matches this run; nothing to do (--overwrite rebuilds it)", flush=True)
+            return old
+    if out.exists():
+        shutil.rmtree(out)
+    started = time.perf_counter()
+    split = train_split(cfg.data.dir, cfg.data.on_error, cfg.data.sort_in_memory_mb)
+    dataset = split.dataset
+    tasks = set(cfg.stages.interact.tasks)
+    if tasks:
+        dataset = dataset.filter(lambda row: row["task"] in tasks)
+    pool, res = cfg.teacher_pool, cfg.teacher_pool.resources
+    signals = dataset.map_batches(
+        CacheSignals,
+        fn_constructor_args=(to_yaml(cfg), str(inputs["teacher"]), str(inputs["teacher_verbalizers"]), str(inputs["student"]), vocab),
+        batch_size=cfg.stages.interact.batch_size,
+        batch_format="numpy",
+        concurrency=pool.replicas,
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus or None,
+        resources=dict(res.resources) or None,
+    )  # Ray Data restarts a dead actor and retries its batches itself
+    shards = out / "shards"
+    print(f"[teacher_cache] writing the teacher signal of {split.num_files} train shard(s) to {shards} "
+          f"({pool.replicas} teacher replica(s), top-{cfg.signal.topk}, {cfg.signal.tail_samples} tail samples)", flush=True)
+    signals.write_parquet(str(shards), min_rows_per_file=ROW_GROUP_ROWS * 8, row_group_size=ROW_GROUP_ROWS)
+    files = sorted(p.relative_to(out).as_posix() for p in shards.glob("*.parquet"))
+    rows, signal_bytes = 0, 0
+    for name in files:
+        meta = pq.ParquetFile(out / name).metadata
+        rows += meta.num_rows
+        signal_bytes += os.path.getsize(out / name)
+    layers = len(json.loads((inputs["teacher_verbalizers"] / "verbalizers.json").read_text())["layers"]) + 1
+    manifest = {
+        "format": FORMAT_VERSION, "spec": spec, "rows": rows, "files": files, "layers": layers,
+        "k": min(cfg.signal.topk, vocab), "bytes": signal_bytes, "seconds": round(time.perf_counter() - started, 1),
+        "teacher_dir": str(inputs["teacher"]), "teacher_verbalizers": str(inputs["teacher_verbalizers"]),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
+    print(f"[teacher_cache] {rows} rows, {signal_bytes / 2**20:.1f} MiB in {len(files)} file(s), "
+          f"{manifest['seconds']:.0f}s; step 2 reads it with teacher.source=cache", flush=True)
+    return manifest
+
+
+def require_cache(cfg: RunConfig) -> None:
+    """Before any work: a run whose step 2 will read the teacher cache needs one (:class:`ConfigError` if absent)."""
+    from vlsi_ray.config import ConfigError
+    from vlsi_ray.signals.cache import load_manifest
+
+    step2_done = (cfg.run_dir / "interact" / "stage.json").is_file()
+    if cfg.teacher.source != "cache" or "interact" not in cfg.steps or step2_done:
+        return
+    try:
+        load_manifest(cfg.teacher_cache)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+
+
+def open_cache(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path, verbalizer_dir: str | Path, vocab: int):
+    """Step 2's teacher when ``teacher.source=cache``: the run's cache, checked against this run's spec."""
+    from vlsi_ray.data.shards import shard_files
+    from vlsi_ray.signals.cache import TeacherCache
+
+    spec = cache_spec(cfg, teacher_dir, verbalizer_dir, student_dir, vocab, shard_files(cfg.data.dir, "train"))
+    cache = TeacherCache(cfg.teacher_cache, spec)
+    print(f"[interact] teacher signal from the cache in {cache.dir} ({cache.manifest['rows']} rows, "
+          f"{cache.manifest['bytes'] / 2**20:.1f} MiB): no teacher forward in step 2", flush=True)
+    return cache

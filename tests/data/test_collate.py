@@ -154,6 +154,23 @@ def test_image_cache_and_pickling(setup):
     assert torch.equal(collator(columns)["input_ids"], first["input_ids"])
 
 
+def test_text_memo_is_per_conversation_and_exact(setup):
+    """The tokenized text is memoized by conversation: a repeat gives what a fresh collator gives."""
+    _, tok, student, _, rows = setup
+    collator = ChatCollator(tok, student.image_processor, student.family)
+    repeat = dict(rows[0], id="again", image=rows[1]["image"])  # the same conversation, another image
+    batch = collator(rows + [repeat])
+    assert len(collator._text) == len({r["messages"] for r in rows})
+    fresh = ChatCollator(tok, student.image_processor, student.family)(rows + [repeat])
+    for key in ("input_ids", "labels", "attention_mask", "pixel_values"):
+        assert torch.equal(batch[key], fresh[key]), key
+    ids, _, _ = collator.encode(rows[0])
+    ids.append(-1)  # callers own what encode returns: the memo is not changed
+    assert collator.encode(rows[0])[0] == ids[:-1]
+    prompt = collator.encode(rows[0], prompt_only=True)[0]
+    assert len(prompt) < len(ids) - 1 and len(collator._text) == len({r["messages"] for r in rows}) + 1
+
+
 def test_max_length_truncates_answers_but_never_images(setup):
     family, tok, student, collator, rows = setup
     full = collator(rows[1:2])

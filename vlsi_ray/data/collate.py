@@ -54,6 +54,9 @@ class ChatCollator:
         if tokenizer.chat_template is None:
             tokenizer.chat_template = spec.chat_template
         self._cache: OrderedDict[bytes, dict[str, Tensor]] = OrderedDict()
+        # Tokenized text per distinct conversation (the chat template costs ~2.4 ms a row; the tiny
+        # task has 900 distinct conversations in 6,000 rows): (ids, labels, image parts).
+        self._text: OrderedDict[tuple, tuple[list[int], list[int], int]] = OrderedDict()
 
     @property
     def spec(self):
@@ -61,7 +64,7 @@ class ChatCollator:
 
     def __getstate__(self) -> dict:
         # Shipped to Ray workers as a collate_fn: leave the image cache behind.
-        return {**self.__dict__, "_cache": OrderedDict()}
+        return {**self.__dict__, "_cache": OrderedDict(), "_text": OrderedDict()}
 
     # ----- public ---------------------------------------------------------------------------------
     def __call__(self, rows: Sequence[dict] | dict[str, Sequence], prompt_only: bool | None = None) -> dict[str, Any]:
@@ -95,12 +98,30 @@ class ChatCollator:
     def encode(self, row: dict, prompt_only: bool = False) -> tuple[list[int], list[int], list[dict[str, Tensor]]]:
         """One row -> ``(input_ids, labels, processed images)`` with image placeholders expanded."""
         row_id = row.get("id")
-        messages = _messages(row, row_id)
         images = _image_bytes(row)
-        parts = sum(1 for m in messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image")
+        raw = row.get("messages")
+        key = (raw if isinstance(raw, (str, bytes)) else json.dumps(raw, sort_keys=True, default=str), prompt_only)
+        text = self._text.get(key)
+        if text is None:
+            text = self._tokenize(_messages(row, row_id), prompt_only, row_id)
+            self._text[key] = text
+            if len(self._text) > 4 * self.cache_size:
+                self._text.popitem(last=False)
+        else:
+            self._text.move_to_end(key)
+        ids, labels, parts = list(text[0]), list(text[1]), text[2]
         if parts != len(images):
             raise RowError(f"row {row_id}: messages have {parts} image parts but the row has {len(images)} images; make them match.")
         processed = [self._process(data, row_id) for data in images]
+        ids, labels = self._expand_images(ids, labels, processed, row_id)
+        if self.max_length is not None and len(ids) > self.max_length:
+            ids, labels = self._truncate(ids, labels, prompt_only, row_id)
+        return ids, labels, processed
+
+    # ----- pieces ---------------------------------------------------------------------------------
+    def _tokenize(self, messages: list[dict], prompt_only: bool, row_id) -> tuple[list[int], list[int], int]:
+        """A conversation -> ``(input_ids, labels, image parts)``, one image token per image part."""
+        parts = sum(1 for m in messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image")
         if prompt_only:
             while messages and messages[-1].get("role") == "assistant":
                 messages = messages[:-1]
@@ -117,12 +138,8 @@ class ChatCollator:
                 labels += piece[:end] + [IGNORE_INDEX] * (len(piece) - end)
             else:
                 labels += [IGNORE_INDEX] * len(piece)
-        ids, labels = self._expand_images(ids, labels, processed, row_id)
-        if self.max_length is not None and len(ids) > self.max_length:
-            ids, labels = self._truncate(ids, labels, prompt_only, row_id)
-        return ids, labels, processed
+        return ids, labels, parts
 
-    # ----- pieces ---------------------------------------------------------------------------------
     def _render(self, messages: list[dict], generation_prompt: bool, row_id) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

@@ -1,9 +1,11 @@
 """The Ray runner: teacher actors, the student on Ray Train fed by Ray Data, evaluation as Ray tasks.
 
 Same recipe as :mod:`vlsi_ray.runner` (setup → stages → evaluate → report), same objectives, same
-seeds and batch order, so with one worker it reproduces the in-process run. Each stage is one
-``TorchTrainer`` run whose storage is ``<run_dir>/ray_train/<stage>``: re-running the same command
-skips finished stages (``stage.json``) and resumes an interrupted one from its last checkpoint.
+seeds and batch order, so with one worker it reproduces the in-process run. Each student stage is
+one ``TorchTrainer`` run whose storage is ``<run_dir>/ray_train/<stage>``: re-running the same
+command skips finished stages (``stage.json``) and resumes an interrupted one from its last
+checkpoint. The teacher lives in Ray actors: a teacher pool trains its verbalizers (step 1) and
+then answers step 2. The tiny demo models are pretrained in Ray tasks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from vlsi_ray.method.steps import SFT_GROUPS
 from vlsi_ray.metrics import read_metrics
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.prepare import check_pair_paths, new_verbalizers
-from vlsi_ray.runner import PRETRAIN_SEED_OFFSET, SEED_OFFSET, STAGE_FILE, Run
+from vlsi_ray.runner import SEED_OFFSET, STAGE_FILE, Run
 from vlsi_ray.teacher_cache import open_cache, require_cache
 
 
@@ -62,8 +64,22 @@ def connect(cfg: RunConfig) -> str:
         return "the Ray cluster running on this machine"
     except ConnectionError:
         pass
+    runtime_env: dict = {"env_vars": ray_env()}
+    # A local Ray is one machine that nobody drains: Ray Train's preemption watcher (one more actor
+    # process per Train run) has nothing to watch.
+    runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                                       os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
+    if not cfg.ray.include_dashboard:
+        def quiet_placement_group_cleaner() -> None:  # nested: cloudpickle ships it by value to every worker
+            import logging
+
+            # Without the dashboard there is no State API: Ray Train's placement-group cleaner then
+            # warns once a second per Train run that it cannot query the controller.
+            logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+        runtime_env["worker_process_setup_hook"] = quiet_placement_group_cleaner
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
-             runtime_env={"env_vars": ray_env()})
+             runtime_env=runtime_env)
     return "local Ray"
 
 
@@ -144,10 +160,23 @@ class RayRun(Run):
         return _last_run(history)
 
     def pretrain(self, role: str, stage: str, backbone: Backbone, target: Path) -> list[dict]:
+        """Pretrain a tiny model in one Ray task with the in-process runner's loop (same weights as
+        ``runner=local``), placed like the role's actors: ``teacher_pool.resources`` or
+        ``train.resources_per_worker``. Pretraining only bootstraps the tiny demo models; a Ray
+        Train run's start-up (~45 s on 2 cores) is not worth it for them."""
+        import ray
+
         init = self.dir / "ray_train" / f"{stage}-init"
         backbone.save_pretrained(init)
-        spec = self.spec(stage, "sft", stage, init, self.cfg.seed + PRETRAIN_SEED_OFFSET[role], model_out=str(target))
-        return self.fit(spec)
+        if role == "teacher":
+            res = self.cfg.teacher_pool.resources
+            gpus = res.num_gpus
+        else:  # as a Train worker would be placed
+            res = self.cfg.train.resources_per_worker
+            gpus = (res.num_gpus or 1) if self.use_gpu else 0
+        task = ray.remote(_pretrain_task).options(num_cpus=res.num_cpus, num_gpus=gpus, resources=dict(res.resources) or None)
+        return ray.get(task.remote(self.cfg_yaml, role, stage, str(init), self.train_rows(stage),
+                                   str(self.dir / "metrics.jsonl"), str(target)))
 
     def evaluate(self, named_dirs: dict[str, Path]) -> None:
         """Start the test pass of each checkpoint in ``eval_models`` as ``eval_tasks`` Ray tasks (one slice
@@ -188,6 +217,22 @@ def _last_run(history: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _pretrain_task(cfg_yaml: str, role: str, stage: str, init_dir: str, rows: list[dict], metrics_path: str,
+                   target: str) -> list[dict]:
+    """:func:`vlsi_ray.runner.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``, saved to ``target``."""
+    from vlsi_ray.config import config_from_yaml
+    from vlsi_ray.env import set_offline_defaults
+    from vlsi_ray.metrics import MetricsWriter
+    from vlsi_ray.prepare import resolve_device
+    from vlsi_ray.runner import pretrain_tiny
+
+    set_offline_defaults()
+    cfg = config_from_yaml(cfg_yaml)
+    device = resolve_device(cfg.device)
+    backbone = Backbone.from_pretrained(init_dir, device=device)
+    return pretrain_tiny(cfg, role, stage, backbone, rows, device, MetricsWriter(metrics_path), Path(target))
+
+
 def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict]) -> list[str]:
     """The option letter the checkpoint at ``model_dir`` picks for each of ``rows`` (a Ray task)."""
     from vlsi_ray.config import config_from_yaml
@@ -223,67 +268,86 @@ def run_ray(cfg: RunConfig) -> dict:
             run.finish(stage, run.fit(spec), t0)
         return out
 
-    # The teacher's pretraining and the student's chain (its pretraining, then the SFT-only
-    # baseline) do not depend on each other: they run at the same time, each on its own worker.
-    # Evaluations start as soon as their checkpoint exists and run beside the stages that follow.
+    # The teacher's pretraining and the student's chain (its pretraining, the SFT-only baseline and
+    # its side of step 1) do not depend on each other: they run at the same time. Evaluations start as soon as their checkpoint exists
+    # and run beside the stages that follow.
+    step1, step2 = run.stage_dir("verbalize"), run.stage_dir("interact")
+    train_step1 = "verbalize" in cfg.steps and not run.finished("verbalize")
     with ThreadPoolExecutor(max_workers=1) as background:
         teacher_future = background.submit(run.pretrained, "teacher", "pretrain_teacher")
         student_base_dir = run.pretrained("student", "pretrain_student")
         run.evaluate({"student_base": student_base_dir})
         if cfg.baseline_sft and "sft" in cfg.steps:
             run.evaluate({"student_sft_only": sft_stage("baseline_sft", student_base_dir)})
+        student_step1: list[dict] = []
+        if train_step1:  # the student's verb-FFNs need only the student: trained while the teacher pretrains
+            spec = run.spec("verbalize/student", "verbalize", "verbalize", student_base_dir,
+                            cfg.seed + SEED_OFFSET["verbalize/student"], verbalizers_out=str(step1 / "student_verbalizers"))
+            student_step1 = _last_run(read_metrics(run.dir / "metrics.jsonl", spec.stage))
+            finished = student_step1 and student_step1[-1]["step"] == spec.total_steps
+            if not (finished and (step1 / "student_verbalizers" / "verbalizers.json").is_file()):  # else a rerun: done
+                student_step1 = run.fit(spec)
         teacher_dir = teacher_future.result()
     vocab = check_pair_paths(teacher_dir, student_base_dir)
     run.evaluate({"teacher": teacher_dir})
 
-    # Step 1: the teacher's verb-FFNs train in a teacher actor while the student's train on Ray Train.
-    step1 = run.stage_dir("verbalize")
-    if "verbalize" in cfg.steps and not run.finished("verbalize"):
-        t0 = time.perf_counter()
-        pool = TeacherPool(cfg.teacher_pool, teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, vocab, cfg.signal.storage)
-        teacher_job = pool.actors[0].train_verbalizers.remote(
-            run.cfg_yaml, run.train_rows("verbalize"), str(step1 / "teacher_verbalizers"),
-            cfg.seed + SEED_OFFSET["verbalize/teacher"])
-        spec = run.spec("verbalize/student", "verbalize", "verbalize", student_base_dir,
-                        cfg.seed + SEED_OFFSET["verbalize/student"], verbalizers_out=str(step1 / "student_verbalizers"))
-        try:
-            history = run.fit(spec)
-            teacher_history = ray.get(teacher_job)
-        finally:
-            pool.shutdown()
-        for record in teacher_history:
-            run.writer.write(record)
-        run.finish("verbalize", teacher_history + history, t0)
-    elif not run.finished("verbalize"):  # step 1 skipped: untrained verb-FFNs (the logit lens at zero-init)
+    if "verbalize" not in cfg.steps and not run.finished("verbalize"):  # untrained verb-FFNs (the logit lens at zero-init)
         for role, model_dir in (("teacher", teacher_dir), ("student", student_base_dir)):
             verbs = new_verbalizers(cfg, role, Backbone.from_pretrained(model_dir), cfg.seed + SEED_OFFSET[f"verbalize/{role}"])
             verbs.save(step1 / f"{role}_verbalizers")
 
-    # Step 2: interaction, the teacher pool streaming compact signals to the student workers.
-    step2 = run.stage_dir("interact")
-    if "interact" in cfg.steps:
-        if not run.finished("interact"):
+    # The teacher's side of step 1 and step 2 share one teacher pool: replica 0 trains the teacher's
+    # verb-FFNs while step 2's workers start; their first requests wait in the replicas' queues until
+    # the verbalizers are saved (the other replicas load them then).
+    run_step2 = "interact" in cfg.steps and not run.finished("interact")
+    live = run_step2 and cfg.teacher.source == "live"
+    pool = teacher_job = bookkeeping = None
+    if train_step1 or live:
+        pool = TeacherPool(cfg.teacher_pool, teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
+                           cfg.signal.storage, tail_samples=cfg.signal.tail_samples,
+                           seed=cfg.seed + SEED_OFFSET["interact"], step1_dir=step1 / "teacher_verbalizers")
+    try:
+        if train_step1:
             t0 = time.perf_counter()
-            pool = None
-            if cfg.teacher.source == "cache":  # no teacher actors: the workers read the cached signal
-                teacher = open_cache(cfg, teacher_dir, student_base_dir, step1 / "teacher_verbalizers", vocab)
+            teacher_job = pool.actors[0].train_verbalizers.remote(
+                run.cfg_yaml, run.train_rows("verbalize"), str(step1 / "teacher_verbalizers"),
+                cfg.seed + SEED_OFFSET["verbalize/teacher"])
+            for actor in pool.actors[1:]:
+                actor.load_verbalizers.remote(str(step1 / "teacher_verbalizers"), teacher_job)
+
+            def finish_step1() -> None:
+                teacher_history = ray.get(teacher_job)
+                for record in teacher_history:
+                    run.writer.write(record)
+                run.finish("verbalize", teacher_history + student_step1, t0)
+
+            if live:  # step 1's bookkeeping waits for the teacher beside step 2
+                bookkeeping = threading.Thread(target=finish_step1, name="verbalize-bookkeeping")
+                bookkeeping.start()
             else:
-                pool = TeacherPool(cfg.teacher_pool, teacher_dir, step1 / "teacher_verbalizers", cfg.signal.topk,
-                                   cfg.loss.kd_temperature, vocab, cfg.signal.storage,
-                                   tail_samples=cfg.signal.tail_samples, seed=cfg.seed + SEED_OFFSET["interact"])
+                finish_step1()
+
+        # Step 2: interaction, the teacher pool (or the teacher cache) streaming compact signals to the student workers.
+        if run_step2:
+            t0 = time.perf_counter()
+            if live:
                 step2.mkdir(parents=True, exist_ok=True)
                 (step2 / "teacher_placement.json").write_text(json.dumps(pool.infos, indent=2))
                 print(f"[interact] teacher replicas on {[(i['node_id'][:8], i['device']) for i in pool.infos]}", flush=True)
                 teacher = TeacherClient(pool.actors, cfg.teacher_pool.lookahead)
+            else:  # no teacher actors: the workers read the cached signal
+                teacher = open_cache(cfg, teacher_dir, student_base_dir, step1 / "teacher_verbalizers", vocab)
             spec = run.spec("interact", "interact", "interact", student_base_dir, cfg.seed + SEED_OFFSET["interact"],
                             verbalizer_dir=str(step1 / "student_verbalizers"), lora=True, teacher=teacher, vocab=vocab,
                             model_out=str(step2 / "student"), verbalizers_out=str(step2 / "student_verbalizers"))
-            try:
-                history = run.fit(spec)
-            finally:
-                if pool is not None:
-                    pool.shutdown()
+            history = run.fit(spec)
             run.finish("interact", history, t0)
+    finally:
+        if bookkeeping is not None:
+            bookkeeping.join()
+        if pool is not None:
+            pool.shutdown()
+    if "interact" in cfg.steps:
         run.evaluate({"vlsi_without_sft": step2 / "student"})
 
     if "sft" in cfg.steps:

@@ -147,15 +147,25 @@ class LocalRun(Run):
         )
 
     def pretrain(self, role: str, stage: str, backbone: Backbone, target: Path) -> list[dict]:
-        backbone.model.to(self.device)
-        self.collate = self.collate or make_collator(backbone, self.cfg)
-        objective = SFTObjective(backbone, chunk_size=self.cfg.loss.chunk_size)
-        history = self.train(stage, objective, [backbone.model], seed_offset=PRETRAIN_SEED_OFFSET[role])
-        backbone.save_pretrained(target)
-        return history
+        return pretrain_tiny(self.cfg, role, stage, backbone, self.train_rows(stage), self.device, self.writer, target)
 
     def load(self, path: Path) -> Backbone:
         return Backbone.from_pretrained(path, device=self.device)
+
+
+def pretrain_tiny(cfg: RunConfig, role: str, stage: str, backbone: Backbone, rows: list[dict], device: torch.device,
+                  writer: MetricsWriter | None, target: Path) -> list[dict]:
+    """Pretrain a tiny ``role`` model from scratch by SFT on ``rows`` in this process and save it to ``target``.
+
+    The in-process runner's pretraining, and the Ray runner's for the teacher (in a Ray task placed
+    like a teacher replica); returns the per-step history.
+    """
+    backbone.model.to(device)
+    objective = SFTObjective(backbone, chunk_size=cfg.loss.chunk_size)
+    history = train_stage(stage, objective, objective.parameters(), rows, make_collator(backbone, cfg),
+                          getattr(cfg.stages, stage), cfg.seed + PRETRAIN_SEED_OFFSET[role], device, writer, [backbone.model])
+    backbone.save_pretrained(target)
+    return history
 
 
 def run_local(cfg: RunConfig) -> dict:

@@ -62,6 +62,19 @@ def test_worker_signal_equals_in_process_teacher_signal(teacher_dirs):
     assert out["logprobs"].shape == (4, n, reference.vocab_size)  # t_l = 3 target layers + the final layer
 
 
+def test_replica_of_a_training_pool_loads_step1_verbalizers_once_saved(teacher_dirs, tmp_path):
+    """A pool that trains the verbalizers first starts without them; a replica (re)started after step 1 saved them has them."""
+    model_dir, verb_dir, batches = teacher_dirs
+    before = TeacherWorker(str(model_dir), None, topk=16, device="cpu", step1_dir=str(tmp_path / "not_yet"))
+    assert before.verbalizers is None
+    with pytest.raises(RuntimeError, match="no verbalizers yet"):
+        before.signal(encode_batch(batches[0]))
+    after = TeacherWorker(str(model_dir), None, topk=16, device="cpu", step1_dir=str(verb_dir))
+    assert after.verbalizers is not None and after.verbalizers.layers == Verbalizers.load(verb_dir).layers
+    assert before.load_verbalizers(str(verb_dir), after=None) == after.verbalizers.layers
+    np.testing.assert_array_equal(before.signal(encode_batch(batches[0]))["topk_ids"], after.signal(encode_batch(batches[0]))["topk_ids"])
+
+
 def test_topk_wire_is_388_bytes_per_token_layer_and_only_rounds_the_kl(teacher_dirs):
     """At k = 64 the wire holds 64·(2+4)+4 bytes per token and layer; decoding it gives the in-process
     top-k KL up to float16 rounding, never above the exact KL. (How close top-64 is to the exact KL

@@ -24,13 +24,16 @@ class TeacherWorker:
     ``model_dir`` is a ``save_pretrained`` directory; ``verbalizer_dir`` (optional until step 2)
     one written by :meth:`Verbalizers.save`. ``signal`` options: ``topk`` (None = dense, a debug
     option), ``temperature``, ``vocab_size`` (shared vocab prefix), ``storage`` (wire dtype),
-    ``tail_samples`` and the ``seed`` their draw is seeded from, with each batch's row ids (see
+    ``tail_samples`` and the ``seed`` their draw is seeded from, with each row's id (see
     :func:`vlsi_ray.method.steps.teacher_signal`: a restarted replica sends the same samples).
+    ``step1_dir`` is where step 1 saves the teacher's verbalizers when this replica trains them or
+    waits for them (:meth:`train_verbalizers`, :meth:`load_verbalizers`): a replica restarted after
+    that loads them from there.
     """
 
     def __init__(self, model_dir: str, verbalizer_dir: str | None = None, topk: int | None = 64,
                  temperature: float = 1.0, vocab_size: int | None = None, storage: str = "float16",
-                 device: str = "auto", *, tail_samples: int = 0, seed: int = 0):
+                 device: str = "auto", *, tail_samples: int = 0, seed: int = 0, step1_dir: str | None = None):
         set_offline_defaults()
         from vlsi_ray.models.backbone import Backbone
         from vlsi_ray.prepare import resolve_device
@@ -54,9 +57,15 @@ class TeacherWorker:
         self.requests = 0
         if verbalizer_dir is not None:
             self.load_verbalizers(verbalizer_dir)
+        elif step1_dir is not None and (Path(step1_dir) / "verbalizers.json").is_file():
+            self.load_verbalizers(step1_dir)
 
-    def load_verbalizers(self, path: str) -> list[int]:
-        """Load the teacher's verb-FFNs from ``path``; returns their target layers."""
+    def load_verbalizers(self, path: str, after=None) -> list[int]:
+        """Load the teacher's verb-FFNs from ``path``; returns their target layers.
+
+        ``after`` is ignored: pass the ObjectRef of another replica's :meth:`train_verbalizers` and
+        Ray runs this call once that one has finished (and saved to ``path``).
+        """
         from vlsi_ray.models.verbalizer import Verbalizers
 
         self.verbalizers = Verbalizers.load(path, self.backbone.lm_head.weight.device)  # next to the heads they feed
@@ -123,14 +132,16 @@ class TeacherWorker:
 class TeacherPool:
     """``replicas`` :class:`TeacherWorker` actors in one placement group, restarted by Ray on failure.
 
-    Verbalizers are a constructor argument (not loaded later) so that a restarted replica has them;
-    so are ``tail_samples`` and ``seed`` (:class:`TeacherWorker`).
+    Verbalizers are a constructor argument (``verbalizer_dir``, or ``step1_dir`` for a pool that
+    trains them first), so that a restarted replica has them; so are ``tail_samples`` and ``seed``
+    (:class:`TeacherWorker`).
     Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``);
     the placement group keeps the pool together (PACK) or apart (SPREAD) as configured.
     """
 
     def __init__(self, pool_cfg, model_dir: str | Path, verbalizer_dir: str | Path | None, topk: int | None,
-                 temperature: float, vocab_size: int | None, storage: str, tail_samples: int = 0, seed: int = 0):
+                 temperature: float, vocab_size: int | None, storage: str, tail_samples: int = 0, seed: int = 0,
+                 step1_dir: str | Path | None = None):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -153,7 +164,8 @@ class TeacherPool:
                 max_restarts=pool_cfg.max_restarts, max_task_retries=pool_cfg.max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(str(model_dir), None if verbalizer_dir is None else str(verbalizer_dir), topk, temperature,
-                     vocab_size, storage, tail_samples=tail_samples, seed=seed)
+                     vocab_size, storage, tail_samples=tail_samples, seed=seed,
+                     step1_dir=None if step1_dir is None else str(step1_dir))
             for i in range(pool_cfg.replicas)
         ]
         self.infos = ray.get([a.info.remote() for a in self.actors])

@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 
 from vlsi_ray.actors.client import TeacherClient
 from vlsi_ray.actors.student import StageSpec, train_student
@@ -269,8 +268,8 @@ def run_ray(cfg: RunConfig) -> dict:
         return out
 
     # The teacher's pretraining and the student's chain (its pretraining, the SFT-only baseline and
-    # its side of step 1) do not depend on each other: they run at the same time. Evaluations start as soon as their checkpoint exists
-    # and run beside the stages that follow.
+    # its side of step 1) do not depend on each other: they run at the same time. Evaluations start
+    # as soon as their checkpoint exists and run beside the stages that follow.
     step1, step2 = run.stage_dir("verbalize"), run.stage_dir("interact")
     train_step1 = "verbalize" in cfg.steps and not run.finished("verbalize")
     with ThreadPoolExecutor(max_workers=1) as background:
@@ -322,8 +321,8 @@ def run_ray(cfg: RunConfig) -> dict:
                 run.finish("verbalize", teacher_history + student_step1, t0)
 
             if live:  # step 1's bookkeeping waits for the teacher beside step 2
-                bookkeeping = threading.Thread(target=finish_step1, name="verbalize-bookkeeping")
-                bookkeeping.start()
+                bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verbalize-bookkeeping")
+                step1_done = bookkeeping.submit(finish_step1)
             else:
                 finish_step1()
 
@@ -341,10 +340,12 @@ def run_ray(cfg: RunConfig) -> dict:
                             verbalizer_dir=str(step1 / "student_verbalizers"), lora=True, teacher=teacher, vocab=vocab,
                             model_out=str(step2 / "student"), verbalizers_out=str(step2 / "student_verbalizers"))
             history = run.fit(spec)
+            if bookkeeping is not None:
+                step1_done.result()  # a failed teacher side of step 1 raises here
             run.finish("interact", history, t0)
     finally:
         if bookkeeping is not None:
-            bookkeeping.join()
+            bookkeeping.shutdown(wait=True)
         if pool is not None:
             pool.shutdown()
     if "interact" in cfg.steps:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vlsi_ray.eval.benchmarks import mcq_benchmark
-from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, LocalPredictor, chat_row
+from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, chat_row
 from vlsi_ray.eval.scoring import score_item
 from vlsi_ray.generation import ChatGenerator, SamplingParams
 

@@ -22,9 +22,12 @@ def test_variants_set_the_paper_options(tmp_path):
     """Each variant's overrides load on conf/tiny.yaml and give the option its Table 4 row names."""
     cfgs = {}
     for variant in ablation.VARIANTS:
-        overrides = [o for o in ablation.variant_overrides(tmp_path, variant, seed=1) if not o.startswith(("teacher.path", "student.path"))]
+        overrides = ablation.variant_overrides(tmp_path, variant, seed=1, with_bases=False)
         cfgs[variant.name] = load_config(ROOT / "conf" / "tiny.yaml", overrides)
     default = cfgs["vlsi"]
+    with_bases = ablation.variant_overrides(tmp_path, ablation.VARIANTS[0], seed=1)
+    assert f"teacher.path={tmp_path / 'bases' / 'pretrain_teacher'}" in with_bases  # every run starts from the shared bases
+    assert f"student.path={tmp_path / 'bases' / 'pretrain_student'}" in with_bases
     assert default.seed == 1 and default.runner == "local" and default.run_dir == tmp_path / "s1" / "vlsi"
     assert (default.matching.strategy, default.matching.temperature) == ("multinomial", "adaptive")
     assert default.matching.search_range and default.matching.order_preservation

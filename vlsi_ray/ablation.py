@@ -117,13 +117,16 @@ def bases_overrides(root: Path) -> list[str]:
     ]
 
 
-def variant_overrides(root: Path, variant: Variant, seed: int) -> list[str]:
-    """One variant's run: ``root/s<seed>/<variant>``, started from the pretrained bases, steps 1–3."""
+def variant_overrides(root: Path, variant: Variant, seed: int, with_bases: bool = True) -> list[str]:
+    """One variant's run: ``root/s<seed>/<variant>``, started from the pretrained bases, steps 1–3.
+
+    ``with_bases=False`` leaves out the paths of the bases (to validate the overrides before they exist).
+    """
     bases = root / BASES
+    paths = [f"teacher.path={bases / 'pretrain_teacher'}", f"student.path={bases / 'pretrain_student'}"]
     return [
         "runner=local", f"output_dir={root / f's{seed}'}", f"name={variant.name}", f"seed={seed}",
-        f"teacher.path={bases / 'pretrain_teacher'}", f"student.path={bases / 'pretrain_student'}",
-        "steps=[verbalize,interact,sft]", f"baseline_sft={str(variant.baseline).lower()}",
+        *(paths if with_bases else []), "steps=[verbalize,interact,sft]", f"baseline_sft={str(variant.baseline).lower()}",
         f"eval_models=[{','.join(variant.evaluates)}]", *variant.overrides,
     ]
 
@@ -156,7 +159,6 @@ def _run(config: str | None, overrides: list[str], log: str) -> dict:
     from vlsi_ray.runner import run_local
 
     cfg = load_config(config, overrides)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out, redirect_stdout(out), redirect_stderr(out):
         return run_local(cfg)["accuracy"]
 
@@ -184,7 +186,7 @@ def run_ablation(
     bases_cfg = bases_overrides(root) + list(extra)
     load_config(config, bases_cfg)  # validation only: a bad key fails before any work
     for variant in chosen:  # the bases do not exist yet: check the variant overrides without the paths
-        load_config(config, [o for o in variant_overrides(root, variant, seeds[0]) if not o.startswith(("teacher.path", "student.path"))] + list(extra))
+        load_config(config, variant_overrides(root, variant, seeds[0], with_bases=False) + list(extra))
     results: dict[str, dict] = {}
     started = time.perf_counter()
 

@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
 from vlsi_ray.actors.client import TeacherClient
 from vlsi_ray.actors.student import StageSpec, train_student
 from vlsi_ray.actors.teacher import TeacherPool

@@ -32,7 +32,6 @@ from vlsi_ray.method.steps import (
 from vlsi_ray.metrics import MetricsWriter
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
-from vlsi_ray.teacher_cache import open_cache, require_cache
 from vlsi_ray.prepare import (
     build_model,
     check_pair,
@@ -43,6 +42,7 @@ from vlsi_ray.prepare import (
     resolve_device,
     tiny_tokenizer,
 )
+from vlsi_ray.teacher_cache import open_cache, require_cache
 
 STAGE_FILE = "stage.json"
 _INIT_LOCK = threading.Lock()
@@ -157,8 +157,8 @@ def pretrain_tiny(cfg: RunConfig, role: str, stage: str, backbone: Backbone, row
                   writer: MetricsWriter | None, target: Path) -> list[dict]:
     """Pretrain a tiny ``role`` model from scratch by SFT on ``rows`` in this process and save it to ``target``.
 
-    The in-process runner's pretraining, and the Ray runner's for the teacher (in a Ray task placed
-    like a teacher replica); returns the per-step history.
+    The in-process runner's pretraining, and the Ray runner's (in a Ray task per model); returns the
+    per-step history.
     """
     backbone.model.to(device)
     objective = SFTObjective(backbone, chunk_size=cfg.loss.chunk_size)

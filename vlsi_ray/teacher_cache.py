@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlsi_ray.config import RunConfig, to_yaml
-from vlsi_ray.data.collate import IGNORE_INDEX
 from vlsi_ray.signals.cache import FORMAT_VERSION, MANIFEST, cache_spec
 
 #: Rows per Parquet row group: the unit :class:`~vlsi_ray.signals.cache.TeacherCache` reads.
@@ -68,10 +67,11 @@ class CacheSignals:
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
         """Columns of ``B`` train rows -> ``B`` cache rows (``id``, ``tokens`` and the signal's arrays)."""
         from vlsi_ray.actors.wire import encode_batch
+        from vlsi_ray.method.steps import response_token_counts
         from vlsi_ray.signals.cache import signal_rows
 
         batch = self.collate(rows)
-        counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+        counts = response_token_counts(batch["labels"])
         encoded = self.worker.signal(encode_batch(batch))
         return signal_rows(encoded, encoded["ids"], counts)
 
@@ -143,9 +143,10 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
 def require_cache(cfg: RunConfig) -> None:
     """Before any work: a run whose step 2 will read the teacher cache needs one (:class:`ConfigError` if absent)."""
     from vlsi_ray.config import ConfigError
+    from vlsi_ray.runner import STAGE_FILE
     from vlsi_ray.signals.cache import load_manifest
 
-    step2_done = (cfg.run_dir / "interact" / "stage.json").is_file()
+    step2_done = (cfg.run_dir / "interact" / STAGE_FILE).is_file()
     if cfg.teacher.source != "cache" or "interact" not in cfg.steps or step2_done:
         return
     try:

@@ -12,6 +12,7 @@ those whose *next* label is not -100. ``N`` below is the number of such position
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable, Iterable
 
 import torch
@@ -54,6 +55,11 @@ def response_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != -100
     return mask, labels[:, 1:][mask[:, :-1]]
+
+
+def response_token_counts(labels: Tensor) -> list[int]:
+    """Response positions per row of ``labels [B, T]``: how a batch's ``N`` signal tokens split into rows."""
+    return response_positions(labels)[0].sum(dim=1).tolist()
 
 
 def set_trainable(modules: Iterable[nn.Module], trainable: bool) -> None:
@@ -193,7 +199,7 @@ def teacher_signal(
     if not tail_samples:
         return TeacherSignal.from_logits(logits, topk, temperature)
     # Each row's samples come from its own generator: the same whatever batch the row is in.
-    ends = mask.sum(dim=1).cumsum(0).tolist()
+    ends = list(accumulate(response_token_counts(batch["labels"])))
     return TeacherSignal.cat_tokens([
         TeacherSignal.from_logits(logits[:, start:end], topk, temperature, tail_samples,
                                   tail_sample_generator(seed, [row_id], logits.device))

@@ -31,7 +31,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from vlsi_ray.data.collate import IGNORE_INDEX
+
+from vlsi_ray.method.steps import response_token_counts
 from vlsi_ray.signals.teacher_signal import STORAGE_DTYPES, TeacherSignal
 
 MANIFEST = "manifest.json"
@@ -239,7 +240,7 @@ class TeacherCache:
         """The cached signal of ``batch`` (its rows' tokens concatenated in batch order), on the batch's device."""
         started = time.perf_counter()
         rows = self.rows(batch["ids"])
-        counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+        counts = response_token_counts(batch["labels"])
         if counts != [row["tail_logmass"].shape[1] for row in rows]:
             raise ValueError(
                 f"the teacher cache {self.dir} holds other response-token counts than this batch "

@@ -1,18 +1,23 @@
 """Step-2 throughput: in-process sequential teacher+student vs the Ray teacher-actor pipeline.
 
-    python bench/pipeline.py                 # conf/tiny.yaml sizes, 40 steps, batch 16
-    python bench/pipeline.py --steps 80 --lookahead 2
+    python bench/pipeline.py                 # conf/tiny.yaml sizes, batch 16, 7 rounds of 20 steps
+    python bench/pipeline.py --rounds 9 --lookahead 2
 
 Both variants run the same objective (:class:`InteractionObjective`) on the same batches with one
 torch thread per process: (a) the teacher forward then the student step in this process; (b) the
 teacher in a Ray actor (its own core), the student here, requests pipelined ``lookahead`` batches
-ahead. Prints T_teacher and T_student (s/step, measured alone), samples/s of both variants, the
-ratio b/a and the ideal ratio (T_t + T_s) / max(T_t, T_s). Goal: b/a >= 0.9 × ideal.
+ahead. Each round measures, one after the other on the same batches, T_teacher and T_student
+(s/step, each alone), (a) and (b), with the Ray actor up throughout (its idle cost is in every
+measurement), and scores the round: b/a ÷ the ideal ratio (T_t + T_s) / max(T_t, T_s), perfect
+overlap. The machines are noisy (single measurements vary by ±15%), so the four numbers of a
+round are taken close together and the medians over ``--rounds`` rounds are printed. Goal:
+b/a >= 0.9 × ideal.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -48,9 +53,10 @@ def student_loop(objective, stepper, batches) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "conf" / "tiny.yaml"))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20, help="batches per measurement")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lookahead", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the four measurements, in turn; medians are printed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(args.config, [])
@@ -72,47 +78,60 @@ def main(argv=None) -> int:
         objective = InteractionObjective(student, s_verbs, teacher_fn, cfg.matching, torch.Generator().manual_seed(0))
         return objective, Stepper(objective.parameters(), cfg.stages.interact)
 
-    # T_teacher and T_student alone (the student against precomputed signals).
-    for b in warm:
-        local_teacher(b)
-    started = time.perf_counter()
-    signals = {tuple(b["ids"]): local_teacher(b) for b in timed}
-    t_teacher = (time.perf_counter() - started) / len(timed)
-    objective, stepper = make_objective(lambda b: signals[tuple(b["ids"])])
-    student_loop(objective, stepper, timed[:2])  # warm-up
-    t_student = student_loop(objective, stepper, timed) / len(timed)
-
-    # (a) sequential, in this process.
-    objective, stepper = make_objective(local_teacher)
-    a = len(timed) * args.batch_size / student_loop(objective, stepper, timed)
-
-    # (b) the Ray pipeline: one teacher actor on its own core, requests lookahead batches ahead.
     import ray
 
     from vlsi_ray.actors.client import TeacherClient
     from vlsi_ray.actors.teacher import TeacherPool
     from vlsi_ray.ray_runner import ray_env
 
-    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": ray_env()}, include_dashboard=False, log_to_driver=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher.save_pretrained(Path(tmp) / "teacher")
-        t_verbs.save(Path(tmp) / "verbs")
-        pool = TeacherPool(cfg.teacher_pool, Path(tmp) / "teacher", Path(tmp) / "verbs", cfg.signal.topk,
-                           cfg.loss.kd_temperature, None, cfg.signal.storage, tail_samples=cfg.signal.tail_samples, seed=cfg.seed)
-        client = TeacherClient(pool.actors, args.lookahead)
-        objective, stepper = make_objective(client)
-        student_loop(objective, stepper, client.pipelined(iter(warm)))
-        waited = client.wait_seconds
-        b = len(timed) * args.batch_size / student_loop(objective, stepper, client.pipelined(iter(timed)))
-        wait_per_step = (client.wait_seconds - waited) / len(timed)
-        pool.shutdown()
+    # The student runs in this driver (niceness 0); Ray lowers its workers to niceness 15. Equal
+    # priority for the teacher actor, so that neither side of the pipeline preempts the other.
+    env = {**ray_env(), "RAY_worker_niceness": "0"}
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
+    tmp = tempfile.TemporaryDirectory()
+    teacher.save_pretrained(Path(tmp.name) / "teacher")
+    t_verbs.save(Path(tmp.name) / "verbs")
+    pool = TeacherPool(cfg.teacher_pool, Path(tmp.name) / "teacher", Path(tmp.name) / "verbs", cfg.signal.topk,
+                       cfg.loss.kd_temperature, None, cfg.signal.storage, tail_samples=cfg.signal.tail_samples, seed=cfg.seed)
+    client = TeacherClient(pool.actors, args.lookahead)
+    for b in warm:
+        local_teacher(b)
+    objective, stepper = make_objective(client)
+    student_loop(objective, stepper, client.pipelined(iter(warm)))  # the actor's warm-up
+    signals = {tuple(b["ids"]): local_teacher(b) for b in timed}
+    fixed_objective, fixed_stepper = make_objective(lambda b: signals[tuple(b["ids"])])
+    student_loop(fixed_objective, fixed_stepper, timed[:2])
+    local_objective, local_stepper = make_objective(local_teacher)
+
+    n = len(timed)
+    runs: dict[str, list[float]] = {"t_teacher": [], "t_student": [], "a": [], "b": [], "wait": [], "actor": [], "score": []}
+    for _ in range(args.rounds):
+        started = time.perf_counter()
+        for b in timed:
+            local_teacher(b)
+        runs["t_teacher"].append((time.perf_counter() - started) / n)  # T_teacher alone
+        runs["t_student"].append(student_loop(fixed_objective, fixed_stepper, timed) / n)  # T_student alone
+        runs["a"].append(n * args.batch_size / student_loop(local_objective, local_stepper, timed))  # (a) sequential
+        waited, forward = client.wait_seconds, client.teacher_seconds
+        runs["b"].append(n * args.batch_size / student_loop(objective, stepper, client.pipelined(iter(timed))))  # (b) pipeline
+        runs["wait"].append((client.wait_seconds - waited) / n)
+        runs["actor"].append((client.teacher_seconds - forward) / n)
+        ideal = (runs["t_teacher"][-1] + runs["t_student"][-1]) / max(runs["t_teacher"][-1], runs["t_student"][-1])
+        runs["score"].append(runs["b"][-1] / runs["a"][-1] / ideal)
+        print(f"round {len(runs['score'])}: T_teacher {runs['t_teacher'][-1]:.3f}  T_student {runs['t_student'][-1]:.3f}  "
+              f"(a) {runs['a'][-1]:.1f}  (b) {runs['b'][-1]:.1f} samples/s  (actor's forward {runs['actor'][-1]:.3f})  b/a / ideal {runs['score'][-1]:.2f}", flush=True)
+    pool.shutdown()
     ray.shutdown()
+    tmp.cleanup()
+    t_teacher, t_student, a, b, wait_per_step, actor, score = (statistics.median(runs[k]) for k in runs)
 
     ideal = (t_teacher + t_student) / max(t_teacher, t_student)
-    print(f"T_teacher {t_teacher:.3f} s/step   T_student {t_student:.3f} s/step   (batch {args.batch_size}, 1 thread each)")
+    print(f"medians of {args.rounds} rounds (batch {args.batch_size}, {n} steps per measurement, 1 thread each):")
+    print(f"T_teacher {t_teacher:.3f} s/step   T_student {t_student:.3f} s/step   ideal ratio {ideal:.2f}")
     print(f"(a) in-process sequential: {a:.1f} samples/s")
-    print(f"(b) Ray actor pipeline:    {b:.1f} samples/s   student waits {wait_per_step * 1000:.0f} ms/step on the teacher")
-    print(f"ratio b/a {b / a:.2f}   ideal {ideal:.2f}   b/a / ideal {b / a / ideal:.2f} (goal >= 0.90)")
+    print(f"(b) Ray actor pipeline:    {b:.1f} samples/s   student waits {wait_per_step * 1000:.0f} ms/step on the teacher, "
+          f"whose forward takes {actor:.3f} s/step in the actor")
+    print(f"b/a / ideal, per round: median {score:.2f}, range {min(runs['score']):.2f}-{max(runs['score']):.2f} (goal >= 0.90)")
     return 0
 
 

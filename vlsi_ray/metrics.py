@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 class MetricsWriter:
@@ -31,3 +31,21 @@ def read_metrics(path: str | Path, stage: str | None = None) -> Iterator[dict]:
                 record = json.loads(line)
                 if stage is None or record.get("stage") == stage:
                     yield record
+
+
+def last_attempt(records: Iterable[dict]) -> list[dict]:
+    """One record per step, the latest: a resumed stage logs its steps again from its checkpoint on."""
+    by_step: dict[int, dict] = {}
+    for record in records:
+        by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def write_stage_summary(path: str | Path, stage: str, history: list[dict], seconds: float) -> None:
+    """Write the JSON that marks ``stage`` finished (steps, seconds, first and last loss) to ``path``."""
+    summary = {"stage": stage, "steps": len(history), "seconds": round(seconds, 1)}
+    if history:
+        summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))

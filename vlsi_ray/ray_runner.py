@@ -1,11 +1,11 @@
 """The Ray runner: teacher actors, the student on Ray Train fed by Ray Data, evaluation as Ray tasks.
 
 Same recipe as :mod:`vlsi_ray.runner` (setup → stages → evaluate → report), same objectives, same
-seeds and batch order, so with one worker it reproduces the in-process run. Each student stage is
-one ``TorchTrainer`` run whose storage is ``<run_dir>/ray_train/<stage>``: re-running the same
-command skips finished stages (``stage.json``) and resumes an interrupted one from its last
-checkpoint. The teacher lives in Ray actors: a teacher pool trains its verbalizers (step 1) and
-then answers step 2. The tiny demo models are pretrained in Ray tasks.
+seeds and batch order, so with one worker it reproduces the in-process run. The student's stages
+run in order in one ``TorchTrainer`` run whose storage is ``<run_dir>/ray_train/student``:
+re-running the same command skips finished stages (``stage.json``) and resumes an interrupted one
+from its last checkpoint. The teacher lives in Ray actors: a teacher pool trains its verbalizers
+(step 1) and then answers step 2. The tiny demo models are pretrained in Ray tasks.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from vlsi_ray.actors.client import TeacherClient
-from vlsi_ray.actors.student import StageSpec, train_student
+from vlsi_ray.actors.student import StageSpec, dataset_name, train_student
 from vlsi_ray.actors.teacher import TeacherPool
 from vlsi_ray.config import EVAL_MODELS, RunConfig, to_yaml
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.method.steps import SFT_GROUPS
-from vlsi_ray.metrics import read_metrics
+from vlsi_ray.metrics import last_attempt, read_metrics
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.prepare import check_pair_paths, new_verbalizers
 from vlsi_ray.runner import SEED_OFFSET, STAGE_FILE, Run
@@ -115,71 +115,89 @@ class RayRun(Run):
                 self._split = train_split(self.cfg.data.dir, self.cfg.data.on_error, self.cfg.data.sort_in_memory_mb)
         return self._split
 
-    def spec(self, stage: str, kind: str, settings: str, model_dir: Path, seed: int, **kw) -> StageSpec:
+    def spec(self, stage: str, kind: str, settings: str, model_dir: Path, seed: int, done_path: Path | None = None,
+             **kw) -> StageSpec:
+        """The :class:`StageSpec` of one student stage; it is finished once ``done_path`` (default
+        ``<stage>/stage.json``) exists."""
         opt = getattr(self.cfg.stages, settings)
         rows = len(self.train_rows(settings))
         total = total_optimizer_steps(opt, rows, self.cfg.train.num_workers)
         return StageSpec(stage=stage, kind=kind, settings=settings, cfg_yaml=self.cfg_yaml, model_dir=str(model_dir),
                          out_dir=str(self.stage_dir(stage.split("/")[0])), metrics_path=str(self.dir / "metrics.jsonl"),
-                         seed=seed, total_steps=total, **kw)
+                         seed=seed, total_steps=total, done_path=str(done_path or self.stage_dir(stage) / STAGE_FILE), **kw)
 
-    def fit(self, spec: StageSpec) -> list[dict]:
-        """Run one stage on Ray Train (resuming from its last checkpoint); return its logged history."""
+    def fit(self, specs: list[StageSpec]) -> None:
+        """Run the student ``specs`` in order as one Ray Train run (``<run_dir>/ray_train/student``),
+        resuming from its last checkpoint; each finished stage leaves its ``done_path``."""
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from vlsi_ray.data.ray_dataset import train_dataset
 
         _data_context()
-        cfg, opt = self.cfg, getattr(self.cfg.stages, spec.settings)
+        cfg = self.cfg
         workers = cfg.train.num_workers
-        dataset = train_dataset(self.split(), opt.tasks, spec.seed, opt.batch_size * workers,
-                                spec.total_steps * opt.grad_accum, [r["id"] for r in self.train_rows(spec.settings)])
+        datasets = {}
+        for spec in specs:
+            opt = getattr(cfg.stages, spec.settings)
+            datasets[dataset_name(spec.stage)] = train_dataset(
+                self.split(), opt.tasks, spec.seed, opt.batch_size * workers, spec.total_steps * opt.grad_accum,
+                [r["id"] for r in self.train_rows(spec.settings)])
         res = cfg.train.resources_per_worker
         per_worker = {"CPU": res.num_cpus, **res.resources}
         if self.use_gpu:
             per_worker["GPU"] = res.num_gpus or 1
-        name = spec.stage.replace("/", "-")
         trainer = TorchTrainer(
             train_student,
-            train_loop_config={"spec": spec},
+            train_loop_config={"specs": specs},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=self.use_gpu, resources_per_worker=per_worker),
             torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
-            datasets={"train": dataset},
-            dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+            datasets=datasets,
+            # One worker reads whole datasets: no split coordinator (one actor process fewer per stage).
+            dataset_config=ray.train.DataConfig(datasets_to_split="all" if workers > 1 else []),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=str(self.dir / "ray_train"),
+                name="student", storage_path=str(self.dir / "ray_train"),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
         )
+        print(f"[ray] student stages {[s.stage for s in specs]} in one Ray Train run", flush=True)
         trainer.fit()
-        history = [r for r in read_metrics(self.dir / "metrics.jsonl", spec.stage)]
-        return _last_run(history)
 
-    def pretrain(self, role: str, stage: str, backbone: Backbone, target: Path) -> list[dict]:
-        """Pretrain a tiny model in one Ray task with the in-process runner's loop (same weights as
-        ``runner=local``), placed like the role's actors: ``teacher_pool.resources`` or
-        ``train.resources_per_worker``. Pretraining only bootstraps the tiny demo models; a Ray
-        Train run's start-up (~45 s on 2 cores) is not worth it for them."""
+    def pretrain(self, role: str, stage: str) -> Path:
+        import ray
+
+        return Path(ray.get(self.start_pretraining(role, stage)[0]))
+
+    def start_pretraining(self, role: str, stage: str):
+        """Start pretraining a tiny model in a Ray task with the in-process runner's loop (same weights as
+        ``runner=local``); return the ObjectRef of its directory, and the directory of its initial
+        weights (same config and tokenizer).
+
+        The task is placed like the role's actors (``teacher_pool.resources`` or
+        ``train.resources_per_worker``) and writes the model, its ``stage.json`` and the model-cache
+        copy itself. Pretraining only bootstraps the tiny demo models: not worth a Train run's start-up.
+        """
         import ray
 
         init = self.dir / "ray_train" / f"{stage}-init"
-        backbone.save_pretrained(init)
+        self.init_model(role).save_pretrained(init)
         if role == "teacher":
             res = self.cfg.teacher_pool.resources
             gpus = res.num_gpus
         else:  # as a Train worker would be placed
             res = self.cfg.train.resources_per_worker
             gpus = (res.num_gpus or 1) if self.use_gpu else 0
+        cache = self.model_cache(role, stage)
         task = ray.remote(_pretrain_task).options(num_cpus=res.num_cpus, num_gpus=gpus, resources=dict(res.resources) or None)
-        return ray.get(task.remote(self.cfg_yaml, role, stage, str(init), self.train_rows(stage),
-                                   str(self.dir / "metrics.jsonl"), str(target)))
+        ref = task.remote(self.cfg_yaml, role, stage, str(init), self.train_rows(stage), str(self.dir / "metrics.jsonl"),
+                          str(self.stage_dir(stage)), None if cache is None else str(cache))
+        return ref, init
 
-    def evaluate(self, named_dirs: dict[str, Path]) -> None:
+    def evaluate(self, named_dirs: dict) -> None:
         """Start the test pass of each checkpoint in ``eval_models`` as ``eval_tasks`` Ray tasks (one slice
         of the test split each) and return at once: the passes run while later stages train;
-        :meth:`accuracy` collects them."""
+        :meth:`accuracy` collects them. A directory may be an ObjectRef (a model still training)."""
         import ray
 
         named_dirs = {name: path for name, path in named_dirs.items() if name in self.cfg.eval_models}
@@ -191,7 +209,8 @@ class RayRun(Run):
         res = self.cfg.train.resources_per_worker
         task = ray.remote(_predict_letters).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
         for name, path in named_dirs.items():
-            self._evals[name] = [task.remote(str(path), self.cfg_yaml, rows) for rows in self._test_slices]
+            path = path if isinstance(path, ray.ObjectRef) else str(path)
+            self._evals[name] = [task.remote(path, self.cfg_yaml, rows) for rows in self._test_slices]
 
     def accuracy(self) -> dict[str, dict]:
         """Wait for every test pass started by :meth:`evaluate`; return the accuracies by model name."""
@@ -207,17 +226,10 @@ class RayRun(Run):
         return results
 
 
-def _last_run(history: list[dict]) -> list[dict]:
-    """The records of the latest attempt: a resumed stage logs steps again from its checkpoint on."""
-    by_step: dict[int, dict] = {}
-    for record in history:
-        by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def _pretrain_task(cfg_yaml: str, role: str, stage: str, init_dir: str, rows: list[dict], metrics_path: str,
-                   target: str) -> list[dict]:
-    """:func:`vlsi_ray.runner.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``, saved to ``target``."""
+                   target: str, cache: str | None) -> str:
+    """:func:`vlsi_ray.runner.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``,
+    saved to ``target`` (and ``cache``); returns ``target``."""
     from vlsi_ray.config import config_from_yaml
     from vlsi_ray.env import set_offline_defaults
     from vlsi_ray.metrics import MetricsWriter
@@ -228,7 +240,8 @@ def _pretrain_task(cfg_yaml: str, role: str, stage: str, init_dir: str, rows: li
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
     backbone = Backbone.from_pretrained(init_dir, device=device)
-    return pretrain_tiny(cfg, role, stage, backbone, rows, device, MetricsWriter(metrics_path), Path(target))
+    return str(pretrain_tiny(cfg, role, stage, backbone, rows, device, MetricsWriter(metrics_path), Path(target),
+                             None if cache is None else Path(cache)))
 
 
 def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict]) -> list[str]:
@@ -245,8 +258,64 @@ def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict]) -> list[st
     return predict_letters(backbone, rows, make_collator(backbone, cfg), letter_token_ids(backbone.tokenizer), cfg.eval_batch_size, device)
 
 
+class StageWatcher:
+    """Runs a callback once a stage's summary file appears: evaluations and clean-ups of the stages of
+    a Train run that is still going. One thread polls the files in the order they were registered."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.pending: list[tuple[Path, Callable[[], None]]] = []
+        self.error: BaseException | None = None
+        self._final = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="stage-watcher", daemon=True)
+
+    def on(self, done_path: str | Path, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once ``done_path`` exists (at once if it does already)."""
+        self.pending.append((Path(done_path), callback))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while self.pending and not self._stop.is_set():
+            path, callback = self.pending[0]
+            if not path.is_file():
+                if self._final.is_set():
+                    self.error = RuntimeError(f"the Train run ended without writing {path}; see its log above.")
+                    return
+                self._stop.wait(self.interval)
+                continue
+            self.pending.pop(0)
+            try:
+                callback()
+            except BaseException as err:  # re-raised in the driver by finish()
+                self.error = err
+                return
+
+    def finish(self) -> None:
+        """After the Train run: run the callbacks still due, then raise the first error, if any."""
+        self._final.set()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """Stop polling (the run failed); callbacks not yet run are dropped."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 def run_ray(cfg: RunConfig) -> dict:
-    """Run every stage in ``cfg.steps`` on Ray (joining or starting a cluster) and return the report dict."""
+    """Run every stage in ``cfg.steps`` on Ray (joining or starting a cluster) and return the report dict.
+
+    The teacher pretrains in a Ray task while the student pretrains in another; the student's stages
+    then run as one Train run (:meth:`RayRun.fit`) while the teacher finishes: its pool is created
+    on the ObjectRef of the teacher's directory, so its replicas load the teacher, and step 1's
+    teacher side runs, as soon as the teacher is saved; step 2's client holds its first request
+    until then.
+    """
     import ray
 
     started = time.perf_counter()
@@ -257,102 +326,110 @@ def run_ray(cfg: RunConfig) -> dict:
     if cfg.teacher.path and cfg.student.path:  # real checkpoints: refuse an incompatible pair before any training
         check_pair_paths(cfg.teacher.path, cfg.student.path)  # configs and tokenizers only: cheap on the head
 
-    def sft_stage(stage: str, source: Path) -> Path:
-        out = run.stage_dir(stage) / "student"
-        if not run.finished(stage):
-            t0 = time.perf_counter()
-            spec = run.spec(stage, "sft", "sft", source, cfg.seed + SEED_OFFSET[stage], lora=cfg.stages.sft_lora,
-                            groups=list(SFT_GROUPS), model_out=str(out))
-            run.finish(stage, run.fit(spec), t0)
-        return out
+    # teacher_dir: the teacher's directory, or the ObjectRef of it while it pretrains; its initial
+    # weights have the same config and tokenizer (all the pair check reads).
+    teacher_dir = teacher_config = run.reuse("teacher", "pretrain_teacher")
+    if teacher_dir is None:
+        teacher_dir, teacher_config = run.start_pretraining("teacher", "pretrain_teacher")
+    student_base_dir = run.pretrained("student", "pretrain_student")
+    vocab = check_pair_paths(teacher_config, student_base_dir)
+    run.evaluate({"student_base": student_base_dir, "teacher": teacher_dir})
 
-    # The teacher's pretraining and the student's chain (its pretraining, the SFT-only baseline and
-    # its side of step 1) do not depend on each other: they run at the same time. Evaluations start
-    # as soon as their checkpoint exists and run beside the stages that follow.
+    def resolved_teacher() -> Path:
+        return Path(ray.get(teacher_dir)) if isinstance(teacher_dir, ray.ObjectRef) else teacher_dir
+
     step1, step2 = run.stage_dir("verbalize"), run.stage_dir("interact")
-    train_step1 = "verbalize" in cfg.steps and not run.finished("verbalize")
-    with ThreadPoolExecutor(max_workers=1) as background:
-        teacher_future = background.submit(run.pretrained, "teacher", "pretrain_teacher")
-        student_base_dir = run.pretrained("student", "pretrain_student")
-        run.evaluate({"student_base": student_base_dir})
-        if cfg.baseline_sft and "sft" in cfg.steps:
-            run.evaluate({"student_sft_only": sft_stage("baseline_sft", student_base_dir)})
-        student_step1: list[dict] = []
-        if train_step1:  # the student's verb-FFNs need only the student: trained while the teacher pretrains
-            spec = run.spec("verbalize/student", "verbalize", "verbalize", student_base_dir,
-                            cfg.seed + SEED_OFFSET["verbalize/student"], verbalizers_out=str(step1 / "student_verbalizers"))
-            student_step1 = _last_run(read_metrics(run.dir / "metrics.jsonl", spec.stage))
-            finished = student_step1 and student_step1[-1]["step"] == spec.total_steps
-            if not (finished and (step1 / "student_verbalizers" / "verbalizers.json").is_file()):  # else a rerun: done
-                student_step1 = run.fit(spec)
-        teacher_dir = teacher_future.result()
-    vocab = check_pair_paths(teacher_dir, student_base_dir)
-    run.evaluate({"teacher": teacher_dir})
-
     if "verbalize" not in cfg.steps and not run.finished("verbalize"):  # untrained verb-FFNs (the logit lens at zero-init)
-        for role, model_dir in (("teacher", teacher_dir), ("student", student_base_dir)):
+        for role, model_dir in (("teacher", resolved_teacher()), ("student", student_base_dir)):
             verbs = new_verbalizers(cfg, role, Backbone.from_pretrained(model_dir), cfg.seed + SEED_OFFSET[f"verbalize/{role}"])
             verbs.save(step1 / f"{role}_verbalizers")
-
-    # The teacher's side of step 1 and step 2 share one teacher pool: replica 0 trains the teacher's
-    # verb-FFNs while step 2's workers start; their first requests wait in the replicas' queues until
-    # the verbalizers are saved (the other replicas load them then).
+    train_step1 = "verbalize" in cfg.steps and not run.finished("verbalize")
     run_step2 = "interact" in cfg.steps and not run.finished("interact")
     live = run_step2 and cfg.teacher.source == "live"
-    pool = teacher_job = bookkeeping = None
-    if train_step1 or live:
-        pool = TeacherPool(cfg.teacher_pool, teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
-                           cfg.signal.storage, tail_samples=cfg.signal.tail_samples,
-                           seed=cfg.seed + SEED_OFFSET["interact"], step1_dir=step1 / "teacher_verbalizers")
+
+    pool = None
+    step1_calls: list = []  # the pool's step-1 calls; step 2's client sends nothing before they finish
+    watcher = StageWatcher()
     try:
+        # One teacher pool for the teacher's side of step 1 and for step 2: replica 0 trains the
+        # teacher's verb-FFNs; the other replicas load them once saved.
+        if train_step1 or live:
+            pool = TeacherPool(cfg.teacher_pool, teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
+                               cfg.signal.storage, tail_samples=cfg.signal.tail_samples,
+                               seed=cfg.seed + SEED_OFFSET["interact"], step1_dir=step1 / "teacher_verbalizers")
+        specs: list[StageSpec] = []
+
+        def stage(name: str, make_spec: Callable[[Path], StageSpec], after: Callable[[], None],
+                  done_path: Path | None = None) -> None:
+            """Queue student stage ``name`` for the Train run unless it is finished; ``after`` runs once it is."""
+            done_path = done_path or run.stage_dir(name) / STAGE_FILE
+            if not done_path.is_file():
+                specs.append(make_spec(done_path))
+            watcher.on(done_path, after)
+
+        def sft_spec(name: str, source: Path) -> Callable[[Path], StageSpec]:
+            return lambda done: run.spec(name, "sft", "sft", source, cfg.seed + SEED_OFFSET[name], done, lora=cfg.stages.sft_lora,
+                                         groups=list(SFT_GROUPS), model_out=str(run.stage_dir(name) / "student"))
+
+        if cfg.baseline_sft and "sft" in cfg.steps:
+            stage("baseline_sft", sft_spec("baseline_sft", student_base_dir),
+                  lambda: run.evaluate({"student_sft_only": run.stage_dir("baseline_sft") / "student"}))
+
         if train_step1:
             t0 = time.perf_counter()
             teacher_job = pool.actors[0].train_verbalizers.remote(
                 run.cfg_yaml, run.train_rows("verbalize"), str(step1 / "teacher_verbalizers"),
                 cfg.seed + SEED_OFFSET["verbalize/teacher"])
-            for actor in pool.actors[1:]:
-                actor.load_verbalizers.remote(str(step1 / "teacher_verbalizers"), teacher_job)
+            step1_calls = [teacher_job] + [actor.load_verbalizers.remote(str(step1 / "teacher_verbalizers"), teacher_job)
+                                           for actor in pool.actors[1:]]
 
-            def finish_step1() -> None:
+            def finish_step1() -> None:  # both sides done: the teacher's history joins the student's
                 teacher_history = ray.get(teacher_job)
                 for record in teacher_history:
                     run.writer.write(record)
-                run.finish("verbalize", teacher_history + student_step1, t0)
+                run.finish("verbalize", teacher_history + last_attempt(read_metrics(run.dir / "metrics.jsonl", "verbalize/student")), t0)
+                if not live:
+                    pool.shutdown()
 
-            if live:  # step 1's bookkeeping waits for the teacher beside step 2
-                bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verbalize-bookkeeping")
-                step1_done = bookkeeping.submit(finish_step1)
-            else:
-                finish_step1()
+            stage("verbalize/student", lambda done: run.spec(
+                "verbalize/student", "verbalize", "verbalize", student_base_dir, cfg.seed + SEED_OFFSET["verbalize/student"],
+                done, verbalizers_out=str(step1 / "student_verbalizers")), finish_step1, step1 / "stage.student.json")
+            if run_step2 and not live:  # the cache's spec names the teacher's step-1 verbalizers
+                ray.get(teacher_job)
 
-        # Step 2: interaction, the teacher pool (or the teacher cache) streaming compact signals to the student workers.
-        if run_step2:
-            t0 = time.perf_counter()
-            if live:
-                step2.mkdir(parents=True, exist_ok=True)
-                (step2 / "teacher_placement.json").write_text(json.dumps(pool.infos, indent=2))
-                print(f"[interact] teacher replicas on {[(i['node_id'][:8], i['device']) for i in pool.infos]}", flush=True)
-                teacher = TeacherClient(pool.actors, cfg.teacher_pool.lookahead)
-            else:  # no teacher actors: the workers read the cached signal
-                teacher = open_cache(cfg, teacher_dir, student_base_dir, step1 / "teacher_verbalizers", vocab)
-            spec = run.spec("interact", "interact", "interact", student_base_dir, cfg.seed + SEED_OFFSET["interact"],
-                            verbalizer_dir=str(step1 / "student_verbalizers"), lora=True, teacher=teacher, vocab=vocab,
-                            model_out=str(step2 / "student"), verbalizers_out=str(step2 / "student_verbalizers"))
-            history = run.fit(spec)
-            if bookkeeping is not None:
-                step1_done.result()  # a failed teacher side of step 1 raises here
-            run.finish("interact", history, t0)
+        if "interact" in cfg.steps:
+            def interact_spec(done: Path) -> StageSpec:
+                if live:  # the teacher pool streams compact signals to the student workers
+                    teacher = TeacherClient(pool.actors, cfg.teacher_pool.lookahead, ready=step1_calls)
+                else:  # no teacher actors: the workers read the cached signal
+                    teacher = open_cache(cfg, resolved_teacher(), student_base_dir, step1 / "teacher_verbalizers", vocab)
+                return run.spec("interact", "interact", "interact", student_base_dir, cfg.seed + SEED_OFFSET["interact"], done,
+                                verbalizer_dir=str(step1 / "student_verbalizers"), lora=True, teacher=teacher, vocab=vocab,
+                                model_out=str(step2 / "student"), verbalizers_out=str(step2 / "student_verbalizers"))
+
+            def after_step2() -> None:
+                if live:
+                    (step2 / "teacher_placement.json").write_text(json.dumps(pool.infos, indent=2))
+                    print(f"[interact] teacher replicas were on {[(i['node_id'][:8], i['device']) for i in pool.infos]}", flush=True)
+                    pool.shutdown()
+                run.evaluate({"vlsi_without_sft": step2 / "student"})
+
+            stage("interact", interact_spec, after_step2)
+
+        if "sft" in cfg.steps:
+            source = step2 / "student" if "interact" in cfg.steps or run.finished("interact") else student_base_dir
+            stage("sft", sft_spec("sft", source), lambda: run.evaluate({"vlsi": run.stage_dir("sft") / "student"}))
+
+        watcher.start()
+        if specs:
+            run.fit(specs)
+        watcher.finish()
     finally:
-        if bookkeeping is not None:
-            bookkeeping.shutdown(wait=True)
+        watcher.stop()
         if pool is not None:
             pool.shutdown()
-    if "interact" in cfg.steps:
-        run.evaluate({"vlsi_without_sft": step2 / "student"})
-
-    if "sft" in cfg.steps:
-        source = step2 / "student" if (step2 / STAGE_FILE).is_file() else student_base_dir
-        run.evaluate({"vlsi": sft_stage("sft", source)})
+    if isinstance(teacher_dir, ray.ObjectRef):
+        ray.get(teacher_dir)  # a run without teacher stages still waits for (and saves) its teacher
 
     results = run.accuracy()
     report = {"run": cfg.name, "runner": "ray", "seconds": round(time.perf_counter() - started, 1), "accuracy": results,

@@ -7,7 +7,6 @@ loads what they wrote. The Ray runner drives the same objectives from :mod:`vlsi
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -29,7 +28,7 @@ from vlsi_ray.method.steps import (
     VerbalizationObjective,
     teacher_signal,
 )
-from vlsi_ray.metrics import MetricsWriter
+from vlsi_ray.metrics import MetricsWriter, write_stage_summary
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import (
@@ -54,7 +53,7 @@ SEED_OFFSET = {"verbalize/teacher": 3, "verbalize/student": 4, "sft": 5, "baseli
 class Run(ABC):
     """State shared by both runners: config, data, metrics writer, the run directory and stage bookkeeping.
 
-    Subclasses say how a tiny model is pretrained (:meth:`pretrain`): in this process or on Ray Train.
+    Subclasses say how a tiny model is pretrained (:meth:`pretrain`): in this process or in a Ray task.
     """
 
     def __init__(self, cfg: RunConfig):
@@ -75,11 +74,7 @@ class Run(ABC):
         return (self.stage_dir(name) / STAGE_FILE).is_file()
 
     def finish(self, name: str, history: list[dict], started: float) -> None:
-        summary = {"stage": name, "steps": len(history), "seconds": round(time.perf_counter() - started, 1)}
-        if history:
-            summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
-        self.stage_dir(name).mkdir(parents=True, exist_ok=True)
-        (self.stage_dir(name) / STAGE_FILE).write_text(json.dumps(summary, indent=2))
+        write_stage_summary(self.stage_dir(name) / STAGE_FILE, name, history, time.perf_counter() - started)
 
     def train_rows(self, stage: str) -> list[dict]:
         tasks = getattr(self.cfg.stages, stage).tasks
@@ -90,43 +85,52 @@ class Run(ABC):
 
     # -- models ------------------------------------------------------------------------------
     def pretrained(self, role: str, stage: str) -> Path:
-        """The directory of the teacher or student base.
+        """The directory of the teacher or student base: :meth:`reuse`'s, else a tiny model pretrained now."""
+        found = self.reuse(role, stage)
+        return found if found is not None else self.pretrain(role, stage)
 
-        A local checkpoint (``path``), a cached tiny model, or a tiny model pretrained now by
-        :meth:`pretrain` (or left at random init when ``stage`` is not in ``steps``, which the run says).
+    def reuse(self, role: str, stage: str) -> Path | None:
+        """The teacher's or student base's directory when nothing needs training, else None.
+
+        A local checkpoint (``path``), a tiny model pretrained before (in this run or the model
+        cache), or, when ``stage`` is not in ``steps``, a tiny model saved at random init (the run says so).
         """
         model_cfg = getattr(self.cfg, role)
         if model_cfg.path is not None:
             print(f"[{role}] using the checkpoint in {model_cfg.path}", flush=True)
             return Path(model_cfg.path)
-        opt = getattr(self.cfg.stages, stage)
-        trains = stage in self.cfg.steps
-        key = model_key(model_cfg, opt if trains else None, self.cfg.data.synthetic, self.cfg.seed)
-        target = self.stage_dir(stage)
-        cache = Path(self.cfg.teacher_cache_dir) / f"{role}-{key}" if self.cfg.teacher_cache_dir else None
+        target, cache = self.stage_dir(stage), self.model_cache(role, stage)
         for source in (target, cache):
             if source is not None and (source / STAGE_FILE).is_file():
                 print(f"[{role}] reusing the tiny {role} in {source}", flush=True)
                 if source != target:  # a copy (a few MB), so the run directory holds every model it used
                     shutil.copytree(source, target, dirs_exist_ok=True)
                 return target
-        with _INIT_LOCK:  # initialisation seeds torch's global RNG: one model at a time (Ray runs two threads)
-            backbone = build_model(model_cfg, role, self.tokenizer, torch.device("cpu"))
-        started = time.perf_counter()
-        history: list[dict] = []
-        if trains:
-            history = self.pretrain(role, stage, backbone, target)
-        else:
-            print(f"[{role}] {stage} is not in steps: the tiny {role} stays at random init", flush=True)
-            backbone.save_pretrained(target)
-        self.finish(stage, history, started)
+        if stage in self.cfg.steps:
+            return None
+        print(f"[{role}] {stage} is not in steps: the tiny {role} stays at random init", flush=True)
+        self.init_model(role).save_pretrained(target)
+        write_stage_summary(target / STAGE_FILE, stage, [], 0.0)
         if cache is not None:
             shutil.copytree(target, cache, dirs_exist_ok=True)
         return target
 
+    def model_cache(self, role: str, stage: str) -> Path | None:
+        """Where a tiny ``role`` model with these settings is kept across runs (``teacher_cache_dir``), or None."""
+        if not self.cfg.teacher_cache_dir:
+            return None
+        model_cfg, opt = getattr(self.cfg, role), getattr(self.cfg.stages, stage)
+        key = model_key(model_cfg, opt if stage in self.cfg.steps else None, self.cfg.data.synthetic, self.cfg.seed)
+        return Path(self.cfg.teacher_cache_dir) / f"{role}-{key}"
+
+    def init_model(self, role: str) -> Backbone:
+        """A tiny ``role`` model at its seeded random init, on the CPU."""
+        with _INIT_LOCK:  # initialisation seeds torch's global RNG: one model at a time (Ray runs two threads)
+            return build_model(getattr(self.cfg, role), role, self.tokenizer, torch.device("cpu"))
+
     @abstractmethod
-    def pretrain(self, role: str, stage: str, backbone: Backbone, target: Path) -> list[dict]:
-        """Train a tiny model from scratch by SFT and save it to ``target``; return the history."""
+    def pretrain(self, role: str, stage: str) -> Path:
+        """Pretrain a tiny ``role`` model from scratch by SFT (:func:`pretrain_tiny`); return its directory."""
 
 
 class LocalRun(Run):
@@ -146,26 +150,31 @@ class LocalRun(Run):
             self.cfg.seed + seed_offset, self.device, self.writer, modules,
         )
 
-    def pretrain(self, role: str, stage: str, backbone: Backbone, target: Path) -> list[dict]:
-        return pretrain_tiny(self.cfg, role, stage, backbone, self.train_rows(stage), self.device, self.writer, target)
+    def pretrain(self, role: str, stage: str) -> Path:
+        return pretrain_tiny(self.cfg, role, stage, self.init_model(role), self.train_rows(stage), self.device, self.writer,
+                             self.stage_dir(stage), self.model_cache(role, stage))
 
     def load(self, path: Path) -> Backbone:
         return Backbone.from_pretrained(path, device=self.device)
 
 
 def pretrain_tiny(cfg: RunConfig, role: str, stage: str, backbone: Backbone, rows: list[dict], device: torch.device,
-                  writer: MetricsWriter | None, target: Path) -> list[dict]:
-    """Pretrain a tiny ``role`` model from scratch by SFT on ``rows`` in this process and save it to ``target``.
+                  writer: MetricsWriter | None, target: Path, cache: Path | None = None) -> Path:
+    """Pretrain a tiny ``role`` model from scratch by SFT on ``rows`` in this process; return ``target``.
 
-    The in-process runner's pretraining, and the Ray runner's (in a Ray task per model); returns the
-    per-step history.
+    The in-process runner's pretraining, and the Ray runner's (in a Ray task per model). Saves the
+    model and its ``stage.json`` to ``target``, and a copy to ``cache`` when given.
     """
+    started = time.perf_counter()
     backbone.model.to(device)
     objective = SFTObjective(backbone, chunk_size=cfg.loss.chunk_size)
     history = train_stage(stage, objective, objective.parameters(), rows, make_collator(backbone, cfg),
                           getattr(cfg.stages, stage), cfg.seed + PRETRAIN_SEED_OFFSET[role], device, writer, [backbone.model])
     backbone.save_pretrained(target)
-    return history
+    write_stage_summary(Path(target) / STAGE_FILE, stage, history, time.perf_counter() - started)
+    if cache is not None:
+        shutil.copytree(target, cache, dirs_exist_ok=True)
+    return Path(target)
 
 
 def run_local(cfg: RunConfig) -> dict:

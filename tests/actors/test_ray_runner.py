@@ -68,21 +68,28 @@ def test_ray_step2_equals_in_process_through_a_worker_restart(local_ray, shared_
 
 
 def test_resume_after_a_failure_continues_the_same_trajectory(local_ray, shared_data, local_reference):
-    """Stop after step 4 (a checkpoint), re-run the same command: steps 5..8 equal the uninterrupted run."""
+    """Steps 2 and 3 in one Train run; stop after step 4 of step 2 (a checkpoint), re-run the same
+    command: steps 5..8 equal the uninterrupted run, then step 3 starts from its own beginning (the
+    run's latest checkpoint belongs to step 2) and runs once."""
     from vlsi_ray.ray_runner import run_ray
 
-    name = "resume"
+    name, chain = "resume", ["steps=[interact,sft]", "stages.sft.max_steps=3"]
     with pytest.raises(Exception):
-        run_ray(load_config(None, interact_only(shared_data, name, "train.fail_at_step=5", "train.max_failures=0")))
-    cfg = load_config(None, interact_only(shared_data, name))
+        run_ray(load_config(None, interact_only(shared_data, name, "train.fail_at_step=5", "train.max_failures=0", *chain)))
+    cfg = load_config(None, interact_only(shared_data, name, *chain))
     first = interact_records(cfg)
     assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
-    run_ray(cfg)
+    assert not (cfg.run_dir / "interact" / "stage.json").exists()
+    report = run_ray(cfg)
     resumed = interact_records(cfg)
     assert [r["step"] for r in resumed] == list(range(1, INTERACT_STEPS + 1))
     for ours, ref in zip(resumed[4:], local_reference[4:]):
         assert ours["matched"] == ref["matched"]
         assert abs(ours["loss"] - ref["loss"]) <= 1e-6 * max(1.0, abs(ref["loss"]))
+    assert [r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl", "sft")] == [1, 2, 3]
+    assert json.loads((cfg.run_dir / "sft" / "stage.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in (cfg.run_dir / "ray_train").iterdir() if not p.name.endswith("-init")) == ["student"]
+    assert set(report["accuracy"]) == {"teacher", "student_base", "vlsi_without_sft", "vlsi"}
 
 
 def test_killed_teacher_is_restarted_and_every_row_is_consumed_once(local_ray, shared_data):

@@ -22,12 +22,16 @@ class TeacherClient:
     """Callable ``batch -> TeacherSignal`` over teacher actors (Ray actor handles of ``TeacherWorker``).
 
     ``offset`` staggers the round-robin start so that several student workers spread over replicas.
+    ``ready``: ObjectRefs of calls that must finish before the first request (step 1 training the
+    replicas' verbalizers: an actor orders the calls of one caller, not those of different callers).
     """
 
-    def __init__(self, actors: Sequence, lookahead: int = 2, offset: int = 0, resubmit_attempts: int = 2):
+    def __init__(self, actors: Sequence, lookahead: int = 2, offset: int = 0, resubmit_attempts: int = 2,
+                 ready: Sequence = ()):
         if not actors:
             raise ValueError("TeacherClient needs at least one teacher actor; check teacher_pool.replicas.")
         self.actors = list(actors)
+        self.ready = list(ready)
         self.lookahead = lookahead
         self.resubmit_attempts = resubmit_attempts
         self._next = offset
@@ -52,6 +56,13 @@ class TeacherClient:
         key = batch_key(batch)
         if key in self._pending:
             return
+        if self.ready:  # the replicas are not answering yet: the student waits for the teacher
+            import ray
+
+            started = time.perf_counter()
+            ray.get(self.ready)
+            self.ready = []
+            self.wait_seconds += time.perf_counter() - started
         encoded = encode_batch(batch)
         self._pending[key] = (self._send(encoded), encoded)
 

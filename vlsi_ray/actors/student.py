@@ -1,13 +1,16 @@
 """The student side on Ray Train: one train loop for every stage, fed by Ray Data.
 
-:func:`train_student` is the ``train_loop_per_worker`` of a ``TorchTrainer``. It rebuilds the
-stage's objective from :mod:`vlsi_ray.method.steps` (the same objects the in-process runner
-uses), reads its shard of the Ray Dataset, and runs :func:`vlsi_ray.method.loop.run_steps`. For
-step 2 the teacher is a :class:`TeacherClient` over the teacher actors, pipelined with
-``lookahead``. Every ``train.checkpoint_every`` steps rank 0 reports a checkpoint holding the
-trainable weights (LoRA, verb-FFNs or the fine-tuned LLM), the optimizer, the matching RNG and the
-step; the data position is ``step × grad_accum`` batches, so a restarted or re-run stage skips
-exactly what it consumed. The teacher is never in a checkpoint.
+:func:`train_student` is the ``train_loop_per_worker`` of a ``TorchTrainer``; one Train run holds
+the student's whole chain of stages (the SFT baseline, its side of step 1, step 2, step 3), so the
+run's start-up (seven actor processes, ~40 CPU-seconds on 2 cores) is paid once. For each stage it
+rebuilds the objective from :mod:`vlsi_ray.method.steps` (the same objects the in-process runner
+uses), reads the stage's Ray Dataset, and runs :func:`vlsi_ray.method.loop.run_steps`. For step 2
+the teacher is a :class:`TeacherClient` over the teacher actors, pipelined with ``lookahead``.
+Every ``train.checkpoint_every`` steps each rank reports a checkpoint tagged with its stage,
+holding the trainable weights (LoRA, verb-FFNs or the fine-tuned LLM), the optimizer, the matching
+RNG and the step; the data position is ``step × grad_accum`` batches, so a restarted or re-run
+stage skips exactly what it consumed. A finished stage leaves its summary at ``done_path``
+(written after its outputs) and is skipped from then on. The teacher is never in a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 STATE_FILE = "train_state.rank{rank}.pt"  # one per rank: ZeRO optimizer state is partitioned
+TAG_FILE = "stage.json"  # in every checkpoint: the stage that wrote it
 
 
 @dataclass
@@ -43,6 +47,7 @@ class StageSpec:
     metrics_path: str
     seed: int
     total_steps: int
+    done_path: str  # the stage's summary JSON, written by rank 0 once its outputs are saved
     verbalizer_dir: str | None = None
     lora: bool = False
     groups: list[str] | None = None
@@ -135,21 +140,57 @@ def _batches(shard, collate, batch_size: int, skip: int) -> Iterator[dict]:
     yield from it
 
 
+def dataset_name(stage: str) -> str:
+    """The Train run's dataset key of ``stage`` (its rows in that stage's order)."""
+    return stage.replace("/", "-")
+
+
 def train_student(config: dict) -> None:
-    """``train_loop_per_worker``: run one stage (``config["spec"]``: a :class:`StageSpec`) on this worker."""
+    """``train_loop_per_worker``: run ``config["specs"]`` (:class:`StageSpec` list) in order on this worker.
+
+    A stage whose ``done_path`` exists is skipped. The run's latest checkpoint resumes the stage that
+    wrote it, so a restarted worker skips the finished stages and continues the interrupted one.
+    """
+    import ray.train
+
+    from vlsi_ray.env import set_offline_defaults
+
+    set_offline_defaults()
+    checkpoint = ray.train.get_checkpoint()
+    tag = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            tag = json.loads((Path(d) / TAG_FILE).read_text())["stage"]
+    for spec in config["specs"]:
+        if Path(spec.done_path).is_file():
+            continue
+        _train_stage(spec, checkpoint if tag == spec.stage else None, fresh_run=checkpoint is None)
+        _barrier()  # the next stage may load what rank 0 just saved
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
+    """One stage on this worker, from ``checkpoint`` (one this stage wrote) or from the start.
+
+    ``fresh_run``: the Train run has no checkpoint at all (``train.fail_at_step`` fires only then).
+    """
     import ray.train
     import ray.train.torch
 
     from vlsi_ray.config import config_from_yaml
-    from vlsi_ray.env import set_offline_defaults
     from vlsi_ray.method.loop import run_steps
-    from vlsi_ray.metrics import MetricsWriter
+    from vlsi_ray.metrics import MetricsWriter, last_attempt, read_metrics, write_stage_summary
     from vlsi_ray.models.backbone import Backbone
     from vlsi_ray.prepare import make_collator
     from vlsi_ray.tracking import Tracker
 
-    set_offline_defaults()
-    spec: StageSpec = config["spec"]
+    started = time.perf_counter()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
@@ -161,7 +202,6 @@ def train_student(config: dict) -> None:
     stepper = _make_stepper(stage.objective.parameters(), opt, cfg.train, stage.modules)
 
     start = 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         world = ctx.get_world_size()
         with checkpoint.as_directory() as d:
@@ -180,15 +220,16 @@ def train_student(config: dict) -> None:
         if rank == 0:
             print(f"[{spec.stage}] resuming after step {start} from {checkpoint.path}", flush=True)
 
-    batches = _batches(ray.train.get_dataset_shard("train"), make_collator(backbone, cfg), opt.batch_size, start * opt.grad_accum)
+    shard = ray.train.get_dataset_shard(dataset_name(spec.stage))
+    batches = _batches(shard, make_collator(backbone, cfg), opt.batch_size, start * opt.grad_accum)
     batches = itertools.islice(batches, (spec.total_steps - start) * opt.grad_accum)  # no teacher request past the end
     teacher = spec.teacher
     if teacher is not None:
         teacher.start_at(rank)
         batches = teacher.pipelined(batches)
     if cfg.train.log_ids:
-        batches = _audit(batches, Path(spec.out_dir) / f"consumed_ids.{spec.stage.replace('/', '-')}.rank{rank}.jsonl")
-    _write_placement(Path(spec.out_dir) / f"placement.{spec.stage.replace('/', '-')}.rank{rank}.json", device)
+        batches = _audit(batches, Path(spec.out_dir) / f"consumed_ids.{dataset_name(spec.stage)}.rank{rank}.jsonl")
+    _write_placement(Path(spec.out_dir) / f"placement.{dataset_name(spec.stage)}.rank{rank}.json", device)
     writer = MetricsWriter(spec.metrics_path) if rank == 0 else None
     tracker = Tracker(cfg.ray.logger if rank == 0 else "none", Path(spec.metrics_path).parent, cfg.name, spec.stage,
                       {"stage": spec.stage, "settings": spec.settings, "workers": ctx.get_world_size()})
@@ -204,7 +245,7 @@ def train_student(config: dict) -> None:
 
     def after_step(step: int, record: dict) -> None:
         tracker.log(record, step)
-        if cfg.train.fail_at_step == step and checkpoint is None:
+        if cfg.train.fail_at_step == step and fresh_run:
             raise RuntimeError(f"injected failure after step {step} (train.fail_at_step={step})")
         last = step == spec.total_steps
         save = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
@@ -218,6 +259,7 @@ def train_student(config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({"trainable": stage.trainable_state(stepper), "optimizer": stepper.state_dict(),
                             "generator": stage.generator.get_state(), "step": step}, Path(tmp) / STATE_FILE.format(rank=rank))
+                (Path(tmp) / TAG_FILE).write_text(json.dumps({"stage": spec.stage, "step": step}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -233,6 +275,8 @@ def train_student(config: dict) -> None:
     if rank == 0:
         if teacher is not None:
             print(f"[{spec.stage}] teacher: {json.dumps({k: round(v, 3) for k, v in teacher.counters().items()})}", flush=True)
+        history = last_attempt(read_metrics(spec.metrics_path, spec.stage))
+        write_stage_summary(spec.done_path, spec.stage, history, time.perf_counter() - started)
 
 
 def _write_placement(path: Path, device: torch.device) -> None:

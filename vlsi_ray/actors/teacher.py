@@ -21,7 +21,9 @@ from vlsi_ray.env import set_offline_defaults
 class TeacherWorker:
     """One teacher replica: the frozen teacher and its verbalizers on this process's device.
 
-    ``model_dir`` is a ``save_pretrained`` directory; ``verbalizer_dir`` (optional until step 2)
+    ``model_dir`` is a ``save_pretrained`` directory, or a one-element list holding the ObjectRef
+    of one (a teacher still training: Ray passes nested refs unresolved, so the replica starts now
+    and waits for it here; a restarted replica resolves it again); ``verbalizer_dir`` (optional until step 2)
     one written by :meth:`Verbalizers.save`. ``signal`` options: ``topk`` (None = dense, a debug
     option), ``temperature``, ``vocab_size`` (shared vocab prefix), ``storage`` (wire dtype),
     ``tail_samples`` and the ``seed`` their draw is seeded from, with each row's id (see
@@ -31,7 +33,7 @@ class TeacherWorker:
     that loads them from there.
     """
 
-    def __init__(self, model_dir: str, verbalizer_dir: str | None = None, topk: int | None = 64,
+    def __init__(self, model_dir: str | list, verbalizer_dir: str | None = None, topk: int | None = 64,
                  temperature: float = 1.0, vocab_size: int | None = None, storage: str = "float16",
                  device: str = "auto", *, tail_samples: int = 0, seed: int = 0, step1_dir: str | None = None):
         set_offline_defaults()
@@ -39,6 +41,10 @@ class TeacherWorker:
         from vlsi_ray.prepare import resolve_device
 
         self.device = resolve_device(device)
+        if isinstance(model_dir, list):
+            import ray
+
+            model_dir = ray.get(model_dir[0])
         self.model_dir = str(model_dir)
         import torch
 
@@ -137,9 +143,11 @@ class TeacherPool:
     (:class:`TeacherWorker`).
     Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``);
     the placement group keeps the pool together (PACK) or apart (SPREAD) as configured.
+    ``model_dir`` may be the ObjectRef of the path (a teacher still pretraining): the replicas start
+    at once and load the teacher when it resolves; calls made on them meanwhile wait in their queues.
     """
 
-    def __init__(self, pool_cfg, model_dir: str | Path, verbalizer_dir: str | Path | None, topk: int | None,
+    def __init__(self, pool_cfg, model_dir, verbalizer_dir: str | Path | None, topk: int | None,
                  temperature: float, vocab_size: int | None, storage: str, tail_samples: int = 0, seed: int = 0,
                  step1_dir: str | Path | None = None):
         import ray
@@ -158,23 +166,36 @@ class TeacherPool:
                 "or wait longer for the autoscaler."
             )
         actor_cls = ray.remote(TeacherWorker)
+        model_arg = [model_dir] if isinstance(model_dir, ray.ObjectRef) else str(model_dir)  # nested: resolved in the replica
         self.actors = [
             actor_cls.options(
                 num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=dict(res.resources) or None,
                 max_restarts=pool_cfg.max_restarts, max_task_retries=pool_cfg.max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(str(model_dir), None if verbalizer_dir is None else str(verbalizer_dir), topk, temperature,
-                     vocab_size, storage, tail_samples=tail_samples, seed=seed,
-                     step1_dir=None if step1_dir is None else str(step1_dir))
+            ).remote(model_arg, None if verbalizer_dir is None else str(verbalizer_dir), topk, temperature, vocab_size,
+                     storage, tail_samples=tail_samples, seed=seed, step1_dir=None if step1_dir is None else str(step1_dir))
             for i in range(pool_cfg.replicas)
         ]
-        self.infos = ray.get([a.info.remote() for a in self.actors])
+        self._infos: list[dict] | None = None
+        self._shut = False
+
+    @property
+    def infos(self) -> list[dict]:
+        """Each replica's :meth:`TeacherWorker.info` (waits for the replicas to be up)."""
+        import ray
+
+        if self._infos is None:
+            self._infos = ray.get([a.info.remote() for a in self.actors])
+        return self._infos
 
     def shutdown(self) -> None:
-        """Kill the actors and free the placement group."""
+        """Kill the actors and free the placement group (once; later calls do nothing)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if self._shut:
+            return
+        self._shut = True
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)

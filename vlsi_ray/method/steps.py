@@ -111,7 +111,7 @@ class SFTObjective:
 
     def __call__(self, batch: dict) -> StepOutput:
         """Mean response-token cross-entropy of the final layer; logs ``loss``."""
-        out = self.backbone.forward(model_inputs(batch))
+        out = self.backbone.forward(model_inputs(batch), logits=False)
         mask, targets = response_positions(batch["labels"])
         h = out.hidden_states[-1][mask]  # already final-normed
         loss = verbalized_ce(h, self.backbone.lm_head, targets, self.chunk_size).mean()
@@ -139,7 +139,7 @@ class VerbalizationObjective:
     def __call__(self, batch: dict) -> StepOutput:
         """Sum of per-layer CE; logs ``loss`` and ``ce/<layer>``."""
         with torch.no_grad():
-            out = self.backbone.forward(model_inputs(batch))
+            out = self.backbone.forward(model_inputs(batch), logits=False)
         mask, targets = response_positions(batch["labels"])
         device = next(self.verbalizers.parameters()).device
         targets = targets.to(device)
@@ -187,7 +187,7 @@ def teacher_signal(
     if tail_samples and "ids" not in batch:
         raise KeyError("teacher_signal with tail_samples needs the batch's row 'ids' to seed the draw; collate it with ChatCollator.")
     vocab = vocab_size or teacher.vocab_size
-    out = teacher.forward(model_inputs(batch))
+    out = teacher.forward(model_inputs(batch), logits=False)
     mask, _ = response_positions(batch["labels"])
     device = teacher.lm_head.weight.device
     layers = []
@@ -285,7 +285,7 @@ class InteractionObjective:
     def __call__(self, batch: dict) -> StepOutput:
         """Matched intermediate KLs + last-layer term; logs per-layer KL and the matched indices."""
         signal = self.teacher(batch)
-        out = self.student.forward(model_inputs(batch))
+        out = self.student.forward(model_inputs(batch), logits=False)
         mask, targets = response_positions(batch["labels"])
         layers = self.verbalizers.layers
         hidden = [out.hidden_states[layer][mask] for layer in layers]

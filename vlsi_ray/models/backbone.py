@@ -87,10 +87,11 @@ def build_image_processor(family: str, image_size: int = 112, **kwargs):
 
 @dataclass
 class BackboneOutput:
-    """``hidden_states``: ``L + 1`` tensors ``[B, T, d]`` (see module docstring); ``logits [B, T, V]``."""
+    """``hidden_states``: ``L + 1`` tensors ``[B, T, d]`` (see module docstring); ``logits [B, T, V]``
+    (None when :meth:`Backbone.forward` was asked not to compute them)."""
 
     hidden_states: tuple[Tensor, ...]
-    logits: Tensor
+    logits: Tensor | None
 
 
 def _get_path(module: nn.Module, dotted: str) -> nn.Module:
@@ -178,14 +179,17 @@ class Backbone:
         return LM_LORA_TARGETS
 
     # ----- forward --------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> BackboneOutput:
+    def forward(self, batch: dict[str, Any], logits: bool = True) -> BackboneOutput:
         """Run the model on a collated batch (extra keys such as ``labels``/``ids`` are ignored).
 
         ``input_ids [B, T]``, ``attention_mask [B, T]`` and the family's vision inputs ->
-        ``hidden_states`` (``L + 1`` × ``[B, T, d]``) and ``logits [B, T, V]``.
+        ``hidden_states`` (``L + 1`` × ``[B, T, d]``) and ``logits [B, T, V]``. ``logits=False``
+        skips the LM head over every position (``logits`` is None): the training objectives apply
+        their heads to the response positions only, and ``[B, T, V]`` is large at a real vocab.
         """
-        out = self.model(**self.model_inputs(batch), output_hidden_states=True, use_cache=False, return_dict=True)
-        return BackboneOutput(hidden_states=tuple(out.hidden_states), logits=out.logits)
+        keep = {} if logits else {"logits_to_keep": 1}
+        out = self.model(**self.model_inputs(batch), output_hidden_states=True, use_cache=False, return_dict=True, **keep)
+        return BackboneOutput(hidden_states=tuple(out.hidden_states), logits=out.logits if logits else None)
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The family's model inputs of a collated batch, on the model's device (floats in its dtype)."""

@@ -24,7 +24,7 @@ from vlsi_ray.config import EVAL_MODELS, RunConfig, to_yaml
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.method.steps import SFT_GROUPS
-from vlsi_ray.metrics import last_attempt, read_metrics
+from vlsi_ray.metrics import last_attempt, read_metrics, write_stage_summary
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.prepare import check_pair_paths, new_verbalizers
 from vlsi_ray.runner import SEED_OFFSET, STAGE_FILE, Run
@@ -376,7 +376,7 @@ def run_ray(cfg: RunConfig) -> dict:
                   lambda: run.evaluate({"student_sft_only": run.stage_dir("baseline_sft") / "student"}))
 
         if train_step1:
-            t0 = time.perf_counter()
+            student_done = step1 / "stage.student.json"  # the student's side; stage.json once both are done
             teacher_job = pool.actors[0].train_verbalizers.remote(
                 run.cfg_yaml, run.train_rows("verbalize"), str(step1 / "teacher_verbalizers"),
                 cfg.seed + SEED_OFFSET["verbalize/teacher"])
@@ -384,16 +384,19 @@ def run_ray(cfg: RunConfig) -> dict:
                                            for actor in pool.actors[1:]]
 
             def finish_step1() -> None:  # both sides done: the teacher's history joins the student's
-                teacher_history = ray.get(teacher_job)
-                for record in teacher_history:
+                teacher = ray.get(teacher_job)
+                for record in teacher["history"]:
                     run.writer.write(record)
-                run.finish("verbalize", teacher_history + last_attempt(read_metrics(run.dir / "metrics.jsonl", "verbalize/student")), t0)
+                student = last_attempt(read_metrics(run.dir / "metrics.jsonl", "verbalize/student"))
+                student_seconds = json.loads(student_done.read_text())["seconds"]
+                # seconds: both sides' training (they ran at different times, beside other work)
+                write_stage_summary(step1 / STAGE_FILE, "verbalize", teacher["history"] + student, teacher["seconds"] + student_seconds)
                 if not live:
                     pool.shutdown()
 
             stage("verbalize/student", lambda done: run.spec(
                 "verbalize/student", "verbalize", "verbalize", student_base_dir, cfg.seed + SEED_OFFSET["verbalize/student"],
-                done, verbalizers_out=str(step1 / "student_verbalizers")), finish_step1, step1 / "stage.student.json")
+                done, verbalizers_out=str(step1 / "student_verbalizers")), finish_step1, student_done)
             if run_step2 and not live:  # the cache's spec names the teacher's step-1 verbalizers
                 ray.get(teacher_job)
 

@@ -114,16 +114,17 @@ class TeacherWorker:
         out["seconds"] = np.array(time.perf_counter() - started)
         return out
 
-    def train_verbalizers(self, cfg_yaml: str, rows: list[dict], out_dir: str, seed: int) -> list[dict]:
+    def train_verbalizers(self, cfg_yaml: str, rows: list[dict], out_dir: str, seed: int) -> dict:
         """Step 1 on the teacher's side: train its verb-FFNs where the teacher lives; save to ``out_dir``.
 
-        ``rows`` are the stage's train rows; returns the per-step metrics history.
+        ``rows`` are the stage's train rows; returns ``{"history": per-step metrics, "seconds": its duration}``.
         """
         from vlsi_ray.config import config_from_yaml
         from vlsi_ray.method.loop import train_stage
         from vlsi_ray.method.steps import VerbalizationObjective
         from vlsi_ray.prepare import make_collator, new_verbalizers
 
+        started = time.perf_counter()
         cfg = config_from_yaml(cfg_yaml)
         verbs = new_verbalizers(cfg, "teacher", self.backbone, seed)
         objective = VerbalizationObjective(self.backbone, verbs, cfg.loss.chunk_size)
@@ -132,7 +133,7 @@ class TeacherWorker:
                               modules=[verbs])
         verbs.save(out_dir)
         self.verbalizers = verbs.eval()
-        return history
+        return {"history": history, "seconds": time.perf_counter() - started}
 
 
 class TeacherPool:

@@ -50,6 +50,11 @@ def student_loop(objective, stepper, batches) -> float:
     return time.perf_counter() - started
 
 
+def ideal_ratio(t_teacher: float, t_student: float) -> float:
+    """b/a with perfect overlap: (T_t + T_s) / max(T_t, T_s)."""
+    return (t_teacher + t_student) / max(t_teacher, t_student)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "conf" / "tiny.yaml"))
@@ -116,16 +121,15 @@ def main(argv=None) -> int:
         runs["b"].append(n * args.batch_size / student_loop(objective, stepper, client.pipelined(iter(timed))))  # (b) pipeline
         runs["wait"].append((client.wait_seconds - waited) / n)
         runs["actor"].append((client.teacher_seconds - forward) / n)
-        ideal = (runs["t_teacher"][-1] + runs["t_student"][-1]) / max(runs["t_teacher"][-1], runs["t_student"][-1])
-        runs["score"].append(runs["b"][-1] / runs["a"][-1] / ideal)
+        runs["score"].append(runs["b"][-1] / runs["a"][-1] / ideal_ratio(runs["t_teacher"][-1], runs["t_student"][-1]))
         print(f"round {len(runs['score'])}: T_teacher {runs['t_teacher'][-1]:.3f}  T_student {runs['t_student'][-1]:.3f}  "
               f"(a) {runs['a'][-1]:.1f}  (b) {runs['b'][-1]:.1f} samples/s  (actor's forward {runs['actor'][-1]:.3f})  b/a / ideal {runs['score'][-1]:.2f}", flush=True)
     pool.shutdown()
     ray.shutdown()
     tmp.cleanup()
-    t_teacher, t_student, a, b, wait_per_step, actor, score = (statistics.median(runs[k]) for k in runs)
-
-    ideal = (t_teacher + t_student) / max(t_teacher, t_student)
+    t_teacher, t_student, a, b, wait_per_step, actor, score = (
+        statistics.median(runs[k]) for k in ("t_teacher", "t_student", "a", "b", "wait", "actor", "score"))
+    ideal = ideal_ratio(t_teacher, t_student)
     print(f"medians of {args.rounds} rounds (batch {args.batch_size}, {n} steps per measurement, 1 thread each):")
     print(f"T_teacher {t_teacher:.3f} s/step   T_student {t_student:.3f} s/step   ideal ratio {ideal:.2f}")
     print(f"(a) in-process sequential: {a:.1f} samples/s")

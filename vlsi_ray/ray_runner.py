@@ -301,10 +301,9 @@ class StageWatcher:
             raise self.error
 
     def stop(self) -> None:
-        """Stop polling (the run failed); callbacks not yet run are dropped."""
+        """Stop polling (the run failed); callbacks not yet run are dropped. Does not wait for one in
+        progress (it may be waiting on the teacher): the thread is a daemon."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 def run_ray(cfg: RunConfig) -> dict:

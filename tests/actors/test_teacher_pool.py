@@ -129,24 +129,25 @@ def test_pool_pipelines_with_bounded_in_flight_requests(local_ray, teacher_dirs)
 def test_pool_on_a_teacher_still_training_answers_after_step1(local_ray, teacher_dirs, tmp_path):
     """The pool starts on the ObjectRef of a teacher that is not saved yet; a client in another process
     (a Train worker in the runner) sends nothing before the driver's step-1 call has given the replica
-    its verbalizers, although an actor does not order calls from different callers."""
+    its verbalizers. An actor does not order calls from different callers: here the step-1 call
+    reaches the replica seconds after the client's first request would have."""
     model_dir, verb_dir, batches = teacher_dirs
 
     @local_ray.remote
-    def teacher_saved(path: str) -> str:  # stands in for the teacher's pretraining task
+    def later(path: str, seconds: float) -> str:  # a path that resolves after ``seconds`` (a training task)
         import time
 
-        time.sleep(2)
+        time.sleep(seconds)
         return path
 
     @local_ray.remote
     def student(client: TeacherClient, batch: dict) -> np.ndarray:
         return client(batch).topk_ids.numpy()
 
-    pool = TeacherPool(TeacherPoolConfig(replicas=1), teacher_saved.remote(str(model_dir)), None, 16, 1.0, None, "float32",
+    pool = TeacherPool(TeacherPoolConfig(replicas=1), later.remote(str(model_dir), 1.0), None, 16, 1.0, None, "float32",
                        step1_dir=tmp_path / "not_yet")
     try:
-        step1 = pool.actors[0].load_verbalizers.remote(str(verb_dir))
+        step1 = pool.actors[0].load_verbalizers.remote(later.remote(str(verb_dir), 10.0))
         ids = local_ray.get(student.remote(TeacherClient(pool.actors, ready=[step1]), batches[0]))
         expected = TeacherWorker(str(model_dir), str(verb_dir), topk=16, storage="float32", device="cpu").signal(encode_batch(batches[0]))
         np.testing.assert_array_equal(ids, expected["topk_ids"])

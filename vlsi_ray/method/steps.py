@@ -12,7 +12,6 @@ those whose *next* label is not -100. ``N`` below is the number of such position
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Callable, Iterable
 
 import torch
@@ -199,7 +198,7 @@ def teacher_signal(
     if not tail_samples:
         return TeacherSignal.from_logits(logits, topk, temperature)
     # Each row's samples come from its own generator: the same whatever batch the row is in.
-    ends = list(accumulate(response_token_counts(batch["labels"])))
+    ends = mask.sum(dim=1).cumsum(0).tolist()  # row ends among the N response tokens
     return TeacherSignal.cat_tokens([
         TeacherSignal.from_logits(logits[:, start:end], topk, temperature, tail_samples,
                                   tail_sample_generator(seed, [row_id], logits.device))

@@ -11,12 +11,14 @@ ahead. Each round measures, one after the other on the same batches, T_teacher a
 measurement), and scores the round: b/a ÷ the ideal ratio (T_t + T_s) / max(T_t, T_s), perfect
 overlap. The machines are noisy (single measurements vary by ±15%), so the four numbers of a
 round are taken close together and the medians over ``--rounds`` rounds are printed. Goal:
-b/a >= 0.9 × ideal.
+b/a >= 0.9 × ideal. Every process uses the allocator settings of the Ray runner's workers
+(``ray.tune_malloc``, :data:`vlsi_ray.env.MALLOC_ENV`); ``--default-malloc`` keeps glibc's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -26,8 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlsi_ray.env import set_offline_defaults  # noqa: E402
+from vlsi_ray.env import malloc_env, set_offline_defaults  # noqa: E402
 
+if "--default-malloc" not in sys.argv and malloc_env():
+    # glibc reads its settings at process start: run again with those of the Ray runner's workers
+    # (ray.tune_malloc), so that (a), (b) and the actor use the same allocator. The actor inherits them.
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **malloc_env()})
 set_offline_defaults()
 
 import torch  # noqa: E402
@@ -62,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lookahead", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the four measurements, in turn; medians are printed")
+    parser.add_argument("--default-malloc", action="store_true", help="glibc's default allocator settings (ray.tune_malloc=false)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(args.config, [])

@@ -66,6 +66,7 @@ def test_overrides_apply():
         (["matching.search_range=false"], ["matching.order_preservation"]),
         (["loss.intermediate=l2"], ["loss.intermediate", "kl"]),
         (["loss.intermediate=none", "loss.last_layer=none"], ["without a loss"]),
+        (["eval_priority=low"], ["eval_priority", "idle"]),
         (["steps=[verbalise]"], ["steps", "verbalise"]),
         (["student.family=llava_onevision"], ["same family"]),
         (["stages.sft.min_lr=1.0"], ["stages.sft"]),

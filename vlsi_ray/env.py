@@ -1,12 +1,29 @@
-"""Process environment defaults: offline Hugging Face, offline wandb, DeepSpeed on CPU without CUDA."""
+"""Process environment: offline Hugging Face and wandb, DeepSpeed on CPU without CUDA, malloc, idle CPU priority."""
 
 from __future__ import annotations
 
 import os
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 #: Variables :func:`set_offline_defaults` chose for this process (not the user): each process decides
 #: those for itself, so Ray runners do not forward them (a GPU-less head must not say cpu to GPU workers).
 DEFAULTED: set[str] = set()
+
+
+#: glibc malloc settings for training processes: keep freed memory for reuse instead of returning it
+#: to the OS. With glibc's defaults every CPU training step of the tiny models page-faults 2,000–4,000
+#: times (activations freed by munmap/trim, re-faulted next step); with these, ~10 (measured), and
+#: steps run 10–15% faster on these 2-core machines. Allocations of 32 MiB and more are still mmapped
+#: and returned; a process keeps at most 1 GiB of free heap. glibc reads them at process start.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
+
+
+def malloc_env() -> dict[str, str]:
+    """:data:`MALLOC_ENV`, or nothing when the user set any ``MALLOC_*`` variable (their settings stand)."""
+    return {} if any(k.startswith("MALLOC_") for k in os.environ) else dict(MALLOC_ENV)
 
 
 def set_offline_defaults() -> None:
@@ -26,3 +43,32 @@ def set_offline_defaults() -> None:
 def _has_cuda_device() -> bool:
     # Cheap check that does not import torch: NVIDIA's driver exposes /dev/nvidia0 when a GPU is present.
     return os.path.exists("/dev/nvidia0")
+
+
+def at_idle_priority(fn: Callable[[], T]) -> T:
+    """``fn()`` run in a thread of Linux's lowest CPU scheduling class (``SCHED_IDLE``); its result.
+
+    Such a thread only gets CPU time that no other thread of the machine wants, so work that is not
+    on the critical path (the Ray runner's test passes) never slows a training process sharing its
+    cores. The class is set on a throw-away thread because an unprivileged process cannot leave it;
+    elsewhere than Linux ``fn`` runs at normal priority. With one torch thread (a 1-CPU Ray task)
+    all of ``fn``'s compute runs in that thread.
+    """
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):  # not Linux, or a kernel without SCHED_IDLE
+            pass
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="idle-priority", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

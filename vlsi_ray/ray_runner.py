@@ -31,17 +31,20 @@ from vlsi_ray.runner import SEED_OFFSET, STAGE_FILE, Run
 from vlsi_ray.teacher_cache import open_cache, require_cache
 
 
-def ray_env() -> dict[str, str]:
-    """Environment variables every actor and worker gets: the offline defaults and quieter Train logs.
+def ray_env(tune_malloc: bool = False) -> dict[str, str]:
+    """Environment variables every actor and worker gets: the offline defaults and quieter Train logs,
+    and with ``tune_malloc`` (``ray.tune_malloc``) :func:`vlsi_ray.env.malloc_env`'s allocator settings.
 
     ``DS_ACCELERATOR`` goes along only when the user set it: otherwise each worker picks its own
     (cuda where it sees a GPU), whatever the driver's machine has.
     """
-    from vlsi_ray.env import DEFAULTED
+    from vlsi_ray.env import DEFAULTED, malloc_env
 
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "WANDB_SILENT", "DS_ACCELERATOR",
                                        "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY") if k in os.environ and k not in DEFAULTED}
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # worker progress lines once, not twice
+    if tune_malloc:
+        env.update(malloc_env())
     return env
 
 
@@ -55,14 +58,14 @@ def connect(cfg: RunConfig) -> str:
         return "already connected"
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": ray_env()})
+        ray.init(address=address, runtime_env={"env_vars": ray_env(cfg.ray.tune_malloc)})
         return f"cluster at {address}"
     try:  # a Ray already running on this machine
-        ray.init(address="auto", runtime_env={"env_vars": ray_env()})
+        ray.init(address="auto", runtime_env={"env_vars": ray_env(cfg.ray.tune_malloc)})
         return "the Ray cluster running on this machine"
     except ConnectionError:
         pass
-    runtime_env: dict = {"env_vars": ray_env()}
+    runtime_env: dict = {"env_vars": ray_env(cfg.ray.tune_malloc)}
     # A local Ray is one machine that nobody drains: Ray Train's preemption watcher (one more actor
     # process per Train run) has nothing to watch.
     runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
@@ -245,17 +248,23 @@ def _pretrain_task(cfg_yaml: str, role: str, stage: str, init_dir: str, rows: li
 
 
 def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict]) -> list[str]:
-    """The option letter the checkpoint at ``model_dir`` picks for each of ``rows`` (a Ray task)."""
+    """The option letter the checkpoint at ``model_dir`` picks for each of ``rows`` (a Ray task), computed
+    at idle CPU priority unless ``eval_priority=normal``: the pass runs beside later stages."""
     from vlsi_ray.config import config_from_yaml
-    from vlsi_ray.env import set_offline_defaults
+    from vlsi_ray.env import at_idle_priority, set_offline_defaults
     from vlsi_ray.eval.accuracy import letter_token_ids, predict_letters
     from vlsi_ray.prepare import make_collator, resolve_device
 
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
-    backbone = Backbone.from_pretrained(model_dir, device=device)
-    return predict_letters(backbone, rows, make_collator(backbone, cfg), letter_token_ids(backbone.tokenizer), cfg.eval_batch_size, device)
+
+    def predict() -> list[str]:
+        backbone = Backbone.from_pretrained(model_dir, device=device)
+        return predict_letters(backbone, rows, make_collator(backbone, cfg), letter_token_ids(backbone.tokenizer),
+                               cfg.eval_batch_size, device)
+
+    return at_idle_priority(predict) if cfg.eval_priority == "idle" else predict()
 
 
 class StageWatcher:

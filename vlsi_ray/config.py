@@ -156,7 +156,7 @@ class RayConfig:
     include_dashboard: bool = True  # local Ray only: the dashboard process (~15% of a core while it runs)
     logger: str = "wandb"  # wandb (offline unless WANDB_MODE says otherwise) | none
     # Workers keep freed memory for reuse (vlsi_ray.env.MALLOC_ENV: ~10 instead of thousands of page
-    # faults per CPU training step, 10-15% faster); MALLOC_* variables the user set win.
+    # faults per CPU training step, 10-20% faster); MALLOC_* variables the user set win.
     tune_malloc: bool = True
 
 

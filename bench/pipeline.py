@@ -3,7 +3,7 @@
     python bench/pipeline.py                 # conf/tiny.yaml sizes, batch 16, 7 rounds of 20 steps
     python bench/pipeline.py --rounds 9 --lookahead 2
 
-Both variants run the same objective (:class:`InteractionObjective`) on the same batches with one
+All three run the same objective (:class:`InteractionObjective`) on the same batches with one
 torch thread per process: (a) the teacher forward then the student step in this process; (b) the
 teacher in a Ray actor (its own core), the student here, requests pipelined ``lookahead`` batches
 ahead; (c) the same two processes both busy at once with nothing to wait for: the actor answers every
@@ -12,8 +12,9 @@ processes on two cores slow each other down (shared caches and memory), which th
 ignores. Each round measures, one after the other on the same batches, T_teacher and T_student
 (s/step, each alone), (a), (b) and (c), with the Ray actor up throughout (its idle cost is in every
 measurement), and scores the round: b/a ÷ the ideal ratio (T_t + T_s) / max(T_t, T_s), perfect
-overlap, beside c/a ÷ the ideal ratio, the ceiling of that score here. The machines are noisy (single measurements vary by ±15%), so the four numbers of a
-round are taken close together and the medians over ``--rounds`` rounds are printed. Goal:
+overlap, beside c/a ÷ the ideal ratio, the ceiling of that score here. The machines are noisy
+(single measurements vary by ±15%), so the five numbers of a round are taken close together and
+the medians over ``--rounds`` rounds are printed. Goal:
 b/a >= 0.9 × ideal. Every process uses the allocator settings of the Ray runner's workers
 (``ray.tune_malloc``, :data:`vlsi_ray.env.MALLOC_ENV`); ``--default-malloc`` keeps glibc's.
 """
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="batches per measurement")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lookahead", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7, help="rounds of the four measurements, in turn; medians are printed")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the five measurements, in turn; medians are printed")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's default allocator settings (ray.tune_malloc=false)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

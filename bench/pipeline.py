@@ -149,17 +149,16 @@ def main(argv=None) -> int:
     pool.shutdown()
     ray.shutdown()
     tmp.cleanup()
-    t_teacher, t_student, a, b, c, wait_per_step, actor, score, ceiling = (
-        statistics.median(runs[k]) for k in ("t_teacher", "t_student", "a", "b", "c", "wait", "actor", "score", "ceiling"))
-    ideal = ideal_ratio(t_teacher, t_student)
+    m = {k: statistics.median(v) for k, v in runs.items()}  # the medians over the rounds
     print(f"medians of {args.rounds} rounds (batch {args.batch_size}, {n} steps per measurement, 1 thread each):")
-    print(f"T_teacher {t_teacher:.3f} s/step   T_student {t_student:.3f} s/step   ideal ratio {ideal:.2f}")
-    print(f"(a) in-process sequential: {a:.1f} samples/s")
-    print(f"(b) Ray actor pipeline:    {b:.1f} samples/s   student waits {wait_per_step * 1000:.0f} ms/step on the teacher, "
-          f"whose forward takes {actor:.3f} s/step in the actor")
-    print(f"(c) both at once, no waiting (this machine's ceiling for b): {c:.1f} samples/s;  b/c {b / c:.2f}")
-    print(f"b/a / ideal, per round: median {score:.2f}, range {min(runs['score']):.2f}-{max(runs['score']):.2f} (goal >= 0.90); "
-          f"the ceiling c/a / ideal: median {ceiling:.2f}, range {min(runs['ceiling']):.2f}-{max(runs['ceiling']):.2f}")
+    print(f"T_teacher {m['t_teacher']:.3f} s/step   T_student {m['t_student']:.3f} s/step   "
+          f"ideal ratio {ideal_ratio(m['t_teacher'], m['t_student']):.2f}")
+    print(f"(a) in-process sequential: {m['a']:.1f} samples/s")
+    print(f"(b) Ray actor pipeline:    {m['b']:.1f} samples/s   student waits {m['wait'] * 1000:.0f} ms/step on the teacher, "
+          f"whose forward takes {m['actor']:.3f} s/step in the actor")
+    print(f"(c) both at once, no waiting (this machine's ceiling for b): {m['c']:.1f} samples/s;  b/c {m['b'] / m['c']:.2f}")
+    print(f"b/a / ideal, per round: median {m['score']:.2f}, range {min(runs['score']):.2f}-{max(runs['score']):.2f} (goal >= 0.90); "
+          f"the ceiling c/a / ideal: median {m['ceiling']:.2f}, range {min(runs['ceiling']):.2f}-{max(runs['ceiling']):.2f}")
     return 0
 
 

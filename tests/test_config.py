@@ -94,3 +94,75 @@ def test_target_rule():
     assert TargetLayersConfig(start=2, every=4).resolve(28) == [2, 6, 10, 14, 18, 22, 26]
     assert TargetLayersConfig(layers=[3, 1]).resolve(8) == [1, 3]
     assert TargetLayersConfig().resolve(4) == [1, 2, 3]
+
+
+def _config_keys(cls, prefix: str = "") -> tuple[set[str], set[str]]:
+    """(leaf keys, group keys) of a config dataclass, dotted."""
+    import dataclasses
+    import typing
+
+    leaves, groups = set(), set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            groups.add(key)
+            sub_leaves, sub_groups = _config_keys(hints[f.name], key + ".")
+            leaves |= sub_leaves
+            groups |= sub_groups
+        else:
+            leaves.add(key)
+    return leaves, groups
+
+
+def _documented_keys(markdown: str, stages: list[str]) -> set[str]:
+    """The keys named in the first column of ``markdown``'s ``| key | default | meaning |`` tables.
+
+    Notation: ```a.b` / `.c` `` (a sibling of the previous key), ```a.b/c/d` `` (siblings), ``<stage>``
+    (every stage).
+    """
+    import re
+
+    keys: set[str] = set()
+    in_table = False
+    for line in markdown.splitlines():
+        if line.startswith("| key | default | meaning |"):
+            in_table = True
+            continue
+        if not line.startswith("|"):
+            in_table = False
+        if not in_table or line.startswith("|---"):
+            continue
+        previous = ""
+        for token in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if token.startswith("."):
+                token = previous.rsplit(".", 1)[0] + token
+            head, *siblings = token.split("/")
+            parent = head.rsplit(".", 1)[0] + "." if "." in head else ""
+            for key in [head, *(parent + s for s in siblings)]:
+                keys |= {key.replace("<stage>", s) for s in stages} if "<stage>" in key else {key}
+            previous = head
+    return keys
+
+
+def test_readme_documents_every_config_key():
+    """Every key of :class:`RunConfig` is in one of the README's key tables (or under a documented
+    group such as ``teacher_pool.resources``), and every key the tables name exists."""
+    from vlsi_ray.config import STEPS, RunConfig
+
+    leaves, groups = _config_keys(RunConfig)
+    documented = _documented_keys((ROOT / "README.md").read_text(), list(STEPS))
+    assert documented, "found no | key | default | meaning | table in README.md"
+    unknown = documented - leaves - groups
+    assert not unknown, f"README.md documents keys the config does not have: {sorted(unknown)}"
+    missing = {k for k in leaves if k not in documented and not any(k.startswith(g + ".") for g in documented & groups)}
+    assert not missing, f"README.md's key tables lack: {sorted(missing)}"
+
+
+def test_documented_keys_notation():
+    table = "\n".join([
+        "| key | default | meaning |", "|---|---|---|",
+        "| `a.b` / `.c` | 1 | x `not.a.key` |", "| `d.e/f/g` | 1 | y |", "| `s.<stage>.lr` | 1 | z |", "",
+        "| `outside.a.table` | 1 | w |",
+    ])
+    assert _documented_keys(table, ["p", "q"]) == {"a.b", "a.c", "d.e", "d.f", "d.g", "s.p.lr", "s.q.lr"}

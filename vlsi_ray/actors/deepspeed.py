@@ -22,6 +22,24 @@ from vlsi_ray.config import OptimConfig
 #: ZeRO stages ``train.deepspeed_stage`` accepts (0 is plain data parallelism without DeepSpeed).
 ZERO_STAGES = (2, 3)
 
+#: DeepSpeed's shared-memory all-reduce op on the CPU accelerator (``ShareMemCommBuilder.NAME``).
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce on the CPU accelerator.
+
+    DeepSpeed's communication backend builds that C++ op when it starts (57 s on a fresh 2-core
+    machine, once per machine), only for ``inference_all_reduce``, which ZeRO training never calls
+    (its collectives go through ``torch.distributed``: gloo here). Marking the op incompatible in
+    DeepSpeed's probe of compatible ops skips the build; the CUDA accelerator has no such op.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
 
 def deepspeed_config(opt: OptimConfig, stage: int) -> dict:
     """The DeepSpeed config of one stage: micro-batch, accumulation, clipping and the ZeRO stage."""
@@ -59,6 +77,7 @@ class DeepSpeedStepper:
 
         if stage not in ZERO_STAGES:
             raise ValueError(f"train.deepspeed_stage must be one of {ZERO_STAGES} for DeepSpeed (0 disables it), got {stage}.")
+        skip_shm_comm_build()  # before DeepSpeed's communication backend starts
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             deepspeed.init_distributed()
         self.stage = stage

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from vlsi_ray.config import load_config
@@ -103,12 +104,16 @@ def test_killed_teacher_is_restarted_and_every_row_is_consumed_once(local_ray, s
         deadline = time.time() + 600
         while time.time() < deadline:
             if sum(1 for _ in read_metrics(metrics, "interact")) >= 2:
-                from ray.util.state import list_actors
-
-                cluster = local_ray.get_runtime_context().gcs_address  # this test's Ray, not another one on the machine
-                for actor in list_actors(address=cluster, filters=[("class_name", "=", "TeacherWorker"), ("state", "=", "ALIVE")]):
-                    os.kill(actor.pid, signal.SIGKILL)
-                    killed["pid"] = actor.pid
+                # This test's Ray runs below this process (not another one on the machine); a Ray
+                # worker is titled "ray::<class>" or "ray::<class>.<method>" while it runs one.
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        title = (proc.cmdline() or [""])[0]  # Ray pads the title with empty arguments
+                    except psutil.Error:  # ended meanwhile
+                        continue
+                    if title == "ray::TeacherWorker" or title.startswith("ray::TeacherWorker."):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed["pid"] = proc.pid
                 return
             time.sleep(0.2)
 

@@ -48,6 +48,26 @@ def ray_env(tune_malloc: bool = False) -> dict[str, str]:
     return env
 
 
+def local_runtime_env(tune_malloc: bool, include_dashboard: bool) -> dict:
+    """The job runtime env of a local Ray the runner starts: :func:`ray_env`, no preemption watcher,
+    and without the dashboard a hook that quiets Ray Train's placement-group cleaner."""
+    runtime_env: dict = {"env_vars": ray_env(tune_malloc)}
+    # A local Ray is one machine that nobody drains: Ray Train's preemption watcher (one more actor
+    # process per Train run) has nothing to watch.
+    runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                                       os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
+    if not include_dashboard:
+        def quiet_placement_group_cleaner() -> None:  # nested: cloudpickle ships it by value to every worker
+            import logging
+
+            # Without the dashboard there is no State API: Ray Train's placement-group cleaner then
+            # warns once a second per Train run that it cannot query the controller.
+            logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+        runtime_env["worker_process_setup_hook"] = quiet_placement_group_cleaner
+    return runtime_env
+
+
 def connect(cfg: RunConfig) -> str:
     """Join the cluster at ``ray.address`` (or ``RAY_ADDRESS``), else a Ray already running on this machine
     (e.g. ``ray start --head``; Ray's ``address="auto"``), else start a local Ray (``ray.num_cpus``/``num_gpus``);
@@ -57,30 +77,17 @@ def connect(cfg: RunConfig) -> str:
     if ray.is_initialized():
         return "already connected"
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": ray_env(cfg.ray.tune_malloc)}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": ray_env(cfg.ray.tune_malloc)})
+        ray.init(address=address, runtime_env=runtime_env)
         return f"cluster at {address}"
     try:  # a Ray already running on this machine
-        ray.init(address="auto", runtime_env={"env_vars": ray_env(cfg.ray.tune_malloc)})
+        ray.init(address="auto", runtime_env=runtime_env)
         return "the Ray cluster running on this machine"
     except ConnectionError:
         pass
-    runtime_env: dict = {"env_vars": ray_env(cfg.ray.tune_malloc)}
-    # A local Ray is one machine that nobody drains: Ray Train's preemption watcher (one more actor
-    # process per Train run) has nothing to watch.
-    runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-                                       os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
-    if not cfg.ray.include_dashboard:
-        def quiet_placement_group_cleaner() -> None:  # nested: cloudpickle ships it by value to every worker
-            import logging
-
-            # Without the dashboard there is no State API: Ray Train's placement-group cleaner then
-            # warns once a second per Train run that it cannot query the controller.
-            logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-        runtime_env["worker_process_setup_hook"] = quiet_placement_group_cleaner
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
-             runtime_env=runtime_env)
+             runtime_env=local_runtime_env(cfg.ray.tune_malloc, cfg.ray.include_dashboard))
     return "local Ray"
 
 

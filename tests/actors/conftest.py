@@ -15,11 +15,11 @@ def local_ray():
     import ray
     from ray.data import DataContext
 
-    from vlsi_ray.ray_runner import ray_env
+    from vlsi_ray.ray_runner import local_runtime_env
 
     # As the runner starts a local Ray for tiny.yaml: no dashboard (~15% of a core), workers with tuned malloc.
-    ray.init(address="local", num_cpus=4, num_gpus=2, runtime_env={"env_vars": ray_env(tune_malloc=True)},
-             include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False,
+             runtime_env=local_runtime_env(tune_malloc=True, include_dashboard=False))
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, [])
     rows = generate_rows("train", args.batch_size * (args.steps + 5), seed=0)
     tokenizer = train_tokenizer(corpus_texts(rows), cfg.student.family)
-    teacher = build_model(cfg.teacher, "teacher", tokenizer, torch.device("cpu"))
-    student = build_model(cfg.student, "student", tokenizer, torch.device("cpu"))
+    teacher = build_model(cfg, "teacher", tokenizer, torch.device("cpu"))
+    student = build_model(cfg, "student", tokenizer, torch.device("cpu"))
     t_verbs, s_verbs = new_verbalizers(cfg, "teacher", teacher, 3), new_verbalizers(cfg, "student", student, 4)
     collate = make_collator(student, cfg)
     batches = [collate(rows[i * args.batch_size:(i + 1) * args.batch_size]) for i in range(args.steps + 5)]

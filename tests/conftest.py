@@ -12,6 +12,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hub_world import make_hub_world  # noqa: E402
 from tiny_config import make_tiny_overrides  # noqa: E402
 from tiny_run import make_tiny_run  # noqa: E402
 
@@ -49,3 +50,17 @@ def fixture_sets(tmp_path_factory):
     from vlsi_ray.eval.fixtures import write_fixture_sets
 
     return write_fixture_sets(Path(tmp_path_factory.mktemp("eval_sets")))
+
+
+@pytest.fixture(scope="session")
+def hub_worlds(tmp_path_factory):
+    """``hub_worlds(family)``: a bfloat16 teacher/student pair of ``family`` in the Hub's layout, with
+    small shards (:func:`hub_world.make_hub_world`), built once per session."""
+    worlds: dict = {}
+
+    def world(family: str):
+        if family not in worlds:
+            worlds[family] = make_hub_world(tmp_path_factory.mktemp(f"hub-{family}"), family)
+        return worlds[family]
+
+    return world

@@ -33,7 +33,7 @@ def make_tiny_run(tmp: Path, name: str = "served") -> Path:
         ("teacher", "pretrain_teacher", "pretrain_teacher", "verbalize/teacher_verbalizers"),
         ("student", "sft", "sft/student", "interact/student_verbalizers"),
     ):
-        backbone = build_model(getattr(cfg, role), role, tokenizer, torch.device("cpu"))
+        backbone = build_model(cfg, role, tokenizer, torch.device("cpu"))
         backbone.save_pretrained(run / model_dir)
         verbs = new_verbalizers(cfg, role, backbone, seed=7)
         with torch.no_grad():

@@ -15,11 +15,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlsi_ray.method.matching import MatchingOptions
+from vlsi_ray.models.families import FAMILIES, UnsupportedModelError, detect_family, get_family
 
 STEPS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "sft")
 EVAL_MODELS = ("teacher", "student_base", "student_sft_only", "vlsi_without_sft", "vlsi")
 EVAL_PRIORITIES = ("idle", "normal")
-FAMILIES = ("qwen2_vl", "llava_onevision")
+#: ``<model>.dtype`` values (:mod:`vlsi_ray.models.precision`; kept here so validation needs no torch import)
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+#: ``<model>.attn_implementation`` values (transformers' spellings)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 class ConfigError(ValueError):
@@ -62,12 +66,19 @@ class TargetLayersConfig:
 
 @dataclass
 class ModelConfig:
-    """One backbone: a local checkpoint directory (``path``) or a tiny model built offline."""
+    """One backbone: a local checkpoint directory (``path``) or a tiny model built offline, and how it runs."""
 
     family: str = "qwen2_vl"
     path: Optional[str] = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     targets: TargetLayersConfig = field(default_factory=TargetLayersConfig)
+    # Compute dtype the weights are loaded in: auto = bfloat16 on CUDA, the checkpoint's own dtype on
+    # CPU (float32 for tiny models). Trainable weights keep float32 masters; losses run in float32.
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn on the GPU workers)
+    # Recompute each block in backward instead of storing its activations, wherever gradients flow
+    # through this model (the student in steps 2, 3 and the SFT baseline; a tiny model's pretraining).
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -228,6 +239,17 @@ class SyntheticConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """Image resolution, applied identically to the teacher's and the student's image processors
+    (null: the checkpoints' own ``preprocessor_config.json``). Qwen2-VL / Qwen2.5-VL: the pixel range an
+    image is resized into (``min_pixels/784 .. max_pixels/784`` image tokens). LLaVA-OneVision:
+    ``max_pixels`` drops the crop grids above it; it has no ``min_pixels``."""
+
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
     """Where the Parquet shards live and how bad rows are handled."""
 
@@ -263,6 +285,7 @@ class RunConfig:
     eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     matching: MatchingOptions = field(default_factory=MatchingOptions)  # validated by its own __post_init__
     loss: LossConfig = field(default_factory=LossConfig)
@@ -286,9 +309,13 @@ class RunConfig:
 
 
 _CHOICES = {
-    "teacher.family": FAMILIES,
+    "teacher.family": tuple(FAMILIES),
     "teacher.source": ("live", "cache"),
-    "student.family": FAMILIES,
+    "student.family": tuple(FAMILIES),
+    "teacher.dtype": DTYPES,
+    "student.dtype": DTYPES,
+    "teacher.attn_implementation": ATTN_IMPLEMENTATIONS,
+    "student.attn_implementation": ATTN_IMPLEMENTATIONS,
     "runner": ("ray", "local"),
     "signal.storage": ("float16", "float32"),
     "teacher_pool.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -353,13 +380,13 @@ def validate(cfg: RunConfig) -> None:
     unknown = [m for m in cfg.eval_models if m not in EVAL_MODELS]
     if unknown:
         raise ConfigError(f"eval_models contains unknown model {unknown[0]!r}; choose from {', '.join(EVAL_MODELS)}.")
-    if cfg.teacher.family != cfg.student.family:
-        raise ConfigError(
-            f"teacher.family={cfg.teacher.family} and student.family={cfg.student.family} differ; "
-            "VLsI needs a teacher and a student of the same family and tokenizer."
-        )
     for role in ("teacher", "student"):
         _validate_model(getattr(cfg, role), role)
+    families = {role: model_family(getattr(cfg, role), role) for role in ("teacher", "student")}
+    if families["teacher"] != families["student"]:
+        what = {role: f"{role}.path holds a {families[role]} model" if getattr(cfg, role).path else f"{role}.family={families[role]}"
+                for role in families}
+        raise ConfigError(f"{what['teacher']} but {what['student']}; VLsI needs a teacher and a student of the same family and tokenizer.")
     t_s = len(_targets_if_known(cfg.student))
     t_l = len(_targets_if_known(cfg.teacher))
     if t_s and t_l and t_s > t_l:
@@ -406,9 +433,28 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.synthetic: {err}") from None
     if not 0.0 <= syn.caption_fraction < 1.0:
         raise ConfigError(f"data.synthetic.caption_fraction={syn.caption_fraction} must be in [0, 1).")
+    for key in ("min_pixels", "max_pixels"):
+        value = getattr(cfg.images, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"images.{key}={value} must be a positive number of pixels, or null for the checkpoints' own setting.")
+    if None not in (cfg.images.min_pixels, cfg.images.max_pixels) and cfg.images.min_pixels > cfg.images.max_pixels:
+        raise ConfigError(f"images.min_pixels={cfg.images.min_pixels} exceeds images.max_pixels={cfg.images.max_pixels}; lower min_pixels or raise max_pixels.")
+    if cfg.images.min_pixels is not None and not get_family(families["student"]).has_min_pixels:
+        raise ConfigError(f"images.min_pixels has no {families['student']} equivalent (images are resized to their best crop grid); "
+                          "leave it null and bound the resolution with images.max_pixels.")
     _validate_ray(cfg)
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device={cfg.device!r} is not auto, cpu or cuda[:N]; pick one of those.")
+
+
+def model_family(model: ModelConfig, role: str) -> str:
+    """The family a model config names: its checkpoint's (config.json, no weights read), else ``family``."""
+    if model.path is None:
+        return model.family
+    try:
+        return detect_family(model.path)
+    except UnsupportedModelError as err:
+        raise ConfigError(f"{role}.path: {err}") from None
 
 
 def _validate_model(model: ModelConfig, role: str) -> None:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from vlsi_ray.models.backbone import BACKBONE_FILE, Backbone
+from vlsi_ray.models.precision import dtype_name, parse_dtype
 from vlsi_ray.models.verbalizer import Verbalizers
 
 #: Stages whose ``student/`` is a finished student, most distilled first.
@@ -45,21 +46,23 @@ def export_student(run_dir: str | Path, out: str | Path, stage: str = "auto", dt
                    verbalizers: bool = True) -> Path:
     """Write the run's final student to ``out`` as a plain transformers checkpoint; return ``out``.
 
-    ``dtype``: ``float32``, ``bfloat16`` or ``float16`` to cast the weights (default: as trained).
+    ``dtype``: ``float32``, ``bfloat16`` or ``float16`` to cast the weights (default: the dtype the
+    student was saved in, which is the base checkpoint's: a bfloat16 release exports in bfloat16).
     ``verbalizers``: also copy the student's verb-FFNs (step 2's) to ``out/vlsi_verbalizers/``.
     """
     run_dir, out = Path(run_dir), Path(out)
     stage, model_dir = find_student(run_dir, stage)
-    backbone = Backbone.from_pretrained(model_dir, device="cpu", dtype=dtype)
+    backbone = Backbone.from_pretrained(model_dir, device="cpu")
+    dtype = parse_dtype(dtype) or backbone.checkpoint_dtype
     if out.exists():
         shutil.rmtree(out)
-    backbone.save_pretrained(out)
+    backbone.save_pretrained(out, dtype=dtype)
     (out / BACKBONE_FILE).unlink()
     generation = backbone.model.generation_config
     generation.eos_token_id, generation.pad_token_id = backbone.eos_token_id, backbone.pad_token_id
     generation.save_pretrained(out)
     manifest = {"run_dir": str(run_dir.resolve()), "stage": stage, "family": backbone.family,
-                "dtype": str(backbone.dtype).removeprefix("torch."), "verbalizers": None}
+                "dtype": dtype_name(dtype), "verbalizers": None}
     source = run_dir / "interact" / "student_verbalizers"
     if verbalizers and Verbalizers.exists(source):
         shutil.copytree(source, out / VERBALIZERS_DIR)

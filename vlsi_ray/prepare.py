@@ -14,17 +14,75 @@ from pathlib import Path
 
 import torch
 
-from vlsi_ray.config import ModelConfig, RunConfig
+from vlsi_ray.config import ConfigError, ModelConfig, RunConfig
 from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.shards import MANIFEST, ReadStats, generate_dataset, read_rows
 from vlsi_ray.data.synthetic import corpus_texts
-from vlsi_ray.models import qwen2_vl, llava_onevision
 from vlsi_ray.models.backbone import Backbone, ModelInfo, check_compatible
+from vlsi_ray.models.families import get_family
+from vlsi_ray.models.precision import compute_dtype
 from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
 
-TINY_BUILDERS = {"qwen2_vl": qwen2_vl.build_tiny, "llava_onevision": llava_onevision.build_tiny}
 TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How a run loads one of its models (picklable: Ray actors and workers get it with the path).
+
+    ``role`` names the config section (``teacher``/``student``) in error messages; ``dtype`` the
+    compute dtype (``auto``: see :func:`vlsi_ray.models.precision.compute_dtype`); the image
+    resolution applies to the teacher's and the student's processors alike.
+    """
+
+    role: str = "student"
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def of(cls, cfg: RunConfig, role: str) -> "LoadSettings":
+        """``cfg``'s settings for ``role`` (``teacher`` or ``student``)."""
+        model = getattr(cfg, role)
+        return cls(role, model.dtype, model.attn_implementation, model.gradient_checkpointing,
+                   cfg.images.min_pixels, cfg.images.max_pixels)
+
+    def apply(self, backbone: Backbone) -> Backbone:
+        """Gradient checkpointing and the image resolution, on a loaded or built backbone (in place)."""
+        backbone.set_gradient_checkpointing(self.gradient_checkpointing)
+        apply_resolution(backbone, self.min_pixels, self.max_pixels)
+        return backbone
+
+
+def apply_resolution(model: Backbone | ModelInfo, min_pixels: int | None, max_pixels: int | None) -> None:
+    """``images.min_pixels``/``max_pixels`` on ``model``'s image processor (in place; None keeps its own)."""
+    if min_pixels is None and max_pixels is None:
+        return
+    try:
+        model.spec.set_resolution(model.image_processor, min_pixels, max_pixels)
+    except ValueError as err:
+        raise ConfigError(f"{model.name}: {err}") from None
+
+
+def load_model(path: str | Path, settings: LoadSettings, device: torch.device | str | None, device_map: str | None = None) -> Backbone:
+    """Load the checkpoint at ``path`` as ``settings`` say: compute dtype, attention kernel,
+    gradient checkpointing, image resolution; on ``device`` (or spread by ``device_map``)."""
+    from vlsi_ray.models.backbone import saved_dtype
+
+    if settings.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            raise ConfigError(f"{settings.role}.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+                              f"where the {settings.role} runs; install flash-attn there or use sdpa.")
+    where = device if device is not None else ("cuda" if device_map is not None else "cpu")
+    dtype = compute_dtype(settings.dtype, where, saved_dtype(path))
+    backbone = Backbone.from_pretrained(path, device=device, dtype=dtype, device_map=device_map,
+                                        attn_implementation=settings.attn_implementation)
+    return settings.apply(backbone)
 
 
 @dataclass
@@ -81,13 +139,18 @@ def tiny_tokenizer(cfg: RunConfig, train_rows: list[dict]):
     return tokenizer
 
 
-def build_model(model: ModelConfig, role: str, tokenizer, device: torch.device) -> Backbone:
-    """Load ``model.path`` (local directory) or build the tiny model for ``role`` with ``tokenizer``."""
+def build_model(cfg: RunConfig, role: str, tokenizer, device: torch.device) -> Backbone:
+    """Load ``<role>.path`` (local directory) or build the tiny ``role`` model with ``tokenizer``,
+    with the run's :class:`LoadSettings` for ``role``."""
+    model: ModelConfig = getattr(cfg, role)
+    settings = LoadSettings.of(cfg, role)
     if model.path is not None:
-        return Backbone.from_pretrained(model.path, device=device)
-    backbone = TINY_BUILDERS[model.family](role, tokenizer, **asdict(model.tiny))
-    backbone.model.to(device)
-    return backbone
+        return load_model(model.path, settings, device)
+    backbone = get_family(model.family).build_tiny(role, tokenizer, **asdict(model.tiny))
+    dtype = compute_dtype(settings.dtype, device, torch.float32)
+    backbone.model.to(device=device, dtype=dtype)
+    backbone.compute_dtype = backbone.checkpoint_dtype = dtype
+    return settings.apply(backbone)
 
 
 def model_key(model: ModelConfig, *parts) -> str:
@@ -108,20 +171,38 @@ def check_pair(teacher: Backbone | ModelInfo, student: Backbone | ModelInfo) -> 
     return min(teacher.vocab_size, student.vocab_size)
 
 
-def check_pair_paths(teacher_dir: str | Path, student_dir: str | Path) -> int:
-    """:func:`check_pair` on two checkpoint directories without loading their weights."""
-    return check_pair(ModelInfo.from_pretrained(teacher_dir), ModelInfo.from_pretrained(student_dir))
+def model_info(path: str | Path, settings: LoadSettings) -> ModelInfo:
+    """:class:`ModelInfo` of the checkpoint at ``path`` (no weights), with the run's image resolution."""
+    info = ModelInfo.from_pretrained(path)
+    apply_resolution(info, settings.min_pixels, settings.max_pixels)
+    return info
 
 
-def new_verbalizers(cfg: RunConfig, role: str, backbone: Backbone, seed: int) -> Verbalizers:
-    """Freshly initialised verb-FFNs at ``role``'s target layers (on the backbone's device).
+def check_pair_paths(teacher_dir: str | Path, student_dir: str | Path, cfg: RunConfig | None = None) -> int:
+    """:func:`check_pair` on two checkpoint directories without loading their weights (with ``cfg``'s
+    image resolution applied to both, when given)."""
+    settings = {role: LoadSettings.of(cfg, role) if cfg is not None else LoadSettings(role) for role in ("teacher", "student")}
+    return check_pair(model_info(teacher_dir, settings["teacher"]), model_info(student_dir, settings["student"]))
+
+
+def new_verbalizers(cfg: RunConfig, role: str, model: Backbone | ModelInfo, seed: int) -> Verbalizers:
+    """Freshly initialised verb-FFNs at ``role``'s target layers (float32; next to a loaded backbone's
+    LM head, on the CPU for a weight-free :class:`ModelInfo`).
 
     Initialised from ``seed`` alone (the global RNG is left untouched), so every runner and every
     process draws the same weights.
     """
     v = cfg.verbalizer
-    layers = getattr(cfg, role).targets.resolve(backbone.num_layers)
+    layers = getattr(cfg, role).targets.resolve(model.num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        verbs = Verbalizers(backbone.hidden_size, layers, v.residual, v.zero_init, v.final_norm)
-    return verbs.to(backbone.lm_head.weight.device)  # next to the heads they feed (the last GPU of a spread model)
+        verbs = Verbalizers(model.hidden_size, layers, v.residual, v.zero_init, v.final_norm)
+    if isinstance(model, Backbone):
+        verbs = verbs.to(model.lm_head.weight.device)  # next to the heads they feed (the last GPU of a spread model)
+    return verbs
+
+
+def frozen_verbalizers(verbalizers: Verbalizers, backbone: Backbone) -> Verbalizers:
+    """``verbalizers`` in eval mode and in ``backbone``'s compute dtype: frozen weights (step 2's
+    teacher side) need no float32 master (a 72B teacher's 20 verb-FFNs are 8 GB in bfloat16)."""
+    return verbalizers.to(dtype=backbone.compute_dtype).eval()

@@ -25,8 +25,8 @@ from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.method.steps import SFT_GROUPS
 from vlsi_ray.metrics import last_attempt, read_metrics, write_stage_summary
-from vlsi_ray.models.backbone import Backbone
-from vlsi_ray.prepare import check_pair_paths, new_verbalizers
+from vlsi_ray.models.backbone import ModelInfo
+from vlsi_ray.prepare import LoadSettings, check_pair_paths, new_verbalizers
 from vlsi_ray.runner import SEED_OFFSET, STAGE_FILE, Run
 from vlsi_ray.teacher_cache import open_cache, require_cache
 
@@ -220,7 +220,8 @@ class RayRun(Run):
         task = ray.remote(_predict_letters).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
         for name, path in named_dirs.items():
             path = path if isinstance(path, ray.ObjectRef) else str(path)
-            self._evals[name] = [task.remote(path, self.cfg_yaml, rows) for rows in self._test_slices]
+            role = "teacher" if name == "teacher" else "student"
+            self._evals[name] = [task.remote(path, self.cfg_yaml, rows, role) for rows in self._test_slices]
 
     def accuracy(self) -> dict[str, dict]:
         """Wait for every test pass started by :meth:`evaluate`; return the accuracies by model name."""
@@ -243,31 +244,32 @@ def _pretrain_task(cfg_yaml: str, role: str, stage: str, init_dir: str, rows: li
     from vlsi_ray.config import config_from_yaml
     from vlsi_ray.env import set_offline_defaults
     from vlsi_ray.metrics import MetricsWriter
-    from vlsi_ray.prepare import resolve_device
+    from vlsi_ray.prepare import LoadSettings, load_model, resolve_device
     from vlsi_ray.runner import pretrain_tiny
 
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
-    backbone = Backbone.from_pretrained(init_dir, device=device)
+    backbone = load_model(init_dir, LoadSettings.of(cfg, role), device)
     return str(pretrain_tiny(cfg, role, stage, backbone, rows, device, MetricsWriter(metrics_path), Path(target),
                              None if cache is None else Path(cache)))
 
 
-def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict]) -> list[str]:
-    """The option letter the checkpoint at ``model_dir`` picks for each of ``rows`` (a Ray task), computed
-    at idle CPU priority unless ``eval_priority=normal``: the pass runs beside later stages."""
+def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict], role: str = "student") -> list[str]:
+    """The option letter the checkpoint at ``model_dir`` (loaded with ``role``'s settings) picks for each of
+    ``rows`` (a Ray task), computed at idle CPU priority unless ``eval_priority=normal``: the pass runs
+    beside later stages."""
     from vlsi_ray.config import config_from_yaml
     from vlsi_ray.env import at_idle_priority, set_offline_defaults
     from vlsi_ray.eval.accuracy import letter_token_ids, predict_letters
-    from vlsi_ray.prepare import make_collator, resolve_device
+    from vlsi_ray.prepare import LoadSettings, load_model, make_collator, resolve_device
 
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
 
     def predict() -> list[str]:
-        backbone = Backbone.from_pretrained(model_dir, device=device)
+        backbone = load_model(model_dir, LoadSettings.of(cfg, role), device)
         return predict_letters(backbone, rows, make_collator(backbone, cfg), letter_token_ids(backbone.tokenizer),
                                cfg.eval_batch_size, device)
 
@@ -339,7 +341,7 @@ def run_ray(cfg: RunConfig) -> dict:
     print(f"[ray] {where}: {ray.cluster_resources()}", flush=True)
     run = RayRun(cfg)
     if cfg.teacher.path and cfg.student.path:  # real checkpoints: refuse an incompatible pair before any training
-        check_pair_paths(cfg.teacher.path, cfg.student.path)  # configs and tokenizers only: cheap on the head
+        check_pair_paths(cfg.teacher.path, cfg.student.path, cfg)  # configs and tokenizers only: cheap on the head
 
     # teacher_dir: the teacher's directory, or the ObjectRef of it while it pretrains; its initial
     # weights have the same config and tokenizer (all the pair check reads).
@@ -347,7 +349,7 @@ def run_ray(cfg: RunConfig) -> dict:
     if teacher_dir is None:
         teacher_dir, teacher_config = run.start_pretraining("teacher", "pretrain_teacher")
     student_base_dir = run.pretrained("student", "pretrain_student")
-    vocab = check_pair_paths(teacher_config, student_base_dir)
+    vocab = check_pair_paths(teacher_config, student_base_dir, cfg)
     run.evaluate({"student_base": student_base_dir, "teacher": teacher_dir})
 
     def resolved_teacher() -> Path:
@@ -356,7 +358,7 @@ def run_ray(cfg: RunConfig) -> dict:
     step1, step2 = run.stage_dir("verbalize"), run.stage_dir("interact")
     if "verbalize" not in cfg.steps and not run.finished("verbalize"):  # untrained verb-FFNs (the logit lens at zero-init)
         for role, model_dir in (("teacher", resolved_teacher()), ("student", student_base_dir)):
-            verbs = new_verbalizers(cfg, role, Backbone.from_pretrained(model_dir), cfg.seed + SEED_OFFSET[f"verbalize/{role}"])
+            verbs = new_verbalizers(cfg, role, ModelInfo.from_pretrained(model_dir), cfg.seed + SEED_OFFSET[f"verbalize/{role}"])
             verbs.save(step1 / f"{role}_verbalizers")
     train_step1 = "verbalize" in cfg.steps and not run.finished("verbalize")
     run_step2 = "interact" in cfg.steps and not run.finished("interact")
@@ -371,7 +373,8 @@ def run_ray(cfg: RunConfig) -> dict:
         if train_step1 or live:
             pool = TeacherPool(cfg.teacher_pool, teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
                                cfg.signal.storage, tail_samples=cfg.signal.tail_samples,
-                               seed=cfg.seed + SEED_OFFSET["interact"], step1_dir=step1 / "teacher_verbalizers")
+                               seed=cfg.seed + SEED_OFFSET["interact"], step1_dir=step1 / "teacher_verbalizers",
+                               load=LoadSettings.of(cfg, "teacher"))
         specs: list[StageSpec] = []
 
         def stage(name: str, make_spec: Callable[[Path], StageSpec], after: Callable[[], None],

@@ -32,8 +32,11 @@ from vlsi_ray.metrics import MetricsWriter, write_stage_summary
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import (
+    LoadSettings,
     build_model,
     check_pair,
+    frozen_verbalizers,
+    load_model,
     make_collator,
     model_key,
     new_verbalizers,
@@ -126,7 +129,7 @@ class Run(ABC):
     def init_model(self, role: str) -> Backbone:
         """A tiny ``role`` model at its seeded random init, on the CPU."""
         with _INIT_LOCK:  # initialisation seeds torch's global RNG: one model at a time (Ray runs two threads)
-            return build_model(getattr(self.cfg, role), role, self.tokenizer, torch.device("cpu"))
+            return build_model(self.cfg, role, self.tokenizer, torch.device("cpu"))
 
     @abstractmethod
     def pretrain(self, role: str, stage: str) -> Path:
@@ -147,15 +150,16 @@ class LocalRun(Run):
         opt = getattr(self.cfg.stages, settings)
         return train_stage(
             label or stage, objective, objective.parameters(), self.train_rows(settings), self.collate, opt,
-            self.cfg.seed + seed_offset, self.device, self.writer, modules,
+            self.cfg.seed + seed_offset, self.device, self.writer, modules, dtype=objective.compute_dtype,
         )
 
     def pretrain(self, role: str, stage: str) -> Path:
         return pretrain_tiny(self.cfg, role, stage, self.init_model(role), self.train_rows(stage), self.device, self.writer,
                              self.stage_dir(stage), self.model_cache(role, stage))
 
-    def load(self, path: Path) -> Backbone:
-        return Backbone.from_pretrained(path, device=self.device)
+    def load(self, path: Path, role: str = "student") -> Backbone:
+        """The checkpoint at ``path`` with ``role``'s settings (dtype, attention, checkpointing, resolution)."""
+        return load_model(path, LoadSettings.of(self.cfg, role), self.device)
 
 
 def pretrain_tiny(cfg: RunConfig, role: str, stage: str, backbone: Backbone, rows: list[dict], device: torch.device,
@@ -169,7 +173,9 @@ def pretrain_tiny(cfg: RunConfig, role: str, stage: str, backbone: Backbone, row
     backbone.model.to(device)
     objective = SFTObjective(backbone, chunk_size=cfg.loss.chunk_size)
     history = train_stage(stage, objective, objective.parameters(), rows, make_collator(backbone, cfg),
-                          getattr(cfg.stages, stage), cfg.seed + PRETRAIN_SEED_OFFSET[role], device, writer, [backbone.model])
+                          getattr(cfg.stages, stage), cfg.seed + PRETRAIN_SEED_OFFSET[role], device, writer, [backbone.model],
+                          dtype=backbone.compute_dtype)
+    backbone.round_to_compute_dtype()
     backbone.save_pretrained(target)
     write_stage_summary(Path(target) / STAGE_FILE, stage, history, time.perf_counter() - started)
     if cache is not None:
@@ -184,7 +190,7 @@ def run_local(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.seed)
     run = LocalRun(cfg)
     teacher_dir = run.pretrained("teacher", "pretrain_teacher")
-    teacher = run.load(teacher_dir)
+    teacher = run.load(teacher_dir, "teacher")
     student_base_dir = run.pretrained("student", "pretrain_student")
     student = run.load(student_base_dir)
     vocab = check_pair(teacher, student)
@@ -227,12 +233,12 @@ def run_local(cfg: RunConfig) -> dict:
     # Step 2: interaction (student LoRA + verb-FFNs; teacher frozen).
     step2 = run.stage_dir("interact")
     if run.finished("interact"):
-        student = Backbone.from_pretrained(step2 / "student", device=run.device)
+        student = run.load(step2 / "student")
         s_verbs = Verbalizers.load(step2 / "student_verbalizers", run.device)
     elif "interact" in cfg.steps:
         t0 = time.perf_counter()
         teacher.model.eval()
-        t_verbs.eval()
+        t_verbs = frozen_verbalizers(t_verbs, teacher)
         torch.manual_seed(cfg.seed + SEED_OFFSET["interact"])  # LoRA's random A matrices, as the Ray workers draw them
         student.apply_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
         generator = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET["interact"])
@@ -248,6 +254,7 @@ def run_local(cfg: RunConfig) -> dict:
         )
         history = run.train("interact", objective, [student.model, s_verbs], seed_offset=SEED_OFFSET["interact"])
         student.merge_lora()
+        student.round_to_compute_dtype()
         student.save_pretrained(step2 / "student")
         s_verbs.save(step2 / "student_verbalizers")
         run.finish("interact", history, t0)
@@ -271,15 +278,16 @@ def _stage_model(run: LocalRun, stage: str, source, make_objective, seed_offset:
     """Load a finished stage's student, or train it by SFT from the checkpoint at ``source``."""
     target = run.stage_dir(stage)
     if run.finished(stage):
-        return Backbone.from_pretrained(target / "student", device=run.device)
+        return run.load(target / "student")
     t0 = time.perf_counter()
-    backbone = Backbone.from_pretrained(source, device=run.device)
+    backbone = run.load(source)
     lora = run.cfg.stages.sft_lora
     if lora:
         backbone.apply_lora(run.cfg.lora.rank, run.cfg.lora.alpha, run.cfg.lora.dropout)
     history = run.train(stage, make_objective(backbone), [backbone.model], seed_offset=seed_offset)
     if lora:
         backbone.merge_lora()
+    backbone.round_to_compute_dtype()
     backbone.save_pretrained(target / "student")
     run.finish(stage, history, t0)
     return backbone

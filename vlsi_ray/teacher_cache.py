@@ -54,15 +54,14 @@ class CacheSignals:
     def __init__(self, cfg_yaml: str, teacher_dir: str, verbalizer_dir: str, student_dir: str, vocab: int):
         from vlsi_ray.actors.teacher import TeacherWorker
         from vlsi_ray.config import config_from_yaml
-        from vlsi_ray.models.backbone import ModelInfo
-        from vlsi_ray.prepare import make_collator
+        from vlsi_ray.prepare import LoadSettings, make_collator, model_info
         from vlsi_ray.runner import SEED_OFFSET
 
         cfg = config_from_yaml(cfg_yaml)
-        self.collate = make_collator(ModelInfo.from_pretrained(student_dir), cfg)
+        self.collate = make_collator(model_info(student_dir, LoadSettings.of(cfg, "student")), cfg)
         self.worker = TeacherWorker(teacher_dir, verbalizer_dir, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
                                     cfg.signal.storage, cfg.device, tail_samples=cfg.signal.tail_samples,
-                                    seed=cfg.seed + SEED_OFFSET["interact"])
+                                    seed=cfg.seed + SEED_OFFSET["interact"], load=LoadSettings.of(cfg, "teacher"))
 
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
         """Columns of ``B`` train rows -> ``B`` cache rows (``id``, ``tokens`` and the signal's arrays)."""
@@ -87,7 +86,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
     from vlsi_ray.prepare import check_pair_paths
 
     inputs = step2_inputs(cfg)
-    vocab = check_pair_paths(inputs["teacher"], inputs["student"])
+    vocab = check_pair_paths(inputs["teacher"], inputs["student"], cfg)
     train_files = shard_files(cfg.data.dir, "train")
     spec = cache_spec(cfg, inputs["teacher"], inputs["teacher_verbalizers"], inputs["student"], vocab, train_files)
     out = cfg.teacher_cache

@@ -22,6 +22,14 @@ QUESTION = "What colour is the star?\nA. red\nB. green\nC. blue\nD. yellow\nAnsw
 CAPTION = "red star top left. blue square with a dot bottom right."
 TEXTS = [QUESTION, CAPTION, "A", "B", "C", "D"] * 20
 IMAGE_TOKENS = {"qwen2_vl": 16, "llava_onevision": 36}
+#: What follows an assistant turn's text in each released template (llava-hf puts no newline between turns).
+TURN_END = {"qwen2_vl": "<|im_end|>\n", "llava_onevision": "<|im_end|>"}
+
+
+def as_trained(tok, messages: list[dict], family: str) -> str:
+    """A one-turn conversation as the collator trains on it: the generation prompt, the answer, the turn's end."""
+    answer = messages[-1]["content"][0]["text"]
+    return tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) + answer + TURN_END[family]
 
 
 def png(seed: int, size=(112, 112)) -> bytes:
@@ -64,10 +72,17 @@ def test_labels_are_exactly_the_answer_and_end_of_turn(setup):
     assert batch["ids"] == ["row-0", "row-1", "row-2"]
 
 
-def test_tokens_match_the_whole_rendered_conversation(setup):
+def test_tokens_match_the_generation_prompt_and_the_rendered_answer(setup):
+    """Qwen2-VL: the whole rendered conversation. llava-hf's template renders ``assistant \\n`` but prompts
+    generation with ``assistant\\n``: the collator trains on the latter, as the model will be prompted."""
     family, tok, _, collator, rows = setup
     batch = collator(rows[:1])
-    text = tok.apply_chat_template(json.loads(rows[0]["messages"]), tokenize=False)
+    messages = json.loads(rows[0]["messages"])
+    text = as_trained(tok, messages, family)
+    if family == "qwen2_vl":
+        assert text == tok.apply_chat_template(messages, tokenize=False)
+    else:
+        assert tok.apply_chat_template(messages, tokenize=False).replace("<|im_start|>assistant \n", "<|im_start|>assistant\n") == text
     image_token = collator.spec.image_token
     text = text.replace(image_token, image_token * IMAGE_TOKENS[family])
     assert batch["input_ids"][0].tolist() == tok(text, add_special_tokens=False)["input_ids"]
@@ -105,7 +120,7 @@ def test_matches_the_transformers_processor(setup):
         sample = row(5, "A", image=png(5, size))
         ours = collator([sample])
         image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
-        theirs = processor(text=[tok.apply_chat_template(json.loads(sample["messages"]), tokenize=False)], images=[image], return_tensors="pt")
+        theirs = processor(text=[as_trained(tok, json.loads(sample["messages"]), family)], images=[image], return_tensors="pt")
         assert torch.equal(ours["input_ids"], theirs["input_ids"]), size
         assert torch.equal(ours["pixel_values"], theirs["pixel_values"].float()), size
         if family == "qwen2_vl":

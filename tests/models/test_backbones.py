@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlsi_ray.data.collate import ChatCollator
-from vlsi_ray.models import qwen2_vl, llava_onevision
+from vlsi_ray.models import llava_onevision, qwen2_5_vl, qwen2_vl
 from vlsi_ray.models.backbone import (
     Backbone,
     IncompatibleModelsError,
@@ -25,11 +25,11 @@ from vlsi_ray.models.backbone import (
 )
 from vlsi_ray.models.tokenizer import train_tokenizer
 
-MODULES = {"qwen2_vl": qwen2_vl, "llava_onevision": llava_onevision}
+MODULES = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "llava_onevision": llava_onevision}
 QUESTION = "What colour is the star?\nA. red\nB. green\nC. blue\nD. yellow\nAnswer with the option's letter."
 TEXTS = [QUESTION, "red star top left. blue square with a dot bottom right.", "A", "B", "C", "D"] * 20
 #: placeholder tokens for one 112×112 image (see the family modules' docstrings)
-IMAGE_TOKENS = {"qwen2_vl": 16, "llava_onevision": 36}
+IMAGE_TOKENS = {"qwen2_vl": 16, "qwen2_5_vl": 16, "llava_onevision": 36}
 
 
 def make_rows(n: int) -> list[dict]:
@@ -182,11 +182,16 @@ def test_mm_token_type_ids_are_what_qwen2_vl_needs(setup):
     if family == "llava_onevision":
         assert "mm_token_type_ids" not in batch and "mm_token_type_ids" not in student.spec.model_input_names
         return
-    # transformers 5.24 computes M-RoPE positions from them whenever image_grid_thw is passed
+    # transformers 5.24 computes M-RoPE positions from them whenever image_grid_thw is passed: Qwen2-VL
+    # refuses a batch without them, Qwen2.5-VL silently falls back to 1-D positions (other logits)
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == student.image_token_id).int())
     without = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
-    with pytest.raises(ValueError, match="mm_token_type_ids"):
-        student.forward(without)
+    if family == "qwen2_vl":
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            student.forward(without)
+    else:
+        with torch.no_grad():
+            assert not torch.allclose(student.forward(without).logits, student.forward(batch).logits, atol=1e-4)
 
 
 def test_check_compatible(setup, tmp_path):

@@ -18,28 +18,30 @@ MESSAGES = [
     {"role": "assistant", "content": [{"type": "text", "text": "B"}]},
 ]
 TEXTS = [QUESTION, "red star top left. blue square with a dot bottom right.", "A", "B", "C", "D"] * 20
+_QWEN_USER = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+)
+#: (user turn, generation prompt, the assistant turn as rendered) of each family's released template:
+#: llava-hf's renders "assistant " + "\n" + text and no newline between turns.
 EXPECTED = {
-    "qwen2_vl": (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    ),
-    "llava_onevision": f"<|im_start|>user\n<image>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
+    "qwen2_vl": (_QWEN_USER, "<|im_start|>assistant\n", "<|im_start|>assistant\nB<|im_end|>\n"),
+    "qwen2_5_vl": (_QWEN_USER, "<|im_start|>assistant\n", "<|im_start|>assistant\nB<|im_end|>\n"),
+    "llava_onevision": (f"<|im_start|>user <image>\n{QUESTION}<|im_end|>", "<|im_start|>assistant\n", "<|im_start|>assistant \nB<|im_end|>"),
 }
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "llava_onevision"])
+@pytest.fixture(scope="module", params=list(EXPECTED))
 def family_tokenizer(request):
     return request.param, train_tokenizer(TEXTS, request.param, vocab_size=512)
 
 
 def test_chat_template_renders_the_family_format(family_tokenizer):
     family, tok = family_tokenizer
-    prompt = tok.apply_chat_template(MESSAGES[:1], tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(MESSAGES, tokenize=False)
-    assert prompt == EXPECTED[family]
-    assert full == EXPECTED[family] + "B<|im_end|>\n"
-    assert tok.apply_chat_template(MESSAGES[:1], tokenize=False) == EXPECTED[family].removesuffix("<|im_start|>assistant\n")
+    user, generation_prompt, answer = EXPECTED[family]
+    assert tok.apply_chat_template(MESSAGES[:1], tokenize=False, add_generation_prompt=True) == user + generation_prompt
+    assert tok.apply_chat_template(MESSAGES, tokenize=False) == user + answer
+    assert tok.apply_chat_template(MESSAGES[:1], tokenize=False) == user
 
 
 def test_option_letters_are_single_tokens(family_tokenizer):
@@ -49,7 +51,8 @@ def test_option_letters_are_single_tokens(family_tokenizer):
     assert len({i[0] for i in ids}) == 4
     # and the answer after the generation prompt is the same single token
     full = tok(tok.apply_chat_template(MESSAGES, tokenize=False), add_special_tokens=False)["input_ids"]
-    assert full[-3] == ids[1][0]
+    end = tok("<|im_end|>" + ("\n" if full[-1] != tok.convert_tokens_to_ids("<|im_end|>") else ""), add_special_tokens=False)["input_ids"]
+    assert full[-len(end) - 1] == ids[1][0]
 
 
 def test_special_tokens_follow_the_bpe_vocabulary_in_real_order(family_tokenizer):

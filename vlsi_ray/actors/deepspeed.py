@@ -41,9 +41,11 @@ def skip_shm_comm_build() -> None:
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
-def deepspeed_config(opt: OptimConfig, stage: int) -> dict:
-    """The DeepSpeed config of one stage: micro-batch, accumulation, clipping and the ZeRO stage."""
-    return {
+def deepspeed_config(opt: OptimConfig, stage: int, dtype: torch.dtype = torch.float32) -> dict:
+    """The DeepSpeed config of one stage: micro-batch, accumulation, clipping, the ZeRO stage, and
+    the ``bf16``/``fp16`` block of a low-precision ``dtype`` (the engine then keeps the model's
+    weights in ``dtype`` and float32 masters in its optimizer partitions; fp16 with dynamic loss scaling)."""
+    config = {
         "train_micro_batch_size_per_gpu": opt.batch_size,
         "gradient_accumulation_steps": opt.grad_accum,
         "gradient_clipping": opt.grad_clip if opt.grad_clip > 0 else 0.0,
@@ -52,6 +54,11 @@ def deepspeed_config(opt: OptimConfig, stage: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0: dynamic
+    return config
 
 
 class ObjectiveModule(nn.Module):
@@ -72,7 +79,7 @@ class DeepSpeedStepper:
     :meth:`wrap` (run the objective through the engine) and :meth:`gathered` (whole parameters)."""
 
     def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig, stage: int, modules: dict[str, nn.Module],
-                 objective: Callable | None = None):
+                 objective: Callable | None = None, dtype: torch.dtype = torch.float32):
         import deepspeed
 
         if stage not in ZERO_STAGES:
@@ -84,7 +91,7 @@ class DeepSpeedStepper:
         self.container = ObjectiveModule(objective, modules)
         optimizer = torch.optim.AdamW(list(parameters), lr=opt.lr, weight_decay=opt.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.container, optimizer=optimizer, config=deepspeed_config(opt, stage)
+            model=self.container, optimizer=optimizer, config=deepspeed_config(opt, stage, dtype)
         )
 
     @property

@@ -112,23 +112,24 @@ class StageObjective:
                 p.copy_(state[key].to(p.device))
 
     def save_outputs(self, spec: StageSpec) -> None:
-        """Rank 0 writes the stage's result: the model (LoRA merged) and/or its verbalizers."""
+        """Rank 0 writes the stage's result: the model (LoRA merged, in the base checkpoint's dtype) and/or its verbalizers."""
         if spec.model_out is not None:
             if self.backbone.lora_active:
                 self.backbone.merge_lora()
+            self.backbone.round_to_compute_dtype()
             self.backbone.save_pretrained(spec.model_out)
         if spec.verbalizers_out is not None and self.verbalizers is not None:
             self.verbalizers.save(spec.verbalizers_out)
 
 
-def _make_stepper(parameters, opt, train_cfg, modules: dict[str, nn.Module]):
+def _make_stepper(parameters, opt, train_cfg, modules: dict[str, nn.Module], dtype: torch.dtype):
     from vlsi_ray.method.loop import Stepper
 
     if train_cfg.deepspeed_stage:
         from vlsi_ray.actors.deepspeed import DeepSpeedStepper
 
-        return DeepSpeedStepper(parameters, opt, train_cfg.deepspeed_stage, modules)
-    return Stepper(parameters, opt)
+        return DeepSpeedStepper(parameters, opt, train_cfg.deepspeed_stage, modules, dtype=dtype)
+    return Stepper(parameters, opt, dtype)
 
 
 def _batches(shard, collate, batch_size: int, skip: int) -> Iterator[dict]:
@@ -186,8 +187,7 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
     from vlsi_ray.config import config_from_yaml
     from vlsi_ray.method.loop import run_steps
     from vlsi_ray.metrics import MetricsWriter, last_attempt, read_metrics, write_stage_summary
-    from vlsi_ray.models.backbone import Backbone
-    from vlsi_ray.prepare import make_collator
+    from vlsi_ray.prepare import LoadSettings, load_model, make_collator
     from vlsi_ray.tracking import Tracker
 
     started = time.perf_counter()
@@ -197,9 +197,9 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
     torch.manual_seed(spec.seed + rank)
     cfg = config_from_yaml(spec.cfg_yaml)
     opt = getattr(cfg.stages, spec.settings)
-    backbone = Backbone.from_pretrained(spec.model_dir, device=device)
+    backbone = load_model(spec.model_dir, LoadSettings.of(cfg, "student"), device)
     stage = StageObjective(spec, cfg, backbone, device)
-    stepper = _make_stepper(stage.objective.parameters(), opt, cfg.train, stage.modules)
+    stepper = _make_stepper(stage.objective.parameters(), opt, cfg.train, stage.modules, stage.objective.compute_dtype)
 
     start = 0
     if checkpoint is not None:

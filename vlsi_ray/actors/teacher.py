@@ -30,15 +30,16 @@ class TeacherWorker:
     :func:`vlsi_ray.method.steps.teacher_signal`: a restarted replica sends the same samples).
     ``step1_dir`` is where step 1 saves the teacher's verbalizers when this replica trains them or
     waits for them (:meth:`train_verbalizers`, :meth:`load_verbalizers`): a replica restarted after
-    that loads them from there.
+    that loads them from there. ``load``: the run's :class:`~vlsi_ray.prepare.LoadSettings` for the
+    teacher (compute dtype, attention kernel, image resolution); default: the checkpoint as saved.
     """
 
     def __init__(self, model_dir: str | list, verbalizer_dir: str | None = None, topk: int | None = 64,
                  temperature: float = 1.0, vocab_size: int | None = None, storage: str = "float16",
-                 device: str = "auto", *, tail_samples: int = 0, seed: int = 0, step1_dir: str | None = None):
+                 device: str = "auto", *, tail_samples: int = 0, seed: int = 0, step1_dir: str | None = None,
+                 load=None):
         set_offline_defaults()
-        from vlsi_ray.models.backbone import Backbone
-        from vlsi_ray.prepare import resolve_device
+        from vlsi_ray.prepare import LoadSettings, load_model, resolve_device
 
         self.device = resolve_device(device)
         if isinstance(model_dir, list):
@@ -48,12 +49,13 @@ class TeacherWorker:
         self.model_dir = str(model_dir)
         import torch
 
+        self.load = load or LoadSettings("teacher")
         if self.device.type == "cuda" and torch.cuda.device_count() > 1:
             # A replica given several GPUs (Ray sets CUDA_VISIBLE_DEVICES to them) spreads the teacher over all.
-            self.backbone = Backbone.from_pretrained(model_dir, device_map="auto")
+            self.backbone = load_model(model_dir, self.load, None, device_map="auto")
             self.device = self.backbone.device  # where inputs go: the first module's GPU
         else:
-            self.backbone = Backbone.from_pretrained(model_dir, device=self.device)
+            self.backbone = load_model(model_dir, self.load, self.device)
         self.backbone.model.eval()
         for p in self.backbone.model.parameters():
             p.requires_grad_(False)
@@ -73,9 +75,10 @@ class TeacherWorker:
         Ray runs this call once that one has finished (and saved to ``path``).
         """
         from vlsi_ray.models.verbalizer import Verbalizers
+        from vlsi_ray.prepare import frozen_verbalizers
 
-        self.verbalizers = Verbalizers.load(path, self.backbone.lm_head.weight.device)  # next to the heads they feed
-        self.verbalizers.eval()
+        verbalizers = Verbalizers.load(path, self.backbone.lm_head.weight.device)  # next to the heads they feed
+        self.verbalizers = frozen_verbalizers(verbalizers, self.backbone)
         return self.verbalizers.layers
 
     def info(self) -> dict:
@@ -122,7 +125,7 @@ class TeacherWorker:
         from vlsi_ray.config import config_from_yaml
         from vlsi_ray.method.loop import train_stage
         from vlsi_ray.method.steps import VerbalizationObjective
-        from vlsi_ray.prepare import make_collator, new_verbalizers
+        from vlsi_ray.prepare import frozen_verbalizers, make_collator, new_verbalizers
 
         started = time.perf_counter()
         cfg = config_from_yaml(cfg_yaml)
@@ -130,9 +133,9 @@ class TeacherWorker:
         objective = VerbalizationObjective(self.backbone, verbs, cfg.loss.chunk_size)
         history = train_stage("verbalize/teacher", objective, objective.parameters(), rows,
                               make_collator(self.backbone, cfg), cfg.stages.verbalize, seed, self.device,
-                              modules=[verbs])
+                              modules=[verbs], dtype=objective.compute_dtype)
         verbs.save(out_dir)
-        self.verbalizers = verbs.eval()
+        self.verbalizers = frozen_verbalizers(verbs, self.backbone)
         return {"history": history, "seconds": time.perf_counter() - started}
 
 
@@ -140,8 +143,8 @@ class TeacherPool:
     """``replicas`` :class:`TeacherWorker` actors in one placement group, restarted by Ray on failure.
 
     Verbalizers are a constructor argument (``verbalizer_dir``, or ``step1_dir`` for a pool that
-    trains them first), so that a restarted replica has them; so are ``tail_samples`` and ``seed``
-    (:class:`TeacherWorker`).
+    trains them first), so that a restarted replica has them; so are ``tail_samples``, ``seed`` and
+    the ``load`` settings (:class:`TeacherWorker`).
     Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``);
     the placement group keeps the pool together (PACK) or apart (SPREAD) as configured.
     ``model_dir`` may be the ObjectRef of the path (a teacher still pretraining): the replicas start
@@ -150,7 +153,7 @@ class TeacherPool:
 
     def __init__(self, pool_cfg, model_dir, verbalizer_dir: str | Path | None, topk: int | None,
                  temperature: float, vocab_size: int | None, storage: str, tail_samples: int = 0, seed: int = 0,
-                 step1_dir: str | Path | None = None):
+                 step1_dir: str | Path | None = None, load=None):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -174,7 +177,8 @@ class TeacherPool:
                 max_restarts=pool_cfg.max_restarts, max_task_retries=pool_cfg.max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(model_arg, None if verbalizer_dir is None else str(verbalizer_dir), topk, temperature, vocab_size,
-                     storage, tail_samples=tail_samples, seed=seed, step1_dir=None if step1_dir is None else str(step1_dir))
+                     storage, tail_samples=tail_samples, seed=seed, step1_dir=None if step1_dir is None else str(step1_dir),
+                     load=load)
             for i in range(pool_cfg.replicas)
         ]
         self._infos: list[dict] | None = None

@@ -25,6 +25,8 @@ from torch import Tensor
 from vlsi_ray.models.backbone import get_family
 
 IGNORE_INDEX = -100
+#: Stands in for an assistant turn's text to find where a template puts it (see ChatCollator._segments).
+_SENTINEL = "\u2063vlsi-response\u2063"
 
 
 class RowError(ValueError):
@@ -121,13 +123,11 @@ class ChatCollator:
     # ----- pieces ---------------------------------------------------------------------------------
     def _tokenize(self, messages: list[dict], prompt_only: bool, row_id) -> tuple[list[int], list[int], int]:
         """A conversation -> ``(input_ids, labels, image parts)``, one image token per image part."""
-        parts = sum(1 for m in messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image")
+        parts = sum(1 for m in messages for c in m["content"] if c.get("type") == "image")
         if prompt_only:
             while messages and messages[-1].get("role") == "assistant":
                 messages = messages[:-1]
-            segments = [(self._render(messages, True, row_id), False)]
-        else:
-            segments = self._segments(messages, row_id)
+        segments = self._segments(messages, row_id, prompt_only)
         ids: list[int] = []
         labels: list[int] = []
         for text, is_response in segments:
@@ -146,19 +146,39 @@ class ChatCollator:
         except Exception as exc:  # jinja errors on malformed messages
             raise RowError(f"row {row_id}: the chat template cannot render its messages ({exc}); fix the messages field.") from exc
 
-    def _segments(self, messages: list[dict], row_id) -> list[tuple[str, bool]]:
-        """Split the rendered conversation into (text, is_assistant_response) pieces."""
+    def _segments(self, messages: list[dict], row_id, prompt_only: bool = False) -> list[tuple[str, bool]]:
+        """Split a conversation into (text, is_assistant_response) pieces, as inference will see it.
+
+        Assistant turn ``i`` is trained as it is generated: after the template's generation prompt
+        for ``messages[:i]``, the response is the turn's text as the template renders it, through its
+        end-of-turn token. Templates whose rendered assistant header differs from their generation
+        prompt (llava-hf's LLaVA-OneVision: ``assistant \\n`` vs ``assistant\\n``) are trained on the
+        generation prompt, so a served model sees exactly the prefix it learned after; earlier turns of
+        a ``prompt_only`` conversation are written the same way, which then ends with the generation
+        prompt. Where a response's text starts is found by rendering the turn with a sentinel in place
+        of its text.
+        """
         full = self._render(messages, False, row_id)
         segments, cursor = [], 0
         for i, message in enumerate(messages):
-            if message.get("role") != "assistant":
+            if message["role"] != "assistant":
                 continue
+            before = self._render(messages[:i], False, row_id) if i else ""
             prompt = self._render(messages[:i], True, row_id)
             through = self._render(messages[: i + 1], False, row_id)
-            if not (full.startswith(through) and through.startswith(prompt)):
-                raise RowError(f"row {row_id}: the chat template does not render turn {i} as a prefix of the conversation, so labels cannot be placed; use a prefix-consistent template.")
-            segments += [(full[cursor : len(prompt)], False), (through[len(prompt) :], True)]
+            probe = self._render(messages[:i] + [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}], False, row_id)
+            header = probe[: probe.find(_SENTINEL)]
+            if _SENTINEL not in probe or not (full.startswith(through) and through.startswith(header) and header.startswith(before)
+                                              and prompt.startswith(before) and before.startswith(full[:cursor])):
+                raise RowError(f"row {row_id}: the chat template does not render turn {i} as a prefix of the conversation "
+                               "with its text verbatim, so labels cannot be placed; use a prefix-consistent template.")
+            segments += [(full[cursor : len(before)], False), (prompt[len(before) :], False), (through[len(header) :], True)]
             cursor = len(through)
+        if prompt_only:
+            prompt = self._render(messages, True, row_id)
+            if not prompt.startswith(full):
+                raise RowError(f"row {row_id}: the chat template's generation prompt does not extend the conversation; use a prefix-consistent template.")
+            return segments + [(prompt[cursor:], False)]
         if not segments:
             raise RowError(f"row {row_id}: messages have no assistant turn to learn from; add one or collate with prompt_only=True.")
         segments.append((full[cursor:], False))
@@ -212,6 +232,8 @@ def _as_rows(rows) -> list[dict]:
 
 
 def _messages(row: dict, row_id) -> list[dict]:
+    """The row's conversation with every ``content`` as a list of parts (``{"type": "text", ...}``,
+    ``{"type": "image"}``): templates that iterate parts (LLaVA-OneVision's) drop plain-string content."""
     raw = row.get("messages")
     if isinstance(raw, (bytes, bytearray)):
         raw = raw.decode()
@@ -221,7 +243,15 @@ def _messages(row: dict, row_id) -> list[dict]:
         raise RowError(f"row {row_id}: messages is not valid JSON ({exc.msg}); store the chat as a JSON list.") from exc
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise RowError(f"row {row_id}: messages must be a list of {{'role', 'content'}} dicts; fix the row.")
-    return [dict(m) for m in messages]
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        elif not (isinstance(content, list) and all(isinstance(c, dict) and "type" in c for c in content)):
+            raise RowError(f"row {row_id}: a {m['role']} message's content must be a string or a list of typed parts; fix the row.")
+        out.append({**m, "content": content})
+    return out
 
 
 def _image_bytes(row: dict) -> list[bytes]:

@@ -97,15 +97,23 @@ class Stepper:
     ``backward`` is called once per micro-batch, ``step`` once per optimizer step. When
     ``torch.distributed`` is initialised with more than one rank (Ray Train workers without
     DeepSpeed), gradients are all-reduced (mean) before clipping, i.e. plain data parallelism.
+    ``dtype`` is the objective's compute dtype: float16 adds dynamic loss scaling (a skipped step
+    on overflow, as ``torch.amp.GradScaler`` does); the parameters themselves must be float32
+    (the objectives keep float32 masters), so AdamW never updates a low-precision weight.
     """
 
     #: Whether :meth:`load_rank_states` needs every rank's saved state, not only this rank's.
     needs_every_rank_state = False
 
-    def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig):
+    def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig, dtype: torch.dtype = torch.float32):
         self.parameters = list(parameters)
+        low = [p.dtype for p in self.parameters if p.dtype != torch.float32]
+        if low:
+            raise ValueError(f"AdamW would update {low[0]} weights directly; keep float32 master weights (vlsi_ray.models.precision).")
         self.grad_clip = opt.grad_clip
         self.optimizer = torch.optim.AdamW(self.parameters, lr=opt.lr, weight_decay=opt.weight_decay)
+        device = self.parameters[0].device.type if self.parameters else "cpu"
+        self.scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
 
     def set_lr(self, lr: float) -> None:
         """Learning rate of the coming optimizer step."""
@@ -113,32 +121,45 @@ class Stepper:
             group["lr"] = lr
 
     def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
-        """Accumulate the gradient of one micro-batch's ``loss / grad_accum``."""
-        (loss / grad_accum).backward()
+        """Accumulate the gradient of one micro-batch's ``loss / grad_accum`` (scaled under float16)."""
+        loss = loss / grad_accum
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> float:
-        """Average gradients over ranks, clip, update, zero; return the pre-clip gradient norm."""
+        """Average gradients over ranks, clip, update, zero; return the pre-clip gradient norm
+        (``inf``/``nan`` on a float16 overflow, whose update is skipped)."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
             for p in self.parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+                dist.all_reduce(p.grad)  # an overflow on any rank reaches every rank: all skip together
                 p.grad.div_(world)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         limit = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, limit)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
     def state_dict(self) -> dict:
-        """Optimizer state for a checkpoint."""
-        return self.optimizer.state_dict()
+        """Optimizer state (and the float16 loss scale) for a checkpoint."""
+        state = self.optimizer.state_dict()
+        return state if self.scaler is None else {"optimizer": state, "scaler": self.scaler.state_dict()}
 
     def load_rank_states(self, states: list[dict], rank: int) -> None:
         """Restore this rank's :meth:`state_dict` from every rank's (index = rank; all equal here)."""
-        self.optimizer.load_state_dict(states[rank])
+        state = states[rank]
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+            state = state["optimizer"]
+        self.optimizer.load_state_dict(state)
 
     def wrap(self, objective):
         """The objective as the loop calls it (DeepSpeed runs it through its engine; here, unchanged)."""
@@ -224,8 +245,10 @@ def train_stage(
     device: torch.device,
     writer: MetricsWriter | None = None,
     modules: Sequence[nn.Module] = (),
+    dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
-    """Train ``parameters`` on ``objective`` over ``rows`` in this process (AdamW, seeded order).
+    """Train ``parameters`` on ``objective`` over ``rows`` in this process (AdamW, seeded order;
+    ``dtype``: the objective's compute dtype, see :class:`Stepper`).
 
     Returns one metrics dict per optimizer step.
     """
@@ -236,7 +259,7 @@ def train_stage(
     total = total_optimizer_steps(opt, len(rows))
     order = BatchOrder([r["id"] for r in rows], min(opt.batch_size, len(rows)), seed)
     batches = (collate([rows[i] for i in index]) for index in order)
-    return run_steps(name, objective, Stepper(parameters, opt), batches, opt, total, device, writer, modules)
+    return run_steps(name, objective, Stepper(parameters, opt, dtype), batches, opt, total, device, writer, modules)
 
 
 def _reduce(micro: list[dict]) -> dict:

@@ -7,6 +7,10 @@ teacher is any callable ``batch -> TeacherSignal`` — a local model here, an ac
 
 Response positions: position ``t`` predicts token ``t+1``, so the positions that carry a loss are
 those whose *next* label is not -100. ``N`` below is the number of such positions in a batch.
+
+Precision (:mod:`vlsi_ray.models.precision`): each objective makes the parameters it trains float32
+master weights and runs its forward, heads included, under the backbone's autocast; the losses
+upcast logits to float32.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import Tensor, nn
 from vlsi_ray.method.losses import per_token_kl, verbalized_ce, verbalized_kl
 from vlsi_ray.method.matching import MatchingOptions, band_mask, match_layers
 from vlsi_ray.models.backbone import Backbone
+from vlsi_ray.models.precision import keep_float32_masters
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
 
@@ -97,23 +102,30 @@ class SFTObjective:
         if backbone.lora_active:  # SFT through LoRA: only the adapters train
             for name, p in backbone.model.named_parameters():
                 p.requires_grad_("lora_" in name)
-            return
-        wanted = set(groups) if groups is not None else None
-        for name, params in backbone.parameter_groups().items():
-            if wanted is None or name in wanted:
-                for _, p in params:
-                    p.requires_grad_(True)
+        else:
+            wanted = set(groups) if groups is not None else None
+            for name, params in backbone.parameter_groups().items():
+                if wanted is None or name in wanted:
+                    for _, p in params:
+                        p.requires_grad_(True)
+        keep_float32_masters(self.parameters())
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this step trains."""
         return trainable_parameters(self.backbone.model)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the trained model computes in (its optimizer's loss scaling depends on it)."""
+        return self.backbone.compute_dtype
+
     def __call__(self, batch: dict) -> StepOutput:
         """Mean response-token cross-entropy of the final layer; logs ``loss``."""
-        out = self.backbone.forward(model_inputs(batch), logits=False)
-        mask, targets = response_positions(batch["labels"])
-        h = out.hidden_states[-1][mask]  # already final-normed
-        loss = verbalized_ce(h, self.backbone.lm_head, targets, self.chunk_size).mean()
+        with self.backbone.autocast():
+            out = self.backbone.forward(model_inputs(batch), logits=False)
+            mask, targets = response_positions(batch["labels"])
+            h = out.hidden_states[-1][mask]  # already final-normed
+            loss = verbalized_ce(h, self.backbone.lm_head, targets, self.chunk_size).mean()
         return StepOutput(loss, {"loss": loss.item()})
 
 
@@ -130,13 +142,23 @@ class VerbalizationObjective:
         self.chunk_size = chunk_size
         set_trainable([backbone.model], False)
         set_trainable([verbalizers], True)
+        keep_float32_masters(verbalizers.parameters())
 
     def parameters(self) -> list[nn.Parameter]:
         """The verb-FFN parameters."""
         return trainable_parameters(self.verbalizers)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the heads compute in."""
+        return self.backbone.compute_dtype
+
     def __call__(self, batch: dict) -> StepOutput:
-        """Sum of per-layer CE; logs ``loss`` and ``ce/<layer>``."""
+        """Sum of per-layer CE; logs ``loss`` and ``ce/<layer>``.
+
+        The frozen backbone runs under ``no_grad``: it stores no activations, so gradient
+        checkpointing has nothing to save here (the verbalizer heads are chunked and checkpointed).
+        """
         with torch.no_grad():
             out = self.backbone.forward(model_inputs(batch), logits=False)
         mask, targets = response_positions(batch["labels"])
@@ -144,11 +166,12 @@ class VerbalizationObjective:
         targets = targets.to(device)
         loss = torch.zeros((), device=device)
         metrics = {}
-        for layer in self.verbalizers.layers:
-            head = self.verbalizers.head(layer, self.backbone.final_norm, self.backbone.lm_head)
-            ce = verbalized_ce(at_positions(out.hidden_states[layer], mask, device), head, targets, self.chunk_size).mean()
-            metrics[f"ce/{layer}"] = ce.item()
-            loss = loss + ce
+        with self.backbone.autocast():
+            for layer in self.verbalizers.layers:
+                head = self.verbalizers.head(layer, self.backbone.final_norm, self.backbone.lm_head)
+                ce = verbalized_ce(at_positions(out.hidden_states[layer], mask, device), head, targets, self.chunk_size).mean()
+                metrics[f"ce/{layer}"] = ce.item()
+                loss = loss + ce
         metrics["loss"] = loss.item()
         return StepOutput(loss, metrics)
 
@@ -190,11 +213,12 @@ def teacher_signal(
     mask, _ = response_positions(batch["labels"])
     device = teacher.lm_head.weight.device
     layers = []
-    for layer in verbalizers.layers:
-        head = verbalizers.head(layer, teacher.final_norm, teacher.lm_head)
-        layers.append(head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab])
-    layers.append(teacher.lm_head(at_positions(out.hidden_states[-1], mask, device))[..., :vocab])
-    logits = torch.stack(layers).float()
+    with teacher.autocast():
+        for layer in verbalizers.layers:
+            head = verbalizers.head(layer, teacher.final_norm, teacher.lm_head)
+            layers.append(head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab].float())
+        layers.append(teacher.lm_head(at_positions(out.hidden_states[-1], mask, device))[..., :vocab].float())
+    logits = torch.stack(layers)
     if not tail_samples:
         return TeacherSignal.from_logits(logits, topk, temperature)
     # Each row's samples come from its own generator: the same whatever batch the row is in.
@@ -250,10 +274,16 @@ class InteractionObjective:
             for _, p in groups.get(name, []):
                 p.requires_grad_(False)
         set_trainable([verbalizers], True)
+        keep_float32_masters(self.parameters())  # peft already keeps LoRA adapters in float32
 
     def parameters(self) -> list[nn.Parameter]:
         """LoRA adapters and the student's verb-FFNs."""
         return trainable_parameters(self.student.model, self.verbalizers)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the student computes in."""
+        return self.student.compute_dtype
 
     def _kl(self, hidden: Tensor, head: Callable, signal: TeacherSignal) -> Tensor:
         return verbalized_kl(hidden, head, signal, self.direction, self.kd_temperature, self.chunk_size).mean()
@@ -284,6 +314,10 @@ class InteractionObjective:
     def __call__(self, batch: dict) -> StepOutput:
         """Matched intermediate KLs + last-layer term; logs per-layer KL and the matched indices."""
         signal = self.teacher(batch)
+        with self.student.autocast():
+            return self._loss(batch, signal)
+
+    def _loss(self, batch: dict, signal: TeacherSignal) -> StepOutput:
         out = self.student.forward(model_inputs(batch), logits=False)
         mask, targets = response_positions(batch["labels"])
         layers = self.verbalizers.layers

@@ -3,9 +3,11 @@
 A :class:`Backbone` wraps a stock ``*ForConditionalGeneration`` model with its tokenizer and image
 processor and exposes what the method needs: every decoder block's output, the backbone's own final
 norm and LM head (shared by the verbalizers), parameter groups, LoRA on the language model only, and
-a local checkpoint format. Family specifics (class, module paths, chat template, image-token counts)
-live in one module per family (``qwen2_vl.py``, ``llava_onevision.py``), found through
-:data:`FAMILIES`.
+a local checkpoint format, and the model's precision (:mod:`vlsi_ray.models.precision`): its compute
+dtype, the autocast its forward runs under, and the dtype its checkpoint was saved in. Family
+specifics (class, module paths, chat template, image-token counts) live in one module per family
+(``qwen2_vl.py``, ``qwen2_5_vl.py``, ``llava_onevision.py``), registered in
+:data:`vlsi_ray.models.families.FAMILIES`.
 
 Hidden-state convention (what transformers 5 returns, verified in tests/models/test_backbones.py):
 ``hidden_states`` has ``L + 1`` entries ``[B, T, d]``: the input embeddings (image features already
@@ -17,22 +19,25 @@ through the final norm (``lm_head(hidden_states[-1]) == logits``); the others ar
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-#: family name -> module that defines its ``SPEC`` (imported lazily, so importing this is cheap).
-FAMILIES: dict[str, str] = {
-    "qwen2_vl": "vlsi_ray.models.qwen2_vl",
-    "llava_onevision": "vlsi_ray.models.llava_onevision",
-}
-#: Small file written next to the weights naming the family (model_type in config.json also works).
-BACKBONE_FILE = "vlsi_backbone.json"
+# FAMILIES, FamilySpec, UnsupportedModelError and get_family live in families.py (the registry); re-exported here.
+from vlsi_ray.models.families import (  # noqa: F401
+    BACKBONE_FILE,
+    FAMILIES,
+    FamilySpec,
+    UnsupportedModelError,
+    detect_family,
+    get_family,
+)
+from vlsi_ray.models.precision import autocast, dtype_name, parse_dtype, round_to_dtype
+
 #: LoRA targets: the language model's attention and MLP projections, never the vision tower
 #: (SigLIP also has ``self_attn.q_proj``, hence a full-match regex rather than suffixes).
 LM_LORA_TARGETS = (
@@ -44,40 +49,6 @@ PARAMETER_GROUPS = ("vision", "projector", "embeddings", "language", "head")
 
 class IncompatibleModelsError(ValueError):
     """Teacher and student cannot be distilled into each other (family, vocabulary, image tokens)."""
-
-
-class UnsupportedModelError(ValueError):
-    """A directory does not hold a model of a supported family."""
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """Everything family-specific the backbone, tokenizer and collator need."""
-
-    name: str
-    model_type: str  # config.json "model_type"
-    model_class: Callable[[], type]  # returns the transformers class (imported on use)
-    image_processor_class: Callable[[], type]
-    special_tokens: tuple[str, ...]  # in the real family's id order
-    pad_token: str
-    eos_token: str  # end of an assistant turn
-    image_token: str  # the placeholder the chat template emits once per image
-    chat_template: str
-    model_input_names: tuple[str, ...]  # batch keys forwarded to the model
-    group_prefixes: tuple[tuple[str, str], ...]  # (parameter-name prefix, group); first match wins
-    build_image_processor: Callable[..., Any]
-    process_image: Callable[[Any, Any], dict[str, Tensor]]  # (processor, PIL image) -> per-image tensors
-    count_image_tokens: Callable[[Any, dict[str, Tensor]], int]  # placeholder tokens for one image
-    batch_vision: Callable[[list[dict[str, Tensor]]], dict[str, Tensor]]
-    uses_mm_token_type_ids: bool
-    prepare_loaded: Callable[[Any, Any], None] | None = None  # (model config, image processor) after loading
-
-
-def get_family(name: str) -> FamilySpec:
-    """The :class:`FamilySpec` of a family name (``"qwen2_vl"`` or ``"llava_onevision"``)."""
-    if name not in FAMILIES:
-        raise UnsupportedModelError(f"family {name!r} is not supported; use one of {', '.join(FAMILIES)}.")
-    return importlib.import_module(FAMILIES[name]).SPEC
 
 
 def build_image_processor(family: str, image_size: int = 112, **kwargs):
@@ -101,15 +72,23 @@ def _get_path(module: nn.Module, dotted: str) -> nn.Module:
 
 
 class Backbone:
-    """A transformers VLM plus its tokenizer and image processor, behind one interface."""
+    """A transformers VLM plus its tokenizer and image processor, behind one interface.
 
-    def __init__(self, family: str, model: nn.Module, tokenizer, image_processor, name: str | None = None):
+    ``compute_dtype`` is the dtype matmuls run in (default: the model's parameter dtype); trainable
+    parameters may be float32 masters while the forward autocasts to it. ``checkpoint_dtype`` is the
+    dtype the model was saved in (default: the compute dtype): :meth:`save_pretrained` writes it.
+    """
+
+    def __init__(self, family: str, model: nn.Module, tokenizer, image_processor, name: str | None = None,
+                 compute_dtype: torch.dtype | None = None, checkpoint_dtype: torch.dtype | None = None):
         get_family(family)  # fail early on an unknown family
         self.family = family
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.name = name or f"in-memory {family} model"
+        self.compute_dtype = compute_dtype or next(model.parameters()).dtype
+        self.checkpoint_dtype = checkpoint_dtype or self.compute_dtype
         self._requires_grad_before_lora: dict[str, bool] | None = None
 
     # ----- structure ------------------------------------------------------------------------------
@@ -171,7 +150,8 @@ class Backbone:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The compute dtype (trainable float32 masters aside, the dtype of the weights)."""
+        return self.compute_dtype
 
     @property
     def lora_target_modules(self) -> str:
@@ -188,11 +168,34 @@ class Backbone:
         their heads to the response positions only, and ``[B, T, V]`` is large at a real vocab.
         """
         keep = {} if logits else {"logits_to_keep": 1}
-        out = self.model(**self.model_inputs(batch), output_hidden_states=True, use_cache=False, return_dict=True, **keep)
+        with self.autocast():
+            out = self.model(**self.model_inputs(batch), output_hidden_states=True, use_cache=False, return_dict=True, **keep)
         return BackboneOutput(hidden_states=tuple(out.hidden_states), logits=out.logits if logits else None)
 
+    def autocast(self):
+        """Context in which matmuls run in the compute dtype (a no-op in float32): wrap every use of
+        the model's weights in it, heads included, so float32 master weights compute in low precision."""
+        return autocast(self.device, self.compute_dtype)
+
+    def round_to_compute_dtype(self) -> None:
+        """After training: cast the float32 master weights back to the compute dtype, in place."""
+        round_to_dtype(self.model, self.compute_dtype)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder (and vision) block in backward instead of storing its activations.
+
+        Non-reentrant checkpointing: gradients reach LoRA adapters and float32 masters without the
+        inputs having to require grad, and autocast is replayed in the recomputation. Active in
+        train mode only (transformers' convention). ref: Chen et al. 2016, arXiv:1604.06174.
+        """
+        model = self.base_model
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The family's model inputs of a collated batch, on the model's device (floats in its dtype)."""
+        """The family's model inputs of a collated batch, on the model's device (floats in the compute dtype)."""
         device, dtype = self.device, self.dtype
         inputs = {}
         for key in self.spec.model_input_names:
@@ -255,40 +258,83 @@ class Backbone:
         self._requires_grad_before_lora = None
 
     # ----- checkpoints ----------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write model, tokenizer, image processor and ``vlsi_backbone.json`` into ``path``."""
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | str | None = None) -> None:
+        """Write model, tokenizer, image processor and ``vlsi_backbone.json`` into ``path``.
+
+        Weights are written in ``dtype`` (default: :attr:`checkpoint_dtype`, the dtype the base
+        checkpoint was released in), whatever the dtypes in memory; ``config.json`` says so.
+        """
         if self.lora_active:
             raise RuntimeError(f"{self.name} still has LoRA adapters; call merge_lora() before save_pretrained().")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        dtype = parse_dtype(dtype) or self.checkpoint_dtype
+        if all(p.dtype == dtype for p in self.model.parameters() if p.is_floating_point()):
+            self.model.save_pretrained(path)
+        else:  # cast copies, leaving the model in memory as it is
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
+            self.model.save_pretrained(path, state_dict=state)
+            _set_config_dtype(path / "config.json", dtype)
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
         (path / BACKBONE_FILE).write_text(json.dumps({"family": self.family, "format": 1}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                        device_map: str | dict | None = None) -> "Backbone":
+                        device_map: str | dict | None = None, attn_implementation: str | None = None) -> "Backbone":
         """Load a backbone from a local directory (never a hub); the family is auto-detected.
 
-        ``device_map`` (e.g. ``"auto"``) spreads the model over the visible GPUs instead of moving
-        it to ``device``: a teacher too large for one GPU (Qwen2-VL-72B) on a multi-GPU replica.
+        ``dtype`` is the compute dtype the weights are loaded in (default: the dtype they were saved
+        in, ``config.json``'s ``dtype``/``torch_dtype``). ``device_map`` (e.g. ``"auto"``) spreads the
+        model over the visible GPUs instead of moving it to ``device``: a teacher too large for one
+        GPU (Qwen2-VL-72B) on a multi-GPU replica. ``attn_implementation``: ``sdpa``, ``eager`` or
+        ``flash_attention_2`` (None: transformers' default).
         """
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory {path} does not exist; pass a local checkpoint directory (hubs are never used).")
+        path = _checkpoint_dir(path)
         family = detect_family(path)
         spec = get_family(family)
-        kwargs = {"local_files_only": True}
-        if dtype is not None:
-            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        saved = saved_dtype(path)
+        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": parse_dtype(dtype) or "auto"}
         if device_map is not None:
             kwargs["device_map"] = device_map
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
         model = spec.model_class().from_pretrained(str(path), **kwargs)
         tokenizer, image_processor = _load_processors(path, spec, model.config)
         if device is not None and device_map is None:
             model.to(device)
-        return cls(family, model, tokenizer, image_processor, name=str(path))
+        return cls(family, model, tokenizer, image_processor, name=str(path), checkpoint_dtype=saved)
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist; pass a local checkpoint directory (hubs are never used).")
+    return path
+
+
+def saved_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint directory's weights were saved in, from ``config.json`` (``dtype`` in
+    transformers 5, ``torch_dtype`` in the released 4.x files), or None when it does not say."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    for source in (config, config.get("text_config") or {}):
+        value = source.get("dtype") or source.get("torch_dtype")
+        if isinstance(value, str) and value != "auto":
+            try:
+                return parse_dtype(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """Make ``config.json`` (and its sub-configs) name ``dtype``: the weights were cast on the way out."""
+    def fix(node):
+        if isinstance(node, dict):
+            return {k: (dtype_name(dtype) if k in ("dtype", "torch_dtype") and isinstance(v, str) else fix(v)) for k, v in node.items()}
+        return node
+
+    config_file.write_text(json.dumps(fix(json.loads(config_file.read_text())), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -296,8 +342,9 @@ class ModelInfo:
     """What :func:`check_compatible` reads from a checkpoint, loaded without its weights.
 
     The same attributes as a :class:`Backbone` (``family``, ``name``, ``tokenizer``,
-    ``image_processor``, ``vocab_size``, ``image_token_id``, ``spec``), from ``config.json``, the
-    tokenizer and the image processor, so a 72B/7B pair is checked in seconds on a CPU-only head.
+    ``image_processor``, ``vocab_size``, ``image_token_id``, ``num_layers``, ``hidden_size``,
+    ``checkpoint_dtype``, ``spec``), from ``config.json``, the tokenizer and the image processor, so a
+    72B/7B pair is checked in seconds on a CPU-only head.
     """
 
     family: str
@@ -306,24 +353,35 @@ class ModelInfo:
     image_processor: Any
     vocab_size: int  # rows of the LM head: the text config's vocab_size
     image_token_id: int
+    config: Any = None  # the transformers config
 
     @property
     def spec(self) -> FamilySpec:
         return get_family(self.family)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.get_text_config().num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.get_text_config().hidden_size
+
+    @property
+    def checkpoint_dtype(self) -> torch.dtype | None:
+        return saved_dtype(self.name)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelInfo":
         """Read the checkpoint directory ``path`` (never a hub) without loading any weight."""
         from transformers import AutoConfig
 
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory {path} does not exist; pass a local checkpoint directory (hubs are never used).")
+        path = _checkpoint_dir(path)
         family = detect_family(path)
         spec = get_family(family)
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         tokenizer, image_processor = _load_processors(path, spec, config)
-        return cls(family, str(path), tokenizer, image_processor, config.get_text_config().vocab_size, config.image_token_id)
+        return cls(family, str(path), tokenizer, image_processor, config.get_text_config().vocab_size, config.image_token_id, config)
 
 
 def _load_processors(path: Path, spec: FamilySpec, config) -> tuple[Any, Any]:
@@ -339,20 +397,6 @@ def _load_processors(path: Path, spec: FamilySpec, config) -> tuple[Any, Any]:
     return tokenizer, image_processor
 
 
-def detect_family(path: Path) -> str:
-    """Family of a checkpoint directory from ``vlsi_backbone.json`` or ``config.json``'s model_type."""
-    marker, config = path / BACKBONE_FILE, path / "config.json"
-    if marker.is_file():
-        return json.loads(marker.read_text())["family"]
-    if not config.is_file():
-        raise UnsupportedModelError(f"{path} has no config.json, so it is not a transformers model; point to a saved checkpoint directory.")
-    model_type = json.loads(config.read_text()).get("model_type")
-    for family in FAMILIES:
-        if get_family(family).model_type == model_type:
-            return family
-    raise UnsupportedModelError(f"{path} holds a {model_type!r} model, which is not supported; use one of {', '.join(FAMILIES)}.")
-
-
 def _saved_chat_template(path: Path) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
@@ -361,9 +405,10 @@ def _saved_chat_template(path: Path) -> str | None:
     return None
 
 
-def load_backbone(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> Backbone:
+def load_backbone(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                  attn_implementation: str | None = None) -> Backbone:
     """Same as :meth:`Backbone.from_pretrained`."""
-    return Backbone.from_pretrained(path, device=device, dtype=dtype)
+    return Backbone.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
 #: Image sizes (height, width) probed to compare teacher/student image-token counts.
@@ -391,7 +436,9 @@ def check_compatible(teacher: Backbone | ModelInfo, student: Backbone | ModelInf
     Takes loaded backbones or weight-free :class:`ModelInfo`\ s (the Ray runner checks paths that way).
 
     Checks: same family; identical vocabulary on the shared prefix of the two LM heads (ids below
-    ``min(V_t, V_s)``); identical special-token ids; identical image-token counts.
+    ``min(V_t, V_s)``); identical special-token ids; identical image-resolution settings of the two
+    image processors (the family's ``resolution_fields``, named when they differ) and image-token
+    counts on probe images.
     """
     t, s = teacher, student
     pair = f"teacher {t.name} and student {s.name}"
@@ -421,6 +468,14 @@ def check_compatible(teacher: Backbone | ModelInfo, student: Backbone | ModelInf
             f"{pair} use different image token ids in their configs ({t.image_token_id} vs {s.image_token_id}); "
             "set the student's image_token_id to the teacher's."
         )
+    for field in t.spec.resolution_fields:
+        t_value, s_value = _plain(getattr(t.image_processor, field, None)), _plain(getattr(s.image_processor, field, None))
+        if t_value != s_value:
+            raise IncompatibleModelsError(
+                f"{pair} have image processors with different {field} ({t_value} vs {s_value}), so one image would give "
+                "them different numbers of image tokens; set images.min_pixels / images.max_pixels to give both one "
+                "resolution, or give the student the teacher's preprocessor_config.json."
+            )
     for height, width in PROBE_IMAGE_SIZES:
         n_t, n_s = image_token_count(t, height, width), image_token_count(s, height, width)
         if n_t != n_s:
@@ -428,6 +483,17 @@ def check_compatible(teacher: Backbone | ModelInfo, student: Backbone | ModelInf
                 f"{pair} turn a {height}x{width} image into {n_t} vs {n_s} image tokens; give the student the teacher's "
                 "image processor settings (preprocessor_config.json) so both see the same token sequence."
             )
+
+
+def _plain(value: Any) -> Any:
+    """A processor setting as plain comparable data (SizeDict -> dict of its set keys, tuples -> lists)."""
+    if hasattr(value, "__dataclass_fields__"):
+        value = {k: v for k, v in vars(value).items() if v is not None}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def fan_in_init(model: nn.Module, gain: float = 1.0) -> None:

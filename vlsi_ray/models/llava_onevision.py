@@ -23,23 +23,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlsi_ray.models.backbone import Backbone, FamilySpec, instantiate_tiny
-from vlsi_ray.models.qwen2_vl import resolve_sizes
+from vlsi_ray.models.backbone import Backbone, instantiate_tiny
+from vlsi_ray.models.families import FamilySpec, HubLayout
+from vlsi_ray.models.qwen2_vl import hub_text_keys, resolve_sizes
 
 FAMILY = "llava_onevision"
 #: Qwen2 base tokens then LLaVA-OneVision's added image/video tokens (151643 ... 151647).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
-#: llava-hf's LLaVA-OneVision template (images first, then "\n" + text for user turns). One change:
-#: assistant text follows "<|im_start|>assistant\n" directly (llava-hf adds another "\n"), so the
-#: generation prompt is an exact prefix of the training string.
+#: llava-hf's LLaVA-OneVision template, as released (chat_template.json of llava-onevision-qwen2-*-hf):
+#: ``<|im_start|>user <image>\n{text}<|im_end|>``, ``<|im_start|>assistant \n{text}<|im_end|>``, no newline
+#: between turns, and a generation prompt ``<|im_start|>assistant\n`` that is *not* a prefix of the
+#: rendered assistant turn (the collator trains on the generation prompt: see vlsi_ray.data.collate).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% if message['role'] != 'assistant' %}{{ '\n' }}{% endif %}{{ content['text'] }}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 PATCH_SIZE = 28
 
@@ -116,6 +119,88 @@ def prepare_loaded(model_config, image_processor) -> None:
     image_processor.vision_feature_select_strategy = model_config.vision_feature_select_strategy
 
 
+RESOLUTION_FIELDS = ("size", "image_grid_pinpoints", "num_image_tokens", "vision_feature_select_strategy")
+
+
+def set_resolution(image_processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """``images.max_pixels``: keep only the crop grids (``image_grid_pinpoints``) of at most that many
+    pixels, which bounds the tokens of any image (the base view's crop size always stays). LLaVA-OneVision
+    has no minimum: every image is resized to its best grid, so ``images.min_pixels`` is refused."""
+    if min_pixels is not None:
+        raise ValueError("images.min_pixels has no llava_onevision equivalent; leave it null and use images.max_pixels.")
+    if max_pixels is None:
+        return
+    crop = image_processor.size["height"] * image_processor.size["width"]
+    if max_pixels < crop:
+        raise ValueError(f"images.max_pixels={max_pixels} is below one {image_processor.size['height']}-px crop ({crop} pixels); "
+                         f"use at least {crop}.")
+    kept = [list(p) for p in image_processor.image_grid_pinpoints if p[0] * p[1] <= max_pixels]
+    image_processor.image_grid_pinpoints = kept or [[image_processor.size["height"], image_processor.size["width"]]]
+
+
+def hub_config(config, dtype: str) -> dict:
+    """``config.json`` as llava-hf/llava-onevision-qwen2-*-ov-hf ships it (nested Qwen2 text config)."""
+    vision = config.vision_config
+    text = {"_name_or_path": "Qwen/Qwen2-7B-Instruct", "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            **hub_text_keys(config.text_config), "torch_dtype": dtype}
+    return {
+        "architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
+        "ignore_index": -100, "image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints],
+        "image_token_index": config.image_token_id, "video_token_index": config.video_token_id,
+        "projector_hidden_act": config.projector_hidden_act, "text_config": text, "tie_word_embeddings": False,
+        "torch_dtype": dtype, "transformers_version": "4.45.0.dev0", "use_image_newline_parameter": True,
+        "vision_aspect_ratio": config.vision_aspect_ratio,
+        "vision_config": {
+            "hidden_size": vision.hidden_size, "image_size": vision.image_size, "intermediate_size": vision.intermediate_size,
+            "model_type": "siglip_vision_model", "num_attention_heads": vision.num_attention_heads,
+            "num_hidden_layers": vision.num_hidden_layers, "patch_size": vision.patch_size, "vision_use_head": False,
+        },
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+    }  # fmt: skip
+
+
+#: transformers-5 prefix -> the released (LlavaOnevisionForConditionalGeneration 4.x) prefix.
+_HUB_PREFIXES = (
+    ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower.vision_model."),  # 4.x wrapped SigLIP in SiglipVisionModel.vision_model
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
+)  # fmt: skip
+
+
+def hub_weight_name(name: str) -> str:
+    """A transformers-5 parameter name -> its name in llava-hf's released shards."""
+    for new, old in _HUB_PREFIXES:
+        if name.startswith(new):
+            return old + name.removeprefix(new)
+    return name
+
+
+def hub_preprocessor(image_processor) -> dict:
+    """``preprocessor_config.json`` as llava-hf ships it (the per-crop token count is in processor_config.json)."""
+    size = {"height": image_processor.size["height"], "width": image_processor.size["width"]}
+    return {
+        "crop_size": size, "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+        "image_grid_pinpoints": [list(p) for p in image_processor.image_grid_pinpoints],
+        "image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
+        "image_processor_type": "LlavaOnevisionImageProcessor", "processor_class": "LlavaOnevisionProcessor",
+        "resample": 3, "rescale_factor": 1 / 255, "size": size,
+    }  # fmt: skip
+
+
+def hub_processor_config(image_processor) -> dict[str, dict]:
+    """``processor_config.json``: tokens per crop and the feature strategy, read by LlavaOnevisionProcessor."""
+    return {"processor_config.json": {"num_image_tokens": image_processor.num_image_tokens, "processor_class": "LlavaOnevisionProcessor",
+                                      "vision_feature_select_strategy": image_processor.vision_feature_select_strategy}}
+
+
+def hub_generation_config(tokenizer) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>"),
+            "transformers_version": "4.45.0.dev0"}
+
+
 def tiny_config(tokenizer, image_size: int = 112, patch_size: int = PATCH_SIZE, **sizes):
     """A ``LlavaOnevisionConfig`` (SigLIP + Qwen2) with the given sizes and the tokenizer's ids."""
     from transformers import LlavaOnevisionConfig
@@ -182,5 +267,12 @@ SPEC = FamilySpec(
     count_image_tokens=count_image_tokens,
     batch_vision=batch_vision,
     uses_mm_token_type_ids=False,
+    build_tiny=build_tiny,
+    resolution_fields=RESOLUTION_FIELDS,
+    set_resolution=set_resolution,
+    hub=HubLayout(config=hub_config, weight_name=hub_weight_name, preprocessor=hub_preprocessor,
+                  generation_config=hub_generation_config, extra_files=hub_processor_config,
+                  chat_template_in_tokenizer_config=False),
+    has_min_pixels=False,
     prepare_loaded=prepare_loaded,
 )

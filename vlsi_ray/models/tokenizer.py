@@ -20,10 +20,10 @@ QWEN2_PATTERN = (
 
 def _template_texts(family: str) -> list[str]:
     """The chat template's own words, so that role names and the system prompt merge too."""
-    from jinja2 import Environment
+    from transformers.utils.chat_template_utils import _compile_jinja_template  # transformers' own jinja set-up ({% generation %})
 
     spec = get_family(family)
-    template = Environment().from_string(spec.chat_template)
+    template = _compile_jinja_template(spec.chat_template)
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A."}]},

@@ -94,6 +94,8 @@ def cache_spec(cfg, teacher_dir: str | Path, verbalizer_dir: str | Path, student
         "teacher": fingerprint([teacher_dir], ("*.json", "*.safetensors", "*.bin")),
         "teacher_verbalizers": fingerprint([verbalizer_dir]),
         "collator": fingerprint([student_dir], _COLLATE_FILES),
+        "teacher.dtype": cfg.teacher.dtype,  # the signal is computed in it
+        "images": [cfg.images.min_pixels, cfg.images.max_pixels],  # with the collator, what the image tokens are
         "signal.topk": signal.topk,
         "signal.tail_samples": signal.tail_samples,
         "tail_seed": cfg.seed + SEED_OFFSET["interact"] if signal.tail_samples else None,

@@ -1,8 +1,9 @@
-"""Step-2 memory: the student's peak memory of the interaction loss + backward vs the number of candidates.
+"""Student peak memory: step 2 vs the number of candidates, and gradient checkpointing on vs off.
 
     python bench/memory.py                         # vocabulary 152,064, 1,024 response tokens, C = 1 4 14 20
     python bench/memory.py --student-layers 2      # t_s = 2: the band of each of 2 student layers has C entries
     python bench/memory.py --candidates 1 20 --chunk-size 256
+    python bench/memory.py --checkpointing         # step 3 (full LLM) at 512 and 2,048 tokens, checkpointing off vs on
 
 One :class:`InteractionObjective` step (candidate KLs without grad over the matching band, then the
 chosen pairs and the last layer recomputed with grad, then ``loss.backward()``) on a real tiny
@@ -280,6 +281,62 @@ def measure(candidates: int, args: argparse.Namespace) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------ checkpointing
+def measure_checkpointing(length: int, enabled: bool, args: argparse.Namespace) -> dict:
+    """Peak memory of one step-3 step (full-LLM SFT, forward + backward) on a ``length``-token text row.
+
+    Student: tiny Qwen2-VL LM, ``args.ckpt_hidden`` wide, ``args.ckpt_layers`` blocks, a small
+    vocabulary (so activations, not the LM head, dominate), in train mode, gradient checkpointing
+    ``enabled``; half the row is response. Returns the peak above the pre-step baseline and the loss.
+    """
+    from vlsi_ray.data.synthetic import corpus_texts, generate_rows
+    from vlsi_ray.method.steps import SFT_GROUPS, SFTObjective
+    from vlsi_ray.models.qwen2_vl import build_tiny
+    from vlsi_ray.models.tokenizer import train_tokenizer
+
+    device = torch.device(args.device)
+    tokenizer = train_tokenizer(corpus_texts(generate_rows("train", 8, seed=0)), FAMILY)
+    student = build_tiny(
+        "student", tokenizer, hidden_size=args.ckpt_hidden, num_layers=args.ckpt_layers, num_heads=4,
+        intermediate_size=4 * args.ckpt_hidden, vision_embed_dim=32, vision_depth=1, seed=2,
+    )  # fmt: skip
+    student.model.to(device)
+    student.set_gradient_checkpointing(enabled)
+    student.model.train()
+    objective = SFTObjective(student, SFT_GROUPS)
+    batch = {k: v.to(device) for k, v in response_batch(length // 2, length - length // 2, len(tokenizer), torch.Generator().manual_seed(0)).items()}
+    meter = PeakCUDA(device) if device.type == "cuda" else PeakRSS()
+    started = time.perf_counter()
+    with meter:
+        out = objective(batch)
+        out.loss.backward()
+    return {"length": length, "checkpointing": enabled, "peak": meter.peak, "loss": out.loss.item(),
+            "seconds": time.perf_counter() - started, "source": meter.source}
+
+
+def checkpointing_table(args: argparse.Namespace) -> int:
+    """Run :func:`measure_checkpointing` off and on at each length (fresh subprocesses); print the ratios."""
+    print(f"step 3 (full-LLM SFT) forward + backward, student {args.ckpt_layers} x {args.ckpt_hidden}, device {args.device}; "
+          "MB = 10^6 bytes above the pre-step baseline\n")
+    print("| tokens | peak MB, checkpointing off | peak MB, on | on ÷ off | loss off | loss on | step s off / on |")
+    print("|---|---|---|---|---|---|---|")
+    for length in args.lengths:
+        pair = {}
+        for enabled in (False, True):
+            argv = [sys.executable, str(Path(__file__).resolve()), "--child-checkpointing", str(length), str(int(enabled)),
+                    "--ckpt-hidden", str(args.ckpt_hidden), "--ckpt-layers", str(args.ckpt_layers), "--device", args.device]
+            proc = subprocess.run(argv + (["--threads", str(args.threads)] if args.threads else []), check=False, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.stderr.write(proc.stdout + proc.stderr)
+                raise SystemExit(f"the {length}-token measurement failed (exit {proc.returncode}).")
+            pair[enabled] = json.loads(lines[-1][len("RESULT "):])
+        off, on = pair[False], pair[True]
+        print(f"| {length:,} | {off['peak'] / MB:.0f} | {on['peak'] / MB:.0f} | {on['peak'] / off['peak']:.2f} | "
+              f"{off['loss']:.6f} | {on['loss']:.6f} | {off['seconds']:.1f} / {on['seconds']:.1f} |")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ driver
 def _child_argv(candidates: int, args: argparse.Namespace) -> list[str]:
     return [
@@ -302,13 +359,24 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--checkpointing", action="store_true", help="measure gradient checkpointing off vs on instead")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="--checkpointing: tokens per row")
+    parser.add_argument("--ckpt-hidden", type=int, default=256, help="--checkpointing: student width")
+    parser.add_argument("--ckpt-layers", type=int, default=8, help="--checkpointing: student decoder blocks")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-checkpointing", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child is not None:
         print("RESULT " + json.dumps(measure(args.child, args)), flush=True)
         return 0
+    if args.child_checkpointing is not None:
+        length, enabled = args.child_checkpointing
+        print("RESULT " + json.dumps(measure_checkpointing(length, bool(enabled), args)), flush=True)
+        return 0
+    if args.checkpointing:
+        return checkpointing_table(args)
 
     dense = args.tokens * args.vocab * 4
     print(f"vocabulary {args.vocab:,}, {args.tokens:,} response tokens, top-{args.topk} + tail signal, "

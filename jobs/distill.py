@@ -11,6 +11,12 @@ Options: ``--config conf/X.yaml`` and any number of ``key=value`` overrides, e.g
 Outputs go to ``<output_dir>/<name>/`` (``runs/tiny`` by default): checkpoints per stage,
 ``metrics.jsonl``, ``report.md``/``report.json`` and PNG plots. Re-running the same command skips
 finished stages.
+
+``--dry-run`` checks a run in seconds without loading a weight or writing anything: both models'
+configs, tokenizers and processors, the pair, the data's metadata and the token lengths of a sample
+of rows, the stage plan and the placement (see ``vlsi_ray.dry_run``):
+
+    python jobs/distill.py --config conf/qwen2vl_72b_to_7b.yaml --dry-run teacher.path=... student.path=...
 """
 
 from __future__ import annotations
@@ -32,15 +38,27 @@ from vlsi_ray.config import ConfigError, load_config  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "conf" / "tiny.yaml"), help="YAML config (default: conf/tiny.yaml)")
+    parser.add_argument("--dry-run", action="store_true", help="check models, pair and data and print the plan, then exit")
+    parser.add_argument("--dry-run-rows", type=int, default=256, help="train rows whose token lengths the dry run measures")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1 stages.sft.max_steps=50")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            from vlsi_ray.dry_run import dry_run
+
+            dry_run(cfg, args.dry_run_rows)
+            return 0
         from vlsi_ray.teacher_cache import require_cache
 
         require_cache(cfg)  # teacher.source=cache: the cache must exist before any work
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:  # the dry run's findings: an incompatible pair, a missing checkpoint
+        if not args.dry_run:
+            raise
+        print(f"dry run: {err}", file=sys.stderr)
         return 2
     if cfg.runner == "local":
         from vlsi_ray.runner import run_local

@@ -161,3 +161,20 @@ def test_step2_in_bfloat16_tracks_float32(hub_worlds, one_thread):
     assert len(losses["bfloat16"]) == len(losses["float32"]) == 6
     for low, ref in zip(losses["bfloat16"], losses["float32"]):
         assert abs(low - ref) <= 0.01 * abs(ref)
+
+
+def test_hub_checkpoints_job_writes_a_loadable_pair(tmp_path):
+    """``jobs/hub_checkpoints.py``: a tiny released-layout pair a user can point teacher.path/student.path at."""
+    import importlib.util
+    from pathlib import Path
+
+    from vlsi_ray.prepare import check_pair_paths
+
+    spec = importlib.util.spec_from_file_location("hub_job", Path(__file__).resolve().parents[1] / "jobs" / "hub_checkpoints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--family", "qwen2_5_vl"]) == 0
+    teacher, student = tmp_path / "qwen2_5_vl" / "teacher", tmp_path / "qwen2_5_vl" / "student"
+    assert check_pair_paths(teacher, student) > 0
+    loaded = Backbone.from_pretrained(teacher)
+    assert (loaded.family, loaded.num_layers, loaded.compute_dtype) == ("qwen2_5_vl", 8, torch.bfloat16)

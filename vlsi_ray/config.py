@@ -22,8 +22,8 @@ EVAL_MODELS = ("teacher", "student_base", "student_sft_only", "vlsi_without_sft"
 EVAL_PRIORITIES = ("idle", "normal")
 #: ``<model>.dtype`` values (:mod:`vlsi_ray.models.precision`; kept here so validation needs no torch import)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-#: ``<model>.attn_implementation`` values (transformers' spellings)
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+#: ``<model>.attn_implementation`` values (transformers' spellings; auto: flash_attention_2 where installed, else sdpa)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "auto")
 
 
 class ConfigError(ValueError):
@@ -75,7 +75,8 @@ class ModelConfig:
     # Compute dtype the weights are loaded in: auto = bfloat16 on CUDA, the checkpoint's own dtype on
     # CPU (float32 for tiny models). Trainable weights keep float32 masters; losses run in float32.
     dtype: str = "auto"
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn on the GPU workers)
+    # sdpa | eager | flash_attention_2 (needs CUDA and flash-attn where the model runs) | auto (flash_attention_2 where installed, else sdpa)
+    attn_implementation: str = "sdpa"
     # Recompute each block in backward instead of storing its activations, wherever gradients flow
     # through this model (the student in steps 2, 3 and the SFT baseline; a tiny model's pretraining).
     gradient_checkpointing: bool = False

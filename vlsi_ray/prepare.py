@@ -72,17 +72,25 @@ def load_model(path: str | Path, settings: LoadSettings, device: torch.device | 
     gradient checkpointing, image resolution; on ``device`` (or spread by ``device_map``)."""
     from vlsi_ray.models.backbone import saved_dtype
 
-    if settings.attn_implementation == "flash_attention_2":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
-            raise ConfigError(f"{settings.role}.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
-                              f"where the {settings.role} runs; install flash-attn there or use sdpa.")
+    attention = attention_kernel(settings)
     where = device if device is not None else ("cuda" if device_map is not None else "cpu")
     dtype = compute_dtype(settings.dtype, where, saved_dtype(path))
-    backbone = Backbone.from_pretrained(path, device=device, dtype=dtype, device_map=device_map,
-                                        attn_implementation=settings.attn_implementation)
+    backbone = Backbone.from_pretrained(path, device=device, dtype=dtype, device_map=device_map, attn_implementation=attention)
     return settings.apply(backbone)
+
+
+def attention_kernel(settings: LoadSettings) -> str:
+    """``<role>.attn_implementation`` for this process: ``auto`` is flash_attention_2 where CUDA and the
+    flash-attn package are present, else sdpa; an explicit flash_attention_2 without them is refused."""
+    import importlib.util
+
+    available = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if settings.attn_implementation == "auto":
+        return "flash_attention_2" if available else "sdpa"
+    if settings.attn_implementation == "flash_attention_2" and not available:
+        raise ConfigError(f"{settings.role}.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+                          f"where the {settings.role} runs; install flash-attn there, or use auto or sdpa.")
+    return settings.attn_implementation
 
 
 @dataclass

@@ -14,7 +14,6 @@ from vlsi_ray.method.loop import Stepper
 from vlsi_ray.method.steps import StepOutput
 from vlsi_ray.metrics import read_metrics
 
-from tiny_config import make_tiny_overrides
 
 STEPS = 4
 
@@ -124,14 +123,39 @@ def test_zero_stepper_resumes_exactly(single_process_group, stage):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_group, stage):
+    """DeepSpeed's bf16 block: the engine's weights are bfloat16, its optimizer holds float32 masters, and
+    five steps follow plain AdamW on float32 masters under the same bfloat16 autocast (to bfloat16 rounding)."""
+    from vlsi_ray.actors.deepspeed import DeepSpeedStepper, deepspeed_config
+
+    opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5)
+    assert deepspeed_config(opt, stage, torch.bfloat16)["bf16"] == {"enabled": True} and "bf16" not in deepspeed_config(opt, stage)
+    reference, model = _net(), _net()
+    plain = Stepper(list(reference.parameters()), opt, torch.bfloat16)
+    zero = DeepSpeedStepper(list(model.parameters()), opt, stage, {"model": model}, dtype=torch.bfloat16)
+    with zero.gathered(list(model.parameters())):
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    masters = zero.optimizer.single_partition_of_fp32_groups if stage == 2 else zero.optimizer.fp32_partitioned_groups_flat
+    assert masters and {m.dtype for m in masters} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _train(plain, reference, opt, range(5))
+        norms = _train(zero, model, opt, range(5))
+    assert all(torch.isfinite(torch.tensor(norms))) and norms == pytest.approx(expected, rel=0.05)
+    for p, q in zip(reference.parameters(), _weights(zero, model)):
+        torch.testing.assert_close(q.float(), p.bfloat16().float(), rtol=0.02, atol=0.02)
+
+
 @pytest.mark.integration
-def test_two_workers_with_zero3_shard_the_data_and_train(local_ray, tmp_path):
-    """ZeRO-3 on two gloo workers: every step logged, disjoint data shards, the whole (gathered) student saved."""
+def test_two_workers_with_zero3_shard_the_data_and_train(local_ray, hub_worlds):
+    """ZeRO-3 in bfloat16 on two gloo workers, from a released-layout bfloat16 pair: every step logged,
+    disjoint data shards, the whole (gathered) student saved, in bfloat16."""
     from vlsi_ray.ray_runner import run_ray
 
-    cfg = load_config(None, make_tiny_overrides(tmp_path, "zero3", {"interact": STEPS}) + [
-        "steps=[interact]", "baseline_sft=false", "train.use_gpu=false", "train.num_workers=2",
-        "train.deepspeed_stage=3", "train.log_ids=true", "train.checkpoint_every=0"])
+    world = hub_worlds("qwen2_vl")
+    cfg = load_config(None, world.overrides(
+        "zero3", "steps=[interact]", "baseline_sft=false", f"stages.interact.max_steps={STEPS}", "eval_models=[]",
+        "train.use_gpu=false", "train.num_workers=2", "train.deepspeed_stage=3", "train.log_ids=true", "train.checkpoint_every=0"))
     run_ray(cfg)
     records = list(read_metrics(cfg.run_dir / "metrics.jsonl", "interact"))
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -143,7 +167,8 @@ def test_two_workers_with_zero3_shard_the_data_and_train(local_ray, tmp_path):
     from vlsi_ray.models.backbone import Backbone
 
     saved = Backbone.from_pretrained(cfg.run_dir / "interact" / "student")  # whole tensors, LoRA merged
-    base = Backbone.from_pretrained(cfg.run_dir / "pretrain_student")
+    base = Backbone.from_pretrained(world.student)
+    assert saved.compute_dtype == torch.bfloat16
     trained = dict(saved.model.named_parameters())
     assert {n: p.shape for n, p in trained.items()} == {n: p.shape for n, p in base.model.named_parameters()}
     assert any(not torch.equal(trained[n], p) for n, p in base.model.named_parameters())

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import torch
 
 from vlsi_ray.data.shards import read_rows
 from vlsi_ray.generation import ChatGenerator, SamplingParams
@@ -25,9 +26,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: A second application, at /released: a LLaVA-OneVision checkpoint as released (bfloat16, llava-hf's template).
+RELEASED = "llava-ov-released"
+
+
 @pytest.fixture(scope="module")
-def server(exported):
-    """``serve.run`` of the app for the exported tiny student, with an API key; yields the base URL."""
+def released(hub_worlds):
+    return hub_worlds("llava_onevision")
+
+
+@pytest.fixture(scope="module")
+def server(exported, released):
+    """``serve.run`` of the app for the exported tiny student, with an API key, and of a released-layout
+    bfloat16 checkpoint at ``/released`` (no key); yields the base URL."""
     import ray
     from ray import serve
 
@@ -40,6 +51,8 @@ def server(exported):
     serve.run(build_app({"model_dir": str(exported), "model_name": NAME, "api_key_env": "VLSI_TEST_KEY", "max_batch_size": 8, "default_max_tokens": 16,
                          "limits": {"max_body_bytes": 200_000, "max_images": 2, "max_image_pixels": 512 * 512, "max_tokens": 32}}),
               name="vlsi", route_prefix="/")
+    serve.run(build_app({"model_dir": str(released.student), "model_name": RELEASED, "api_key_env": None, "max_batch_size": 4}),
+              name="released", route_prefix="/released")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -77,6 +90,21 @@ def test_openai_client_with_an_image_matches_the_local_model(client, row, export
     assert reply.choices[0].finish_reason == local.finish_reason
     assert reply.usage.prompt_tokens == local.prompt_tokens == local_gen.prompt_tokens(row)
     assert reply.usage.completion_tokens == local.completion_tokens
+
+
+def test_a_released_bfloat16_checkpoint_is_served_as_is(server, released):
+    """The Hub-layout LLaVA-OneVision student, straight from its directory: bfloat16 on the replica, the
+    released chat template, the same greedy answer and token counts as the project's generation."""
+    from openai import OpenAI
+
+    test_row = read_rows(released.data, split="test")[0][0]
+    client = OpenAI(base_url=f"{server}/released/v1", api_key="none", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model=RELEASED, messages=_messages(test_row), max_tokens=8)
+    local_gen = ChatGenerator.from_pretrained(released.student)
+    assert local_gen.backbone.compute_dtype == torch.bfloat16
+    local = local_gen.generate([test_row], SamplingParams(max_tokens=8))[0]
+    assert reply.choices[0].message.content == local.text
+    assert reply.usage.prompt_tokens == local.prompt_tokens and reply.usage.completion_tokens == local.completion_tokens
 
 
 def test_stream_concatenates_to_the_plain_reply(client, row):

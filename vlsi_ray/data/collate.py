@@ -25,6 +25,9 @@ from torch import Tensor
 from vlsi_ray.models.backbone import get_family
 
 IGNORE_INDEX = -100
+#: What ``data.max_length`` does to a row (:func:`length_verdict`): kept whole, kept with the end of its
+#: answer cut, kept with no response token left, or refused as a bad row (its image tokens would be cut).
+FITS, ANSWER_CUT, NO_ANSWER, REFUSED = "fits", "answer cut", "no answer left", "refused"
 #: Stands in for an assistant turn's text to find where a template puts it (see ChatCollator._segments).
 _SENTINEL = "\u2063vlsi-response\u2063"
 
@@ -198,7 +201,7 @@ class ChatCollator:
 
     def _truncate(self, ids: list[int], labels: list[int], prompt_only: bool, row_id) -> tuple[list[int], list[int]]:
         cut = self.max_length
-        if prompt_only or self.image_token_id in ids[cut:]:
+        if prompt_only or length_verdict(ids, labels, cut, self.image_token_id) == REFUSED:
             what = "its prompt" if prompt_only else "its image tokens"
             raise RowError(f"row {row_id}: {len(ids)} tokens exceed max_length={cut} and truncating would cut {what}; raise max_length.")
         return ids[:cut], labels[:cut]
@@ -222,6 +225,17 @@ class ChatCollator:
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return out
+
+
+def length_verdict(ids: Sequence[int], labels: Sequence[int], max_length: int | None, image_token_id: int) -> str:
+    """What ``max_length`` does to a row of ``ids`` / ``labels`` (image placeholders expanded): :data:`FITS`,
+    :data:`ANSWER_CUT`, :data:`NO_ANSWER` (every response token is past the cut) or :data:`REFUSED`
+    (image tokens past the cut: the collator raises :class:`RowError`, a bad row)."""
+    if max_length is None or len(ids) <= max_length:
+        return FITS
+    if image_token_id in ids[max_length:]:
+        return REFUSED
+    return ANSWER_CUT if any(label != IGNORE_INDEX for label in labels[:max_length]) else NO_ANSWER
 
 
 def _as_rows(rows) -> list[dict]:

@@ -1,0 +1,267 @@
+"""``jobs/distill.py --dry-run``: check a run in seconds before booking the cluster, without loading a weight.
+
+:func:`dry_run` validates what a real run would meet first: both models' configs, tokenizers and
+processors (weight-free :class:`~vlsi_ray.models.backbone.ModelInfo`, with ``images.*`` applied), the
+teacher/student pair check, the data's metadata (row counts per split from the Parquet footers) and
+a sample of train rows collated with the student's collator, whose token lengths (image tokens
+included) give a histogram and how many rows ``data.max_length`` would cut or refuse, and why.
+It then prints the stage plan (steps, rows, optimizer steps, samples, learning rates) and the
+placement (actors, Train workers, GPUs, custom resources), and returns all of it as a dict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from vlsi_ray.config import STEPS, RunConfig
+from vlsi_ray.data.collate import ANSWER_CUT, FITS, NO_ANSWER, REFUSED, ChatCollator, RowError, length_verdict
+from vlsi_ray.data.shards import MANIFEST, validate_row
+from vlsi_ray.method.loop import total_optimizer_steps
+from vlsi_ray.models.backbone import ModelInfo
+from vlsi_ray.prepare import LoadSettings, check_pair, model_info
+from vlsi_ray.runner import SEED_OFFSET
+
+#: Train rows collated for the length histogram (spread over the shards).
+SAMPLE_ROWS = 256
+#: What each stage trains, for the plan.
+TRAINS = {
+    "pretrain_teacher": "the tiny teacher, from scratch (SFT)",
+    "pretrain_student": "the tiny student, from scratch (SFT)",
+    "baseline_sft": "the student's LLM (SFT only, the report's baseline)",
+    "verbalize/teacher": "the teacher's verb-FFNs (backbone frozen)",
+    "verbalize/student": "the student's verb-FFNs (backbone frozen)",
+    "interact": "student LoRA + verb-FFNs against the teacher's signal",
+    "sft": "the student's LLM (LoRA merged)",
+}
+
+
+def dry_run(cfg: RunConfig, sample_rows: int = SAMPLE_ROWS) -> dict:
+    """Check ``cfg``'s models, pair and data without loading weights; print the plan; return it as a dict.
+
+    Raises the same errors a run would (:class:`~vlsi_ray.models.backbone.IncompatibleModelsError`,
+    ``FileNotFoundError`` for missing checkpoints or shards), before anything is written.
+    """
+    out: dict = {"run": cfg.name, "runner": cfg.runner, "steps": list(cfg.steps), "run_dir": str(cfg.run_dir)}
+    print(f"[dry-run] config OK: run {cfg.name!r} -> {cfg.run_dir}, runner={cfg.runner}, steps={cfg.steps}", flush=True)
+    infos = {role: _model(cfg, role, out) for role in ("teacher", "student")}
+    if all(infos.values()):
+        out["shared_vocab"] = check_pair(infos["teacher"], infos["student"])
+        print(f"[dry-run] pair OK: one family, one tokenizer, same image tokens; KL over {out['shared_vocab']:,} vocabulary rows")
+    out["data"] = _data(cfg, infos["student"], sample_rows)
+    out["stages"] = _plan(cfg, out["data"])
+    out["placement"] = _placement(cfg)
+    print("[dry-run] nothing was loaded, trained or written; drop --dry-run to start the run", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ models
+def _model(cfg: RunConfig, role: str, out: dict) -> ModelInfo | None:
+    model = getattr(cfg, role)
+    settings = LoadSettings.of(cfg, role)
+    if model.path is None:
+        tiny = model.tiny
+        out[role] = {"tiny": True, "family": model.family, "num_layers": tiny.num_layers, "hidden_size": tiny.hidden_size,
+                     "targets": model.targets.resolve(tiny.num_layers)}
+        print(f"[dry-run] {role}: tiny {model.family} {tiny.num_layers} x {tiny.hidden_size}, built offline and pretrained "
+              f"by the run; target layers {out[role]['targets']}")
+        return None
+    info = model_info(model.path, settings)
+    params, stored = _parameters(Path(model.path))
+    saved = info.checkpoint_dtype
+    dtype = model.dtype if model.dtype != "auto" else f"auto (bfloat16 on CUDA, {str(saved).removeprefix('torch.') if saved else 'float32'} on CPU)"
+    targets = model.targets.resolve(info.num_layers)
+    processor = {f: _plain(getattr(info.image_processor, f, None)) for f in info.spec.resolution_fields}
+    out[role] = {"family": info.family, "path": model.path, "num_layers": info.num_layers, "hidden_size": info.hidden_size,
+                 "vocab_size": info.vocab_size, "parameters": params, "checkpoint_bytes": stored,
+                 "checkpoint_dtype": str(saved).removeprefix("torch.") if saved else None, "compute_dtype": dtype,
+                 "attn_implementation": model.attn_implementation, "gradient_checkpointing": model.gradient_checkpointing,
+                 "targets": targets, "image_processor": processor}
+    print(f"[dry-run] {role}: {info.family} from {model.path}: {info.num_layers} blocks x {info.hidden_size}, "
+          f"{_amount(params, 1000, ('', 'K', 'M', 'B'))} parameters ({_amount(stored, 1024, (' B', ' KiB', ' MiB', ' GiB'))} stored, "
+          f"{out[role]['checkpoint_dtype']}), vocabulary "
+          f"{info.vocab_size:,}; computes in {dtype}, attention {model.attn_implementation}, gradient checkpointing "
+          f"{'on' if model.gradient_checkpointing else 'off'}; {len(targets)} target layers {targets}; image processor {processor}")
+    return info
+
+
+def _parameters(path: Path) -> tuple[int, int]:
+    """Parameter count and bytes of a checkpoint, from the safetensors headers (no weight is read)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    count = size = 0
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                count += math.prod(shape)
+        size += file.stat().st_size
+    return count, size
+
+
+def _amount(value: float, base: int, units: tuple[str, ...]) -> str:
+    """``7.6e9`` -> ``7.6B`` (``base`` 1000) or ``15.2 GiB`` (1024): the largest unit under the value."""
+    for unit in units[:-1]:
+        if value < base:
+            return f"{value:.3g}{unit}"
+        value /= base
+    return f"{value:.3g}{units[-1]}"
+
+
+def _plain(value):
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: v for k, v in vars(value).items() if v is not None}
+    return value
+
+
+# ------------------------------------------------------------------------------------------ data
+def _data(cfg: RunConfig, student: ModelInfo | None, sample_rows: int) -> dict:
+    data_dir = Path(cfg.data.dir)
+    files = {split: sorted(data_dir.glob(f"{split}-*.parquet")) for split in ("train", "val", "test")} if data_dir.is_dir() else {}
+    if not any(files.values()):
+        syn = cfg.data.synthetic
+        print(f"[dry-run] data: {data_dir} has no shards; the run would generate the synthetic task "
+              f"({syn.train}/{syn.val}/{syn.test} rows)")
+        return {"dir": str(data_dir), "synthetic": True, "rows": {"train": syn.train, "val": syn.val, "test": syn.test}}
+    rows = {split: sum(pq.ParquetFile(f).metadata.num_rows for f in paths) for split, paths in files.items()}
+    tasks = Counter()
+    for path in files["train"]:
+        tasks.update(pq.read_table(path, columns=["task"]).column("task").to_pylist())
+    out = {"dir": str(data_dir), "synthetic": (data_dir / MANIFEST).is_file(), "rows": rows, "train_tasks": dict(tasks)}
+    print(f"[dry-run] data: {data_dir}: {rows['train']:,} train / {rows['val']:,} val / {rows['test']:,} test rows "
+          f"in {sum(len(p) for p in files.values())} shards; train tasks {dict(tasks)}")
+    if student is None:
+        print("[dry-run] data: token lengths need the tiny tokenizer, which the run trains on the data first; skipped")
+        return out
+    out["lengths"] = _lengths(cfg, student, files["train"], rows["train"], sample_rows)
+    return out
+
+
+def _sample(files: list[Path], wanted: int) -> list[dict]:
+    """Up to ``wanted`` rows, as evenly as the shards allow (the first rows of each)."""
+    per_file = max(1, -(-wanted // max(1, len(files))))
+    rows: list[dict] = []
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=per_file):
+            rows += batch.to_pylist()
+            break
+        if len(rows) >= wanted:
+            break
+    return rows[:wanted]
+
+
+def _lengths(cfg: RunConfig, student: ModelInfo, files: list[Path], total: int, sample_rows: int) -> dict:
+    """Token lengths (image tokens included) of a sample of train rows, and what ``data.max_length`` does to them."""
+    collator = ChatCollator(student.tokenizer, student.image_processor, student.family, max_length=None)
+    image_token = student.tokenizer.convert_tokens_to_ids(student.spec.image_token)
+    lengths: list[int] = []
+    verdicts: Counter = Counter()
+    problems: Counter = Counter()
+    sample = _sample(files, sample_rows)
+    for row in sample:
+        problem = validate_row(row)
+        if problem is None:
+            try:
+                ids, labels, _ = collator.encode(row)
+            except RowError as err:
+                problem = str(err).split(": ", 1)[-1]
+        if problem is not None:
+            problems[problem.split(";")[0]] += 1
+            continue
+        lengths.append(len(ids))
+        verdicts[length_verdict(ids, labels, cfg.data.max_length, image_token)] += 1
+    n = len(sample)
+    scale = total / max(1, n)
+    print(f"[dry-run] token lengths of {n} sampled train rows (image tokens included; data.max_length={cfg.data.max_length}):")
+    for line in histogram(lengths, cfg.data.max_length):
+        print("    " + line)
+    effects = {FITS: "kept whole", ANSWER_CUT: "kept, the end of the answer cut off", NO_ANSWER: "kept with no response token left",
+               REFUSED: f"bad rows: image tokens past the cut (data.on_error={cfg.data.on_error})"}
+    for verdict in (ANSWER_CUT, NO_ANSWER, REFUSED):
+        if verdicts[verdict]:
+            print(f"[dry-run]   {verdicts[verdict]} of {n} ({100 * verdicts[verdict] / n:.1f}%, ~{verdicts[verdict] * scale:,.0f} of "
+                  f"{total:,} train rows) over max_length: {effects[verdict]}")
+    for problem, count in problems.most_common():
+        print(f"[dry-run]   {count} of {n} rows are bad ({problem}): skipped and counted, or refused (data.on_error={cfg.data.on_error})")
+    if not (problems or any(verdicts[v] for v in (ANSWER_CUT, NO_ANSWER, REFUSED))):
+        print(f"[dry-run]   every sampled row fits in max_length={cfg.data.max_length}")
+    return {"sampled": n, "min": min(lengths, default=0), "max": max(lengths, default=0),
+            "mean": sum(lengths) / max(1, len(lengths)), "verdicts": dict(verdicts), "bad": dict(problems),
+            "estimated_over_max_length": round((verdicts[ANSWER_CUT] + verdicts[NO_ANSWER] + verdicts[REFUSED]) * scale)}
+
+
+def histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 40) -> list[str]:
+    """Text histogram of ``lengths``: ``bins`` equal bins up to ``max_length``, one bin beyond it."""
+    if not lengths:
+        return ["(no usable rows)"]
+    step = max(1, -(-max_length // bins))
+    edges = [(i * step, min((i + 1) * step, max_length)) for i in range(bins) if i * step < max_length]
+    counts = [sum(lo < n <= hi or (lo == 0 and n == 0) for n in lengths) for lo, hi in edges]
+    labels = [f"{lo + 1:>6}-{hi:<6}" for lo, hi in edges]
+    over = sum(n > max_length for n in lengths)
+    counts.append(over)
+    labels.append(f"{'>' + str(max_length):>13}")
+    most = max(counts) or 1
+    return [f"{label} | {'#' * round(width * c / most):<{width}} {c}" for label, c in zip(labels, counts)]
+
+
+# ------------------------------------------------------------------------------------------ plan
+def _plan(cfg: RunConfig, data: dict) -> list[dict]:
+    train_rows = data["rows"]["train"]
+    tasks = data.get("train_tasks", {})
+    workers = cfg.train.num_workers if cfg.runner == "ray" else 1
+    stages = []
+    order = [s for s in STEPS if s in cfg.steps]
+    labels: list[tuple[str, str, int]] = []  # (label, settings, workers)
+    for step in order:
+        if step.startswith("pretrain_") and getattr(cfg, step.removeprefix("pretrain_")).path is not None:
+            continue
+        if step == "verbalize":
+            labels += [("verbalize/teacher", "verbalize", 1), ("verbalize/student", "verbalize", workers)]
+        elif step == "sft":
+            if cfg.baseline_sft:
+                labels.append(("baseline_sft", "sft", workers))
+            labels.append(("sft", "sft", workers))
+        else:
+            labels.append((step, step, 1 if step == "pretrain_teacher" or cfg.runner == "local" else workers))
+    print("[dry-run] stages:")
+    for label, settings, n_workers in labels:
+        opt = getattr(cfg.stages, settings)
+        rows = sum(tasks.get(t, 0) for t in opt.tasks) if opt.tasks and tasks else train_rows
+        steps = total_optimizer_steps(opt, rows, n_workers)
+        batch = opt.batch_size * opt.grad_accum * n_workers
+        stage = {"stage": label, "trains": TRAINS[label], "rows": rows, "workers": n_workers, "global_batch": batch,
+                 "optimizer_steps": steps, "samples": steps * batch, "lr": opt.lr, "min_lr": opt.min_lr,
+                 "warmup_steps": opt.warmup_steps, "seed": cfg.seed + SEED_OFFSET.get(label, 0)}
+        stages.append(stage)
+        print(f"    {label:<18} {steps:>7,} steps x {batch:>4} rows ({opt.batch_size} x {opt.grad_accum} x {n_workers} workers) "
+              f"= {steps * batch:>10,} samples of {rows:,}; lr {opt.lr:g} -> {opt.min_lr:g} (cosine, {opt.warmup_steps} warm-up); "
+              f"trains {TRAINS[label]}")
+    return stages
+
+
+def _placement(cfg: RunConfig) -> dict:
+    if cfg.runner == "local":
+        print(f"[dry-run] placement: everything in this process on device={cfg.device}")
+        return {"runner": "local", "device": cfg.device}
+    pool, train = cfg.teacher_pool, cfg.train
+    teacher = {"CPU": pool.resources.num_cpus, "GPU": pool.resources.num_gpus, **pool.resources.resources}
+    worker = {"CPU": train.resources_per_worker.num_cpus, **train.resources_per_worker.resources}
+    if train.use_gpu is not False:
+        worker["GPU"] = train.resources_per_worker.num_gpus or (1 if train.use_gpu else 0)
+    live = "interact" in cfg.steps and cfg.teacher.source == "live"
+    gpus = pool.replicas * pool.resources.num_gpus * ("verbalize" in cfg.steps or live) + train.num_workers * worker.get("GPU", 0)
+    out = {"runner": "ray", "teacher_replicas": pool.replicas, "teacher_bundle": teacher, "placement_strategy": pool.placement_strategy,
+           "train_workers": train.num_workers, "worker_bundle": worker, "deepspeed_stage": train.deepspeed_stage,
+           "gpus_at_once": gpus, "teacher_source": cfg.teacher.source}
+    print(f"[dry-run] placement (Ray): teacher pool {pool.replicas} x {json.dumps(teacher)} ({pool.placement_strategy}; "
+          f"step 1's teacher side{' and step 2' if live else ''}{'' if live else ', step 2 reads the teacher cache'}); "
+          f"student: Ray Train {train.num_workers} x {json.dumps(worker)}, "
+          f"{'DeepSpeed ZeRO-' + str(train.deepspeed_stage) if train.deepspeed_stage else 'data parallel (all-reduce)'}; "
+          f"{gpus:g} GPUs at once; evaluations {cfg.eval_tasks} task(s) per model on the workers' resources")
+    return out

@@ -113,10 +113,11 @@ def test_every_assistant_turn_is_labelled_and_nothing_else(world):
 @pytest.mark.integration
 def test_bfloat16_run_in_process_trains_every_stage_and_exports(world, tmp_path, one_thread):
     """Steps 1-3 and the SFT-only baseline on the released-layout pair: finite losses, every stage's
-    student saved in the base checkpoint's dtype (verb-FFNs float32), evaluations, and an export that
-    plain transformers loads in bfloat16 (or float32 when asked)."""
+    student saved in the base checkpoint's dtype (verb-FFNs float32), evaluations, layer-wise traces of
+    the run's models, and an export that plain transformers loads in bfloat16 (or float32 when asked)."""
     from transformers import AutoModelForImageTextToText
 
+    from vlsi_ray.eval.traces import run_sources, trace_source
     from vlsi_ray.export import export_student
     from vlsi_ray.runner import run_local
 
@@ -134,6 +135,10 @@ def test_bfloat16_run_in_process_trains_every_stage_and_exports(world, tmp_path,
         assert {p.dtype for p in Verbalizers.load(cfg.run_dir / rel).parameters()} == {torch.float32}, rel
     assert set(report["accuracy"]) == {"teacher", "student_base", "student_sft_only", "vlsi_without_sft", "vlsi"}
     assert all(0.0 <= result["overall"] <= 1.0 for result in report["accuracy"].values())
+    row = read_rows(world.data, split="test")[0][0]
+    for source in run_sources(cfg.run_dir):  # bfloat16 models, float32-saved verbalizers
+        trace = trace_source(source, row, max_tokens=2)
+        assert len(trace["layers"]) == len(Verbalizers.load(source.verbalizers_dir).layers) + 1, source.name
 
     exported = export_student(cfg.run_dir, tmp_path / "export")
     model = AutoModelForImageTextToText.from_pretrained(exported)

@@ -175,7 +175,6 @@ def pretrain_tiny(cfg: RunConfig, role: str, stage: str, backbone: Backbone, row
     history = train_stage(stage, objective, objective.parameters(), rows, make_collator(backbone, cfg),
                           getattr(cfg.stages, stage), cfg.seed + PRETRAIN_SEED_OFFSET[role], device, writer, [backbone.model],
                           dtype=backbone.compute_dtype)
-    backbone.round_to_compute_dtype()
     backbone.save_pretrained(target)
     write_stage_summary(Path(target) / STAGE_FILE, stage, history, time.perf_counter() - started)
     if cache is not None:
@@ -254,8 +253,8 @@ def run_local(cfg: RunConfig) -> dict:
         )
         history = run.train("interact", objective, [student.model, s_verbs], seed_offset=SEED_OFFSET["interact"])
         student.merge_lora()
-        student.round_to_compute_dtype()
         student.save_pretrained(step2 / "student")
+        student.round_to_compute_dtype()  # the float32 masters, now saved, back to the dtype the evaluation runs in
         s_verbs.save(step2 / "student_verbalizers")
         run.finish("interact", history, t0)
     if "interact" in cfg.steps:
@@ -287,7 +286,7 @@ def _stage_model(run: LocalRun, stage: str, source, make_objective, seed_offset:
     history = run.train(stage, make_objective(backbone), [backbone.model], seed_offset=seed_offset)
     if lora:
         backbone.merge_lora()
-    backbone.round_to_compute_dtype()
     backbone.save_pretrained(target / "student")
+    backbone.round_to_compute_dtype()
     run.finish(stage, history, t0)
     return backbone

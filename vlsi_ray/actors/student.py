@@ -116,8 +116,7 @@ class StageObjective:
         if spec.model_out is not None:
             if self.backbone.lora_active:
                 self.backbone.merge_lora()
-            self.backbone.round_to_compute_dtype()
-            self.backbone.save_pretrained(spec.model_out)
+            self.backbone.save_pretrained(spec.model_out)  # float32 masters cast to the base checkpoint's dtype
         if spec.verbalizers_out is not None and self.verbalizers is not None:
             self.verbalizers.save(spec.verbalizers_out)
 

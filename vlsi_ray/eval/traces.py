@@ -162,7 +162,7 @@ def _check_pair(backbone: Backbone, verbalizers: Verbalizers) -> None:
 def trace_source(source: TraceSource, row: dict, max_tokens: int = 8, top_k: int = 5, device: str = "cpu") -> dict:
     """Load ``source`` and trace ``row``: ``{"name", "model_dir", "verbalizers_dir", "num_layers", "layers": [...]}``."""
     backbone = Backbone.from_pretrained(source.model_dir, device=device)
-    verbalizers = Verbalizers.load(source.verbalizers_dir, device=device)
+    verbalizers = Verbalizers.load(source.verbalizers_dir, device=device).to(backbone.compute_dtype)  # a bfloat16 model's heads
     return {"name": source.name, "model_dir": str(source.model_dir), "verbalizers_dir": str(source.verbalizers_dir),
             "num_layers": backbone.num_layers, "layers": trace_layers(backbone, verbalizers, row, max_tokens, top_k)}
 

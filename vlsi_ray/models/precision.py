@@ -9,9 +9,9 @@
   compute dtype while AdamW updates float32 tensors. With DeepSpeed the engine's ``bf16``/``fp16``
   block does the same (its optimizer holds the float32 masters); float16 adds loss scaling.
 - Log-softmax, KL and cross-entropy always run in float32 (:mod:`vlsi_ray.method.losses`).
-- After a stage the trained weights are rounded to the compute dtype again
-  (:func:`round_to_dtype`), and checkpoints are written in the base checkpoint's dtype unless asked
-  otherwise.
+- A stage's checkpoint is written from the float32 masters, cast to the base checkpoint's dtype
+  unless asked otherwise; a model used in process after its stage (its evaluation) is then rounded
+  to its compute dtype (:func:`round_to_dtype`).
 
 ref: Micikevicius et al., "Mixed Precision Training", ICLR 2018; torch.amp.
 """

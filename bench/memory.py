@@ -235,9 +235,8 @@ def measure(candidates: int, args: argparse.Namespace) -> dict:
     signal = synthetic_signal(t_l + 1, args.tokens, args.vocab, args.topk, generator).to(device)
     options = MatchingOptions(search_range=True, order_preservation=True)
     band = band_mask(t_s, t_l, options)
-    objective = steps.InteractionObjective(
-        student, verbalizers, lambda b: signal, options, torch.Generator().manual_seed(0), chunk_size=args.chunk_size
-    )
+    objective = steps.InteractionObjective(student, verbalizers, lambda b: signal, options, steps.LossOptions(chunk_size=args.chunk_size),
+                                           generator=torch.Generator().manual_seed(0))
 
     # Count the candidate KLs the objective evaluates (per chunk) and mark the peak when they end.
     evaluated = [0]

@@ -47,7 +47,8 @@ import torch  # noqa: E402
 from vlsi_ray.config import load_config  # noqa: E402
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows  # noqa: E402
 from vlsi_ray.method.loop import Stepper  # noqa: E402
-from vlsi_ray.method.steps import InteractionObjective, teacher_signal  # noqa: E402
+from vlsi_ray.method.steps import InteractionObjective  # noqa: E402
+from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
 from vlsi_ray.models.tokenizer import train_tokenizer  # noqa: E402
 from vlsi_ray.prepare import build_model, make_collator, new_verbalizers  # noqa: E402
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
                               tail_samples=cfg.signal.tail_samples, seed=cfg.seed)
 
     def make_objective(teacher_fn):
-        objective = InteractionObjective(student, s_verbs, teacher_fn, cfg.matching, torch.Generator().manual_seed(0))
+        objective = InteractionObjective(student, s_verbs, teacher_fn, cfg.matching, cfg.loss, generator=torch.Generator().manual_seed(0))
         return objective, Stepper(objective.parameters(), cfg.stages.interact)
 
     import ray

@@ -30,10 +30,12 @@ import torch  # noqa: E402
 from bench.pipeline import student_loop  # noqa: E402
 from vlsi_ray.config import load_config  # noqa: E402
 from vlsi_ray.method.loop import Stepper  # noqa: E402
-from vlsi_ray.method.steps import InteractionObjective, teacher_signal  # noqa: E402
+from vlsi_ray.method.steps import InteractionObjective  # noqa: E402
+from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
 from vlsi_ray.models.backbone import Backbone  # noqa: E402
 from vlsi_ray.models.verbalizer import Verbalizers  # noqa: E402
 from vlsi_ray.prepare import check_pair, make_collator  # noqa: E402
+from vlsi_ray.recipe.layout import RunLayout  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -60,13 +62,14 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     run = cfg.run_dir
-    teacher = Backbone.from_pretrained(run / "pretrain_teacher")
+    teacher = Backbone.from_pretrained(RunLayout(run).model("pretrain_teacher"))
     teacher.model.eval()
-    student = Backbone.from_pretrained(run / "pretrain_student")
-    t_verbs = Verbalizers.load(run / "verbalize" / "teacher_verbalizers", "cpu").eval()
-    s_verbs = Verbalizers.load(run / "verbalize" / "student_verbalizers", "cpu")
+    student = Backbone.from_pretrained(RunLayout(run).model("pretrain_student"))
+    layout = RunLayout(run)
+    t_verbs = Verbalizers.load(layout.verbalizers("teacher"), "cpu").eval()
+    s_verbs = Verbalizers.load(layout.verbalizers("student"), "cpu")
     vocab = check_pair(teacher, student)
-    cache = open_cache(cfg, run / "pretrain_teacher", run / "pretrain_student", run / "verbalize" / "teacher_verbalizers", vocab)
+    cache = open_cache(cfg, layout.model("pretrain_teacher"), layout.model("pretrain_student"), layout.verbalizers("teacher"), vocab)
     from vlsi_ray.data.shards import read_rows
 
     rows, _ = read_rows(cfg.data.dir, split="train")
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
 
     objectives = {}
     for name, source in (("live", live), ("cache", cache)):
-        objective = InteractionObjective(student, s_verbs, source, cfg.matching, torch.Generator().manual_seed(0), vocab_size=vocab)
+        objective = InteractionObjective(student, s_verbs, source, cfg.matching, cfg.loss, generator=torch.Generator().manual_seed(0),
+                                         vocab_size=vocab)
         objectives[name] = (objective, Stepper(objective.parameters(), cfg.stages.interact))
         student_loop(*objectives[name], warm)
     seconds = {"live": 0.0, "cache": 0.0}

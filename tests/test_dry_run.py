@@ -52,7 +52,7 @@ def test_dry_run_reports_models_lengths_plan_and_placement(hub_worlds, capsys):
     assert lengths["min"] <= 71 < lengths["max"] and over > 0 and lengths["estimated_over_max_length"] == over
     assert ">71" in out and all(f"{n} of 64" in out for verdict, n in lengths["verdicts"].items() if verdict != FITS)
     stages = {s["stage"]: s for s in plan["stages"]}
-    assert list(stages) == ["verbalize/teacher", "verbalize/student", "interact", "baseline_sft", "sft"]
+    assert list(stages) == ["baseline_sft", "verbalize/teacher", "verbalize/student", "interact", "sft"]  # the stage table's order
     sft = stages["sft"]
     assert sft["workers"] == 2 and sft["optimizer_steps"] == total_optimizer_steps(cfg.stages.sft, 64, 2) == 3
     assert stages["verbalize/teacher"]["workers"] == 1

@@ -16,7 +16,7 @@ import torch
 
 from vlsi_ray.config import load_config, to_yaml
 from vlsi_ray.prepare import build_model, new_verbalizers, prepare_data, tiny_tokenizer
-from vlsi_ray.runner import STAGE_FILE
+from vlsi_ray.recipe.layout import RunLayout
 
 from tiny_config import make_tiny_overrides
 
@@ -26,22 +26,21 @@ def make_tiny_run(tmp: Path, name: str = "served") -> Path:
     cfg = load_config(None, make_tiny_overrides(tmp, name) + ["data.synthetic.train=200", "data.synthetic.test=40"])
     splits = prepare_data(cfg)
     tokenizer = tiny_tokenizer(cfg, splits.train)
-    run = cfg.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    for role, stage, model_dir, verbs_dir in (
-        ("teacher", "pretrain_teacher", "pretrain_teacher", "verbalize/teacher_verbalizers"),
-        ("student", "sft", "sft/student", "interact/student_verbalizers"),
+    layout = RunLayout(cfg.run_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.config.write_text(to_yaml(cfg))
+    for role, stage, verbs_dir in (
+        ("teacher", "pretrain_teacher", layout.verbalizers("teacher")),
+        ("student", "sft", layout.verbalizers("student", "interact")),
     ):
         backbone = build_model(cfg, role, tokenizer, torch.device("cpu"))
-        backbone.save_pretrained(run / model_dir)
+        backbone.save_pretrained(layout.model(stage))
         verbs = new_verbalizers(cfg, role, backbone, seed=7)
         with torch.no_grad():
             for ffn in verbs.ffns.values():
                 torch.nn.init.normal_(ffn.down.weight, std=0.5 / backbone.hidden_size**0.5)
-        verbs.save(run / verbs_dir)
-        (run / stage / STAGE_FILE).write_text(json.dumps({"stage": stage, "steps": 0, "seconds": 0.0}))
-    for stage in ("verbalize", "interact"):
-        (run / stage / STAGE_FILE).write_text(json.dumps({"stage": stage, "steps": 0, "seconds": 0.0}))
-    return run
+        verbs.save(verbs_dir)
+    for stage in ("pretrain_teacher", "sft", "verbalize", "interact"):
+        layout.marker(stage).write_text(json.dumps({"stage": stage, "steps": 0, "seconds": 0.0}))
+    return layout.root
 

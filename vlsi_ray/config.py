@@ -14,7 +14,9 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlsi_ray.method.loop import OptimConfig
 from vlsi_ray.method.matching import MatchingOptions
+from vlsi_ray.method.steps import LossOptions
 from vlsi_ray.models.families import FAMILIES, UnsupportedModelError, detect_family, get_family
 
 STEPS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "sft")
@@ -100,17 +102,6 @@ class VerbalizerConfig:
 
 
 @dataclass
-class LossConfig:
-    """Step-2 losses. Paper choices: forward KL at KD temperature 1; last-layer KL term."""
-
-    direction: str = "forward"  # forward = KL(teacher || student) | reverse
-    kd_temperature: float = 1.0
-    last_layer: str = "kl"  # kl | ce | none
-    intermediate: str = "kl"  # verbalized layers: kl (to the matched teacher layers) | ce (ground truth) | none
-    chunk_size: int = 1024  # response tokens per chunk of vocab-sized logits
-
-
-@dataclass
 class SignalConfig:
     """What the teacher sends: top-k log-probs + tail mass (``topk``), or dense (debug) when null."""
 
@@ -179,23 +170,6 @@ class LoraConfig:
     rank: int = 64
     alpha: int = 64
     dropout: float = 0.0
-
-
-@dataclass
-class OptimConfig:
-    """One training stage: AdamW with a cosine LR from ``lr`` to ``min_lr`` (paper: 1e-4 → 1e-6)."""
-
-    lr: float = 1e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    batch_size: int = 4
-    grad_accum: int = 16
-    max_steps: int = 0  # optimizer steps; 0 means `epochs` passes over the train split
-    epochs: float = 1.0
-    tasks: list[str] = field(default_factory=list)  # train rows of these task types only; empty = all
-    grad_clip: float = 1.0
-    log_every: int = 10
 
 
 @dataclass
@@ -275,7 +249,7 @@ class RunConfig:
     runner: str = "ray"  # ray: teacher actors + Ray Train student | local: the in-process reference
     steps: list[str] = field(default_factory=lambda: list(STEPS))
     baseline_sft: bool = True  # also train the student by SFT alone (same data/steps) for the report
-    teacher_cache_dir: Optional[str] = None  # reuse a pretrained tiny teacher across runs
+    model_cache_dir: Optional[str] = None  # pretrained tiny teacher/student models, reused across runs with the same settings
     eval_batch_size: int = 32
     eval_tasks: int = 1  # Ray runner: each model's test pass is split over this many Ray tasks (tiny.yaml: 2 cores, 2)
     # Ray runner: idle | normal. idle: test passes, which run beside later stages, compute at Linux's
@@ -289,7 +263,7 @@ class RunConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     matching: MatchingOptions = field(default_factory=MatchingOptions)  # validated by its own __post_init__
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossOptions = field(default_factory=LossOptions)  # validated by its own __post_init__
     signal: SignalConfig = field(default_factory=SignalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
@@ -322,9 +296,6 @@ _CHOICES = {
     "teacher_pool.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.deepspeed_stage": (0, 2, 3),
     "ray.logger": ("wandb", "none"),
-    "loss.direction": ("forward", "reverse"),
-    "loss.last_layer": ("kl", "ce", "none"),
-    "loss.intermediate": ("kl", "ce", "none"),
     "data.on_error": ("skip", "raise"),
 }
 
@@ -358,11 +329,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), _
     return cfg
 
 
+#: Config keys that were renamed: old name -> (new name, why), so an old config gets told what to write.
+RENAMED = {
+    "teacher_cache_dir": ("model_cache_dir", "it caches the pretrained tiny models, teacher and student; teacher.cache_dir is the teacher's signal cache"),
+}
+
+
 def explain_omegaconf_error(err: OmegaConfBaseException, path: Any) -> str:
     """One sentence naming the key an omegaconf merge or conversion failed on (``path``: where it came from)."""
     key = getattr(err, "full_key", None) or "?"
     where = f" in {path}" if path else ""
     text = str(err).splitlines()[0]
+    if key in RENAMED:
+        new, why = RENAMED[key]
+        return f"config key '{key}'{where} is now '{new}' ({why}); rename it."
     if "not in struct" in text or ("Key '" in text and "not" in text):
         return f"unknown config key '{key}'{where}; check the spelling against vlsi_ray/config.py."
     return f"config key '{key}'{where} has a bad value ({text}); fix its type or value."
@@ -401,12 +381,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"eval_priority={cfg.eval_priority!r} is not one of {', '.join(EVAL_PRIORITIES)}; use idle (the default) or normal.")
     if cfg.data.sort_in_memory_mb < 0:
         raise ConfigError(f"data.sort_in_memory_mb={cfg.data.sort_in_memory_mb} must be 0 (always the distributed sort) or more.")
-    if cfg.loss.kd_temperature <= 0:
-        raise ConfigError(f"loss.kd_temperature={cfg.loss.kd_temperature} must be positive.")
-    if cfg.loss.intermediate == "none" and cfg.loss.last_layer == "none":
-        raise ConfigError("loss.intermediate=none with loss.last_layer=none leaves step 2 without a loss; set one of them to kl or ce.")
-    if cfg.loss.chunk_size < 1:
-        raise ConfigError(f"loss.chunk_size={cfg.loss.chunk_size} must be at least 1.")
     if cfg.signal.topk is not None and cfg.signal.topk < 1:
         raise ConfigError(f"signal.topk={cfg.signal.topk} must be at least 1, or null for a dense signal.")
     if cfg.signal.tail_samples < 0:

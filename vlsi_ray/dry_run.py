@@ -18,26 +18,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from vlsi_ray.config import STEPS, RunConfig
+from vlsi_ray.config import RunConfig
 from vlsi_ray.data.collate import ANSWER_CUT, FITS, NO_ANSWER, REFUSED, ChatCollator, RowError, length_verdict
 from vlsi_ray.data.shards import MANIFEST, validate_row
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.models.backbone import ModelInfo
 from vlsi_ray.prepare import LoadSettings, check_pair, model_info
-from vlsi_ray.runner import SEED_OFFSET
+from vlsi_ray.recipe.stages import planned
 
 #: Train rows collated for the length histogram (spread over the shards).
 SAMPLE_ROWS = 256
-#: What each stage trains, for the plan.
-TRAINS = {
-    "pretrain_teacher": "the tiny teacher, from scratch (SFT)",
-    "pretrain_student": "the tiny student, from scratch (SFT)",
-    "baseline_sft": "the student's LLM (SFT only, the report's baseline)",
-    "verbalize/teacher": "the teacher's verb-FFNs (backbone frozen)",
-    "verbalize/student": "the student's verb-FFNs (backbone frozen)",
-    "interact": "student LoRA + verb-FFNs against the teacher's signal",
-    "sft": "the student's LLM (LoRA merged)",
-}
 
 
 def dry_run(cfg: RunConfig, sample_rows: int = SAMPLE_ROWS) -> dict:
@@ -212,36 +202,23 @@ def histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 4
 
 # ------------------------------------------------------------------------------------------ plan
 def _plan(cfg: RunConfig, data: dict) -> list[dict]:
-    train_rows = data["rows"]["train"]
-    tasks = data.get("train_tasks", {})
-    workers = cfg.train.num_workers if cfg.runner == "ray" else 1
+    """The stage table's rows this run trains: rows, workers, optimizer steps, samples and learning rates."""
+    train_rows, tasks = data["rows"]["train"], data.get("train_tasks", {})
     stages = []
-    order = [s for s in STEPS if s in cfg.steps]
-    labels: list[tuple[str, str, int]] = []  # (label, settings, workers)
-    for step in order:
-        if step.startswith("pretrain_") and getattr(cfg, step.removeprefix("pretrain_")).path is not None:
-            continue
-        if step == "verbalize":
-            labels += [("verbalize/teacher", "verbalize", 1), ("verbalize/student", "verbalize", workers)]
-        elif step == "sft":
-            if cfg.baseline_sft:
-                labels.append(("baseline_sft", "sft", workers))
-            labels.append(("sft", "sft", workers))
-        else:
-            labels.append((step, step, 1 if step == "pretrain_teacher" or cfg.runner == "local" else workers))
     print("[dry-run] stages:")
-    for label, settings, n_workers in labels:
-        opt = getattr(cfg.stages, settings)
+    for row in planned(cfg):
+        # On Ray the student's stages run on train.num_workers workers; the teacher's in one replica or task.
+        workers = cfg.train.num_workers if cfg.runner == "ray" and row.side == "student" and not row.name.startswith("pretrain_") else 1
+        opt = getattr(cfg.stages, row.settings)
         rows = sum(tasks.get(t, 0) for t in opt.tasks) if opt.tasks and tasks else train_rows
-        steps = total_optimizer_steps(opt, rows, n_workers)
-        batch = opt.batch_size * opt.grad_accum * n_workers
-        stage = {"stage": label, "trains": TRAINS[label], "rows": rows, "workers": n_workers, "global_batch": batch,
-                 "optimizer_steps": steps, "samples": steps * batch, "lr": opt.lr, "min_lr": opt.min_lr,
-                 "warmup_steps": opt.warmup_steps, "seed": cfg.seed + SEED_OFFSET.get(label, 0)}
-        stages.append(stage)
-        print(f"    {label:<18} {steps:>7,} steps x {batch:>4} rows ({opt.batch_size} x {opt.grad_accum} x {n_workers} workers) "
+        steps = total_optimizer_steps(opt, rows, workers)
+        batch = opt.batch_size * opt.grad_accum * workers
+        stages.append({"stage": row.name, "trains": row.trains, "rows": rows, "workers": workers, "global_batch": batch,
+                       "optimizer_steps": steps, "samples": steps * batch, "lr": opt.lr, "min_lr": opt.min_lr,
+                       "warmup_steps": opt.warmup_steps, "seed": row.seed(cfg.seed)})
+        print(f"    {row.name:<18} {steps:>7,} steps x {batch:>4} rows ({opt.batch_size} x {opt.grad_accum} x {workers} workers) "
               f"= {steps * batch:>10,} samples of {rows:,}; lr {opt.lr:g} -> {opt.min_lr:g} (cosine, {opt.warmup_steps} warm-up); "
-              f"trains {TRAINS[label]}")
+              f"trains {row.trains}")
     return stages
 
 

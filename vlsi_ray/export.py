@@ -16,6 +16,7 @@ from pathlib import Path
 from vlsi_ray.models.backbone import BACKBONE_FILE, Backbone
 from vlsi_ray.models.precision import dtype_name, parse_dtype
 from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.recipe.layout import RunLayout
 
 #: Stages whose ``student/`` is a finished student, most distilled first.
 STUDENT_STAGES = ("sft", "interact")
@@ -36,8 +37,9 @@ def find_student(run_dir: str | Path, stage: str = "auto") -> tuple[str, Path]:
     for name in stages:
         if name not in STUDENT_STAGES:
             raise ExportError(f"stage {name!r} has no distilled student; use one of auto, {', '.join(STUDENT_STAGES)}.")
-        model_dir = run_dir / name / "student"
-        if (run_dir / name / "stage.json").is_file() and (model_dir / "config.json").is_file():
+        layout = RunLayout(run_dir)
+        model_dir = layout.model(name)
+        if layout.finished(name) and (model_dir / "config.json").is_file():
             return name, model_dir
     raise ExportError(f"{run_dir} has no finished {' or '.join(stages)} stage with a student; finish the run first (python jobs/distill.py name=...).")
 
@@ -63,7 +65,7 @@ def export_student(run_dir: str | Path, out: str | Path, stage: str = "auto", dt
     generation.save_pretrained(out)
     manifest = {"run_dir": str(run_dir.resolve()), "stage": stage, "family": backbone.family,
                 "dtype": dtype_name(dtype), "verbalizers": None}
-    source = run_dir / "interact" / "student_verbalizers"
+    source = RunLayout(run_dir).verbalizers("student", "interact")
     if verbalizers and Verbalizers.exists(source):
         shutil.copytree(source, out / VERBALIZERS_DIR)
         manifest["verbalizers"] = VERBALIZERS_DIR

@@ -17,18 +17,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vlsi_ray.actors.client import TeacherClient
+import ray
+
 from vlsi_ray.actors.student import StageSpec, dataset_name, train_student
 from vlsi_ray.actors.teacher import TeacherPool
 from vlsi_ray.config import EVAL_MODELS, RunConfig, to_yaml
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
-from vlsi_ray.method.steps import SFT_GROUPS
 from vlsi_ray.metrics import last_attempt, read_metrics, write_stage_summary
 from vlsi_ray.models.backbone import ModelInfo
 from vlsi_ray.prepare import LoadSettings, check_pair_paths, new_verbalizers
-from vlsi_ray.runner import SEED_OFFSET, STAGE_FILE, Run
-from vlsi_ray.teacher_cache import open_cache, require_cache
+from vlsi_ray.recipe.layout import RunLayout
+from vlsi_ray.recipe.stages import pretraining, stage
+from vlsi_ray.runner import Run
+from vlsi_ray.teacher.sources import teacher_source
+from vlsi_ray.teacher_cache import require_cache
 
 
 def ray_env(tune_malloc: bool = False) -> dict[str, str]:
@@ -72,8 +75,6 @@ def connect(cfg: RunConfig) -> str:
     """Join the cluster at ``ray.address`` (or ``RAY_ADDRESS``), else a Ray already running on this machine
     (e.g. ``ray start --head``; Ray's ``address="auto"``), else start a local Ray (``ray.num_cpus``/``num_gpus``);
     return which."""
-    import ray
-
     if ray.is_initialized():
         return "already connected"
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -100,21 +101,22 @@ def _data_context() -> None:
 
 
 class RayRun(Run):
-    """The Ray runner's state; stages run as Ray Train runs, the teacher as a pool of actors."""
+    """The Ray runner's state and phases: the student's stages as one Ray Train run, the teacher as a
+    pool of actors, evaluations as Ray tasks. Every stage's properties come from the stage table."""
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.cfg_yaml = to_yaml(cfg)
-        self.dir = self.dir.resolve()
+        self.layout = RunLayout(self.layout.root.resolve())  # workers and tasks may run anywhere in the cluster
         self._split = None
         self._evals: dict[str, list] = {}  # model name -> ObjectRefs of its test pass, one per slice
         self._test_slices = None
         self._split_lock = threading.Lock()  # the teacher's and the student's pretraining start together
-        self.use_gpu = cfg.train.use_gpu
-        if self.use_gpu is None:
-            import ray
-
-            self.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        self.use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        self.pool: TeacherPool | None = None
+        self.step1_calls: list = []  # the pool's step-1 calls; step 2's client sends nothing before they finish
+        self.specs: list[StageSpec] = []
+        self.watcher = StageWatcher()
 
     def split(self):
         """The validated train split on Ray Data, read once per run (every stage orders it its own way)."""
@@ -125,20 +127,18 @@ class RayRun(Run):
                 self._split = train_split(self.cfg.data.dir, self.cfg.data.on_error, self.cfg.data.sort_in_memory_mb)
         return self._split
 
-    def spec(self, stage: str, kind: str, settings: str, model_dir: Path, seed: int, done_path: Path | None = None,
-             **kw) -> StageSpec:
-        """The :class:`StageSpec` of one student stage; it is finished once ``done_path`` (default
-        ``<stage>/stage.json``) exists."""
-        opt = getattr(self.cfg.stages, settings)
-        rows = len(self.train_rows(settings))
-        total = total_optimizer_steps(opt, rows, self.cfg.train.num_workers)
-        return StageSpec(stage=stage, kind=kind, settings=settings, cfg_yaml=self.cfg_yaml, model_dir=str(model_dir),
-                         out_dir=str(self.stage_dir(stage.split("/")[0])), metrics_path=str(self.dir / "metrics.jsonl"),
-                         seed=seed, total_steps=total, done_path=str(done_path or self.stage_dir(stage) / STAGE_FILE), **kw)
+    def spec(self, name: str, model_dir: Path, **kw) -> StageSpec:
+        """The :class:`StageSpec` of student stage ``name`` (its row of the stage table) starting from ``model_dir``."""
+        row = stage(name)
+        opt = getattr(self.cfg.stages, row.settings)
+        total = total_optimizer_steps(opt, len(self.train_rows(row.settings)), self.cfg.train.num_workers)
+        lora = row.lora or (row.objective == "sft" and self.cfg.stages.sft_lora)
+        return StageSpec(stage=row, cfg_yaml=self.cfg_yaml, run_dir=str(self.layout.root), model_dir=str(model_dir),
+                         total_steps=total, lora=lora, **kw)
 
     def fit(self, specs: list[StageSpec]) -> None:
         """Run the student ``specs`` in order as one Ray Train run (``<run_dir>/ray_train/student``),
-        resuming from its last checkpoint; each finished stage leaves its ``done_path``."""
+        resuming from its last checkpoint; each finished stage leaves its marker."""
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -149,10 +149,10 @@ class RayRun(Run):
         workers = cfg.train.num_workers
         datasets = {}
         for spec in specs:
-            opt = getattr(cfg.stages, spec.settings)
-            datasets[dataset_name(spec.stage)] = train_dataset(
-                self.split(), opt.tasks, spec.seed, opt.batch_size * workers, spec.total_steps * opt.grad_accum,
-                [r["id"] for r in self.train_rows(spec.settings)])
+            opt = getattr(cfg.stages, spec.stage.settings)
+            datasets[dataset_name(spec.stage.name)] = train_dataset(
+                self.split(), opt.tasks, spec.stage.seed(cfg.seed), opt.batch_size * workers, spec.total_steps * opt.grad_accum,
+                [r["id"] for r in self.train_rows(spec.stage.settings)])
         res = cfg.train.resources_per_worker
         per_worker = {"CPU": res.num_cpus, **res.resources}
         if self.use_gpu:
@@ -166,31 +166,28 @@ class RayRun(Run):
             # One worker reads whole datasets: no split coordinator (one actor process fewer per stage).
             dataset_config=ray.train.DataConfig(datasets_to_split="all" if workers > 1 else []),
             run_config=ray.train.RunConfig(
-                name="student", storage_path=str(self.dir / "ray_train"),
+                name="student", storage_path=str(self.layout.ray_train),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
         )
-        print(f"[ray] student stages {[s.stage for s in specs]} in one Ray Train run", flush=True)
+        print(f"[ray] student stages {[s.stage.name for s in specs]} in one Ray Train run", flush=True)
         trainer.fit()
 
-    def pretrain(self, role: str, stage: str) -> Path:
-        import ray
+    def pretrain(self, role: str) -> Path:
+        return Path(ray.get(self.start_pretraining(role)[0]))
 
-        return Path(ray.get(self.start_pretraining(role, stage)[0]))
-
-    def start_pretraining(self, role: str, stage: str):
+    def start_pretraining(self, role: str):
         """Start pretraining a tiny model in a Ray task with the in-process runner's loop (same weights as
         ``runner=local``); return the ObjectRef of its directory, and the directory of its initial
         weights (same config and tokenizer).
 
         The task is placed like the role's actors (``teacher_pool.resources`` or
-        ``train.resources_per_worker``) and writes the model, its ``stage.json`` and the model-cache
-        copy itself. Pretraining only bootstraps the tiny demo models: not worth a Train run's start-up.
+        ``train.resources_per_worker``) and writes the model, its marker and the model-cache copy
+        itself. Pretraining only bootstraps the tiny demo models: not worth a Train run's start-up.
         """
-        import ray
-
-        init = self.dir / "ray_train" / f"{stage}-init"
+        name = pretraining(role).name
+        init = self.layout.initial_model(name)
         self.init_model(role).save_pretrained(init)
         if role == "teacher":
             res = self.cfg.teacher_pool.resources
@@ -198,18 +195,16 @@ class RayRun(Run):
         else:  # as a Train worker would be placed
             res = self.cfg.train.resources_per_worker
             gpus = (res.num_gpus or 1) if self.use_gpu else 0
-        cache = self.model_cache(role, stage)
+        cache = self.model_cache(role)
         task = ray.remote(_pretrain_task).options(num_cpus=res.num_cpus, num_gpus=gpus, resources=dict(res.resources) or None)
-        ref = task.remote(self.cfg_yaml, role, stage, str(init), self.train_rows(stage), str(self.dir / "metrics.jsonl"),
-                          str(self.stage_dir(stage)), None if cache is None else str(cache))
+        ref = task.remote(self.cfg_yaml, role, str(init), self.train_rows(name), str(self.layout.metrics),
+                          str(self.layout.model(name)), None if cache is None else str(cache))
         return ref, init
 
     def evaluate(self, named_dirs: dict) -> None:
         """Start the test pass of each checkpoint in ``eval_models`` as ``eval_tasks`` Ray tasks (one slice
         of the test split each) and return at once: the passes run while later stages train;
         :meth:`accuracy` collects them. A directory may be an ObjectRef (a model still training)."""
-        import ray
-
         named_dirs = {name: path for name, path in named_dirs.items() if name in self.cfg.eval_models}
         if not named_dirs:
             return
@@ -225,8 +220,6 @@ class RayRun(Run):
 
     def accuracy(self) -> dict[str, dict]:
         """Wait for every test pass started by :meth:`evaluate`; return the accuracies by model name."""
-        import ray
-
         from vlsi_ray.eval.accuracy import accuracy_report
 
         rows, results = self.test_rows(), {}
@@ -236,8 +229,148 @@ class RayRun(Run):
             print(f"[eval] {name}: {100 * results[name]['overall']:.1f}% on {results[name]['n']} test questions", flush=True)
         return results
 
+    # -- phases ------------------------------------------------------------------------------------
+    def models(self) -> None:
+        """Setup: the student base (pretrained now if tiny), the teacher (its directory, or the ObjectRef of
+        the task still pretraining it), the weight-free pair check and the first test passes."""
+        cfg = self.cfg
+        if cfg.teacher.path and cfg.student.path:  # real checkpoints: refuse an incompatible pair before any training
+            check_pair_paths(cfg.teacher.path, cfg.student.path, cfg)  # configs and tokenizers only: cheap on the head
+        # teacher_dir: the teacher's directory, or the ObjectRef of it while it pretrains; its initial
+        # weights have the same config and tokenizer (all the pair check reads).
+        self.teacher_dir = teacher_config = self.reuse("teacher")
+        if self.teacher_dir is None:
+            self.teacher_dir, teacher_config = self.start_pretraining("teacher")
+        self.student_dir = self.pretrained("student")
+        self.vocab = check_pair_paths(teacher_config, self.student_dir, cfg)
+        self.evaluate({"student_base": self.student_dir, "teacher": self.teacher_dir})
 
-def _pretrain_task(cfg_yaml: str, role: str, stage: str, init_dir: str, rows: list[dict], metrics_path: str,
+    def resolved_teacher(self) -> Path:
+        """The teacher's directory (waiting for its pretraining task, if it is still running)."""
+        return Path(ray.get(self.teacher_dir)) if isinstance(self.teacher_dir, ray.ObjectRef) else self.teacher_dir
+
+    def untrained_verbalizers(self) -> None:
+        """Without step 1 in ``steps`` (and never run): both models' verb-FFNs at init (the logit lens at zero-init)."""
+        if "verbalize" in self.cfg.steps or self.layout.finished("verbalize"):
+            return
+        for role, model_dir in (("teacher", self.resolved_teacher()), ("student", self.student_dir)):
+            verbs = new_verbalizers(self.cfg, role, ModelInfo.from_pretrained(model_dir), stage(f"verbalize/{role}").seed(self.cfg.seed))
+            verbs.save(self.layout.verbalizers(role))
+
+    @property
+    def runs_step2(self) -> bool:
+        """Whether step 2 is still to run."""
+        return "interact" in self.cfg.steps and not self.layout.finished("interact")
+
+    @property
+    def live_teacher(self) -> bool:
+        """Whether step 2 is still to run with the teacher actors (not from the offline cache)."""
+        return self.runs_step2 and self.cfg.teacher.source == "live"
+
+    def start_teacher_pool(self) -> None:
+        """One teacher pool for the teacher's side of step 1 and for step 2: replica 0 trains the teacher's
+        verb-FFNs, the others load them once saved; created on the teacher's ObjectRef if it still pretrains."""
+        cfg = self.cfg
+        if not (self.trains_step1 or self.live_teacher):
+            return
+        self.pool = TeacherPool(cfg.teacher_pool, self.teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, self.vocab,
+                                cfg.signal.storage, tail_samples=cfg.signal.tail_samples, seed=stage("interact").seed(cfg.seed),
+                                step1_dir=self.layout.verbalizers("teacher"), load=LoadSettings.of(cfg, "teacher"))
+
+    @property
+    def trains_step1(self) -> bool:
+        return "verbalize" in self.cfg.steps and not self.layout.finished("verbalize")
+
+    def queue(self, name: str, make_spec: Callable[[], StageSpec], after: Callable[[], None]) -> None:
+        """Queue student stage ``name`` for the Train run unless it is finished; ``after`` runs once it is."""
+        if not self.layout.finished(name):
+            self.specs.append(make_spec())
+        self.watcher.on(self.layout.marker(name), after)
+
+    def queue_baseline(self) -> None:
+        """The SFT-only baseline (same data and steps as step 3) from the student base."""
+        if self.runs("baseline_sft"):
+            self.queue("baseline_sft", lambda: self.spec("baseline_sft", self.student_dir),
+                       lambda: self.evaluate({"student_sft_only": self.layout.model("baseline_sft")}))
+
+    def queue_step1(self) -> None:
+        """Step 1: the teacher's side in the pool (replica 0), the student's in the Train run; the stage's
+        marker and summary once both are done."""
+        if not self.trains_step1:
+            return
+        cfg, out = self.cfg, self.layout.verbalizers("teacher")
+        teacher_job = self.pool.actors[0].train_verbalizers.remote(
+            self.cfg_yaml, self.train_rows("verbalize"), str(out), stage("verbalize/teacher").seed(cfg.seed))
+        self.step1_calls = [teacher_job] + [actor.load_verbalizers.remote(str(out), teacher_job) for actor in self.pool.actors[1:]]
+
+        def finish_step1() -> None:  # both sides done: the teacher's history joins the student's
+            teacher = ray.get(teacher_job)
+            for record in teacher["history"]:
+                self.writer.write(record)
+            student = last_attempt(read_metrics(self.layout.metrics, "verbalize/student"))
+            student_seconds = json.loads(self.layout.marker("verbalize/student").read_text())["seconds"]
+            # seconds: both sides' training (they ran at different times, beside other work)
+            write_stage_summary(self.layout.marker("verbalize"), "verbalize", teacher["history"] + student,
+                                teacher["seconds"] + student_seconds)
+            if not self.live_teacher:
+                self.pool.shutdown()
+
+        self.queue("verbalize/student", lambda: self.spec("verbalize/student", self.student_dir), finish_step1)
+        if self.runs_step2 and not self.live_teacher:  # the cache's spec names the teacher's step-1 verbalizers
+            ray.get(teacher_job)
+
+    def queue_step2(self) -> None:
+        """Step 2 from the student base, against the teacher pool or the offline cache."""
+        if "interact" not in self.cfg.steps:
+            return
+
+        def make_spec() -> StageSpec:
+            teacher = teacher_source(self.cfg, self.layout, self.vocab, pool=self.pool if self.live_teacher else None,
+                                     ready=self.step1_calls, teacher_dir=self.resolved_teacher(), student_dir=self.student_dir)
+            return self.spec("interact", self.student_dir, verbalizer_dir=str(self.layout.verbalizers("student")),
+                             teacher=teacher, vocab=self.vocab)
+
+        def after() -> None:
+            if self.live_teacher:
+                self.layout.teacher_placement.write_text(json.dumps(self.pool.infos, indent=2))
+                print(f"[interact] teacher replicas were on {[(i['node_id'][:8], i['device']) for i in self.pool.infos]}", flush=True)
+                self.pool.shutdown()
+            self.evaluate({"vlsi_without_sft": self.layout.model("interact")})
+
+        self.queue("interact", make_spec, after)
+
+    def queue_step3(self) -> None:
+        """Step 3 from step 2's student (or the student base when the run has no step 2)."""
+        if not self.runs("sft"):
+            return
+        source = self.layout.model("interact") if "interact" in self.cfg.steps or self.layout.finished("interact") else self.student_dir
+        self.queue("sft", lambda: self.spec("sft", source), lambda: self.evaluate({"vlsi": self.layout.model("sft")}))
+
+    def train_student(self) -> None:
+        """The queued stages as one Train run; the watcher runs each stage's follow-up as its marker appears."""
+        self.watcher.start()
+        if self.specs:
+            self.fit(self.specs)
+        self.watcher.finish()
+
+    def close(self) -> None:
+        """Stop the watcher and free the teacher pool (also after a failure)."""
+        self.watcher.stop()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def report(self, started: float) -> dict:
+        """Wait for the teacher (a run without teacher stages still saves it) and every test pass; write the report."""
+        self.resolved_teacher()
+        results = self.accuracy()
+        report = {"run": self.cfg.name, "runner": "ray", "seconds": round(time.perf_counter() - started, 1), "accuracy": results,
+                  "skipped_rows": {k: v.skipped for k, v in self.splits.stats.items()}}
+        write_report(self.layout.root, report)
+        print(f"[done] report in {self.layout.report_md} ({report['seconds']:.0f}s)", flush=True)
+        return report
+
+
+def _pretrain_task(cfg_yaml: str, role: str, init_dir: str, rows: list[dict], metrics_path: str,
                    target: str, cache: str | None) -> str:
     """:func:`vlsi_ray.runner.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``,
     saved to ``target`` (and ``cache``); returns ``target``."""
@@ -251,7 +384,7 @@ def _pretrain_task(cfg_yaml: str, role: str, stage: str, init_dir: str, rows: li
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
     backbone = load_model(init_dir, LoadSettings.of(cfg, role), device)
-    return str(pretrain_tiny(cfg, role, stage, backbone, rows, device, MetricsWriter(metrics_path), Path(target),
+    return str(pretrain_tiny(cfg, role, backbone, rows, device, MetricsWriter(metrics_path), Path(target),
                              None if cache is None else Path(cache)))
 
 
@@ -333,128 +466,20 @@ def run_ray(cfg: RunConfig) -> dict:
     teacher side runs, as soon as the teacher is saved; step 2's client holds its first request
     until then.
     """
-    import ray
-
     started = time.perf_counter()
     require_cache(cfg)  # before any Ray work
     where = connect(cfg)
     print(f"[ray] {where}: {ray.cluster_resources()}", flush=True)
     run = RayRun(cfg)
-    if cfg.teacher.path and cfg.student.path:  # real checkpoints: refuse an incompatible pair before any training
-        check_pair_paths(cfg.teacher.path, cfg.student.path, cfg)  # configs and tokenizers only: cheap on the head
-
-    # teacher_dir: the teacher's directory, or the ObjectRef of it while it pretrains; its initial
-    # weights have the same config and tokenizer (all the pair check reads).
-    teacher_dir = teacher_config = run.reuse("teacher", "pretrain_teacher")
-    if teacher_dir is None:
-        teacher_dir, teacher_config = run.start_pretraining("teacher", "pretrain_teacher")
-    student_base_dir = run.pretrained("student", "pretrain_student")
-    vocab = check_pair_paths(teacher_config, student_base_dir, cfg)
-    run.evaluate({"student_base": student_base_dir, "teacher": teacher_dir})
-
-    def resolved_teacher() -> Path:
-        return Path(ray.get(teacher_dir)) if isinstance(teacher_dir, ray.ObjectRef) else teacher_dir
-
-    step1, step2 = run.stage_dir("verbalize"), run.stage_dir("interact")
-    if "verbalize" not in cfg.steps and not run.finished("verbalize"):  # untrained verb-FFNs (the logit lens at zero-init)
-        for role, model_dir in (("teacher", resolved_teacher()), ("student", student_base_dir)):
-            verbs = new_verbalizers(cfg, role, ModelInfo.from_pretrained(model_dir), cfg.seed + SEED_OFFSET[f"verbalize/{role}"])
-            verbs.save(step1 / f"{role}_verbalizers")
-    train_step1 = "verbalize" in cfg.steps and not run.finished("verbalize")
-    run_step2 = "interact" in cfg.steps and not run.finished("interact")
-    live = run_step2 and cfg.teacher.source == "live"
-
-    pool = None
-    step1_calls: list = []  # the pool's step-1 calls; step 2's client sends nothing before they finish
-    watcher = StageWatcher()
+    run.models()
+    run.untrained_verbalizers()
     try:
-        # One teacher pool for the teacher's side of step 1 and for step 2: replica 0 trains the
-        # teacher's verb-FFNs; the other replicas load them once saved.
-        if train_step1 or live:
-            pool = TeacherPool(cfg.teacher_pool, teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
-                               cfg.signal.storage, tail_samples=cfg.signal.tail_samples,
-                               seed=cfg.seed + SEED_OFFSET["interact"], step1_dir=step1 / "teacher_verbalizers",
-                               load=LoadSettings.of(cfg, "teacher"))
-        specs: list[StageSpec] = []
-
-        def stage(name: str, make_spec: Callable[[Path], StageSpec], after: Callable[[], None],
-                  done_path: Path | None = None) -> None:
-            """Queue student stage ``name`` for the Train run unless it is finished; ``after`` runs once it is."""
-            done_path = done_path or run.stage_dir(name) / STAGE_FILE
-            if not done_path.is_file():
-                specs.append(make_spec(done_path))
-            watcher.on(done_path, after)
-
-        def sft_spec(name: str, source: Path) -> Callable[[Path], StageSpec]:
-            return lambda done: run.spec(name, "sft", "sft", source, cfg.seed + SEED_OFFSET[name], done, lora=cfg.stages.sft_lora,
-                                         groups=list(SFT_GROUPS), model_out=str(run.stage_dir(name) / "student"))
-
-        if cfg.baseline_sft and "sft" in cfg.steps:
-            stage("baseline_sft", sft_spec("baseline_sft", student_base_dir),
-                  lambda: run.evaluate({"student_sft_only": run.stage_dir("baseline_sft") / "student"}))
-
-        if train_step1:
-            student_done = step1 / "stage.student.json"  # the student's side; stage.json once both are done
-            teacher_job = pool.actors[0].train_verbalizers.remote(
-                run.cfg_yaml, run.train_rows("verbalize"), str(step1 / "teacher_verbalizers"),
-                cfg.seed + SEED_OFFSET["verbalize/teacher"])
-            step1_calls = [teacher_job] + [actor.load_verbalizers.remote(str(step1 / "teacher_verbalizers"), teacher_job)
-                                           for actor in pool.actors[1:]]
-
-            def finish_step1() -> None:  # both sides done: the teacher's history joins the student's
-                teacher = ray.get(teacher_job)
-                for record in teacher["history"]:
-                    run.writer.write(record)
-                student = last_attempt(read_metrics(run.dir / "metrics.jsonl", "verbalize/student"))
-                student_seconds = json.loads(student_done.read_text())["seconds"]
-                # seconds: both sides' training (they ran at different times, beside other work)
-                write_stage_summary(step1 / STAGE_FILE, "verbalize", teacher["history"] + student, teacher["seconds"] + student_seconds)
-                if not live:
-                    pool.shutdown()
-
-            stage("verbalize/student", lambda done: run.spec(
-                "verbalize/student", "verbalize", "verbalize", student_base_dir, cfg.seed + SEED_OFFSET["verbalize/student"],
-                done, verbalizers_out=str(step1 / "student_verbalizers")), finish_step1, student_done)
-            if run_step2 and not live:  # the cache's spec names the teacher's step-1 verbalizers
-                ray.get(teacher_job)
-
-        if "interact" in cfg.steps:
-            def interact_spec(done: Path) -> StageSpec:
-                if live:  # the teacher pool streams compact signals to the student workers
-                    teacher = TeacherClient(pool.actors, cfg.teacher_pool.lookahead, ready=step1_calls)
-                else:  # no teacher actors: the workers read the cached signal
-                    teacher = open_cache(cfg, resolved_teacher(), student_base_dir, step1 / "teacher_verbalizers", vocab)
-                return run.spec("interact", "interact", "interact", student_base_dir, cfg.seed + SEED_OFFSET["interact"], done,
-                                verbalizer_dir=str(step1 / "student_verbalizers"), lora=True, teacher=teacher, vocab=vocab,
-                                model_out=str(step2 / "student"), verbalizers_out=str(step2 / "student_verbalizers"))
-
-            def after_step2() -> None:
-                if live:
-                    (step2 / "teacher_placement.json").write_text(json.dumps(pool.infos, indent=2))
-                    print(f"[interact] teacher replicas were on {[(i['node_id'][:8], i['device']) for i in pool.infos]}", flush=True)
-                    pool.shutdown()
-                run.evaluate({"vlsi_without_sft": step2 / "student"})
-
-            stage("interact", interact_spec, after_step2)
-
-        if "sft" in cfg.steps:
-            source = step2 / "student" if "interact" in cfg.steps or run.finished("interact") else student_base_dir
-            stage("sft", sft_spec("sft", source), lambda: run.evaluate({"vlsi": run.stage_dir("sft") / "student"}))
-
-        watcher.start()
-        if specs:
-            run.fit(specs)
-        watcher.finish()
+        run.start_teacher_pool()
+        run.queue_baseline()
+        run.queue_step1()
+        run.queue_step2()
+        run.queue_step3()
+        run.train_student()
     finally:
-        watcher.stop()
-        if pool is not None:
-            pool.shutdown()
-    if isinstance(teacher_dir, ray.ObjectRef):
-        ray.get(teacher_dir)  # a run without teacher stages still waits for (and saves) its teacher
-
-    results = run.accuracy()
-    report = {"run": cfg.name, "runner": "ray", "seconds": round(time.perf_counter() - started, 1), "accuracy": results,
-              "skipped_rows": {k: v.skipped for k, v in run.splits.stats.items()}}
-    write_report(run.dir, report)
-    print(f"[done] report in {run.dir / 'report.md'} ({report['seconds']:.0f}s)", flush=True)
-    return report
+        run.close()
+    return run.report(started)

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlsi_ray.config import RunConfig, to_yaml
+from vlsi_ray.recipe.layout import RunLayout
+from vlsi_ray.recipe.stages import stage
 from vlsi_ray.signals.cache import FORMAT_VERSION, MANIFEST, cache_spec
 
 #: Rows per Parquet row group: the unit :class:`~vlsi_ray.signals.cache.TeacherCache` reads.
@@ -33,11 +35,11 @@ def step2_inputs(cfg: RunConfig) -> dict[str, Path]:
 
     Raises ``FileNotFoundError`` naming what is missing and the command that makes it.
     """
-    run_dir = cfg.run_dir
+    layout = RunLayout(cfg.run_dir)
     found = {
-        "teacher": Path(cfg.teacher.path) if cfg.teacher.path else run_dir / "pretrain_teacher",
-        "student": Path(cfg.student.path) if cfg.student.path else run_dir / "pretrain_student",
-        "teacher_verbalizers": run_dir / "verbalize" / "teacher_verbalizers",
+        "teacher": Path(cfg.teacher.path) if cfg.teacher.path else layout.model("pretrain_teacher"),
+        "student": Path(cfg.student.path) if cfg.student.path else layout.model("pretrain_student"),
+        "teacher_verbalizers": layout.verbalizers("teacher"),
     }
     for what, path in found.items():
         if not path.is_dir():
@@ -55,13 +57,12 @@ class CacheSignals:
         from vlsi_ray.actors.teacher import TeacherWorker
         from vlsi_ray.config import config_from_yaml
         from vlsi_ray.prepare import LoadSettings, make_collator, model_info
-        from vlsi_ray.runner import SEED_OFFSET
 
         cfg = config_from_yaml(cfg_yaml)
         self.collate = make_collator(model_info(student_dir, LoadSettings.of(cfg, "student")), cfg)
         self.worker = TeacherWorker(teacher_dir, verbalizer_dir, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
                                     cfg.signal.storage, cfg.device, tail_samples=cfg.signal.tail_samples,
-                                    seed=cfg.seed + SEED_OFFSET["interact"], load=LoadSettings.of(cfg, "teacher"))
+                                    seed=stage("interact").seed(cfg.seed), load=LoadSettings.of(cfg, "teacher"))
 
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
         """Columns of ``B`` train rows -> ``B`` cache rows (``id``, ``tokens`` and the signal's arrays)."""
@@ -88,7 +89,8 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
     inputs = step2_inputs(cfg)
     vocab = check_pair_paths(inputs["teacher"], inputs["student"], cfg)
     train_files = shard_files(cfg.data.dir, "train")
-    spec = cache_spec(cfg, inputs["teacher"], inputs["teacher_verbalizers"], inputs["student"], vocab, train_files)
+    spec = cache_spec(cfg, inputs["teacher"], inputs["teacher_verbalizers"], inputs["student"], vocab, train_files,
+                      stage("interact").seed(cfg.seed))
     out = cfg.teacher_cache
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and not overwrite:
@@ -142,10 +144,9 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
 def require_cache(cfg: RunConfig) -> None:
     """Before any work: a run whose step 2 will read the teacher cache needs one (:class:`ConfigError` if absent)."""
     from vlsi_ray.config import ConfigError
-    from vlsi_ray.runner import STAGE_FILE
     from vlsi_ray.signals.cache import load_manifest
 
-    step2_done = (cfg.run_dir / "interact" / STAGE_FILE).is_file()
+    step2_done = RunLayout(cfg.run_dir).finished("interact")
     if cfg.teacher.source != "cache" or "interact" not in cfg.steps or step2_done:
         return
     try:
@@ -159,7 +160,8 @@ def open_cache(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path,
     from vlsi_ray.data.shards import shard_files
     from vlsi_ray.signals.cache import TeacherCache
 
-    spec = cache_spec(cfg, teacher_dir, verbalizer_dir, student_dir, vocab, shard_files(cfg.data.dir, "train"))
+    spec = cache_spec(cfg, teacher_dir, verbalizer_dir, student_dir, vocab, shard_files(cfg.data.dir, "train"),
+                      stage("interact").seed(cfg.seed))
     cache = TeacherCache(cfg.teacher_cache, spec)
     print(f"[interact] teacher signal from the cache in {cache.dir} ({cache.manifest['rows']} rows, "
           f"{cache.manifest['bytes'] / 2**20:.1f} MiB): no teacher forward in step 2", flush=True)

@@ -12,7 +12,8 @@ from vlsi_ray.actors.wire import decode_batch, encode_batch
 from vlsi_ray.config import TeacherPoolConfig, load_config
 from vlsi_ray.data.synthetic import generate_rows
 from vlsi_ray.method.losses import verbalized_kl
-from vlsi_ray.method.steps import response_positions, teacher_signal
+from vlsi_ray.method.steps import response_positions
+from vlsi_ray.signals.produce import teacher_signal
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import make_collator, new_verbalizers

@@ -15,16 +15,17 @@ from vlsi_ray.method.matching import MatchingOptions
 from vlsi_ray.method.steps import (
     SFT_GROUPS,
     InteractionObjective,
+    LossOptions,
     SFTObjective,
     VerbalizationObjective,
     model_inputs,
     response_positions,
-    teacher_signal,
 )
 from vlsi_ray.models.backbone import LM_LORA_TARGETS, Backbone
 from vlsi_ray.models.qwen2_vl import build_tiny
 from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.signals.produce import teacher_signal
 
 FAMILY = "qwen2_vl"
 TEACHER_SIZES = dict(hidden_size=64, num_layers=5, num_heads=4, intermediate_size=128, vision_embed_dim=32, vision_depth=1, seed=1)
@@ -189,7 +190,7 @@ def test_sft_through_lora_trains_only_the_adapters(setup):
 def test_interaction_refuses_a_student_without_lora(setup):
     teacher, student, t_verbs, s_verbs, batch = setup
     with pytest.raises(ValueError, match="apply_lora"):
-        InteractionObjective(student, s_verbs, lambda b: None, MatchingOptions(), torch.Generator())
+        InteractionObjective(student, s_verbs, lambda b: None, MatchingOptions(), generator=torch.Generator())
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
@@ -224,7 +225,7 @@ def test_interaction_trains_lora_and_student_verbalizers_only(setup, base):
     before = {m: snapshot(m) for m in (teacher.model, student.model, t_verbs, s_verbs)}
     objective = InteractionObjective(
         student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
-        MatchingOptions(), torch.Generator().manual_seed(0), vocab_size=vocab,
+        MatchingOptions(), generator=torch.Generator().manual_seed(0), vocab_size=vocab,
     )
     trained = {id(p) for p in objective.parameters()}
     lora = {n: p for n, p in student.model.named_parameters() if "lora_" in n}
@@ -326,7 +327,7 @@ def test_interaction_loss_matches_a_hand_reference(setup):
     student.apply_lora(LORA_RANK, LORA_RANK)  # B = 0: outputs unchanged
     objective = InteractionObjective(
         student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, None, vocab_size=vocab),
-        MatchingOptions(strategy="uniform"), torch.Generator().manual_seed(0), vocab_size=vocab,
+        MatchingOptions(strategy="uniform"), generator=torch.Generator().manual_seed(0), vocab_size=vocab,
     )
     out = objective(batch)
     # uniform: i_l = i_s·floor(t_l/t_s) (1-based) -> student target 1 ↔ teacher target 2, 2 ↔ 4.
@@ -353,7 +354,7 @@ def test_interaction_ablation_losses_match_a_hand_reference(setup, intermediate)
     student.apply_lora(LORA_RANK, LORA_RANK)
     objective = InteractionObjective(
         student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, None, vocab_size=vocab),
-        MatchingOptions(), torch.Generator().manual_seed(0), vocab_size=vocab, intermediate=intermediate,
+        MatchingOptions(), LossOptions(intermediate=intermediate), generator=torch.Generator().manual_seed(0), vocab_size=vocab,
     )
     out = objective(batch)
     last = _reference_loss(teacher, student, t_verbs, s_verbs, batch, [], vocab)  # the last-layer KL alone
@@ -382,8 +383,8 @@ def test_interaction_ablation_losses_match_a_hand_reference(setup, intermediate)
 def test_interaction_rejects_an_unknown_intermediate_loss(setup):
     _, student, _, s_verbs, _ = setup
     student.apply_lora(LORA_RANK, LORA_RANK)
-    with pytest.raises(ValueError, match="intermediate must be one of"):
-        InteractionObjective(student, s_verbs, lambda b: None, MatchingOptions(), torch.Generator(), intermediate="l2")
+    with pytest.raises(ValueError, match=r"loss.intermediate='l2' is not one of kl, ce, none"):
+        LossOptions(intermediate="l2")
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "multinomial"])
@@ -395,7 +396,7 @@ def test_interaction_loss_is_zero_for_identical_teacher_and_student(setup, strat
     student.apply_lora(LORA_RANK, LORA_RANK)  # B = 0: outputs unchanged
     objective = InteractionObjective(
         student, s_verbs, lambda b: teacher_signal(student, s_verbs, b, None),
-        MatchingOptions(strategy=strategy), torch.Generator().manual_seed(0),
+        MatchingOptions(strategy=strategy), generator=torch.Generator().manual_seed(0),
     )
     out = objective(batch)
     assert out.metrics["matched"] == [[i] for i in range(len(STUDENT_LAYERS))]
@@ -409,7 +410,7 @@ def test_matched_indices_obey_search_range_and_order(setup):
     student.apply_lora(LORA_RANK, LORA_RANK)  # B = 0: outputs unchanged
     objective = InteractionObjective(
         student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
-        MatchingOptions(), torch.Generator().manual_seed(0), vocab_size=vocab,
+        MatchingOptions(), generator=torch.Generator().manual_seed(0), vocab_size=vocab,
     )
     seen = set()
     with torch.no_grad():

@@ -14,7 +14,8 @@ from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows
 from vlsi_ray.method.loop import Stepper
 from vlsi_ray.method.matching import MatchingOptions
-from vlsi_ray.method.steps import SFT_GROUPS, InteractionObjective, SFTObjective, VerbalizationObjective, teacher_signal
+from vlsi_ray.method.steps import SFT_GROUPS, InteractionObjective, SFTObjective, VerbalizationObjective
+from vlsi_ray.signals.produce import teacher_signal
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.precision import autocast, compute_dtype, keep_float32_masters, parse_dtype, round_to_dtype
 from vlsi_ray.models.qwen2_vl import build_tiny
@@ -161,7 +162,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(base):
         student.model.train()
         s_verbs = Verbalizers(student.hidden_size, [1, 2])
         objective = InteractionObjective(student, s_verbs, lambda b: signal, MatchingOptions(strategy="uniform"),
-                                         torch.Generator().manual_seed(0))
+                                         generator=torch.Generator().manual_seed(0))
         for name, p in student.model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))

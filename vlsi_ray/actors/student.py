@@ -26,6 +26,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from vlsi_ray.recipe.layout import RunLayout
+from vlsi_ray.recipe.stages import Stage, build_objective
+
 STATE_FILE = "train_state.rank{rank}.pt"  # one per rank: ZeRO optimizer state is partitioned
 TAG_FILE = "stage.json"  # in every checkpoint: the stage that wrote it
 
@@ -34,57 +37,52 @@ TAG_FILE = "stage.json"  # in every checkpoint: the stage that wrote it
 class StageSpec:
     """Everything a Train worker needs for one stage (pickled into ``train_loop_config``).
 
-    ``kind``: ``sft`` (cross-entropy; pretraining, step 3, the SFT-only baseline), ``verbalize``
-    (step 1, student side) or ``interact`` (step 2). ``settings`` names the ``stages.*`` entry.
+    ``stage``: its row of the stage table (objective, settings, seed, what it writes); ``run_dir``:
+    the run's layout root, where the outputs, the metrics and the marker go; ``model_dir``: the
+    checkpoint it starts from; ``verbalizer_dir``: step 2's student verbalizers from step 1;
+    ``teacher``: step 2's teacher source; ``vocab``: the shared vocabulary; ``lora``: train through LoRA.
     """
 
-    stage: str
-    kind: str
-    settings: str
+    stage: Stage
     cfg_yaml: str
+    run_dir: str
     model_dir: str
-    out_dir: str
-    metrics_path: str
-    seed: int
     total_steps: int
-    done_path: str  # the stage's summary JSON, written by rank 0 once its outputs are saved
     verbalizer_dir: str | None = None
     lora: bool = False
-    groups: list[str] | None = None
-    teacher: object = None  # TeacherClient for step 2
+    teacher: object = None
     vocab: int | None = None
-    model_out: str | None = None  # where rank 0 saves the trained model (LoRA merged)
-    verbalizers_out: str | None = None  # where rank 0 saves the trained verb-FFNs
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
+
+    @property
+    def done_path(self) -> Path:
+        """The stage's marker, written by rank 0 once its outputs are saved."""
+        return self.layout.marker(self.stage.name)
 
 
 class StageObjective:
     """The objective of one stage plus the modules whose trainable weights a checkpoint holds."""
 
     def __init__(self, spec: StageSpec, cfg, backbone, device: torch.device):
-        from vlsi_ray.method.steps import InteractionObjective, SFTObjective, VerbalizationObjective
         from vlsi_ray.models.verbalizer import Verbalizers
         from vlsi_ray.prepare import new_verbalizers
 
+        row, seed = spec.stage, spec.stage.seed(cfg.seed)
         self.backbone = backbone
         self.verbalizers = None
-        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.generator = torch.Generator().manual_seed(seed)
         if spec.lora:
-            torch.manual_seed(spec.seed)  # LoRA's random A matrices: the same as the in-process runner's
+            torch.manual_seed(seed)  # LoRA's random A matrices: the same as the in-process runner's
             backbone.apply_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
-        if spec.kind == "sft":
-            self.objective = SFTObjective(backbone, spec.groups, cfg.loss.chunk_size)
-        elif spec.kind == "verbalize":
-            self.verbalizers = new_verbalizers(cfg, "student", backbone, spec.seed)
-            self.objective = VerbalizationObjective(backbone, self.verbalizers, cfg.loss.chunk_size)
-        elif spec.kind == "interact":
+        if row.objective == "verbalize":
+            self.verbalizers = new_verbalizers(cfg, "student", backbone, seed)
+        elif row.objective == "interact":
             self.verbalizers = Verbalizers.load(spec.verbalizer_dir, device)
-            self.objective = InteractionObjective(
-                backbone, self.verbalizers, spec.teacher, cfg.matching, self.generator, cfg.loss.direction,
-                cfg.loss.kd_temperature, cfg.loss.last_layer, cfg.loss.chunk_size, spec.vocab,
-                intermediate=cfg.loss.intermediate,
-            )
-        else:
-            raise ValueError(f"unknown stage kind {spec.kind!r}; use sft, verbalize or interact.")
+        self.objective = build_objective(row, cfg, backbone, verbalizers=self.verbalizers, teacher=spec.teacher,
+                                         generator=self.generator, vocab=spec.vocab)
         self.modules: dict[str, nn.Module] = {"model": backbone.model}
         if self.verbalizers is not None:
             self.modules["verbalizers"] = self.verbalizers
@@ -113,12 +111,13 @@ class StageObjective:
 
     def save_outputs(self, spec: StageSpec) -> None:
         """Rank 0 writes the stage's result: the model (LoRA merged, in the base checkpoint's dtype) and/or its verbalizers."""
-        if spec.model_out is not None:
+        row, layout = spec.stage, spec.layout
+        if "model" in row.writes:
             if self.backbone.lora_active:
                 self.backbone.merge_lora()
-            self.backbone.save_pretrained(spec.model_out)  # float32 masters cast to the base checkpoint's dtype
-        if spec.verbalizers_out is not None and self.verbalizers is not None:
-            self.verbalizers.save(spec.verbalizers_out)
+            self.backbone.save_pretrained(layout.model(row.name))  # float32 masters cast to the base checkpoint's dtype
+        if "verbalizers" in row.writes:
+            self.verbalizers.save(layout.verbalizers(row.side, row.name))
 
 
 def _make_stepper(parameters, opt, train_cfg, modules: dict[str, nn.Module], dtype: torch.dtype):
@@ -148,7 +147,7 @@ def dataset_name(stage: str) -> str:
 def train_student(config: dict) -> None:
     """``train_loop_per_worker``: run ``config["specs"]`` (:class:`StageSpec` list) in order on this worker.
 
-    A stage whose ``done_path`` exists is skipped. The run's latest checkpoint resumes the stage that
+    A stage whose marker exists is skipped. The run's latest checkpoint resumes the stage that
     wrote it, so a restarted worker skips the finished stages and continues the interrupted one.
     """
     import ray.train
@@ -162,9 +161,9 @@ def train_student(config: dict) -> None:
         with checkpoint.as_directory() as d:
             tag = json.loads((Path(d) / TAG_FILE).read_text())["stage"]
     for spec in config["specs"]:
-        if Path(spec.done_path).is_file():
+        if spec.done_path.is_file():
             continue
-        _train_stage(spec, checkpoint if tag == spec.stage else None, fresh_run=checkpoint is None)
+        _train_stage(spec, checkpoint if tag == spec.stage.name else None, fresh_run=checkpoint is None)
         _barrier()  # the next stage may load what rank 0 just saved
 
 
@@ -186,96 +185,122 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
     from vlsi_ray.config import config_from_yaml
     from vlsi_ray.method.loop import run_steps
     from vlsi_ray.metrics import MetricsWriter, last_attempt, read_metrics, write_stage_summary
-    from vlsi_ray.prepare import LoadSettings, load_model, make_collator
-    from vlsi_ray.tracking import Tracker
+    from vlsi_ray.prepare import LoadSettings, load_model
 
     started = time.perf_counter()
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(spec.seed + rank)
+    name, layout = spec.stage.name, spec.layout
+    rank, device = ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
     cfg = config_from_yaml(spec.cfg_yaml)
-    opt = getattr(cfg.stages, spec.settings)
+    torch.manual_seed(spec.stage.seed(cfg.seed) + rank)
+    opt = getattr(cfg.stages, spec.stage.settings)
     backbone = load_model(spec.model_dir, LoadSettings.of(cfg, "student"), device)
     stage = StageObjective(spec, cfg, backbone, device)
     stepper = _make_stepper(stage.objective.parameters(), opt, cfg.train, stage.modules, stage.objective.compute_dtype)
-
-    start = 0
-    if checkpoint is not None:
-        world = ctx.get_world_size()
-        with checkpoint.as_directory() as d:
-            wanted = range(world) if stepper.needs_every_rank_state else [rank]
-            states: list = [None] * world
-            for r in wanted:
-                path = Path(d) / STATE_FILE.format(rank=r)
-                if not path.is_file():
-                    raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {r}; resume with the same train.num_workers.")
-                states[r] = torch.load(path, weights_only=False)
-        state = states[rank]
-        stage.load_trainable_state(state["trainable"], stepper)
-        stepper.load_rank_states([s["optimizer"] if s is not None else None for s in states], rank)
-        stage.generator.set_state(state["generator"])
-        start = state["step"]
-        if rank == 0:
-            print(f"[{spec.stage}] resuming after step {start} from {checkpoint.path}", flush=True)
-
-    shard = ray.train.get_dataset_shard(dataset_name(spec.stage))
-    batches = _batches(shard, make_collator(backbone, cfg), opt.batch_size, start * opt.grad_accum)
-    batches = itertools.islice(batches, (spec.total_steps - start) * opt.grad_accum)  # no teacher request past the end
-    teacher = spec.teacher
-    if teacher is not None:
-        teacher.start_at(rank)
-        batches = teacher.pipelined(batches)
-    if cfg.train.log_ids:
-        batches = _audit(batches, Path(spec.out_dir) / f"consumed_ids.{dataset_name(spec.stage)}.rank{rank}.jsonl")
-    _write_placement(Path(spec.out_dir) / f"placement.{dataset_name(spec.stage)}.rank{rank}.json", device)
-    writer = MetricsWriter(spec.metrics_path) if rank == 0 else None
-    tracker = Tracker(cfg.ray.logger if rank == 0 else "none", Path(spec.metrics_path).parent, cfg.name, spec.stage,
-                      {"stage": spec.stage, "settings": spec.settings, "workers": ctx.get_world_size()})
-    window = {"started": time.perf_counter(), "step": start, "wait": 0.0, "bytes": 0}
-
-    def teacher_metrics() -> dict:
-        """The teacher wait and signal bytes of the step just done (the client counts cumulatively)."""
-        counters = teacher.counters()
-        out = {"teacher_wait_s": counters["teacher_wait_s"] - window["wait"],
-               "signal_bytes": counters["signal_bytes"] - window["bytes"]}
-        window["wait"], window["bytes"] = counters["teacher_wait_s"], counters["signal_bytes"]
-        return out
-
-    def after_step(step: int, record: dict) -> None:
-        tracker.log(record, step)
-        if cfg.train.fail_at_step == step and fresh_run:
-            raise RuntimeError(f"injected failure after step {step} (train.fail_at_step={step})")
-        last = step == spec.total_steps
-        save = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
-        if not (save or step % cfg.train.report_every == 0):
-            return
-        elapsed = time.perf_counter() - window["started"]
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        metrics["global_samples_per_s"] = (step - window["step"]) * opt.batch_size * opt.grad_accum * ctx.get_world_size() / max(elapsed, 1e-9)
-        window["started"], window["step"] = time.perf_counter(), step
-        if save:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save({"trainable": stage.trainable_state(stepper), "optimizer": stepper.state_dict(),
-                            "generator": stage.generator.get_state(), "step": step}, Path(tmp) / STATE_FILE.format(rank=rank))
-                (Path(tmp) / TAG_FILE).write_text(json.dumps({"stage": spec.stage, "step": step}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-
-    modules = list(stage.modules.values())
-    run_steps(spec.stage, stepper.wrap(stage.objective), stepper, batches, opt, spec.total_steps, device, writer, modules,
-              start_step=start, after_step=after_step, verbose=rank == 0,
-              step_metrics=teacher_metrics if teacher is not None else None)
-    tracker.finish()
+    start = _resume(stage, stepper, checkpoint, rank, name) if checkpoint is not None else 0
+    batches = _stage_batches(spec, cfg, backbone, opt, start, rank)
+    _write_placement(layout.worker_placement(name, rank), device)
+    reporter = _Reporter(spec, cfg, opt, stage, stepper, start, rank, fresh_run)
+    run_steps(name, stepper.wrap(stage.objective), stepper, batches, opt, spec.total_steps, device,
+              MetricsWriter(layout.metrics) if rank == 0 else None, list(stage.modules.values()), start_step=start,
+              after_step=reporter.after_step, verbose=rank == 0,
+              step_metrics=reporter.teacher_metrics if spec.teacher is not None else None)
+    reporter.tracker.finish()
     with stepper.gathered(stage.all_parameters()):  # ZeRO-3: a collective, then rank 0 saves whole tensors
         if rank == 0:
             stage.save_outputs(spec)
     if rank == 0:
-        if teacher is not None:
-            print(f"[{spec.stage}] teacher: {json.dumps({k: round(v, 3) for k, v in teacher.counters().items()})}", flush=True)
-        history = last_attempt(read_metrics(spec.metrics_path, spec.stage))
-        write_stage_summary(spec.done_path, spec.stage, history, time.perf_counter() - started)
+        if spec.teacher is not None:
+            print(f"[{name}] teacher: {json.dumps({k: round(v, 3) for k, v in spec.teacher.counters().items()})}", flush=True)
+        history = last_attempt(read_metrics(layout.metrics, name))
+        write_stage_summary(spec.done_path, name, history, time.perf_counter() - started)
+
+
+def _resume(stage: StageObjective, stepper, checkpoint, rank: int, name: str) -> int:
+    """Restore trainable weights, optimizer state and matching RNG from ``checkpoint``; return its step."""
+    import ray.train
+
+    world = ray.train.get_context().get_world_size()
+    with checkpoint.as_directory() as d:
+        wanted = range(world) if stepper.needs_every_rank_state else [rank]
+        states: list = [None] * world
+        for r in wanted:
+            path = Path(d) / STATE_FILE.format(rank=r)
+            if not path.is_file():
+                raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {r}; resume with the same train.num_workers.")
+            states[r] = torch.load(path, weights_only=False)
+    state = states[rank]
+    stage.load_trainable_state(state["trainable"], stepper)
+    stepper.load_rank_states([s["optimizer"] if s is not None else None for s in states], rank)
+    stage.generator.set_state(state["generator"])
+    if rank == 0:
+        print(f"[{name}] resuming after step {state['step']} from {checkpoint.path}", flush=True)
+    return state["step"]
+
+
+def _stage_batches(spec: StageSpec, cfg, backbone, opt, start: int, rank: int) -> Iterator[dict]:
+    """The stage's collated batches from its Ray Data shard, past the ``start`` steps already trained,
+    pipelined through the teacher (step 2) and audited (``train.log_ids``)."""
+    import ray.train
+
+    from vlsi_ray.prepare import make_collator
+
+    shard = ray.train.get_dataset_shard(dataset_name(spec.stage.name))
+    batches = _batches(shard, make_collator(backbone, cfg), opt.batch_size, start * opt.grad_accum)
+    batches = itertools.islice(batches, (spec.total_steps - start) * opt.grad_accum)  # no teacher request past the end
+    if spec.teacher is not None:
+        spec.teacher.start_at(rank)
+        batches = spec.teacher.pipelined(batches)
+    if cfg.train.log_ids:
+        batches = _audit(batches, spec.layout.consumed_ids(spec.stage.name, rank))
+    return batches
+
+
+class _Reporter:
+    """After each step: tracking, the injected failure, ``ray.train.report`` every ``report_every``
+    steps and a checkpoint every ``checkpoint_every`` (and at the end); per-step teacher metrics."""
+
+    def __init__(self, spec: StageSpec, cfg, opt, stage: StageObjective, stepper, start: int, rank: int, fresh_run: bool):
+        import ray.train
+
+        from vlsi_ray.tracking import Tracker
+
+        self.spec, self.cfg, self.opt, self.stage, self.stepper, self.rank, self.fresh_run = spec, cfg, opt, stage, stepper, rank, fresh_run
+        self.world = ray.train.get_context().get_world_size()
+        name = spec.stage.name
+        self.tracker = Tracker(cfg.ray.logger if rank == 0 else "none", spec.layout.root, cfg.name, name,
+                               {"stage": name, "settings": spec.stage.settings, "workers": self.world})
+        self.window_started, self.window_step = time.perf_counter(), start
+        self.teacher_seen = {"teacher_wait_s": 0.0, "signal_bytes": 0}
+
+    def teacher_metrics(self) -> dict:
+        """The teacher wait and signal bytes of the step just done (the teacher source counts cumulatively)."""
+        counters = self.spec.teacher.counters()
+        out = {key: counters[key] - seen for key, seen in self.teacher_seen.items()}
+        self.teacher_seen = {key: counters[key] for key in self.teacher_seen}
+        return out
+
+    def after_step(self, step: int, record: dict) -> None:
+        import ray.train
+
+        cfg = self.cfg.train
+        self.tracker.log(record, step)
+        if cfg.fail_at_step == step and self.fresh_run:
+            raise RuntimeError(f"injected failure after step {step} (train.fail_at_step={step})")
+        save = step == self.spec.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if not (save or step % cfg.report_every == 0):
+            return
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        rows = (step - self.window_step) * self.opt.batch_size * self.opt.grad_accum * self.world
+        metrics["global_samples_per_s"] = rows / max(time.perf_counter() - self.window_started, 1e-9)
+        self.window_started, self.window_step = time.perf_counter(), step
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"trainable": self.stage.trainable_state(self.stepper), "optimizer": self.stepper.state_dict(),
+                        "generator": self.stage.generator.get_state(), "step": step}, Path(tmp) / STATE_FILE.format(rank=self.rank))
+            (Path(tmp) / TAG_FILE).write_text(json.dumps({"stage": self.spec.stage.name, "step": step}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _write_placement(path: Path, device: torch.device) -> None:

@@ -103,7 +103,7 @@ class TeacherWorker:
         forward's ``seconds``.
         """
         from vlsi_ray.method.loop import to_device
-        from vlsi_ray.method.steps import teacher_signal
+        from vlsi_ray.signals.produce import teacher_signal
 
         if self.verbalizers is None:
             raise RuntimeError("the teacher has no verbalizers yet; run step 1 (verbalize) before step 2.")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vlsi_ray.metrics import read_metrics
+from vlsi_ray.recipe.layout import RunLayout
 
 MODEL_LABELS = {
     "teacher": "teacher (tiny, pretrained)",
@@ -35,8 +36,9 @@ def write_report(run_dir: str | Path, report: dict) -> dict:
     run_dir = Path(run_dir)
     plots = write_plots(run_dir)
     report = dict(report, plots={k: str(v.relative_to(run_dir)) for k, v in plots.items()})
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(render_markdown(report, run_dir))
+    layout = RunLayout(run_dir)
+    layout.report_json.write_text(json.dumps(report, indent=2))
+    layout.report_md.write_text(render_markdown(report, run_dir))
     return plots
 
 
@@ -46,8 +48,9 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[
     Returns ``{"losses" | "layer_losses" | "matching": path}`` for the plots written.
     """
     run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
-    metrics = list(read_metrics(run_dir / "metrics.jsonl"))
+    layout = RunLayout(run_dir)
+    out = Path(out_dir) if out_dir is not None else layout.plots
+    metrics = list(read_metrics(layout.metrics))
     plots: dict[str, Path] = {}
     if not metrics:
         return plots
@@ -56,8 +59,8 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[
         plots["layer_losses"] = plot_layer_losses(metrics, out / "layer_losses.png")
     matched = [m for m in metrics if m.get("stage") == "interact" and "matched" in m]
     if matched:
-        plots["matching"] = plot_matching(matched, out / "matching.png", _target_layers(run_dir / "verbalize" / "teacher_verbalizers"),
-                                          _target_layers(run_dir / "interact" / "student_verbalizers"))
+        plots["matching"] = plot_matching(matched, out / "matching.png", _target_layers(layout.verbalizers("teacher")),
+                                          _target_layers(layout.verbalizers("student", "interact")))
     return plots
 
 

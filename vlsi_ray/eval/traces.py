@@ -28,6 +28,7 @@ from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.eval.benchmarks import image_mime
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.recipe.layout import RunLayout
 
 #: Where an export (jobs/export.py) keeps the student's verbalizers.
 EXPORT_VERBALIZERS = "vlsi_verbalizers"
@@ -54,13 +55,14 @@ def run_sources(run_dir: str | Path) -> list[TraceSource]:
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist; pass the <output_dir>/<name> of a run.")
-    paths = _configured_paths(run)
-    after = run / "sft" / "student" if _is_model(run / "sft" / "student") else run / "interact" / "student"
+    layout = RunLayout(run)
+    paths = _configured_paths(layout)
+    after = layout.model("sft") if _is_model(layout.model("sft")) else layout.model("interact")
     candidates = [
-        TraceSource("teacher", _base(run, "pretrain_teacher", paths.get("teacher")), run / "verbalize" / "teacher_verbalizers"),
-        TraceSource("student before distillation", _base(run, "pretrain_student", paths.get("student")),
-                    run / "verbalize" / "student_verbalizers"),
-        TraceSource("student after distillation", after, run / "interact" / "student_verbalizers"),
+        TraceSource("teacher", _base(layout, "pretrain_teacher", paths.get("teacher")), layout.verbalizers("teacher")),
+        TraceSource("student before distillation", _base(layout, "pretrain_student", paths.get("student")),
+                    layout.verbalizers("student")),
+        TraceSource("student after distillation", after, layout.verbalizers("student", "interact")),
     ]
     found = [s for s in candidates if _is_model(s.model_dir) and Verbalizers.exists(s.verbalizers_dir)]
     if not found:
@@ -81,16 +83,17 @@ def _is_model(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def _base(run: Path, stage: str, configured: str | None) -> Path:
-    return run / stage if _is_model(run / stage) or not configured else Path(configured)
+def _base(layout: RunLayout, stage: str, configured: str | None) -> Path:
+    """A tiny model the run pretrained, else the checkpoint the run's config names."""
+    return layout.model(stage) if _is_model(layout.model(stage)) or not configured else Path(configured)
 
 
-def _configured_paths(run: Path) -> dict[str, str]:
+def _configured_paths(layout: RunLayout) -> dict[str, str]:
     from omegaconf import OmegaConf
 
-    if not (run / "config.yaml").is_file():
+    if not layout.config.is_file():
         return {}
-    cfg = OmegaConf.load(run / "config.yaml")
+    cfg = OmegaConf.load(layout.config)
     return {role: cfg[role].get("path") for role in ("teacher", "student") if role in cfg and cfg[role].get("path")}
 
 

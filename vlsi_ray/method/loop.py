@@ -13,15 +13,32 @@ import contextlib
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from vlsi_ray.config import OptimConfig
 from vlsi_ray.metrics import MetricsWriter
+
+
+@dataclass
+class OptimConfig:
+    """One training stage (the config's ``stages.<stage>`` sections): AdamW with a cosine LR from ``lr`` to
+    ``min_lr`` (paper: 1e-4 → 1e-6), ``batch_size`` × ``grad_accum`` rows per optimizer step."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    batch_size: int = 4
+    grad_accum: int = 16
+    max_steps: int = 0  # optimizer steps; 0 means `epochs` passes over the train split
+    epochs: float = 1.0
+    tasks: list[str] = field(default_factory=list)  # train rows of these task types only; empty = all
+    grad_clip: float = 1.0
+    log_every: int = 10
 
 
 def order_keys(ids: Iterable, seed: int, epoch: int) -> np.ndarray:

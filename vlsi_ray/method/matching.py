@@ -20,13 +20,45 @@ exactly from ``generator.get_state()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-STRATEGIES = ("multinomial", "random", "uniform", "bottom_k")
-TEMPERATURES = ("adaptive", "adaptive_b", "fixed")
+#: temperature rule name -> ``(d [window] float64, options) -> T`` (:func:`temperature_rule` registers one).
+TEMPERATURES: dict[str, Callable[[Tensor, "MatchingOptions"], float]] = {}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered matching strategy: ``pick(d, window, i_s, t_s, t_l, options, generator)`` returns
+    ``(chosen teacher layers, their weights, probabilities over the window, temperature or nan)``;
+    ``uses_distances`` says whether it reads ``d`` (the candidate KLs are computed only then)."""
+
+    pick: Callable
+    uses_distances: bool
+
+
+#: strategy name -> :class:`Strategy` (:func:`strategy` registers one). Config validation reads the keys.
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def temperature_rule(name: str):
+    """Register a temperature rule for the ``multinomial`` strategy under ``name``."""
+    def register(fn):
+        TEMPERATURES[name] = fn
+        return fn
+
+    return register
+
+
+def strategy(name: str, uses_distances: bool):
+    """Register a matching strategy under ``name`` (see :class:`Strategy` for its signature)."""
+    def register(fn):
+        STRATEGIES[name] = Strategy(fn, uses_distances)
+        return fn
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -55,9 +87,9 @@ class MatchingOptions:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"matching.strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
+            raise ValueError(f"matching.strategy must be one of {tuple(STRATEGIES)}, got {self.strategy!r}.")
         if self.temperature not in TEMPERATURES:
-            raise ValueError(f"matching.temperature must be one of {TEMPERATURES}, got {self.temperature!r}.")
+            raise ValueError(f"matching.temperature must be one of {tuple(TEMPERATURES)}, got {self.temperature!r}.")
         if not self.temperature_scale > 0:
             raise ValueError(f"matching.temperature_scale must be positive, got {self.temperature_scale}.")
         if not self.fixed_temperature > 0:
@@ -72,7 +104,7 @@ class MatchingOptions:
     @property
     def uses_distances(self) -> bool:
         """Whether the strategy reads the distances (``random`` and ``uniform`` do not)."""
-        return self.strategy in ("multinomial", "bottom_k")
+        return STRATEGIES[self.strategy].uses_distances
 
 
 @dataclass
@@ -139,17 +171,64 @@ def band_mask(t_s: int, t_l: int, options: MatchingOptions) -> Tensor:
     return (j >= i) & (j <= t_l - t_s + i)
 
 
-def _temperature(d: Tensor, options: MatchingOptions) -> float:
-    spread = float(d.max() - d.min())
-    if options.temperature == "adaptive":
-        return options.temperature_scale / (spread + options.eps)
-    if options.temperature == "adaptive_b":
-        return spread / options.temperature_scale + options.eps
+@temperature_rule("adaptive")
+def _adaptive(d: Tensor, options: MatchingOptions) -> float:
+    """The paper's formula A: ``T = scale / (max(d) - min(d) + eps)``."""
+    return options.temperature_scale / (float(d.max() - d.min()) + options.eps)
+
+
+@temperature_rule("adaptive_b")
+def _adaptive_b(d: Tensor, options: MatchingOptions) -> float:
+    """The other reading of the paper: ``T = (max(d) - min(d)) / scale + eps``."""
+    return float(d.max() - d.min()) / options.temperature_scale + options.eps
+
+
+@temperature_rule("fixed")
+def _fixed(d: Tensor, options: MatchingOptions) -> float:
     return options.fixed_temperature
 
 
 def _sample(probabilities: Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def _one_hot(window: range, chosen: list[int], weight: float) -> Tensor:
+    probs = torch.zeros(len(window), dtype=torch.float64)
+    for j in chosen:
+        if j in window:
+            probs[window.index(j)] = weight
+    return probs
+
+
+@strategy("multinomial", uses_distances=True)
+def _multinomial(d, window, i_s, t_s, t_l, options, generator):
+    """The paper: ``k ~ Multinomial(softmax(-d / T))`` with the configured temperature rule."""
+    temperature = TEMPERATURES[options.temperature](d, options)
+    probs = torch.softmax(-d / temperature, dim=0)
+    return [window[_sample(probs, generator)]], [1.0], probs, temperature
+
+
+@strategy("random", uses_distances=False)
+def _random(d, window, i_s, t_s, t_l, options, generator):
+    """Ablation: uniform over the window (over all teacher layers without ``search_range``)."""
+    probs = torch.full((len(window),), 1.0 / len(window), dtype=torch.float64)
+    return [window[_sample(probs, generator)]], [1.0], probs, float("nan")
+
+
+@strategy("uniform", uses_distances=False)
+def _uniform(d, window, i_s, t_s, t_l, options, generator):
+    """Ablation: the fixed ``i_l = i_s·floor(t_l/t_s)`` (1-based), always inside the search window."""
+    chosen = [(i_s + 1) * (t_l // t_s) - 1]
+    return chosen, [1.0], _one_hot(window, chosen, 1.0), float("nan")
+
+
+@strategy("bottom_k", uses_distances=True)
+def _bottom_k(d, window, i_s, t_s, t_l, options, generator):
+    """Ablation: the ``bottom_k`` smallest distances in the window (ties to the lower index), weights 1/k."""
+    k = min(options.bottom_k, len(window))
+    order = torch.sort(d, stable=True).indices[:k]
+    chosen = sorted(window[int(p)] for p in order)
+    return chosen, [1.0 / k] * k, _one_hot(window, chosen, 1.0 / k), float("nan")
 
 
 def match_layers(distances: Tensor, options: MatchingOptions, generator: torch.Generator) -> Match:
@@ -159,11 +238,7 @@ def match_layers(distances: Tensor, options: MatchingOptions, generator: torch.G
     ``j`` (no grad needed); only entries inside the windows are read, so entries outside
     :func:`band_mask` may be ``inf`` or ``nan``. Random draws use only ``generator`` (a CPU
     generator), one ``torch.multinomial`` call per student layer for ``multinomial`` and ``random``.
-
-    Baselines: ``random`` draws uniformly over the window (over all teacher layers when
-    ``search_range=False``); ``uniform`` picks ``(i_s + 1)·floor(t_l/t_s) - 1`` (the paper's 1-based
-    ``i_l = i_s·floor(t_l/t_s)``; always inside the search window); ``bottom_k`` takes the k
-    smallest distances in the window (ties to the lower index) with weights 1/k.
+    The strategy is looked up in :data:`STRATEGIES` (the paper's and the ablation baselines).
     """
     if distances.dim() != 2:
         raise ValueError(f"distances must be a [t_s, t_l] matrix, got shape {list(distances.shape)}.")
@@ -172,34 +247,16 @@ def match_layers(distances: Tensor, options: MatchingOptions, generator: torch.G
     if generator.device.type != "cpu":
         raise ValueError(f"match_layers needs a CPU torch.Generator, got one on {generator.device}.")
     distances = distances.detach().to("cpu", torch.float64)
+    pick = STRATEGIES[options.strategy]
     match = Match([], [], [], [], [])
     start = 0
     for i_s in range(t_s):
         window = candidate_window(i_s, start, t_s, t_l, options)
         d = distances[i_s, window.start : window.stop]
-        temperature = float("nan")
-        if options.uses_distances and not torch.isfinite(d).all():
+        if pick.uses_distances and not torch.isfinite(d).all():
             bad = window[int(torch.nonzero(~torch.isfinite(d))[0])]
             raise ValueError(f"distance[{i_s}, {bad}] is not finite; every entry in a matching window needs a finite KL.")
-        if options.strategy == "multinomial":
-            temperature = _temperature(d, options)
-            probs = torch.softmax(-d / temperature, dim=0)
-            chosen, weights = [window[_sample(probs, generator)]], [1.0]
-        elif options.strategy == "random":
-            probs = torch.full((len(window),), 1.0 / len(window), dtype=torch.float64)
-            chosen, weights = [window[_sample(probs, generator)]], [1.0]
-        elif options.strategy == "uniform":
-            chosen, weights = [(i_s + 1) * (t_l // t_s) - 1], [1.0]
-            probs = torch.zeros(len(window), dtype=torch.float64)
-            if chosen[0] in window:
-                probs[window.index(chosen[0])] = 1.0
-        else:  # bottom_k
-            k = min(options.bottom_k, len(window))
-            order = torch.sort(d, stable=True).indices[:k]
-            chosen = sorted(window[int(p)] for p in order)
-            weights = [1.0 / k] * k
-            probs = torch.zeros(len(window), dtype=torch.float64)
-            probs[order] = 1.0 / k
+        chosen, weights, probs, temperature = pick.pick(d, window, i_s, t_s, t_l, options, generator)
         match.indices.append(chosen)
         match.weights.append(weights)
         match.windows.append(window)

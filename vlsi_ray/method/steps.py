@@ -3,7 +3,8 @@
 Each objective owns the choice of trainable parameters for its step and maps one collated batch to
 a :class:`StepOutput` (a scalar loss plus numbers to log). The training loop
 (:mod:`vlsi_ray.method.loop`) and the Ray Train workers call the very same objects; for step 2 the
-teacher is any callable ``batch -> TeacherSignal`` — a local model here, an actor client on Ray.
+teacher is any callable ``batch -> TeacherSignal`` (:func:`vlsi_ray.teacher.sources.teacher_source`:
+a model in this process, the Ray teacher pool, or the offline cache).
 
 Response positions: position ``t`` predicts token ``t+1``, so the positions that carry a loss are
 those whose *next* label is not -100. ``N`` below is the number of such positions in a batch.
@@ -21,20 +22,17 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from vlsi_ray.method.losses import per_token_kl, verbalized_ce, verbalized_kl
+from vlsi_ray.method.losses import DIRECTIONS, per_token_kl, verbalized_ce, verbalized_kl
 from vlsi_ray.method.matching import MatchingOptions, band_mask, match_layers
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.precision import keep_float32_masters
 from vlsi_ray.models.verbalizer import Verbalizers
-from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
+from vlsi_ray.signals.teacher_signal import TeacherSignal
 
 #: Batch keys that are not model inputs.
 NON_INPUT_KEYS = ("ids", "labels", "tasks", "answers")
 #: Parameter groups fine-tuned in step 3 ("the LLM fully"; the vision tower stays as distilled).
 SFT_GROUPS = ("embeddings", "language", "head", "projector")
-#: Step 2's loss on the student's verbalized layers: KL to the matched teacher layers (paper),
-#: cross-entropy on the ground truth, or none (final-layer-only KD): Table 4(b)/(d)'s ablations.
-INTERMEDIATE_LOSSES = ("kl", "ce", "none")
 
 
 @dataclass
@@ -185,49 +183,65 @@ def at_positions(hidden: Tensor, mask: Tensor, device: torch.device) -> Tensor:
     return hidden[mask.to(hidden.device)].to(device)
 
 
-@torch.no_grad()
-def teacher_signal(
-    teacher: Backbone,
-    verbalizers: Verbalizers,
-    batch: dict,
-    topk: int | None,
-    temperature: float = 1.0,
-    vocab_size: int | None = None,
-    tail_samples: int = 0,
-    seed: int = 0,
-) -> TeacherSignal:
-    """The teacher's verbalized distributions for one batch (step 2's teacher side).
+@dataclass(frozen=True)
+class LossOptions:
+    """Step 2's loss (the config's ``loss`` section). Paper: forward KL at KD temperature 1 on the
+    matched verbalized layers and on the last layer.
 
-    Returns a signal with ``t_l + 1`` layers over the ``N`` response positions: one per teacher
-    target layer (in ``verbalizers.layers`` order) and the final layer last; top-k + tail when
-    ``topk`` is set, dense otherwise. ``vocab_size`` restricts logits to the shared vocab prefix.
-    ``tail_samples`` (top-k only) adds that many tail samples per token and layer, drawn for each
-    row by :func:`tail_sample_generator` from ``seed`` and the row's id: the teacher actors
-    (:class:`vlsi_ray.actors.teacher.TeacherWorker`) and the teacher cache call this very function,
-    so they send the same samples for the same row, in any batch.
+    ``direction``: ``forward`` = KL(teacher ‖ student) | ``reverse``. ``intermediate`` (the student's
+    verbalized layers) and ``last_layer``: a term of :data:`INTERMEDIATE_TERMS` / :data:`LAST_LAYER_TERMS`
+    (``kl``, ``ce``, ``none``; Table 4(b)/(d)'s ablations). ``chunk_size``: response tokens per chunk
+    of vocab-sized logits (bounds the heads' memory).
     """
-    if tail_samples and "ids" not in batch:
-        raise KeyError("teacher_signal with tail_samples needs the batch's row 'ids' to seed the draw; collate it with ChatCollator.")
-    vocab = vocab_size or teacher.vocab_size
-    out = teacher.forward(model_inputs(batch), logits=False)
-    mask, _ = response_positions(batch["labels"])
-    device = teacher.lm_head.weight.device
-    layers = []
-    with teacher.autocast():
-        for layer in verbalizers.layers:
-            head = verbalizers.head(layer, teacher.final_norm, teacher.lm_head)
-            layers.append(head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab].float())
-        layers.append(teacher.lm_head(at_positions(out.hidden_states[-1], mask, device))[..., :vocab].float())
-    logits = torch.stack(layers)
-    if not tail_samples:
-        return TeacherSignal.from_logits(logits, topk, temperature)
-    # Each row's samples come from its own generator: the same whatever batch the row is in.
-    ends = mask.sum(dim=1).cumsum(0).tolist()  # row ends among the N response tokens
-    return TeacherSignal.cat_tokens([
-        TeacherSignal.from_logits(logits[:, start:end], topk, temperature, tail_samples,
-                                  tail_sample_generator(seed, [row_id], logits.device))
-        for row_id, start, end in zip(batch["ids"], [0] + ends[:-1], ends)
-    ])
+
+    direction: str = "forward"
+    kd_temperature: float = 1.0
+    last_layer: str = "kl"
+    intermediate: str = "kl"
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"loss.direction={self.direction!r} is not one of {', '.join(DIRECTIONS)}; pick one of those.")
+        for key, terms in (("intermediate", INTERMEDIATE_TERMS), ("last_layer", LAST_LAYER_TERMS)):
+            if getattr(self, key) not in terms:
+                raise ValueError(f"loss.{key}={getattr(self, key)!r} is not one of {', '.join(terms)}; pick one of those.")
+        if self.intermediate == "none" and self.last_layer == "none":
+            raise ValueError("loss.intermediate=none with loss.last_layer=none leaves step 2 without a loss; set one of them to kl or ce.")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"loss.kd_temperature={self.kd_temperature} must be positive.")
+        if self.chunk_size < 1:
+            raise ValueError(f"loss.chunk_size={self.chunk_size} must be at least 1.")
+
+
+@dataclass
+class _Step2:
+    """One batch's student side of step 2, as the loss terms read it: ``hidden[i] [N, d]`` and
+    ``heads[i]`` of the student's target layers, the final layer's ``final [N, d]`` and ``head``,
+    ``targets [N]`` and the teacher ``signal`` (``t_l`` target layers + final)."""
+
+    hidden: list[Tensor]
+    heads: list[Callable]
+    layers: list[int]
+    final: Tensor
+    head: Callable
+    targets: Tensor
+    signal: TeacherSignal
+
+
+#: term name -> ``(objective, step) -> (loss, metrics)`` on the student's verbalized layers.
+INTERMEDIATE_TERMS: dict[str, Callable] = {}
+#: term name -> ``(objective, step) -> (loss, metrics)`` on the student's last layer.
+LAST_LAYER_TERMS: dict[str, Callable] = {}
+
+
+def loss_term(registry: dict, name: str):
+    """Register a step-2 loss term under ``name`` in ``registry`` (:data:`INTERMEDIATE_TERMS` or :data:`LAST_LAYER_TERMS`)."""
+    def register(fn):
+        registry[name] = fn
+        return fn
+
+    return register
 
 
 class InteractionObjective:
@@ -236,8 +250,9 @@ class InteractionObjective:
     ``teacher`` maps a batch to its :class:`TeacherSignal` (``t_l`` target layers + final). The
     student trains through LoRA (applied by the caller) plus its verb-FFNs; heads and vision frozen.
     Candidate KLs are computed without grad over the matching band; only the chosen pairs are
-    recomputed with grad, so memory does not grow with the number of candidates. ``intermediate``
-    (:data:`INTERMEDIATE_LOSSES`) and ``last_layer`` (``kl`` | ``ce`` | ``none``) pick the two terms.
+    recomputed with grad, so memory does not grow with the number of candidates. ``matching`` and
+    ``loss`` are the config's sections (:class:`MatchingOptions`, :class:`LossOptions`);
+    ``generator`` draws the matching; ``vocab_size`` is the shared vocabulary the KL runs over.
     """
 
     def __init__(
@@ -245,27 +260,18 @@ class InteractionObjective:
         student: Backbone,
         verbalizers: Verbalizers,
         teacher: Callable[[dict], TeacherSignal],
-        options: MatchingOptions,
+        matching: MatchingOptions,
+        loss: LossOptions | None = None,
+        *,
         generator: torch.Generator,
-        direction: str = "forward",
-        kd_temperature: float = 1.0,
-        last_layer: str = "kl",
-        chunk_size: int = 1024,
         vocab_size: int | None = None,
-        intermediate: str = "kl",
     ):
-        if intermediate not in INTERMEDIATE_LOSSES:
-            raise ValueError(f"intermediate must be one of {INTERMEDIATE_LOSSES}, got {intermediate!r}.")
         self.student = student
         self.verbalizers = verbalizers
         self.teacher = teacher
-        self.options = options
+        self.options = matching
+        self.loss = loss or LossOptions()
         self.generator = generator
-        self.direction = direction
-        self.kd_temperature = kd_temperature
-        self.last_layer = last_layer
-        self.intermediate = intermediate
-        self.chunk_size = chunk_size
         self.vocab = vocab_size or student.vocab_size
         if not student.lora_active:
             raise ValueError("step 2 trains the student through LoRA; call student.apply_lora(...) before building the objective.")
@@ -285,8 +291,10 @@ class InteractionObjective:
         """The dtype the student computes in."""
         return self.student.compute_dtype
 
-    def _kl(self, hidden: Tensor, head: Callable, signal: TeacherSignal) -> Tensor:
-        return verbalized_kl(hidden, head, signal, self.direction, self.kd_temperature, self.chunk_size).mean()
+    def kl(self, hidden: Tensor, head: Callable, signal: TeacherSignal) -> Tensor:
+        """Mean KL over the ``N`` tokens between ``signal`` (one layer) and ``head(hidden [N, d])``."""
+        loss = self.loss
+        return verbalized_kl(hidden, head, signal, loss.direction, loss.kd_temperature, loss.chunk_size).mean()
 
     @torch.no_grad()
     def _candidate_distances(self, hidden: list[Tensor], heads: list[Callable], signal: TeacherSignal) -> Tensor:
@@ -298,65 +306,97 @@ class InteractionObjective:
         t_s, t_l = len(hidden), signal.num_layers - 1
         band = band_mask(t_s, t_l, self.options)
         sums = torch.zeros(t_s, t_l, dtype=torch.float64, device=hidden[0].device)
-        n = hidden[0].shape[0]
+        n, chunk_size = hidden[0].shape[0], self.loss.chunk_size
         for i in range(t_s):
             candidates = torch.nonzero(band[i]).flatten().tolist()
-            for start in range(0, n, self.chunk_size):
-                chunk = slice(start, min(n, start + self.chunk_size))
+            for start in range(0, n, chunk_size):
+                chunk = slice(start, min(n, start + chunk_size))
                 logits = heads[i](hidden[i][chunk])
                 for j in candidates:
                     part = signal.layer(j).tokens(chunk)
-                    sums[i, j] += per_token_kl(part, logits, self.direction, self.kd_temperature).sum()
+                    sums[i, j] += per_token_kl(part, logits, self.loss.direction, self.loss.kd_temperature).sum()
         distances = (sums / max(1, n)).float().cpu()
         distances[~band] = float("inf")
         return distances
 
     def __call__(self, batch: dict) -> StepOutput:
-        """Matched intermediate KLs + last-layer term; logs per-layer KL and the matched indices."""
+        """Intermediate term (matched KLs) + last-layer term; logs per-layer terms and the matched indices."""
         signal = self.teacher(batch)
         with self.student.autocast():
-            return self._loss(batch, signal)
+            step = self._student_side(batch, signal)
+            loss = torch.zeros((), device=step.targets.device)
+            metrics: dict = {}
+            for term in (INTERMEDIATE_TERMS[self.loss.intermediate], LAST_LAYER_TERMS[self.loss.last_layer]):
+                value, logged = term(self, step)
+                loss = loss + value
+                metrics.update(logged)
+        metrics["loss"] = loss.item()
+        return StepOutput(loss, metrics)
 
-    def _loss(self, batch: dict, signal: TeacherSignal) -> StepOutput:
+    def _student_side(self, batch: dict, signal: TeacherSignal) -> _Step2:
         out = self.student.forward(model_inputs(batch), logits=False)
         mask, targets = response_positions(batch["labels"])
-        layers = self.verbalizers.layers
-        hidden = [out.hidden_states[layer][mask] for layer in layers]
-        heads = [
-            _vocab_slice(self.verbalizers.head(layer, self.student.final_norm, self.student.lm_head), self.vocab)
-            for layer in layers
-        ]
-        t_s, t_l = len(layers), signal.num_layers - 1
         if signal.num_tokens != targets.numel():
             raise ValueError(
                 f"teacher signal covers {signal.num_tokens} response tokens but the student batch has "
                 f"{targets.numel()}; teacher and student must see the same collated batch."
             )
-        loss = torch.zeros((), device=targets.device)
-        metrics: dict = {}
-        if self.intermediate == "kl":
-            uses_distances = self.options.uses_distances
-            distances = self._candidate_distances(hidden, heads, signal) if uses_distances else torch.zeros(t_s, t_l)
-            match = match_layers(distances, self.options, self.generator)
-            for i, (indices, weights) in enumerate(zip(match.indices, match.weights)):
-                term = sum(w * self._kl(hidden[i], heads[i], signal.layer(j)) for j, w in zip(indices, weights))
-                metrics[f"kl/{layers[i]}"] = term.item()
-                loss = loss + term
-            # Matched teacher target layers (0-based positions in the teacher's target list) per student target layer: Fig. 5's data.
-            metrics["matched"] = [[int(j) for j in indices] for indices in match.indices]
-        elif self.intermediate == "ce":  # Table 4(d)'s ablation: ground truth instead of the teacher's layers
-            for i, layer in enumerate(layers):
-                term = verbalized_ce(hidden[i], heads[i], targets, self.chunk_size).mean()
-                metrics[f"ce/{layer}"] = term.item()
-                loss = loss + term
-        final = out.hidden_states[-1][mask]
-        if self.last_layer == "kl":
-            last = self._kl(final, _vocab_slice(self.student.lm_head, self.vocab), signal.layer(t_l))
-            metrics["kl/last"] = last.item()
-            loss = loss + last
-        elif self.last_layer == "ce":
-            last = verbalized_ce(final, self.student.lm_head, targets, self.chunk_size).mean()
-            metrics["ce/last"] = last.item()
-            loss = loss + last
-        metrics["loss"] = loss.item()
-        return StepOutput(loss, metrics)
+        layers = self.verbalizers.layers
+        heads = [_vocab_slice(self.verbalizers.head(layer, self.student.final_norm, self.student.lm_head), self.vocab)
+                 for layer in layers]
+        return _Step2(hidden=[out.hidden_states[layer][mask] for layer in layers], heads=heads, layers=layers,
+                      final=out.hidden_states[-1][mask], head=_vocab_slice(self.student.lm_head, self.vocab),
+                      targets=targets, signal=signal)
+
+
+def _zero(step: _Step2) -> Tensor:
+    return torch.zeros((), device=step.targets.device)
+
+
+@loss_term(INTERMEDIATE_TERMS, "kl")
+def _matched_kl(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
+    """The paper: each student layer's KL to its matched teacher layer(s) (adaptive layer matching)."""
+    t_s, t_l = len(step.layers), step.signal.num_layers - 1
+    options = objective.options
+    distances = objective._candidate_distances(step.hidden, step.heads, step.signal) if options.uses_distances else torch.zeros(t_s, t_l)
+    match = match_layers(distances, options, objective.generator)
+    loss, metrics = _zero(step), {}
+    for i, (indices, weights) in enumerate(zip(match.indices, match.weights)):
+        term = sum(w * objective.kl(step.hidden[i], step.heads[i], step.signal.layer(j)) for j, w in zip(indices, weights))
+        metrics[f"kl/{step.layers[i]}"] = term.item()
+        loss = loss + term
+    # Matched teacher target layers (0-based positions in the teacher's target list) per student target layer: Fig. 5's data.
+    metrics["matched"] = [[int(j) for j in indices] for indices in match.indices]
+    return loss, metrics
+
+
+@loss_term(INTERMEDIATE_TERMS, "ce")
+def _intermediate_ce(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
+    """Table 4(d)'s ablation: each verbalized layer's cross-entropy on the ground truth, no teacher."""
+    loss, metrics = _zero(step), {}
+    for hidden, head, layer in zip(step.hidden, step.heads, step.layers):
+        term = verbalized_ce(hidden, head, step.targets, objective.loss.chunk_size).mean()
+        metrics[f"ce/{layer}"] = term.item()
+        loss = loss + term
+    return loss, metrics
+
+
+@loss_term(INTERMEDIATE_TERMS, "none")
+@loss_term(LAST_LAYER_TERMS, "none")
+def _no_term(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
+    """No term (final-layer-only KD when intermediate; Table 4(d) without the last-layer term)."""
+    return _zero(step), {}
+
+
+@loss_term(LAST_LAYER_TERMS, "kl")
+def _last_kl(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
+    """The paper: the student's final distribution to the teacher's."""
+    last = objective.kl(step.final, step.head, step.signal.layer(step.signal.num_layers - 1))
+    return last, {"kl/last": last.item()}
+
+
+@loss_term(LAST_LAYER_TERMS, "ce")
+def _last_ce(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
+    """Table 4(d)'s ablation: the last layer's cross-entropy on the ground truth."""
+    last = verbalized_ce(step.final, objective.student.lm_head, step.targets, objective.loss.chunk_size).mean()
+    return last, {"ce/last": last.item()}

@@ -79,15 +79,14 @@ def fingerprint(paths: Iterable[str | Path], patterns: Sequence[str] = ("*",), w
 
 
 def cache_spec(cfg, teacher_dir: str | Path, verbalizer_dir: str | Path, student_dir: str | Path,
-               vocab_size: int, train_files: Sequence[str | Path]) -> dict:
+               vocab_size: int, train_files: Sequence[str | Path], tail_seed: int) -> dict:
     """What a cached signal depends on, for ``cfg``'s step 2 (compared field by field on use).
 
     ``teacher_dir`` / ``verbalizer_dir``: the teacher and its step-1 verb-FFNs; ``student_dir``: the
     student base (its tokenizer and image processor collate the batches); ``train_files``: the train
-    shards; ``vocab_size``: the shared vocabulary the KL runs over.
+    shards; ``vocab_size``: the shared vocabulary the KL runs over; ``tail_seed``: step 2's seed,
+    which seeds the tail samples (recorded only when there are any).
     """
-    from vlsi_ray.runner import SEED_OFFSET
-
     signal = cfg.signal
     return {
         "format": FORMAT_VERSION,
@@ -98,7 +97,7 @@ def cache_spec(cfg, teacher_dir: str | Path, verbalizer_dir: str | Path, student
         "images": [cfg.images.min_pixels, cfg.images.max_pixels],  # with the collator, what the image tokens are
         "signal.topk": signal.topk,
         "signal.tail_samples": signal.tail_samples,
-        "tail_seed": cfg.seed + SEED_OFFSET["interact"] if signal.tail_samples else None,
+        "tail_seed": tail_seed if signal.tail_samples else None,
         "signal.storage": signal.storage,
         "loss.kd_temperature": cfg.loss.kd_temperature,
         "vocab_size": int(vocab_size),

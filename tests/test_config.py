@@ -169,3 +169,19 @@ def test_documented_keys_notation():
         "| `outside.a.table` | 1 | w |",
     ])
     assert _documented_keys(table, ["p", "q"]) == {"a.b", "a.c", "d.e", "d.f", "d.g", "s.p.lr", "s.q.lr"}
+
+
+def test_a_ray_job_with_a_working_dir_refuses_relative_output_paths(monkeypatch, tmp_path):
+    """In `ray job submit --working-dir` the cwd is Ray's temporary copy: relative outputs would be lost there."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["output_dir=runs", f"data.dir={tmp_path / 'data'}"])
+    message = str(err.value)
+    assert "output_dir=runs" in message and "data.dir" not in message and str(tmp_path) in message
+    assert "e.g. output_dir=$PWD/runs" in message and message.count(".") >= 1
+    assert load_config(None, [f"output_dir={tmp_path / 'runs'}", f"data.dir={tmp_path / 'data'}"]).output_dir == str(tmp_path / "runs")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # a job without a working dir
+    assert load_config(None, ["output_dir=runs"]).output_dir == "runs"

@@ -44,9 +44,20 @@ def head(tmp_path):
 
 
 def test_job_submit_runs_the_pipeline_and_writes_the_report(head, tmp_path):
+    """As the README's local-cluster commands do: a head started from the project's environment, the job
+    submitted with --working-dir. A relative output path is refused (it would land in Ray's temporary copy
+    of the working directory) before any work; with absolute paths the report lands where they point."""
     address, env = head
     overrides = make_tiny_overrides(tmp_path, "job", {"interact": 4}) + [
         "steps=[interact]", "baseline_sft=false", "ray.logger=wandb"]
+    refused = subprocess.run(
+        [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+         "python", "jobs/distill.py", *overrides, "output_dir=runs-relative"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode != 0
+    assert "output_dir=runs-relative is relative, and this Ray job runs in a temporary copy of its working directory" in refused.stdout + refused.stderr
+    assert "e.g. output_dir=$PWD/runs-relative" in refused.stdout + refused.stderr
     done = subprocess.run(
         [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
          "python", "jobs/distill.py", *overrides],

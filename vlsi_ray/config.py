@@ -14,6 +14,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlsi_ray.data.synthetic import SCORED_TASKS, Difficulty
+from vlsi_ray.env import ray_job_working_dir
 from vlsi_ray.method.loop import OptimConfig
 from vlsi_ray.method.matching import MatchingOptions
 from vlsi_ray.method.steps import LossOptions
@@ -397,8 +399,6 @@ def validate(cfg: RunConfig) -> None:
     for split in ("train", "val", "test"):
         if getattr(syn, split) < 1:
             raise ConfigError(f"data.synthetic.{split} must be at least 1 row.")
-    from vlsi_ray.data.synthetic import SCORED_TASKS, Difficulty
-
     unknown_tasks = [t for t in syn.tasks if t not in SCORED_TASKS]
     if unknown_tasks:
         raise ConfigError(f"data.synthetic.tasks has unknown task {unknown_tasks[0]!r}; choose from {', '.join(SCORED_TASKS)}.")
@@ -418,6 +418,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"images.min_pixels has no {families['student']} equivalent (images are resized to their best crop grid); "
                           "leave it null and bound the resolution with images.max_pixels.")
     _validate_ray(cfg)
+    _validate_job_paths(cfg)
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device={cfg.device!r} is not auto, cpu or cuda[:N]; pick one of those.")
 
@@ -478,6 +479,26 @@ def _validate_ray(cfg: RunConfig) -> None:
         raise ConfigError("teacher_pool.lookahead must be >= 0 and max_restarts/max_task_retries >= -1 (-1: unlimited).")
     if train.report_every < 1 or train.checkpoint_every < 0 or train.max_failures < -1:
         raise ConfigError("train.report_every must be >= 1, train.checkpoint_every >= 0 and train.max_failures >= -1.")
+
+
+#: Keys of paths a run writes to (outputs, generated data, caches).
+WRITTEN_PATHS = ("output_dir", "data.dir", "model_cache_dir", "teacher.cache_dir")
+
+
+def _validate_job_paths(cfg: RunConfig) -> None:
+    """In a ``ray job submit --working-dir`` job, refuse relative paths the run would write to: they would
+    land in Ray's temporary copy of the working directory, which Ray deletes."""
+    copy = ray_job_working_dir()
+    if copy is None:
+        return
+    flat = OmegaConf.to_container(OmegaConf.structured(cfg))
+    relative = [f"{key}={_get(flat, key)}" for key in WRITTEN_PATHS if _get(flat, key) and not Path(_get(flat, key)).is_absolute()]
+    if relative:
+        raise ConfigError(
+            f"{', '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative, and this Ray job runs in a temporary copy "
+            f"of its working directory ({copy}) that Ray deletes; pass absolute paths on the submitting machine or a shared "
+            f"volume, e.g. {relative[0].split('=')[0]}=$PWD/{relative[0].split('=', 1)[1]}."
+        )
 
 
 def _validate_optim(opt: OptimConfig, key: str) -> None:

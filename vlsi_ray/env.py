@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from pathlib import Path
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -38,6 +40,20 @@ def set_offline_defaults() -> None:
     if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_cuda_device() and "DS_ACCELERATOR" not in os.environ:
         os.environ["DS_ACCELERATOR"] = "cpu"
         DEFAULTED.add("DS_ACCELERATOR")
+
+
+def ray_job_working_dir() -> Path | None:
+    """The temporary copy of ``ray job submit --working-dir`` this process runs in (its cwd) when it is
+    a Ray job's entrypoint with a working directory, else None (Ray's job supervisor passes the job's
+    runtime env in ``RAY_JOB_CONFIG_JSON_ENV_VAR``)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return Path.cwd() if runtime_env.get("working_dir") else None
 
 
 def _has_cuda_device() -> bool:

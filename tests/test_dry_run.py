@@ -34,13 +34,15 @@ def test_histogram_bins_lengths_up_to_max_length_and_one_beyond():
 
 def test_dry_run_reports_models_lengths_plan_and_placement(hub_worlds, capsys):
     world = hub_worlds("qwen2_vl")
+    root = world.data.parent
+    before = sorted(p for p in root.rglob("*"))
     cfg = load_config(None, world.overrides("dry", "runner=ray", "data.max_length=71", "train.num_workers=2",
                                             "teacher_pool.resources.num_gpus=2", "train.resources_per_worker.num_gpus=1",
                                             "train.use_gpu=true", "teacher.gradient_checkpointing=false",
                                             "student.gradient_checkpointing=true"))
     plan = dry_run(cfg)
     out = capsys.readouterr().out
-    assert not cfg.run_dir.exists() and not Path(cfg.output_dir).exists()  # nothing written
+    assert sorted(p for p in root.rglob("*")) == before and not cfg.run_dir.exists()  # nothing written
     student = plan["student"]
     assert (student["family"], student["num_layers"], student["checkpoint_dtype"], student["gradient_checkpointing"]) == ("qwen2_vl", 3, "bfloat16", True)
     assert student["parameters"] > 0 and student["targets"] == [1, 2]

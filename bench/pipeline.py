@@ -99,10 +99,10 @@ def main(argv=None) -> int:
 
     import ray
 
-    from vlsi_ray.actors.client import TeacherClient
-    from vlsi_ray.actors.wire import encode_batch
-    from vlsi_ray.actors.teacher import TeacherPool
-    from vlsi_ray.ray_runner import ray_env
+    from vlsi_ray.runners.ray.client import TeacherClient
+    from vlsi_ray.runners.ray.wire import encode_batch
+    from vlsi_ray.runners.ray.teacher_pool import TeacherPool
+    from vlsi_ray.runners.ray.driver import ray_env
 
     # The student runs in this driver (niceness 0); Ray lowers its workers to niceness 15. Equal
     # priority for the teacher actor, so that neither side of the pipeline preempts the other.

@@ -46,13 +46,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, ["name=bench_cache", "runner=local", "stages.verbalize.max_steps=1",
                                     "steps=[pretrain_teacher,pretrain_student,verbalize]", "eval_models=[]"])
-    from vlsi_ray.runner import run_local
+    from vlsi_ray.runners.local import run_local
 
     run_local(cfg)  # the models come from the model cache after the first run
     import ray
 
-    from vlsi_ray.ray_runner import connect
-    from vlsi_ray.teacher_cache import build_cache, open_cache
+    from vlsi_ray.runners.ray.driver import connect
+    from vlsi_ray.teacher.cache import build_cache, open_cache
 
     connect(cfg)
     started = time.perf_counter()

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
             dry_run(cfg, args.dry_run_rows)
             return 0
-        from vlsi_ray.teacher_cache import require_cache
+        from vlsi_ray.teacher.cache import require_cache
 
         require_cache(cfg)  # teacher.source=cache: the cache must exist before any work
     except ConfigError as err:
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: {err}", file=sys.stderr)
         return 2
     if cfg.runner == "local":
-        from vlsi_ray.runner import run_local
+        from vlsi_ray.runners.local import run_local
 
         run_local(cfg)
     else:
-        from vlsi_ray.ray_runner import run_ray
+        from vlsi_ray.runners.ray.driver import run_ray
 
         run_ray(cfg)
     return 0

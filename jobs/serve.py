@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from vlsi_ray.ray_runner import ray_env
+    from vlsi_ray.runners.ray.driver import ray_env
     from vlsi_ray.serve.app import build_app
 
     env = ray_env()

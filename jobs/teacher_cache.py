@@ -37,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from vlsi_ray.teacher_cache import step2_inputs
+        from vlsi_ray.teacher.cache import step2_inputs
 
         step2_inputs(cfg)  # the teacher and its verbalizers must exist before Ray starts
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from vlsi_ray.ray_runner import connect
-    from vlsi_ray.teacher_cache import build_cache
+    from vlsi_ray.runners.ray.driver import connect
+    from vlsi_ray.teacher.cache import build_cache
 
     connect(cfg)
     build_cache(cfg, overwrite=args.overwrite)

@@ -35,7 +35,7 @@ def test_at_idle_priority_returns_the_value_and_raises_the_error():
 
 def test_workers_get_the_malloc_settings_unless_the_user_chose_their_own(monkeypatch):
     from vlsi_ray.env import MALLOC_ENV
-    from vlsi_ray.ray_runner import ray_env
+    from vlsi_ray.runners.ray.driver import ray_env
 
     for key in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(key)

@@ -119,7 +119,7 @@ def test_bfloat16_run_in_process_trains_every_stage_and_exports(world, tmp_path,
 
     from vlsi_ray.eval.traces import run_sources, trace_source
     from vlsi_ray.export import export_student
-    from vlsi_ray.runner import run_local
+    from vlsi_ray.runners.local import run_local
 
     cfg = load_config(None, world.overrides(f"bf16-{world.family}"))
     report = run_local(cfg)
@@ -152,7 +152,7 @@ def test_bfloat16_run_in_process_trains_every_stage_and_exports(world, tmp_path,
 def test_step2_in_bfloat16_tracks_float32(hub_worlds, one_thread):
     """The same step 2 (same weights, data, seeds, exact signal) computed in bfloat16 and in float32:
     per-step losses within 1% (measured: 0.09% at most; bfloat16 keeps 8 bits of mantissa, the losses are float32)."""
-    from vlsi_ray.runner import run_local
+    from vlsi_ray.runners.local import run_local
 
     world = hub_worlds("qwen2_vl")
     losses = {}

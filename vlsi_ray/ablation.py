@@ -1,7 +1,7 @@
 """The paper's ablations at tiny scale: Table 4(b)/(c), 4(d) and 4(e) as config variants, runs and tables.
 
 Every variant is a list of ``key=value`` overrides on one base config (``conf/tiny.yaml``), run by
-the in-process runner (:func:`vlsi_ray.runner.run_local`). All variants start from the same
+the in-process runner (:func:`vlsi_ray.runners.local.run_local`). All variants start from the same
 pretrained teacher and base student (trained once, like the released checkpoints the paper starts
 from: their accuracies are single numbers); each seed re-draws everything VLsI draws (verbalizer
 and LoRA init, batch order, layer matching). Within a seed every variant shares the ``vlsi``
@@ -156,7 +156,7 @@ def _worker_init(threads: int) -> None:
 def _run(config: str | None, overrides: list[str], log: str) -> dict:
     """Run one config in this (worker) process, output to ``log``; returns the report's accuracies."""
     from vlsi_ray.config import load_config
-    from vlsi_ray.runner import run_local
+    from vlsi_ray.runners.local import run_local
 
     cfg = load_config(config, overrides)
     with open(log, "a") as out, redirect_stdout(out), redirect_stderr(out):

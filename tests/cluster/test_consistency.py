@@ -127,7 +127,7 @@ def test_runtime_envs_install_exactly_the_pyproject_pins():
 
 def test_runtime_envs_set_no_variable_that_ray_init_also_sets(monkeypatch):
     """ray_runner.connect() passes ray_env() to ray.init; Ray raises if the job's runtime env sets one of those."""
-    from vlsi_ray.ray_runner import ray_env
+    from vlsi_ray.runners.ray.driver import ray_env
 
     monkeypatch.setenv("WANDB_MODE", "online")
     assert "WANDB_MODE" in ray_env(), "ray_env() no longer forwards WANDB_MODE: revisit this test"
@@ -143,7 +143,7 @@ def test_runtime_envs_set_no_variable_that_ray_init_also_sets(monkeypatch):
 def test_driver_pods_tell_gpu_workers_to_use_cuda(monkeypatch):
     """A DS_ACCELERATOR the driver was given reaches every worker (ray_env); one it defaulted to itself does not."""
     from vlsi_ray import env as vlsi_env
-    from vlsi_ray.ray_runner import ray_env
+    from vlsi_ray.runners.ray.driver import ray_env
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     monkeypatch.setattr(vlsi_env, "DEFAULTED", set())

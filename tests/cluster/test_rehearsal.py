@@ -4,7 +4,7 @@ The head starts with the manifest head's ``num-cpus`` (0); one node per worker g
 group's custom resources from ``rayStartParams``; the actors ask for the custom resources of the
 paper-scale config. CPUs are scaled down to this machine and GPUs left out (``train.use_gpu=false``);
 what is rehearsed is placement: the teacher pool on the teacher node, the student's Train worker on
-the student node, nothing on the head. (Replaces tests/actors/test_cluster.py.)
+the student node, nothing on the head.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def kuberay_like_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from vlsi_ray.ray_runner import ray_env
+    from vlsi_ray.runners.ray.driver import ray_env
 
     if ray.is_initialized():  # a Ray left by another module would take the place of this cluster
         ray.shutdown()
@@ -53,7 +53,7 @@ def kuberay_like_cluster():
 def test_tiny_distillation_places_teacher_and_student_on_their_groups(kuberay_like_cluster, tmp_path):
     import ray
 
-    from vlsi_ray.ray_runner import run_ray
+    from vlsi_ray.runners.ray.driver import run_ray
 
     cluster, nodes, asks = kuberay_like_cluster
     overrides = make_tiny_overrides(tmp_path, "kuberay-rehearsal", {"interact": 4}) + [

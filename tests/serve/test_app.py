@@ -42,7 +42,7 @@ def server(exported, released):
     import ray
     from ray import serve
 
-    from vlsi_ray.ray_runner import ray_env
+    from vlsi_ray.runners.ray.driver import ray_env
     from vlsi_ray.serve.app import build_app
 
     ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {**ray_env(), "VLSI_TEST_KEY": KEY}}, include_dashboard=False)

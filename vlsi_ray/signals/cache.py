@@ -1,6 +1,6 @@
 """The offline teacher cache: the teacher's step-2 signal computed once, stored per sample, reused.
 
-``jobs/teacher_cache.py`` (:func:`vlsi_ray.teacher_cache.build_cache`) writes, for every train row
+``jobs/teacher_cache.py`` (:func:`vlsi_ray.teacher.cache.build_cache`) writes, for every train row
 step 2 can draw, that row's :class:`TeacherSignal` (every teacher target layer and the final layer,
 top-k + tail, tail samples if configured) to Parquet shards under the cache directory, and last a
 ``manifest.json``. Step 2 with ``teacher.source=cache`` reads it through :class:`TeacherCache`, a

@@ -1,7 +1,7 @@
 """The teacher's side of step 2: its verbalized distributions for a batch, as a :class:`TeacherSignal`.
 
 :func:`teacher_signal` is the one place the signal is produced: the in-process runner, the Ray
-teacher actors (:class:`vlsi_ray.actors.teacher.TeacherWorker`) and the teacher cache all call it,
+teacher actors (:class:`vlsi_ray.runners.ray.teacher_pool.TeacherWorker`) and the teacher cache all call it,
 so they send the same signal (tail samples included) for the same row.
 """
 

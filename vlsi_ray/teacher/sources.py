@@ -6,7 +6,7 @@ final layer over the batch's response tokens); the Ray train loop also calls ``s
 
 - **in-process** (``runner=local``, the benches): the teacher and its verbalizers in this process,
   :func:`vlsi_ray.signals.produce.teacher_signal` per batch;
-- **pool** (the Ray runner's live teacher): a :class:`~vlsi_ray.actors.client.TeacherClient` over
+- **pool** (the Ray runner's live teacher): a :class:`~vlsi_ray.runners.ray.client.TeacherClient` over
   the teacher actors, requests pipelined ``teacher_pool.lookahead`` batches ahead;
 - **cache** (``teacher.source=cache``): the offline signal ``jobs/teacher_cache.py`` wrote,
   checked against this run's spec (:class:`~vlsi_ray.signals.cache.TeacherCache`).
@@ -29,11 +29,11 @@ def teacher_source(cfg, layout: RunLayout, vocab: int, *, teacher=None, verbaliz
     teacher ``pool`` when given (``ready``: calls the client waits for before its first request), else
     the in-process ``teacher`` with its frozen ``verbalizers``. ``vocab``: the shared vocabulary."""
     if cfg.teacher.source == "cache":
-        from vlsi_ray.teacher_cache import open_cache
+        from vlsi_ray.teacher.cache import open_cache
 
         return open_cache(cfg, teacher_dir, student_dir, layout.verbalizers("teacher"), vocab)
     if pool is not None:
-        from vlsi_ray.actors.client import TeacherClient
+        from vlsi_ray.runners.ray.client import TeacherClient
 
         return TeacherClient(pool.actors, cfg.teacher_pool.lookahead, ready=list(ready))
     if teacher is None or verbalizers is None:

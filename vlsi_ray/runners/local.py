@@ -8,146 +8,23 @@ stages and loads what they wrote. The Ray runner follows the same table with the
 
 from __future__ import annotations
 
-import shutil
-import threading
 import time
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from vlsi_ray.config import RunConfig, to_yaml
-from vlsi_ray.data.synthetic import SCORED_TASKS
+from vlsi_ray.config import RunConfig
 from vlsi_ray.eval.accuracy import evaluate
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import train_stage
-from vlsi_ray.metrics import MetricsWriter, write_stage_summary
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
-from vlsi_ray.prepare import (
-    LoadSettings,
-    build_model,
-    check_pair,
-    frozen_verbalizers,
-    load_model,
-    make_collator,
-    model_key,
-    new_verbalizers,
-    prepare_data,
-    resolve_device,
-    tiny_tokenizer,
-)
-from vlsi_ray.recipe.layout import RunLayout
+from vlsi_ray.prepare import LoadSettings, check_pair, frozen_verbalizers, load_model, make_collator, new_verbalizers, resolve_device
 from vlsi_ray.recipe.stages import Stage, build_objective, pretraining, stage
+from vlsi_ray.runners.base import Run, pretrain_tiny
+from vlsi_ray.teacher.cache import require_cache
 from vlsi_ray.teacher.sources import teacher_source
-from vlsi_ray.teacher_cache import require_cache
-
-_INIT_LOCK = threading.Lock()
-
-
-class Run(ABC):
-    """State shared by both runners: config, data, metrics writer, the run directory and its tiny models.
-
-    Subclasses say how a tiny model is pretrained (:meth:`pretrain`): in this process or in a Ray task.
-    """
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.layout = RunLayout(cfg.run_dir)
-        self.layout.root.mkdir(parents=True, exist_ok=True)
-        self.layout.config.write_text(to_yaml(cfg))
-        self.writer = MetricsWriter(self.layout.metrics)
-        self.splits = prepare_data(cfg)
-        needs_tokenizer = cfg.teacher.path is None or cfg.student.path is None
-        self.tokenizer = tiny_tokenizer(cfg, self.splits.train) if needs_tokenizer else None
-
-    def runs(self, name: str) -> bool:
-        """Whether ``cfg`` runs stage ``name`` (the SFT-only baseline needs ``baseline_sft`` too)."""
-        return stage(name).step in self.cfg.steps and (name != "baseline_sft" or self.cfg.baseline_sft)
-
-    def finish(self, name: str, history: list[dict], started: float) -> None:
-        write_stage_summary(self.layout.marker(name), name, history, time.perf_counter() - started)
-
-    def train_rows(self, settings: str) -> list[dict]:
-        """The train rows a stage with optimizer settings ``stages.<settings>`` trains on (its ``tasks``)."""
-        tasks = getattr(self.cfg.stages, settings).tasks
-        return [r for r in self.splits.train if not tasks or r["task"] in tasks]
-
-    def test_rows(self) -> list[dict]:
-        return [r for r in self.splits.test if r["task"] in SCORED_TASKS]
-
-    # -- the teacher and the student base --------------------------------------------------------
-    def pretrained(self, role: str) -> Path:
-        """The directory of the teacher or student base: :meth:`reuse`'s, else a tiny model pretrained now."""
-        found = self.reuse(role)
-        return found if found is not None else self.pretrain(role)
-
-    def reuse(self, role: str) -> Path | None:
-        """The teacher's or student base's directory when nothing needs training, else None.
-
-        A local checkpoint (``path``), a tiny model pretrained before (in this run or the model
-        cache), or, when its pretraining is not in ``steps``, a tiny model saved at random init (the run says so).
-        """
-        model_cfg, name = getattr(self.cfg, role), pretraining(role).name
-        if model_cfg.path is not None:
-            print(f"[{role}] using the checkpoint in {model_cfg.path}", flush=True)
-            return Path(model_cfg.path)
-        target, cache = self.layout.model(name), self.model_cache(role)
-        for source in (target, cache):
-            if source is not None and RunLayout.marker_in(source).is_file():
-                print(f"[{role}] reusing the tiny {role} in {source}", flush=True)
-                if source != target:  # a copy (a few MB), so the run directory holds every model it used
-                    shutil.copytree(source, target, dirs_exist_ok=True)
-                return target
-        if name in self.cfg.steps:
-            return None
-        print(f"[{role}] {name} is not in steps: the tiny {role} stays at random init", flush=True)
-        self.init_model(role).save_pretrained(target)
-        write_stage_summary(RunLayout.marker_in(target), name, [], 0.0)
-        if cache is not None:
-            shutil.copytree(target, cache, dirs_exist_ok=True)
-        return target
-
-    def model_cache(self, role: str) -> Path | None:
-        """Where a tiny ``role`` model with these settings is kept across runs (``model_cache_dir``), or None."""
-        if not self.cfg.model_cache_dir:
-            return None
-        name = pretraining(role).name
-        model_cfg, opt = getattr(self.cfg, role), getattr(self.cfg.stages, name)
-        key = model_key(model_cfg, opt if name in self.cfg.steps else None, self.cfg.data.synthetic, self.cfg.seed)
-        return Path(self.cfg.model_cache_dir) / f"{role}-{key}"
-
-    def init_model(self, role: str) -> Backbone:
-        """A tiny ``role`` model at its seeded random init, on the CPU."""
-        with _INIT_LOCK:  # initialisation seeds torch's global RNG: one model at a time (Ray runs two threads)
-            return build_model(self.cfg, role, self.tokenizer, torch.device("cpu"))
-
-    @abstractmethod
-    def pretrain(self, role: str) -> Path:
-        """Pretrain a tiny ``role`` model from scratch by SFT (:func:`pretrain_tiny`); return its directory."""
-
-
-def pretrain_tiny(cfg: RunConfig, role: str, backbone: Backbone, rows: list[dict], device: torch.device,
-                  writer: MetricsWriter | None, target: Path, cache: Path | None = None) -> Path:
-    """Pretrain a tiny ``role`` model from scratch by SFT on ``rows`` in this process; return ``target``.
-
-    The in-process runner's pretraining, and the Ray runner's (in a Ray task per model). Saves the
-    model and its marker to ``target``, and a copy to ``cache`` when given.
-    """
-    started = time.perf_counter()
-    spec = pretraining(role)
-    backbone.model.to(device)
-    objective = build_objective(spec, cfg, backbone)
-    history = train_stage(spec.name, objective, objective.parameters(), rows, make_collator(backbone, cfg),
-                          getattr(cfg.stages, spec.settings), spec.seed(cfg.seed), device, writer, [backbone.model],
-                          dtype=backbone.compute_dtype)
-    backbone.save_pretrained(target)
-    write_stage_summary(RunLayout.marker_in(target), spec.name, history, time.perf_counter() - started)
-    if cache is not None:
-        shutil.copytree(target, cache, dirs_exist_ok=True)
-    return Path(target)
-
 
 class LocalRun(Run):
     """The in-process runner: every stage on one device in this process, one method per phase."""

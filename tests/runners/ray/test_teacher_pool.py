@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlsi_ray.actors.client import TeacherClient
-from vlsi_ray.actors.teacher import TeacherPool, TeacherWorker
-from vlsi_ray.actors.wire import decode_batch, encode_batch
+from vlsi_ray.runners.ray.client import TeacherClient
+from vlsi_ray.runners.ray.teacher_pool import TeacherPool, TeacherWorker
+from vlsi_ray.runners.ray.wire import decode_batch, encode_batch
 from vlsi_ray.config import TeacherPoolConfig, load_config
 from vlsi_ray.data.synthetic import generate_rows
 from vlsi_ray.method.losses import verbalized_kl

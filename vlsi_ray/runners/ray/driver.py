@@ -1,6 +1,6 @@
 """The Ray runner: teacher actors, the student on Ray Train fed by Ray Data, evaluation as Ray tasks.
 
-Same recipe as :mod:`vlsi_ray.runner` (setup → stages → evaluate → report), same objectives, same
+Same recipe as :mod:`vlsi_ray.runners.local` (setup → stages → evaluate → report), same objectives, same
 seeds and batch order, so with one worker it reproduces the in-process run. The student's stages
 run in order in one ``TorchTrainer`` run whose storage is ``<run_dir>/ray_train/student``:
 re-running the same command skips finished stages (``stage.json``) and resumes an interrupted one
@@ -19,8 +19,8 @@ from typing import Callable
 
 import ray
 
-from vlsi_ray.actors.student import StageSpec, dataset_name, train_student
-from vlsi_ray.actors.teacher import TeacherPool
+from vlsi_ray.runners.ray.train_loop import StageSpec, dataset_name, train_student
+from vlsi_ray.runners.ray.teacher_pool import TeacherPool
 from vlsi_ray.config import EVAL_MODELS, RunConfig, to_yaml
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
@@ -29,9 +29,9 @@ from vlsi_ray.models.backbone import ModelInfo
 from vlsi_ray.prepare import LoadSettings, check_pair_paths, new_verbalizers
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import pretraining, stage
-from vlsi_ray.runner import Run
+from vlsi_ray.runners.base import Run
 from vlsi_ray.teacher.sources import teacher_source
-from vlsi_ray.teacher_cache import require_cache
+from vlsi_ray.teacher.cache import require_cache
 
 
 def ray_env(tune_malloc: bool = False) -> dict[str, str]:
@@ -113,6 +113,10 @@ class RayRun(Run):
         self._test_slices = None
         self._split_lock = threading.Lock()  # the teacher's and the student's pretraining start together
         self.use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        # What this invocation still has to run, decided once before anything runs (stages finish meanwhile).
+        self.trains_step1 = "verbalize" in cfg.steps and not self.layout.finished("verbalize")
+        self.runs_step2 = "interact" in cfg.steps and not self.layout.finished("interact")
+        self.live_teacher = self.runs_step2 and cfg.teacher.source == "live"  # step 2 with the teacher actors, not the cache
         self.pool: TeacherPool | None = None
         self.step1_calls: list = []  # the pool's step-1 calls; step 2's client sends nothing before they finish
         self.specs: list[StageSpec] = []
@@ -257,16 +261,6 @@ class RayRun(Run):
             verbs = new_verbalizers(self.cfg, role, ModelInfo.from_pretrained(model_dir), stage(f"verbalize/{role}").seed(self.cfg.seed))
             verbs.save(self.layout.verbalizers(role))
 
-    @property
-    def runs_step2(self) -> bool:
-        """Whether step 2 is still to run."""
-        return "interact" in self.cfg.steps and not self.layout.finished("interact")
-
-    @property
-    def live_teacher(self) -> bool:
-        """Whether step 2 is still to run with the teacher actors (not from the offline cache)."""
-        return self.runs_step2 and self.cfg.teacher.source == "live"
-
     def start_teacher_pool(self) -> None:
         """One teacher pool for the teacher's side of step 1 and for step 2: replica 0 trains the teacher's
         verb-FFNs, the others load them once saved; created on the teacher's ObjectRef if it still pretrains."""
@@ -276,10 +270,6 @@ class RayRun(Run):
         self.pool = TeacherPool(cfg.teacher_pool, self.teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, self.vocab,
                                 cfg.signal.storage, tail_samples=cfg.signal.tail_samples, seed=stage("interact").seed(cfg.seed),
                                 step1_dir=self.layout.verbalizers("teacher"), load=LoadSettings.of(cfg, "teacher"))
-
-    @property
-    def trains_step1(self) -> bool:
-        return "verbalize" in self.cfg.steps and not self.layout.finished("verbalize")
 
     def queue(self, name: str, make_spec: Callable[[], StageSpec], after: Callable[[], None]) -> None:
         """Queue student stage ``name`` for the Train run unless it is finished; ``after`` runs once it is."""
@@ -372,13 +362,13 @@ class RayRun(Run):
 
 def _pretrain_task(cfg_yaml: str, role: str, init_dir: str, rows: list[dict], metrics_path: str,
                    target: str, cache: str | None) -> str:
-    """:func:`vlsi_ray.runner.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``,
+    """:func:`vlsi_ray.runners.local.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``,
     saved to ``target`` (and ``cache``); returns ``target``."""
     from vlsi_ray.config import config_from_yaml
     from vlsi_ray.env import set_offline_defaults
     from vlsi_ray.metrics import MetricsWriter
     from vlsi_ray.prepare import LoadSettings, load_model, resolve_device
-    from vlsi_ray.runner import pretrain_tiny
+    from vlsi_ray.runners.base import pretrain_tiny
 
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Iterable, Iterator, Sequence
 
-from vlsi_ray.actors.wire import batch_key, encode_batch
+from vlsi_ray.runners.ray.wire import batch_key, encode_batch
 from vlsi_ray.signals.teacher_signal import TeacherSignal
 
 

@@ -19,7 +19,7 @@ TASKS = ("shape", "colour")
 def test_train_stream_is_the_in_process_order(local_ray, tmp_path, sort_in_memory_mb):
     """Three epochs of two tasks' rows: the ids arrive exactly as BatchOrder hands them out in process."""
     from vlsi_ray.data.ray_dataset import train_dataset, train_split
-    from vlsi_ray.ray_runner import _data_context
+    from vlsi_ray.runners.ray.driver import _data_context
 
     write_shards(generate_rows("train", 120, seed=3), tmp_path, "train", rows_per_shard=40)
     rows = [r for r in read_rows(tmp_path, "train")[0] if r["task"] in TASKS]

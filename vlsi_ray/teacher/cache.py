@@ -2,7 +2,7 @@
 
 :func:`build_cache` reads the validated train split (:func:`vlsi_ray.data.ray_dataset.train_split`),
 keeps step 2's tasks, and maps batches through :class:`CacheSignals`: an actor class holding a
-:class:`~vlsi_ray.actors.teacher.TeacherWorker` (the same teacher code as the live pool) placed
+:class:`~vlsi_ray.runners.ray.teacher_pool.TeacherWorker` (the same teacher code as the live pool) placed
 with ``teacher_pool``'s resources, ``teacher_pool.replicas`` of them. Each batch is collated with
 the student's collator, exactly as step 2 collates it, and split into one row per sample
 (:func:`vlsi_ray.signals.cache.signal_rows`). Ray Data writes the rows as Parquet; the manifest
@@ -54,7 +54,7 @@ class CacheSignals:
     """Ray Data actor: one teacher replica turning batches of train rows into per-sample cache rows."""
 
     def __init__(self, cfg_yaml: str, teacher_dir: str, verbalizer_dir: str, student_dir: str, vocab: int):
-        from vlsi_ray.actors.teacher import TeacherWorker
+        from vlsi_ray.runners.ray.teacher_pool import TeacherWorker
         from vlsi_ray.config import config_from_yaml
         from vlsi_ray.prepare import LoadSettings, make_collator, model_info
 
@@ -66,7 +66,7 @@ class CacheSignals:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
         """Columns of ``B`` train rows -> ``B`` cache rows (``id``, ``tokens`` and the signal's arrays)."""
-        from vlsi_ray.actors.wire import encode_batch
+        from vlsi_ray.runners.ray.wire import encode_batch
         from vlsi_ray.method.steps import response_token_counts
         from vlsi_ray.signals.cache import signal_rows
 

@@ -124,7 +124,7 @@ def _make_stepper(parameters, opt, train_cfg, modules: dict[str, nn.Module], dty
     from vlsi_ray.method.loop import Stepper
 
     if train_cfg.deepspeed_stage:
-        from vlsi_ray.actors.deepspeed import DeepSpeedStepper
+        from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper
 
         return DeepSpeedStepper(parameters, opt, train_cfg.deepspeed_stage, modules, dtype=dtype)
     return Stepper(parameters, opt, dtype)

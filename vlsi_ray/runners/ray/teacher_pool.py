@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlsi_ray.actors.wire import decode_batch
+from vlsi_ray.runners.ray.wire import decode_batch
 from vlsi_ray.env import set_offline_defaults
 
 
@@ -96,7 +96,7 @@ class TeacherWorker:
         return info
 
     def signal(self, batch: dict) -> dict:
-        """The teacher signal of one encoded batch (see :mod:`vlsi_ray.actors.wire`).
+        """The teacher signal of one encoded batch (see :mod:`vlsi_ray.runners.ray.wire`).
 
         Returns :meth:`TeacherSignal.to_numpy`'s arrays (``t_l + 1`` layers × ``N`` response
         tokens; top-k log-probs, int32 ids, tail mass, tail samples if any) plus ``ids`` and the

@@ -18,7 +18,7 @@ from vlsi_ray.models.verbalizer import Verbalizers
 
 from tiny_config import TINY_STEPS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGE_LABELS = (
     "pretrain_teacher", "pretrain_student", "verbalize/teacher", "verbalize/student", "interact", "baseline_sft", "sft",
 )  # fmt: skip
@@ -30,7 +30,7 @@ STAGE_DIRS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, one_thread, tiny_overrides):
     """One full run (all steps + the SFT baseline); returns (config, report, seconds)."""
-    from vlsi_ray.runner import run_local
+    from vlsi_ray.runners.local import run_local
 
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = load_config(None, tiny_overrides(tmp, "e2e"))
@@ -95,7 +95,7 @@ class TestEndToEnd:
             assert Verbalizers.exists(run / rel), rel
 
     def test_rerun_skips_training(self, e2e, capsys, tiny_overrides):
-        from vlsi_ray.runner import run_local
+        from vlsi_ray.runners.local import run_local
 
         cfg, report, _ = e2e
         metrics = cfg.run_dir / "metrics.jsonl"

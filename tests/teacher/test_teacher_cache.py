@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, local_ray, tiny_overrides, one_thread):
     """A run through step 1 and its teacher cache; returns (overrides, cfg, manifest)."""
-    from vlsi_ray.runner import run_local
-    from vlsi_ray.teacher_cache import build_cache
+    from vlsi_ray.runners.local import run_local
+    from vlsi_ray.teacher.cache import build_cache
 
     tmp = tmp_path_factory.mktemp("teacher_cache")
     overrides = tiny_overrides(tmp, "base", STEPS) + SIGNAL + [f"teacher.cache_dir={tmp / 'cache'}"]
@@ -38,8 +38,8 @@ def base_run(tmp_path_factory, local_ray, tiny_overrides, one_thread):
 
 def _step2(base_cfg, overrides, name: str, *extra: str) -> list[dict]:
     """Step 2 alone in a copy of the base run; returns its per-step metrics."""
-    from vlsi_ray.ray_runner import run_ray
-    from vlsi_ray.runner import run_local
+    from vlsi_ray.runners.ray.driver import run_ray
+    from vlsi_ray.runners.local import run_local
 
     target = base_cfg.run_dir.parent / name
     shutil.copytree(base_cfg.run_dir, target, ignore=shutil.ignore_patterns("teacher_cache", "report.*", "metrics.jsonl"))
@@ -95,7 +95,7 @@ def test_a_cache_for_another_k_is_refused(base_run):
 
 
 def test_missing_cache_is_a_config_error_before_any_work(tmp_path, tiny_overrides):
-    from vlsi_ray.runner import run_local
+    from vlsi_ray.runners.local import run_local
 
     cfg = load_config(None, tiny_overrides(tmp_path, "nocache") + ["teacher.source=cache", "runner=local"])
     with pytest.raises(ConfigError, match="jobs/teacher_cache.py"):

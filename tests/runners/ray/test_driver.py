@@ -42,7 +42,7 @@ def shared_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_reference(shared_data, one_thread):
-    from vlsi_ray.runner import run_local
+    from vlsi_ray.runners.local import run_local
 
     cfg = load_config(None, interact_only(shared_data, "local"))
     run_local(cfg)
@@ -52,7 +52,7 @@ def local_reference(shared_data, one_thread):
 def test_ray_step2_equals_in_process_through_a_worker_restart(local_ray, shared_data, local_reference):
     """One student worker, fixed seeds, exact signal: the same losses and matched layers as in-process,
     even though the worker dies after step 5 and Ray Train (FailureConfig) restarts it from step 4."""
-    from vlsi_ray.ray_runner import run_ray
+    from vlsi_ray.runners.ray.driver import run_ray
 
     cfg = load_config(None, interact_only(shared_data, "ray", "train.fail_at_step=5", "train.max_failures=1"))
     report = run_ray(cfg)
@@ -72,7 +72,7 @@ def test_resume_after_a_failure_continues_the_same_trajectory(local_ray, shared_
     """Steps 2 and 3 in one Train run; stop after step 4 of step 2 (a checkpoint), re-run the same
     command: steps 5..8 equal the uninterrupted run, then step 3 starts from its own beginning (the
     run's latest checkpoint belongs to step 2) and runs once."""
-    from vlsi_ray.ray_runner import run_ray
+    from vlsi_ray.runners.ray.driver import run_ray
 
     name, chain = "resume", ["steps=[interact,sft]", "stages.sft.max_steps=3"]
     with pytest.raises(Exception):
@@ -94,7 +94,7 @@ def test_resume_after_a_failure_continues_the_same_trajectory(local_ray, shared_
 
 
 def test_killed_teacher_is_restarted_and_every_row_is_consumed_once(local_ray, shared_data):
-    from vlsi_ray.ray_runner import run_ray
+    from vlsi_ray.runners.ray.driver import run_ray
 
     cfg = load_config(None, interact_only(shared_data, "fault", "train.log_ids=true", "train.checkpoint_every=0"))
     metrics = cfg.run_dir / "metrics.jsonl"

@@ -82,7 +82,7 @@ def _weights(stepper, net: nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stepper_makes_the_same_updates_as_adamw(single_process_group, stage):
     """Same gradient norms and weights as plain AdamW, with accumulation over 2 micro-batches and clipping."""
-    from vlsi_ray.actors.deepspeed import DeepSpeedStepper
+    from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper
 
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5, weight_decay=0.01)
     reference, model = _net(), _net()
@@ -102,7 +102,7 @@ def test_zero_stepper_makes_the_same_updates_as_adamw(single_process_group, stag
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stepper_resumes_exactly(single_process_group, stage):
     """Save weights + optimizer state after 2 steps, restore into a fresh engine: steps 3-5 equal the uninterrupted run's."""
-    from vlsi_ray.actors.deepspeed import DeepSpeedStepper
+    from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper
 
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5, weight_decay=0.01)
     model = _net()
@@ -127,7 +127,7 @@ def test_zero_stepper_resumes_exactly(single_process_group, stage):
 def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_group, stage):
     """DeepSpeed's bf16 block: the engine's weights are bfloat16, its optimizer holds float32 masters, and
     five steps follow plain AdamW on float32 masters under the same bfloat16 autocast (to bfloat16 rounding)."""
-    from vlsi_ray.actors.deepspeed import DeepSpeedStepper, deepspeed_config
+    from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper, deepspeed_config
 
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5)
     assert deepspeed_config(opt, stage, torch.bfloat16)["bf16"] == {"enabled": True} and "bf16" not in deepspeed_config(opt, stage)
@@ -150,7 +150,7 @@ def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_
 def test_two_workers_with_zero3_shard_the_data_and_train(local_ray, hub_worlds):
     """ZeRO-3 in bfloat16 on two gloo workers, from a released-layout bfloat16 pair: every step logged,
     disjoint data shards, the whole (gathered) student saved, in bfloat16."""
-    from vlsi_ray.ray_runner import run_ray
+    from vlsi_ray.runners.ray.driver import run_ray
 
     world = hub_worlds("qwen2_vl")
     cfg = load_config(None, world.overrides(

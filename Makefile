@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test
+.PHONY: install demo test lint
 install: $(STAMP)
 
 # torch is installed alone and first: `torch==2.13.0` is the CPU build (an unpinned torch is a
@@ -18,5 +18,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) jobs/distill.py
 
-test: install
+# The house style, checked by tools: ruff's formatter and linter (config in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff format --check vlsi_ray jobs bench tests
+	$(VENV)/bin/ruff check vlsi_ray jobs bench tests
+
+test: lint
 	$(PY) -m pytest -q

@@ -42,8 +42,16 @@ from vlsi_ray.env import set_offline_defaults  # noqa: E402
 
 set_offline_defaults()
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from vlsi_ray.data.synthetic import corpus_texts, generate_rows  # noqa: E402
+from vlsi_ray.method import steps  # noqa: E402
+from vlsi_ray.method.matching import MatchingOptions, band_mask  # noqa: E402
+from vlsi_ray.method.steps import SFT_GROUPS, SFTObjective  # noqa: E402
+from vlsi_ray.models.qwen2_vl import build_tiny  # noqa: E402
+from vlsi_ray.models.tokenizer import train_tokenizer  # noqa: E402
+from vlsi_ray.models.verbalizer import Verbalizers  # noqa: E402
 from vlsi_ray.signals.teacher_signal import TeacherSignal  # noqa: E402
 
 MB = 1e6  # decimal megabytes, as the table prints them
@@ -114,8 +122,6 @@ def current_rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        import psutil
-
         return psutil.Process().memory_info().rss
 
 
@@ -211,12 +217,6 @@ def measure(candidates: int, args: argparse.Namespace) -> dict:
     candidate KLs and by the end of the loss forward, the band sizes (candidates per student layer),
     the candidate KLs the objective evaluated, and the step's wall time.
     """
-    from vlsi_ray.data.synthetic import corpus_texts, generate_rows
-    from vlsi_ray.method import steps
-    from vlsi_ray.method.matching import MatchingOptions, band_mask
-    from vlsi_ray.models.qwen2_vl import build_tiny
-    from vlsi_ray.models.tokenizer import train_tokenizer
-    from vlsi_ray.models.verbalizer import Verbalizers
 
     device = torch.device(args.device)
     t_s = args.student_layers
@@ -235,8 +235,14 @@ def measure(candidates: int, args: argparse.Namespace) -> dict:
     signal = synthetic_signal(t_l + 1, args.tokens, args.vocab, args.topk, generator).to(device)
     options = MatchingOptions(search_range=True, order_preservation=True)
     band = band_mask(t_s, t_l, options)
-    objective = steps.InteractionObjective(student, verbalizers, lambda b: signal, options, steps.LossOptions(chunk_size=args.chunk_size),
-                                           generator=torch.Generator().manual_seed(0))
+    objective = steps.InteractionObjective(
+        student,
+        verbalizers,
+        lambda b: signal,
+        options,
+        steps.LossOptions(chunk_size=args.chunk_size),
+        generator=torch.Generator().manual_seed(0),
+    )
 
     # Count the candidate KLs the objective evaluates (per chunk) and mark the peak when they end.
     evaluated = [0]
@@ -288,10 +294,6 @@ def measure_checkpointing(length: int, enabled: bool, args: argparse.Namespace) 
     vocabulary (so activations, not the LM head, dominate), in train mode, gradient checkpointing
     ``enabled``; half the row is response. Returns the peak above the pre-step baseline and the loss.
     """
-    from vlsi_ray.data.synthetic import corpus_texts, generate_rows
-    from vlsi_ray.method.steps import SFT_GROUPS, SFTObjective
-    from vlsi_ray.models.qwen2_vl import build_tiny
-    from vlsi_ray.models.tokenizer import train_tokenizer
 
     device = torch.device(args.device)
     tokenizer = train_tokenizer(corpus_texts(generate_rows("train", 8, seed=0)), FAMILY)
@@ -303,36 +305,62 @@ def measure_checkpointing(length: int, enabled: bool, args: argparse.Namespace) 
     student.set_gradient_checkpointing(enabled)
     student.model.train()
     objective = SFTObjective(student, SFT_GROUPS)
-    batch = {k: v.to(device) for k, v in response_batch(length // 2, length - length // 2, len(tokenizer), torch.Generator().manual_seed(0)).items()}
+    batch = {
+        k: v.to(device)
+        for k, v in response_batch(length // 2, length - length // 2, len(tokenizer), torch.Generator().manual_seed(0)).items()
+    }
     meter = PeakCUDA(device) if device.type == "cuda" else PeakRSS()
     started = time.perf_counter()
     with meter:
         out = objective(batch)
         out.loss.backward()
-    return {"length": length, "checkpointing": enabled, "peak": meter.peak, "loss": out.loss.item(),
-            "seconds": time.perf_counter() - started, "source": meter.source}
+    return {
+        "length": length,
+        "checkpointing": enabled,
+        "peak": meter.peak,
+        "loss": out.loss.item(),
+        "seconds": time.perf_counter() - started,
+        "source": meter.source,
+    }
 
 
 def checkpointing_table(args: argparse.Namespace) -> int:
     """Run :func:`measure_checkpointing` off and on at each length (fresh subprocesses); print the ratios."""
-    print(f"step 3 (full-LLM SFT) forward + backward, student {args.ckpt_layers} x {args.ckpt_hidden}, device {args.device}; "
-          "MB = 10^6 bytes above the pre-step baseline\n")
+    print(
+        f"step 3 (full-LLM SFT) forward + backward, student {args.ckpt_layers} x {args.ckpt_hidden}, device {args.device}; "
+        "MB = 10^6 bytes above the pre-step baseline\n"
+    )
     print("| tokens | peak MB, checkpointing off | peak MB, on | on ÷ off | loss off | loss on | step s off / on |")
     print("|---|---|---|---|---|---|---|")
     for length in args.lengths:
         pair = {}
         for enabled in (False, True):
-            argv = [sys.executable, str(Path(__file__).resolve()), "--child-checkpointing", str(length), str(int(enabled)),
-                    "--ckpt-hidden", str(args.ckpt_hidden), "--ckpt-layers", str(args.ckpt_layers), "--device", args.device]
-            proc = subprocess.run(argv + (["--threads", str(args.threads)] if args.threads else []), check=False, capture_output=True, text=True)
+            argv = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child-checkpointing",
+                str(length),
+                str(int(enabled)),
+                "--ckpt-hidden",
+                str(args.ckpt_hidden),
+                "--ckpt-layers",
+                str(args.ckpt_layers),
+                "--device",
+                args.device,
+            ]
+            proc = subprocess.run(
+                argv + (["--threads", str(args.threads)] if args.threads else []), check=False, capture_output=True, text=True
+            )
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 sys.stderr.write(proc.stdout + proc.stderr)
                 raise SystemExit(f"the {length}-token measurement failed (exit {proc.returncode}).")
-            pair[enabled] = json.loads(lines[-1][len("RESULT "):])
+            pair[enabled] = json.loads(lines[-1][len("RESULT ") :])
         off, on = pair[False], pair[True]
-        print(f"| {length:,} | {off['peak'] / MB:.0f} | {on['peak'] / MB:.0f} | {on['peak'] / off['peak']:.2f} | "
-              f"{off['loss']:.6f} | {on['loss']:.6f} | {off['seconds']:.1f} / {on['seconds']:.1f} |")
+        print(
+            f"| {length:,} | {off['peak'] / MB:.0f} | {on['peak'] / MB:.0f} | {on['peak'] / off['peak']:.2f} | "
+            f"{off['loss']:.6f} | {on['loss']:.6f} | {off['seconds']:.1f} / {on['seconds']:.1f} |"
+        )
     return 0
 
 
@@ -378,8 +406,10 @@ def main(argv=None) -> int:
         return checkpointing_table(args)
 
     dense = args.tokens * args.vocab * 4
-    print(f"vocabulary {args.vocab:,}, {args.tokens:,} response tokens, top-{args.topk} + tail signal, "
-          f"t_s = {args.student_layers} student target layers, chunk_size {args.chunk_size}, device {args.device}")
+    print(
+        f"vocabulary {args.vocab:,}, {args.tokens:,} response tokens, top-{args.topk} + tail signal, "
+        f"t_s = {args.student_layers} student target layers, chunk_size {args.chunk_size}, device {args.device}"
+    )
     print(f"one dense [{args.tokens}, {args.vocab}] fp32 logits tensor: {dense / MB:.1f} MB")
     results = []
     for c in args.candidates:
@@ -388,20 +418,24 @@ def main(argv=None) -> int:
         if proc.returncode or not lines:
             sys.stderr.write(proc.stdout + proc.stderr)
             raise SystemExit(f"the C={c} measurement failed (exit {proc.returncode}).")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
     base = next((r["peak"] for r in results if r["C"] == 1), results[0]["peak"])
     base_c = next((r["C"] for r in results if r["peak"] == base), results[0]["C"])
     print(f"peak = {results[0]['source']} above the pre-step baseline; MB = 10^6 bytes\n")
-    print(f"| C | t_l | candidates per student layer | candidate KLs evaluated | peak MB | peak ÷ dense | "
-          f"by end of candidate KLs MB | by end of loss forward MB | sampled MB | ratio vs C={base_c} | step s |")
+    print(
+        f"| C | t_l | candidates per student layer | candidate KLs evaluated | peak MB | peak ÷ dense | "
+        f"by end of candidate KLs MB | by end of loss forward MB | sampled MB | ratio vs C={base_c} | step s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for r in results:
         ratio = r["peak"] / base
         worst = max(worst, ratio)
         cand, fwd = ("-" if r[key] is None else f"{r[key] / MB:.0f}" for key in ("candidates_peak", "loss_peak"))
-        print(f"| {r['C']} | {r['t_l']} | {'/'.join(map(str, r['band']))} | {r['evaluated']} | {r['peak'] / MB:.0f} | "
-              f"{r['peak'] / dense:.2f} | {cand} | {fwd} | {r['sampled'] / MB:.0f} | {ratio:.2f} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['C']} | {r['t_l']} | {'/'.join(map(str, r['band']))} | {r['evaluated']} | {r['peak'] / MB:.0f} | "
+            f"{r['peak'] / dense:.2f} | {cand} | {fwd} | {r['sampled'] / MB:.0f} | {ratio:.2f} | {r['seconds']:.1f} |"
+        )
     verdict = "MET" if worst <= GOAL else "MISSED"
     print(f"\ngoal: peak <= {GOAL} x the C={base_c} peak for every C -> worst ratio {worst:.2f}: {verdict}")
     return 0

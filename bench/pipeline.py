@@ -42,15 +42,20 @@ if "--default-malloc" not in sys.argv and malloc_env():
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **malloc_env()})
 set_offline_defaults()
 
+import ray  # noqa: E402
 import torch  # noqa: E402
 
 from vlsi_ray.config import load_config  # noqa: E402
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows  # noqa: E402
 from vlsi_ray.method.loop import Stepper  # noqa: E402
 from vlsi_ray.method.steps import InteractionObjective  # noqa: E402
-from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
 from vlsi_ray.models.tokenizer import train_tokenizer  # noqa: E402
 from vlsi_ray.prepare import build_model, make_collator, new_verbalizers  # noqa: E402
+from vlsi_ray.runners.ray.client import TeacherClient  # noqa: E402
+from vlsi_ray.runners.ray.driver import ray_env  # noqa: E402
+from vlsi_ray.runners.ray.teacher_pool import TeacherPool  # noqa: E402
+from vlsi_ray.runners.ray.wire import encode_batch  # noqa: E402
+from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
 
 
 def student_loop(objective, stepper, batches) -> float:
@@ -71,11 +76,18 @@ def ideal_ratio(t_teacher: float, t_student: float) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "conf" / "tiny.yaml"))
-    parser.add_argument("--steps", type=int, default=60, help="batches per measurement; (b) is capped at steps/(steps+1) x ideal by its pipeline fill")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=60,
+        help="batches per measurement; (b) is capped at steps/(steps+1) x ideal by its pipeline fill",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lookahead", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the five measurements, in turn; medians are printed")
-    parser.add_argument("--default-malloc", action="store_true", help="glibc's default allocator settings (ray.tune_malloc=false)")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="glibc's default allocator settings (ray.tune_malloc=false)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(args.config, [])
@@ -85,24 +97,20 @@ def main(argv=None) -> int:
     student = build_model(cfg, "student", tokenizer, torch.device("cpu"))
     t_verbs, s_verbs = new_verbalizers(cfg, "teacher", teacher, 3), new_verbalizers(cfg, "student", student, 4)
     collate = make_collator(student, cfg)
-    batches = [collate(rows[i * args.batch_size:(i + 1) * args.batch_size]) for i in range(args.steps + 5)]
+    batches = [collate(rows[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(args.steps + 5)]
     warm, timed = batches[:5], batches[5:]
     student.apply_lora(cfg.lora.rank, cfg.lora.alpha)
 
     def local_teacher(batch):
-        return teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature,
-                              tail_samples=cfg.signal.tail_samples, seed=cfg.seed)
+        return teacher_signal(
+            teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, tail_samples=cfg.signal.tail_samples, seed=cfg.seed
+        )
 
     def make_objective(teacher_fn):
-        objective = InteractionObjective(student, s_verbs, teacher_fn, cfg.matching, cfg.loss, generator=torch.Generator().manual_seed(0))
+        objective = InteractionObjective(
+            student, s_verbs, teacher_fn, cfg.matching, cfg.loss, generator=torch.Generator().manual_seed(0)
+        )
         return objective, Stepper(objective.parameters(), cfg.stages.interact)
-
-    import ray
-
-    from vlsi_ray.runners.ray.client import TeacherClient
-    from vlsi_ray.runners.ray.wire import encode_batch
-    from vlsi_ray.runners.ray.teacher_pool import TeacherPool
-    from vlsi_ray.runners.ray.driver import ray_env
 
     # The student runs in this driver (niceness 0); Ray lowers its workers to niceness 15. Equal
     # priority for the teacher actor, so that neither side of the pipeline preempts the other.
@@ -111,8 +119,17 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     teacher.save_pretrained(Path(tmp.name) / "teacher")
     t_verbs.save(Path(tmp.name) / "verbs")
-    pool = TeacherPool(cfg.teacher_pool, Path(tmp.name) / "teacher", Path(tmp.name) / "verbs", cfg.signal.topk,
-                       cfg.loss.kd_temperature, None, cfg.signal.storage, tail_samples=cfg.signal.tail_samples, seed=cfg.seed)
+    pool = TeacherPool(
+        cfg.teacher_pool,
+        Path(tmp.name) / "teacher",
+        Path(tmp.name) / "verbs",
+        cfg.signal.topk,
+        cfg.loss.kd_temperature,
+        None,
+        cfg.signal.storage,
+        tail_samples=cfg.signal.tail_samples,
+        seed=cfg.seed,
+    )
     client = TeacherClient(pool.actors, args.lookahead)
     for b in warm:
         local_teacher(b)
@@ -146,23 +163,32 @@ def main(argv=None) -> int:
         ideal = ideal_ratio(runs["t_teacher"][-1], runs["t_student"][-1])
         runs["score"].append(runs["b"][-1] / runs["a"][-1] / ideal)
         runs["ceiling"].append(runs["c"][-1] / runs["a"][-1] / ideal)
-        print(f"round {len(runs['score'])}: T_teacher {runs['t_teacher'][-1]:.3f}  T_student {runs['t_student'][-1]:.3f}  "
-              f"(a) {runs['a'][-1]:.1f}  (b) {runs['b'][-1]:.1f}  (c) {runs['c'][-1]:.1f} samples/s  "
-              f"(actor's forward {runs['actor'][-1]:.3f})  b/a / ideal {runs['score'][-1]:.2f}  c/a / ideal {runs['ceiling'][-1]:.2f}", flush=True)
+        print(
+            f"round {len(runs['score'])}: T_teacher {runs['t_teacher'][-1]:.3f}  T_student {runs['t_student'][-1]:.3f}  "
+            f"(a) {runs['a'][-1]:.1f}  (b) {runs['b'][-1]:.1f}  (c) {runs['c'][-1]:.1f} samples/s  "
+            f"(actor's forward {runs['actor'][-1]:.3f})  b/a / ideal {runs['score'][-1]:.2f}  c/a / ideal {runs['ceiling'][-1]:.2f}",
+            flush=True,
+        )
     pool.shutdown()
     ray.shutdown()
     tmp.cleanup()
     m = {k: statistics.median(v) for k, v in runs.items()}  # the medians over the rounds
     print(f"medians of {args.rounds} rounds (batch {args.batch_size}, {n} steps per measurement, 1 thread each):")
-    print(f"T_teacher {m['t_teacher']:.3f} s/step   T_student {m['t_student']:.3f} s/step   "
-          f"ideal ratio {ideal_ratio(m['t_teacher'], m['t_student']):.2f}")
+    print(
+        f"T_teacher {m['t_teacher']:.3f} s/step   T_student {m['t_student']:.3f} s/step   "
+        f"ideal ratio {ideal_ratio(m['t_teacher'], m['t_student']):.2f}"
+    )
     print(f"(a) in-process sequential: {m['a']:.1f} samples/s")
-    print(f"(b) Ray actor pipeline:    {m['b']:.1f} samples/s   student waits {m['wait'] * 1000:.0f} ms/step on the teacher, "
-          f"whose forward takes {m['actor']:.3f} s/step in the actor")
+    print(
+        f"(b) Ray actor pipeline:    {m['b']:.1f} samples/s   student waits {m['wait'] * 1000:.0f} ms/step on the teacher, "
+        f"whose forward takes {m['actor']:.3f} s/step in the actor"
+    )
     print(f"(c) both at once, no waiting (this machine's ceiling for b): {m['c']:.1f} samples/s;  b/c {m['b'] / m['c']:.2f}")
-    print(f"b/a / ideal, per round: median {m['score']:.2f}, range {min(runs['score']):.2f}-{max(runs['score']):.2f} "
-          f"(goal >= 0.90; filling the pipeline caps it at {n / (n + 1):.2f}); "
-          f"the ceiling c/a / ideal: median {m['ceiling']:.2f}, range {min(runs['ceiling']):.2f}-{max(runs['ceiling']):.2f}")
+    print(
+        f"b/a / ideal, per round: median {m['score']:.2f}, range {min(runs['score']):.2f}-{max(runs['score']):.2f} "
+        f"(goal >= 0.90; filling the pipeline caps it at {n / (n + 1):.2f}); "
+        f"the ceiling c/a / ideal: median {m['ceiling']:.2f}, range {min(runs['ceiling']):.2f}-{max(runs['ceiling']):.2f}"
+    )
     return 0
 
 

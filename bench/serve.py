@@ -31,18 +31,25 @@ from vlsi_ray.env import set_offline_defaults  # noqa: E402
 
 set_offline_defaults()
 
+import ray  # noqa: E402
 import requests  # noqa: E402
+import torch  # noqa: E402
+from ray import serve  # noqa: E402
+
+from vlsi_ray.config import load_config  # noqa: E402
+from vlsi_ray.data.shards import read_rows  # noqa: E402
+from vlsi_ray.prepare import build_model, prepare_data, tiny_tokenizer  # noqa: E402
+from vlsi_ray.runners.ray.driver import ray_env  # noqa: E402
+from vlsi_ray.serve.app import build_app  # noqa: E402
 
 
 def untrained_student(workdir: Path) -> tuple[Path, Path]:
     """conf/tiny.yaml's student at random init, saved under ``workdir``; returns (model dir, data dir)."""
-    import torch
 
-    from vlsi_ray.config import load_config
-    from vlsi_ray.prepare import build_model, prepare_data, tiny_tokenizer
-
-    cfg = load_config(ROOT / "conf" / "tiny.yaml", [f"data.dir={workdir / 'data'}", "data.synthetic.train=500",
-                                                    "data.synthetic.val=10", "data.synthetic.test=64"])
+    cfg = load_config(
+        ROOT / "conf" / "tiny.yaml",
+        [f"data.dir={workdir / 'data'}", "data.synthetic.train=500", "data.synthetic.val=10", "data.synthetic.test=64"],
+    )
     splits = prepare_data(cfg)
     backbone = build_model(cfg, "student", tiny_tokenizer(cfg, splits.train), torch.device("cpu"))
     backbone.save_pretrained(workdir / "model")
@@ -51,7 +58,6 @@ def untrained_student(workdir: Path) -> tuple[Path, Path]:
 
 def chat_bodies(data_dir: Path, model: str, max_tokens: int, n: int) -> list[bytes]:
     """``n`` request bodies built from the synthetic test split (image as a base64 data URI)."""
-    from vlsi_ray.data.shards import read_rows
 
     rows = read_rows(data_dir, split="test")[0]
     bodies = []
@@ -60,13 +66,17 @@ def chat_bodies(data_dir: Path, model: str, max_tokens: int, n: int) -> list[byt
         question = next(p["text"] for p in json.loads(row["messages"])[0]["content"] if p["type"] == "text")
         url = "data:image/png;base64," + base64.b64encode(row["image"]).decode()
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
-        bodies.append(json.dumps({"model": model, "messages": [{"role": "user", "content": content}],
-                                  "max_tokens": max_tokens, "temperature": 0}).encode())
+        bodies.append(
+            json.dumps(
+                {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0}
+            ).encode()
+        )
     return bodies
 
 
 def load(url: str, bodies: list[bytes], clients: int) -> dict:
     """Send ``bodies`` from ``clients`` threads; requests/s, completion tokens/s, p50/p99 latency (s)."""
+
     def one(body: bytes) -> tuple[float, int]:
         started = time.perf_counter()
         reply = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=600)
@@ -78,25 +88,25 @@ def load(url: str, bodies: list[bytes], clients: int) -> dict:
         results = list(pool.map(one, bodies))
     wall = time.perf_counter() - started
     latencies = sorted(r[0] for r in results)
-    return {"rps": len(bodies) / wall, "tok_s": sum(r[1] for r in results) / wall,
-            "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]}
+    return {
+        "rps": len(bodies) / wall,
+        "tok_s": sum(r[1] for r in results) / wall,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None, help="exported model (default: an untrained tiny student)")
-    parser.add_argument("--data-dir", default=None, help="synthetic shards for the prompts (default: data/synthetic or the generated ones)")
+    parser.add_argument(
+        "--data-dir", default=None, help="synthetic shards for the prompts (default: data/synthetic or the generated ones)"
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64, help="requests per measurement at 16 clients (a quarter at 1 client)")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched app")
     parser.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s of the batched app")
     args = parser.parse_args(argv)
-
-    import ray
-    from ray import serve
-
-    from vlsi_ray.runners.ray.driver import ray_env
-    from vlsi_ray.serve.app import build_app
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     if args.model_dir:
@@ -108,13 +118,24 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"model_dir": str(model_dir), "model_name": "bench", "api_key_env": None, "limits": {"max_tokens": max(64, args.max_tokens)},
-              "default_max_tokens": args.max_tokens, "max_ongoing_requests": 64}
+    common = {
+        "model_dir": str(model_dir),
+        "model_name": "bench",
+        "api_key_env": None,
+        "limits": {"max_tokens": max(64, args.max_tokens)},
+        "default_max_tokens": args.max_tokens,
+        "max_ongoing_requests": 64,
+    }
     for name, batch, wait in (("batched", args.batch, args.batch_wait), ("unbatched", 1, 0.0)):
-        serve.run(build_app({**common, "max_batch_size": batch, "batch_wait_timeout_s": wait}), name=name, route_prefix=f"/{name}")
+        serve.run(
+            build_app({**common, "max_batch_size": batch, "batch_wait_timeout_s": wait}), name=name, route_prefix=f"/{name}"
+        )
     bodies = chat_bodies(data_dir, "bench", args.max_tokens, args.requests)
-    print(f"model {model_dir}, {args.max_tokens} new tokens per request, batched app max_batch_size={args.batch}, "
-          f"batch_wait_timeout_s={args.batch_wait}", flush=True)
+    print(
+        f"model {model_dir}, {args.max_tokens} new tokens per request, batched app max_batch_size={args.batch}, "
+        f"batch_wait_timeout_s={args.batch_wait}",
+        flush=True,
+    )
     print("| clients | app | requests/s | tokens/s | p50 s | p99 s |\n|---|---|---|---|---|---|")
     results = {}
     for clients in (1, 16):

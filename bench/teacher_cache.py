@@ -25,17 +25,22 @@ from vlsi_ray.env import set_offline_defaults  # noqa: E402
 
 set_offline_defaults()
 
+import ray  # noqa: E402
 import torch  # noqa: E402
 
 from bench.pipeline import student_loop  # noqa: E402
 from vlsi_ray.config import load_config  # noqa: E402
+from vlsi_ray.data.shards import read_rows  # noqa: E402
 from vlsi_ray.method.loop import Stepper  # noqa: E402
 from vlsi_ray.method.steps import InteractionObjective  # noqa: E402
-from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
 from vlsi_ray.models.backbone import Backbone  # noqa: E402
 from vlsi_ray.models.verbalizer import Verbalizers  # noqa: E402
 from vlsi_ray.prepare import check_pair, make_collator  # noqa: E402
 from vlsi_ray.recipe.layout import RunLayout  # noqa: E402
+from vlsi_ray.runners.local import run_local  # noqa: E402
+from vlsi_ray.runners.ray.driver import connect  # noqa: E402
+from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
+from vlsi_ray.teacher.cache import build_cache, open_cache  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,15 +49,18 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="step-2 steps per timed block")
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks of each kind, alternating")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, ["name=bench_cache", "runner=local", "stages.verbalize.max_steps=1",
-                                    "steps=[pretrain_teacher,pretrain_student,verbalize]", "eval_models=[]"])
-    from vlsi_ray.runners.local import run_local
+    cfg = load_config(
+        args.config,
+        [
+            "name=bench_cache",
+            "runner=local",
+            "stages.verbalize.max_steps=1",
+            "steps=[pretrain_teacher,pretrain_student,verbalize]",
+            "eval_models=[]",
+        ],
+    )
 
     run_local(cfg)  # the models come from the model cache after the first run
-    import ray
-
-    from vlsi_ray.runners.ray.driver import connect
-    from vlsi_ray.teacher.cache import build_cache, open_cache
 
     connect(cfg)
     started = time.perf_counter()
@@ -69,13 +77,14 @@ def main(argv=None) -> int:
     t_verbs = Verbalizers.load(layout.verbalizers("teacher"), "cpu").eval()
     s_verbs = Verbalizers.load(layout.verbalizers("student"), "cpu")
     vocab = check_pair(teacher, student)
-    cache = open_cache(cfg, layout.model("pretrain_teacher"), layout.model("pretrain_student"), layout.verbalizers("teacher"), vocab)
-    from vlsi_ray.data.shards import read_rows
+    cache = open_cache(
+        cfg, layout.model("pretrain_teacher"), layout.model("pretrain_student"), layout.verbalizers("teacher"), vocab
+    )
 
     rows, _ = read_rows(cfg.data.dir, split="train")
     bs = cfg.stages.interact.batch_size
     collate = make_collator(student, cfg)
-    batches = [collate(rows[i * bs:(i + 1) * bs]) for i in range(args.steps + 2)]
+    batches = [collate(rows[i * bs : (i + 1) * bs]) for i in range(args.steps + 2)]
     warm, timed = batches[:2], batches[2:]
     student.apply_lora(cfg.lora.rank, cfg.lora.alpha)
 
@@ -85,8 +94,9 @@ def main(argv=None) -> int:
 
     objectives = {}
     for name, source in (("live", live), ("cache", cache)):
-        objective = InteractionObjective(student, s_verbs, source, cfg.matching, cfg.loss, generator=torch.Generator().manual_seed(0),
-                                         vocab_size=vocab)
+        objective = InteractionObjective(
+            student, s_verbs, source, cfg.matching, cfg.loss, generator=torch.Generator().manual_seed(0), vocab_size=vocab
+        )
         objectives[name] = (objective, Stepper(objective.parameters(), cfg.stages.interact))
         student_loop(*objectives[name], warm)
     seconds = {"live": 0.0, "cache": 0.0}
@@ -95,11 +105,17 @@ def main(argv=None) -> int:
             seconds[name] += student_loop(*objectives[name], timed)
     samples = args.blocks * len(timed) * bs
     live_rate, cache_rate = samples / seconds["live"], samples / seconds["cache"]
-    print(f"cache build: {manifest['rows']} rows in {build_s:.0f}s ({manifest['rows'] / build_s:.0f} rows/s incl. Ray start), "
-          f"{manifest['bytes'] / 2**20:.1f} MiB on disk, {manifest['bytes'] / manifest['rows'] / 1024:.1f} KiB per sample")
+    print(
+        f"cache build: {manifest['rows']} rows in {build_s:.0f}s ({manifest['rows'] / build_s:.0f} rows/s incl. Ray start), "
+        f"{manifest['bytes'] / 2**20:.1f} MiB on disk, {manifest['bytes'] / manifest['rows'] / 1024:.1f} KiB per sample"
+    )
     print(f"step 2, live teacher:  {live_rate:.1f} samples/s")
-    print(f"step 2, teacher cache: {cache_rate:.1f} samples/s   (reading {1000 * cache.read_seconds / cache.requests:.1f} ms per batch)")
-    print(f"ratio cache/live {cache_rate / live_rate:.2f}  ({args.blocks} alternating blocks of {len(timed)} steps, batch {bs}, 1 thread)")
+    print(
+        f"step 2, teacher cache: {cache_rate:.1f} samples/s   (reading {1000 * cache.read_seconds / cache.requests:.1f} ms per batch)"
+    )
+    print(
+        f"ratio cache/live {cache_rate / live_rate:.2f}  ({args.blocks} alternating blocks of {len(timed)} steps, batch {bs}, 1 thread)"
+    )
     return 0
 
 

@@ -154,23 +154,29 @@ def print_regime(name: str, result: dict) -> None:
     lo, hi = REGIMES[name]
     a = f"{lo:g}" if lo == hi else f"U[{lo:g}, {hi:g}] per token"
     st, ex = result["stats"], result["exact"]
-    print(f"\n== {name}: Zipf exponent {a}; teacher top-1 prob {st['top1']:.2f}, entropy {st['entropy']:.2f} nats, "
-          f"top-{GOAL_K} mass {st['topk_mass']:.4f}; exact KL forward {ex['forward']:.3f}, reverse {ex['reverse']:.3f} nats")
+    print(
+        f"\n== {name}: Zipf exponent {a}; teacher top-1 prob {st['top1']:.2f}, entropy {st['entropy']:.2f} nats, "
+        f"top-{GOAL_K} mass {st['topk_mass']:.4f}; exact KL forward {ex['forward']:.3f}, reverse {ex['reverse']:.3f} nats"
+    )
     for row in result["rows"]:
         if row["k"] is None:
-            (storage, nbytes), = row["bytes"].items()
+            ((storage, nbytes),) = row["bytes"].items()
             fwd, rev = (fmt_err(row["err"][(d, storage)], False) for d in DIRECTIONS)
             print(f"  {row['signal']:<11} {nbytes:>9,.0f} B/token/layer   KL err forward {fwd}, reverse {rev}")
-    head = (f"  {'signal':<24} {'B fp16':>7} {'B fp32':>7} {'% bf16':>7} {'% fp32':>7}   "
-            f"{'fwd err fp16':>15} {'fwd err fp32':>15} {'rev err fp16':>15} {'rev err fp32':>15}")
+    head = (
+        f"  {'signal':<24} {'B fp16':>7} {'B fp32':>7} {'% bf16':>7} {'% fp32':>7}   "
+        f"{'fwd err fp16':>15} {'fwd err fp32':>15} {'rev err fp16':>15} {'rev err fp32':>15}"
+    )
     print(head)
     for row in result["rows"]:
         if row["k"] is None:
             continue
         b16, b32 = row["bytes"]["float16"], row["bytes"]["float32"]
         errs = [fmt_err(row["err"][(d, s)], row["samples"] > 0) for d in DIRECTIONS for s in STORAGES]
-        print(f"  {row['signal']:<24} {b16:>7,.0f} {b32:>7,.0f} {100 * b16 / (2 * VOCAB):>6.3f}% {100 * b32 / (4 * VOCAB):>6.3f}%   "
-              + " ".join(f"{e:>15}" for e in errs))
+        print(
+            f"  {row['signal']:<24} {b16:>7,.0f} {b32:>7,.0f} {100 * b16 / (2 * VOCAB):>6.3f}% {100 * b32 / (4 * VOCAB):>6.3f}%   "
+            + " ".join(f"{e:>15}" for e in errs)
+        )
 
 
 def verdict(results: dict) -> list[str]:
@@ -191,8 +197,10 @@ def verdict(results: dict) -> list[str]:
                 mark = "MISSED"
             else:
                 mark = "MET" if abs(err) + 2 * se <= GOAL_ERR else "UNDECIDED (within 2 standard errors)"
-            lines.append(f"  {name:<7} {row['signal']:<24} {100 * share:.3f}% of dense bf16, forward KL err "
-                         f"{fmt_err((err, se), row['samples'] > 0)}: {mark}")
+            lines.append(
+                f"  {name:<7} {row['signal']:<24} {100 * share:.3f}% of dense bf16, forward KL err "
+                f"{fmt_err((err, se), row['samples'] > 0)}: {mark}"
+            )
     return lines
 
 
@@ -209,19 +217,25 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # 2 threads gain little on [16, V] chunks and spin when the cores are shared
     started = time.perf_counter()
-    print(f"V = {VOCAB:,}, {args.tokens} tokens, one layer; dense bf16 = {2 * VOCAB:,} B and fp32 = {4 * VOCAB:,} B "
-          f"per token per layer; student = teacher + N(0, {args.student_noise:g}²) logits; exact KL in float64, "
-          "signals and their KL in float32.")
-    print("err = mean KL with the decoded signal / exact mean KL - 1 (negative: underestimate); "
-          "top-k % bf16 uses float16 storage, % fp32 float32 storage.")
+    print(
+        f"V = {VOCAB:,}, {args.tokens} tokens, one layer; dense bf16 = {2 * VOCAB:,} B and fp32 = {4 * VOCAB:,} B "
+        f"per token per layer; student = teacher + N(0, {args.student_noise:g}²) logits; exact KL in float64, "
+        "signals and their KL in float32."
+    )
+    print(
+        "err = mean KL with the decoded signal / exact mean KL - 1 (negative: underestimate); "
+        "top-k % bf16 uses float16 storage, % fp32 float32 storage."
+    )
     results = {}
     for name in args.regimes:
         generator = torch.Generator().manual_seed(args.seed * 1000 + list(REGIMES).index(name))
         results[name] = run_regime(name, args, generator)
         print_regime(name, results[name])
     if GOAL_K in args.k:
-        print(f"\nGoal at k = {GOAL_K} (float16 storage): <= {100 * GOAL_BYTES:g}% of dense bf16 bytes and "
-              f"|forward KL err| <= {100 * GOAL_ERR:g}%")
+        print(
+            f"\nGoal at k = {GOAL_K} (float16 storage): <= {100 * GOAL_BYTES:g}% of dense bf16 bytes and "
+            f"|forward KL err| <= {100 * GOAL_ERR:g}%"
+        )
         print("\n".join(verdict(results)))
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "conf" / "tiny.yaml"), help="base config (default: conf/tiny.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, help="a subset (vlsi always runs: the others reuse its step 1)")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANT_NAMES, help="a subset (vlsi always runs: the others reuse its step 1)"
+    )
     parser.add_argument("--root", default="runs/ablate", help="where the runs go (default: runs/ablate)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")

@@ -33,6 +33,10 @@ from vlsi_ray.env import set_offline_defaults  # noqa: E402
 set_offline_defaults()
 
 from vlsi_ray.config import ConfigError, load_config  # noqa: E402
+from vlsi_ray.dry_run import dry_run  # noqa: E402
+from vlsi_ray.runners.local import run_local  # noqa: E402
+from vlsi_ray.runners.ray.driver import run_ray  # noqa: E402
+from vlsi_ray.teacher.cache import require_cache  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            from vlsi_ray.dry_run import dry_run
-
             dry_run(cfg, args.dry_run_rows)
             return 0
-        from vlsi_ray.teacher.cache import require_cache
 
         require_cache(cfg)  # teacher.source=cache: the cache must exist before any work
     except ConfigError as err:
@@ -61,12 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: {err}", file=sys.stderr)
         return 2
     if cfg.runner == "local":
-        from vlsi_ray.runners.local import run_local
-
         run_local(cfg)
     else:
-        from vlsi_ray.runners.ray.driver import run_ray
-
         run_ray(cfg)
     return 0
 

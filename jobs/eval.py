@@ -26,6 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vlsi_ray.env import set_offline_defaults  # noqa: E402
+from vlsi_ray.eval.benchmarks import BenchmarkError, mcq_benchmark, synthetic_benchmark, yes_no_benchmark  # noqa: E402
+from vlsi_ray.eval.fixtures import write_fixture_sets  # noqa: E402
+from vlsi_ray.eval.harness import evaluate_benchmark, write_summary  # noqa: E402
+from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, LocalPredictor  # noqa: E402
 
 set_offline_defaults()
 
@@ -40,7 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sets = p.add_argument_group("benchmarks (any number)")
     sets.add_argument("--synthetic", help="synthetic data directory; its test split is scored per task type")
     sets.add_argument("--mcq", action="append", default=[], help="VLMEvalKit multiple-choice TSV (repeatable)")
-    sets.add_argument("--yes-no", action="append", default=[], help="POPE set: VLMEvalKit TSV or original JSON lines (repeatable)")
+    sets.add_argument(
+        "--yes-no", action="append", default=[], help="POPE set: VLMEvalKit TSV or original JSON lines (repeatable)"
+    )
     sets.add_argument("--image-root", help="image folder of POPE JSON lines (default: next to the file)")
     p.add_argument("--out", default="eval", help="output directory (default: ./eval)")
     p.add_argument("--limit", type=int, help="score only the first N items of each set")
@@ -64,20 +70,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vlsi_ray.eval.benchmarks import BenchmarkError, mcq_benchmark, synthetic_benchmark, yes_no_benchmark
-    from vlsi_ray.eval.harness import evaluate_benchmark, write_summary
-    from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, LocalPredictor
 
     if args.write_fixtures:
-        from vlsi_ray.eval.fixtures import write_fixture_sets
-
         sets = write_fixture_sets(args.write_fixtures)
         print(f"wrote {sets.mcq}, {sets.pope_tsv} and {', '.join(map(str, sets.pope_jsonl))}")
         return 0
     try:
-        benches = ([synthetic_benchmark(args.synthetic, on_error=args.on_error)] if args.synthetic else []) + \
-                  [mcq_benchmark(f, on_error=args.on_error) for f in args.mcq] + \
-                  [yes_no_benchmark(f, args.image_root, on_error=args.on_error) for f in args.yes_no]
+        benches = (
+            ([synthetic_benchmark(args.synthetic, on_error=args.on_error)] if args.synthetic else [])
+            + [mcq_benchmark(f, on_error=args.on_error) for f in args.mcq]
+            + [yes_no_benchmark(f, args.image_root, on_error=args.on_error) for f in args.yes_no]
+        )
         names = [b.name for b in benches]
         for i, bench in enumerate(benches):  # two files with one stem must not share a predictions file
             if names.count(bench.name) > 1:

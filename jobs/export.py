@@ -28,8 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/tiny", help="the run to export (default: runs/tiny)")
     parser.add_argument("--out", default=None, help="output directory (default: exports/<run name>)")
-    parser.add_argument("--stage", default="auto", choices=("auto", *STUDENT_STAGES), help="which student: auto = sft if finished, else interact")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="dtype of the exported weights (default: the base checkpoint's, as the run saved the student)")
+    parser.add_argument(
+        "--stage", default="auto", choices=("auto", *STUDENT_STAGES), help="which student: auto = sft if finished, else interact"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the exported weights (default: the base checkpoint's, as the run saved the student)",
+    )
     parser.add_argument("--no-verbalizers", action="store_true", help="do not copy the verbalizers next to the model")
     args = parser.parse_args(argv)
     out = Path(args.out or Path("exports") / Path(args.run_dir).name)

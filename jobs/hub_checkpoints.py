@@ -21,8 +21,14 @@ from vlsi_ray.env import set_offline_defaults  # noqa: E402
 
 set_offline_defaults()
 
+import torch  # noqa: E402
+
 from vlsi_ray.config import load_config  # noqa: E402
+from vlsi_ray.data.synthetic import corpus_texts, generate_rows  # noqa: E402
 from vlsi_ray.models.families import FAMILIES  # noqa: E402
+from vlsi_ray.models.hub_layout import write_hub_checkpoint  # noqa: E402
+from vlsi_ray.models.tokenizer import train_tokenizer  # noqa: E402
+from vlsi_ray.prepare import build_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,20 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = parser.parse_args(argv)
 
-    import torch
-
-    from vlsi_ray.data.synthetic import corpus_texts, generate_rows
-    from vlsi_ray.models.hub_layout import write_hub_checkpoint
-    from vlsi_ray.models.tokenizer import train_tokenizer
-    from vlsi_ray.prepare import build_model
-
     texts = corpus_texts(generate_rows("train", 400, seed=0))
     for family in args.family:
         cfg = load_config(ROOT / "conf" / "tiny.yaml", [f"teacher.family={family}", f"student.family={family}"])
         tokenizer = train_tokenizer(texts, family, cfg.data.synthetic.tokenizer_vocab_size)
         for role in ("teacher", "student"):
-            out = write_hub_checkpoint(build_model(cfg, role, tokenizer, torch.device("cpu")), Path(args.out) / family / role,
-                                       dtype=getattr(torch, args.dtype))
+            out = write_hub_checkpoint(
+                build_model(cfg, role, tokenizer, torch.device("cpu")),
+                Path(args.out) / family / role,
+                dtype=getattr(torch, args.dtype),
+            )
             print(f"[hub] {family} {role} -> {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)", flush=True)
     return 0
 

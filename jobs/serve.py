@@ -23,15 +23,21 @@ from vlsi_ray.env import set_offline_defaults  # noqa: E402
 
 set_offline_defaults()
 
+import ray  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from ray import serve  # noqa: E402
 
 from vlsi_ray.config import ConfigError  # noqa: E402
+from vlsi_ray.runners.ray.driver import ray_env  # noqa: E402
+from vlsi_ray.serve.app import build_app  # noqa: E402
 from vlsi_ray.serve.config import serve_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "conf" / "serve.yaml"), help="Serve config file (default: conf/serve.yaml)")
+    parser.add_argument(
+        "--config", default=str(ROOT / "conf" / "serve.yaml"), help="Serve config file (default: conf/serve.yaml)"
+    )
     parser.add_argument("--host", default=None, help="listen address (default: the file's http_options.host)")
     parser.add_argument("--port", type=int, default=None, help="port (default: the file's http_options.port)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the app's args, e.g. model_dir=exports/tiny")
@@ -49,12 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     host = args.host or file.http_options.get("host", "127.0.0.1")
     port = args.port or file.http_options.get("port", 8000)
 
-    import ray
-    from ray import serve
-
-    from vlsi_ray.runners.ray.driver import ray_env
-    from vlsi_ray.serve.app import build_app
-
     env = ray_env()
     key_env = app_args.get("api_key_env")
     if key_env and os.environ.get(key_env):  # the replicas check the key from their own environment
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), runtime_env={"env_vars": env})
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(app_args), name=file.applications[0].get("name", "vlsi"), route_prefix="/")
-    print(f"[serve] {app_args.get('model_name') or Path(app_args['model_dir']).name} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    print(
+        f"[serve] {app_args.get('model_name') or Path(app_args['model_dir']).name} on http://{host}:{port}/v1 (Ctrl-C stops)",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)

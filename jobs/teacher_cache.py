@@ -27,6 +27,8 @@ from vlsi_ray.env import set_offline_defaults  # noqa: E402
 set_offline_defaults()
 
 from vlsi_ray.config import ConfigError, load_config  # noqa: E402
+from vlsi_ray.runners.ray.driver import connect  # noqa: E402
+from vlsi_ray.teacher.cache import build_cache, step2_inputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,14 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from vlsi_ray.teacher.cache import step2_inputs
 
         step2_inputs(cfg)  # the teacher and its verbalizers must exist before Ray starts
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from vlsi_ray.runners.ray.driver import connect
-    from vlsi_ray.teacher.cache import build_cache
 
     connect(cfg)
     build_cache(cfg, overwrite=args.overwrite)

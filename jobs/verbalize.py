@@ -26,7 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from omegaconf import OmegaConf  # noqa: E402
+
+from vlsi_ray.data.shards import read_rows  # noqa: E402
+from vlsi_ray.data.synthetic import messages_json  # noqa: E402
 from vlsi_ray.env import set_offline_defaults  # noqa: E402
+from vlsi_ray.eval.report import write_plots  # noqa: E402
+from vlsi_ray.eval.traces import TraceSource, export_source, run_sources, trace_source, write_traces  # noqa: E402
 
 set_offline_defaults()
 
@@ -56,8 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def trace_row(args) -> dict:
     """The chat row to trace: the given image + question, or a row of the synthetic test split."""
-    from vlsi_ray.data.shards import read_rows
-    from vlsi_ray.data.synthetic import messages_json
 
     if args.image:
         image = Path(args.image)
@@ -67,8 +71,6 @@ def trace_row(args) -> dict:
         return {"id": image.name, "image": image.read_bytes(), "messages": json.dumps(messages)}
     data = args.data
     if data is None and args.run_dir:
-        from omegaconf import OmegaConf
-
         data = OmegaConf.load(Path(args.run_dir) / "config.yaml").data.dir
     if data is None:
         raise FileNotFoundError("no row to trace: pass --image and --question, or --data DIR.")
@@ -80,16 +82,17 @@ def trace_row(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vlsi_ray.eval.report import write_plots
-    from vlsi_ray.eval.traces import TraceSource, export_source, run_sources, trace_source, write_traces
 
     try:
         if args.run_dir and not args.no_plots:
             for name, path in write_plots(args.run_dir).items():
                 print(f"[plots] {name}: {path}")
         if args.model:
-            sources = [TraceSource(Path(args.model).name, Path(args.model), Path(args.verbalizers))
-                       if args.verbalizers else export_source(args.model)]
+            sources = [
+                TraceSource(Path(args.model).name, Path(args.model), Path(args.verbalizers))
+                if args.verbalizers
+                else export_source(args.model)
+            ]
         else:
             sources = run_sources(args.run_dir)
         row = trace_row(args)
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         for source in sources:
             traces.append(trace_source(source, row, args.max_tokens, device=args.device))
             for layer in traces[-1]["layers"]:
-                print(f"[trace] {source.name} layer {layer['layer']}{' (final)' if layer['kind'] == 'final' else ''}: {layer['text']!r}")
+                print(
+                    f"[trace] {source.name} layer {layer['layer']}{' (final)' if layer['kind'] == 'final' else ''}: {layer['text']!r}"
+                )
         json_path, html_path = write_traces(args.out or Path(args.run_dir) / "traces", row, traces)
     except (FileNotFoundError, IndexError, ValueError) as err:
         print(f"verbalize error: {err}", file=sys.stderr)

@@ -11,10 +11,17 @@ from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
+import ray  # noqa: E402
 import torch  # noqa: E402
+from ray.data import DataContext  # noqa: E402
+
+from vlsi_ray.eval.fixtures import write_fixture_sets  # noqa: E402
+from vlsi_ray.runners.ray.driver import local_runtime_env  # noqa: E402
+
 from hub_world import make_hub_world  # noqa: E402
 from tiny_config import make_tiny_overrides  # noqa: E402
 from tiny_run import make_tiny_run  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_overrides():
@@ -47,7 +54,6 @@ def tiny_run(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def fixture_sets(tmp_path_factory):
     """Tiny MCQ / POPE files in VLMEvalKit's formats (10 MCQ rows, 4 images × 3 POPE questions)."""
-    from vlsi_ray.eval.fixtures import write_fixture_sets
 
     return write_fixture_sets(Path(tmp_path_factory.mktemp("eval_sets")))
 
@@ -71,14 +77,15 @@ def local_ray():
     """A local Ray with room for a teacher actor, a Train worker and Ray Data tasks at once, one per test
     module (4 logical CPUs, 2 fake GPUs: placement tests ask for ``num_gpus``; CUDA stays unavailable,
     so the actors still compute on CPU)."""
-    import ray
-    from ray.data import DataContext
-
-    from vlsi_ray.runners.ray.driver import local_runtime_env
 
     # As the runner starts a local Ray for tiny.yaml: no dashboard, workers with tuned malloc.
-    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False,
-             runtime_env=local_runtime_env(tune_malloc=True, include_dashboard=False))
+    ray.init(
+        address="local",
+        num_cpus=4,
+        num_gpus=2,
+        include_dashboard=False,
+        runtime_env=local_runtime_env(tune_malloc=True, include_dashboard=False),
+    )
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

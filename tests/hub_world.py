@@ -13,10 +13,11 @@ from types import SimpleNamespace
 
 import torch
 
-from tiny_config import make_tiny_overrides
 from vlsi_ray.config import load_config
 from vlsi_ray.models.hub_layout import write_hub_checkpoint
 from vlsi_ray.prepare import build_model, prepare_data, tiny_tokenizer
+
+from tiny_config import make_tiny_overrides
 
 #: Rows per split of the shards beside the pairs.
 HUB_DATA = ["data.synthetic.train=64", "data.synthetic.val=8", "data.synthetic.test=16"]
@@ -40,7 +41,18 @@ def make_hub_world(tmp: Path, family: str) -> SimpleNamespace:
 
     def overrides(name: str, *extra: str) -> list[str]:
         out = make_tiny_overrides(tmp, name, HUB_STEPS) + HUB_DATA
-        return out + [f"teacher.path={dirs['teacher']}", f"student.path={dirs['student']}", "steps=[verbalize,interact,sft]", *extra]
+        return out + [
+            f"teacher.path={dirs['teacher']}",
+            f"student.path={dirs['student']}",
+            "steps=[verbalize,interact,sft]",
+            *extra,
+        ]
 
-    return SimpleNamespace(family=family, teacher=dirs["teacher"], student=dirs["student"], data=tmp / "data",
-                           tokenizer=tokenizer, overrides=overrides)
+    return SimpleNamespace(
+        family=family,
+        teacher=dirs["teacher"],
+        student=dirs["student"],
+        data=tmp / "data",
+        tokenizer=tokenizer,
+        overrides=overrides,
+    )

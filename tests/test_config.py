@@ -1,10 +1,16 @@
 """Config loading: defaults, YAML + overrides, and one-sentence errors naming the key."""
 
+import dataclasses
+import json
+import re
+import typing
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from vlsi_ray.config import ConfigError, TargetLayersConfig, load_config
+from vlsi_ray.config import STEPS, ConfigError, RunConfig, TargetLayersConfig, load_config
+from vlsi_ray.serve.config import serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,11 +30,8 @@ def test_every_shipped_config_loads():
     for path in sorted((ROOT / "conf").glob("*.yaml")):
         if path.name.startswith("qwen2vl_72b"):
             continue  # needs local checkpoints; checked below with the paths removed
-        from omegaconf import OmegaConf
 
         if "applications" in OmegaConf.load(path):  # a Ray Serve config
-            from vlsi_ray.serve.config import serve_config
-
             app = OmegaConf.to_container(OmegaConf.load(path).applications[0])
             if app["import_path"] == "vlsi_ray.serve.app:build_app":  # the project's app: its args are a ServeConfig
                 serve_config(app["args"], check_model=False)
@@ -40,9 +43,17 @@ def test_every_shipped_config_loads():
 
 
 def test_paper_config_targets():
-    cfg = load_config(ROOT / "conf" / "qwen2vl_72b_to_7b.yaml", ["teacher.path=null", "student.path=null",
-                                                                   "teacher.tiny.num_layers=80", "student.tiny.num_layers=28",
-                                                                   "teacher.tiny.num_heads=1", "student.tiny.num_heads=1"])
+    cfg = load_config(
+        ROOT / "conf" / "qwen2vl_72b_to_7b.yaml",
+        [
+            "teacher.path=null",
+            "student.path=null",
+            "teacher.tiny.num_layers=80",
+            "student.tiny.num_layers=28",
+            "teacher.tiny.num_heads=1",
+            "student.tiny.num_heads=1",
+        ],
+    )
     assert cfg.student.targets.resolve(28) == [2, 6, 10, 14, 18, 22, 26]
     assert cfg.teacher.targets.resolve(80) == list(range(2, 80, 4)) and len(cfg.teacher.targets.resolve(80)) == 20
 
@@ -101,8 +112,6 @@ def test_target_rule():
 
 def _config_keys(cls, prefix: str = "") -> tuple[set[str], set[str]]:
     """(leaf keys, group keys) of a config dataclass, dotted."""
-    import dataclasses
-    import typing
 
     leaves, groups = set(), set()
     hints = typing.get_type_hints(cls)
@@ -124,7 +133,6 @@ def _documented_keys(markdown: str, stages: list[str]) -> set[str]:
     Notation: ```a.b` / `.c` `` (a sibling of the previous key), ```a.b/c/d` `` (siblings), ``<stage>``
     (every stage).
     """
-    import re
 
     keys: set[str] = set()
     in_table = False
@@ -151,7 +159,6 @@ def _documented_keys(markdown: str, stages: list[str]) -> set[str]:
 def test_readme_documents_every_config_key():
     """Every key of :class:`RunConfig` is in one of the README's key tables (or under a documented
     group such as ``teacher_pool.resources``), and every key the tables name exists."""
-    from vlsi_ray.config import STEPS, RunConfig
 
     leaves, groups = _config_keys(RunConfig)
     documented = _documented_keys((ROOT / "README.md").read_text(), list(STEPS))
@@ -163,17 +170,22 @@ def test_readme_documents_every_config_key():
 
 
 def test_documented_keys_notation():
-    table = "\n".join([
-        "| key | default | meaning |", "|---|---|---|",
-        "| `a.b` / `.c` | 1 | x `not.a.key` |", "| `d.e/f/g` | 1 | y |", "| `s.<stage>.lr` | 1 | z |", "",
-        "| `outside.a.table` | 1 | w |",
-    ])
+    table = "\n".join(
+        [
+            "| key | default | meaning |",
+            "|---|---|---|",
+            "| `a.b` / `.c` | 1 | x `not.a.key` |",
+            "| `d.e/f/g` | 1 | y |",
+            "| `s.<stage>.lr` | 1 | z |",
+            "",
+            "| `outside.a.table` | 1 | w |",
+        ]
+    )
     assert _documented_keys(table, ["p", "q"]) == {"a.b", "a.c", "d.e", "d.f", "d.g", "s.p.lr", "s.q.lr"}
 
 
 def test_a_ray_job_with_a_working_dir_refuses_relative_output_paths(monkeypatch, tmp_path):
     """In `ray job submit --working-dir` the cwd is Ray's temporary copy: relative outputs would be lost there."""
-    import json
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
@@ -182,6 +194,8 @@ def test_a_ray_job_with_a_working_dir_refuses_relative_output_paths(monkeypatch,
     message = str(err.value)
     assert "output_dir=runs" in message and "data.dir" not in message and str(tmp_path) in message
     assert "e.g. output_dir=$PWD/runs" in message and message.count(".") >= 1
-    assert load_config(None, [f"output_dir={tmp_path / 'runs'}", f"data.dir={tmp_path / 'data'}"]).output_dir == str(tmp_path / "runs")
+    assert load_config(None, [f"output_dir={tmp_path / 'runs'}", f"data.dir={tmp_path / 'data'}"]).output_dir == str(
+        tmp_path / "runs"
+    )
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # a job without a working dir
     assert load_config(None, ["output_dir=runs"]).output_dir == "runs"

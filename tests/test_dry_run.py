@@ -8,8 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 from vlsi_ray.config import load_config
 from vlsi_ray.data.collate import ANSWER_CUT, FITS, NO_ANSWER, REFUSED
 from vlsi_ray.dry_run import dry_run, histogram
@@ -36,15 +34,30 @@ def test_dry_run_reports_models_lengths_plan_and_placement(hub_worlds, capsys):
     world = hub_worlds("qwen2_vl")
     root = world.data.parent
     before = sorted(p for p in root.rglob("*"))
-    cfg = load_config(None, world.overrides("dry", "runner=ray", "data.max_length=71", "train.num_workers=2",
-                                            "teacher_pool.resources.num_gpus=2", "train.resources_per_worker.num_gpus=1",
-                                            "train.use_gpu=true", "teacher.gradient_checkpointing=false",
-                                            "student.gradient_checkpointing=true"))
+    cfg = load_config(
+        None,
+        world.overrides(
+            "dry",
+            "runner=ray",
+            "data.max_length=71",
+            "train.num_workers=2",
+            "teacher_pool.resources.num_gpus=2",
+            "train.resources_per_worker.num_gpus=1",
+            "train.use_gpu=true",
+            "teacher.gradient_checkpointing=false",
+            "student.gradient_checkpointing=true",
+        ),
+    )
     plan = dry_run(cfg)
     out = capsys.readouterr().out
     assert sorted(p for p in root.rglob("*")) == before and not cfg.run_dir.exists()  # nothing written
     student = plan["student"]
-    assert (student["family"], student["num_layers"], student["checkpoint_dtype"], student["gradient_checkpointing"]) == ("qwen2_vl", 3, "bfloat16", True)
+    assert (student["family"], student["num_layers"], student["checkpoint_dtype"], student["gradient_checkpointing"]) == (
+        "qwen2_vl",
+        3,
+        "bfloat16",
+        True,
+    )
     assert student["parameters"] > 0 and student["targets"] == [1, 2]
     assert plan["shared_vocab"] > 0 and "pair OK" in out
     lengths = plan["data"]["lengths"]
@@ -54,7 +67,13 @@ def test_dry_run_reports_models_lengths_plan_and_placement(hub_worlds, capsys):
     assert lengths["min"] <= 71 < lengths["max"] and over > 0 and lengths["estimated_over_max_length"] == over
     assert ">71" in out and all(f"{n} of 64" in out for verdict, n in lengths["verdicts"].items() if verdict != FITS)
     stages = {s["stage"]: s for s in plan["stages"]}
-    assert list(stages) == ["baseline_sft", "verbalize/teacher", "verbalize/student", "interact", "sft"]  # the stage table's order
+    assert list(stages) == [
+        "baseline_sft",
+        "verbalize/teacher",
+        "verbalize/student",
+        "interact",
+        "sft",
+    ]  # the stage table's order
     sft = stages["sft"]
     assert sft["workers"] == 2 and sft["optimizer_steps"] == total_optimizer_steps(cfg.stages.sft, 64, 2) == 3
     assert stages["verbalize/teacher"]["workers"] == 1

@@ -5,7 +5,8 @@ import threading
 
 import pytest
 
-from vlsi_ray.env import at_idle_priority
+from vlsi_ray.env import MALLOC_ENV, at_idle_priority
+from vlsi_ray.runners.ray.driver import ray_env
 
 linux_only = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 
@@ -34,13 +35,14 @@ def test_at_idle_priority_returns_the_value_and_raises_the_error():
 
 
 def test_workers_get_the_malloc_settings_unless_the_user_chose_their_own(monkeypatch):
-    from vlsi_ray.env import MALLOC_ENV
-    from vlsi_ray.runners.ray.driver import ray_env
 
     for key in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(key)
     assert {k: ray_env(tune_malloc=True)[k] for k in MALLOC_ENV} == {
-        "MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824", "MALLOC_TOP_PAD_": "67108864"}
+        "MALLOC_MMAP_THRESHOLD_": "33554432",
+        "MALLOC_TRIM_THRESHOLD_": "1073741824",
+        "MALLOC_TOP_PAD_": "67108864",
+    }
     assert not any(k.startswith("MALLOC_") for k in ray_env(tune_malloc=False))
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's allocator settings stand: none of ours is added
     assert not any(k.startswith("MALLOC_") for k in ray_env(tune_malloc=True))

@@ -7,28 +7,42 @@ only through ``teacher.path`` / ``student.path``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from hub_world import HUB_STEPS
 from vlsi_ray.config import load_config
 from vlsi_ray.data.collate import IGNORE_INDEX, ChatCollator
 from vlsi_ray.data.shards import read_rows
+from vlsi_ray.eval.traces import run_sources, trace_source
+from vlsi_ray.export import export_student
 from vlsi_ray.metrics import read_metrics
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.families import FAMILIES, get_family
 from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.prepare import check_pair_paths
+from vlsi_ray.runners.local import run_local
+
+from hub_world import HUB_STEPS
 
 #: The architecture each release names, and weight-name prefixes its shards use (transformers 4.x classes).
 RELEASED = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", ("model.layers.0.", "visual.blocks.0.", "visual.merger.", "lm_head.")),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", ("model.layers.0.", "visual.blocks.0.", "visual.merger.", "lm_head.")),
-    "llava_onevision": ("LlavaOnevisionForConditionalGeneration",
-                        ("language_model.model.layers.0.", "language_model.lm_head.", "vision_tower.vision_model.",
-                         "multi_modal_projector.", "image_newline")),
+    "llava_onevision": (
+        "LlavaOnevisionForConditionalGeneration",
+        (
+            "language_model.model.layers.0.",
+            "language_model.lm_head.",
+            "vision_tower.vision_model.",
+            "multi_modal_projector.",
+            "image_newline",
+        ),
+    ),
 }
 STAGES = ("verbalize/teacher", "verbalize/student", "interact", "baseline_sft", "sft")
 
@@ -43,8 +57,17 @@ def test_the_directory_is_laid_out_as_released(world):
     architecture, prefixes = RELEASED[world.family]
     for directory in (world.teacher, world.student):
         files = {p.name for p in directory.iterdir()}
-        assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                "chat_template.json", "preprocessor_config.json", "model.safetensors.index.json"} <= files
+        assert {
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+            "chat_template.json",
+            "preprocessor_config.json",
+            "model.safetensors.index.json",
+        } <= files
         assert "vlsi_backbone.json" not in files and "model.safetensors" not in files
         index = json.loads((directory / "model.safetensors.index.json").read_text())
         shards = sorted(set(index["weight_map"].values()))
@@ -115,11 +138,7 @@ def test_bfloat16_run_in_process_trains_every_stage_and_exports(world, tmp_path,
     """Steps 1-3 and the SFT-only baseline on the released-layout pair: finite losses, every stage's
     student saved in the base checkpoint's dtype (verb-FFNs float32), evaluations, layer-wise traces of
     the run's models, and an export that plain transformers loads in bfloat16 (or float32 when asked)."""
-    from transformers import AutoModelForImageTextToText
-
-    from vlsi_ray.eval.traces import run_sources, trace_source
-    from vlsi_ray.export import export_student
-    from vlsi_ray.runners.local import run_local
+    from transformers import AutoModelForImageTextToText  # noqa: PLC0415 (transformers loads on use (after the offline defaults are set))
 
     cfg = load_config(None, world.overrides(f"bf16-{world.family}"))
     report = run_local(cfg)
@@ -152,14 +171,24 @@ def test_bfloat16_run_in_process_trains_every_stage_and_exports(world, tmp_path,
 def test_step2_in_bfloat16_tracks_float32(hub_worlds, one_thread):
     """The same step 2 (same weights, data, seeds, exact signal) computed in bfloat16 and in float32:
     per-step losses within 1% (measured: 0.09% at most; bfloat16 keeps 8 bits of mantissa, the losses are float32)."""
-    from vlsi_ray.runners.local import run_local
 
     world = hub_worlds("qwen2_vl")
     losses = {}
     for dtype in ("bfloat16", "float32"):
-        cfg = load_config(None, world.overrides(f"step2-{dtype}", "steps=[interact]", "baseline_sft=false", "eval_models=[]",
-                                                "stages.interact.max_steps=6", "signal.topk=100000", "signal.storage=float32",
-                                                f"teacher.dtype={dtype}", f"student.dtype={dtype}"))
+        cfg = load_config(
+            None,
+            world.overrides(
+                f"step2-{dtype}",
+                "steps=[interact]",
+                "baseline_sft=false",
+                "eval_models=[]",
+                "stages.interact.max_steps=6",
+                "signal.topk=100000",
+                "signal.storage=float32",
+                f"teacher.dtype={dtype}",
+                f"student.dtype={dtype}",
+            ),
+        )
         run_local(cfg)
         losses[dtype] = [r["loss"] for r in read_metrics(cfg.run_dir / "metrics.jsonl", "interact")]
     print("step-2 losses bf16", losses["bfloat16"], "fp32", losses["float32"])
@@ -170,10 +199,6 @@ def test_step2_in_bfloat16_tracks_float32(hub_worlds, one_thread):
 
 def test_hub_checkpoints_job_writes_a_loadable_pair(tmp_path):
     """``jobs/hub_checkpoints.py``: a tiny released-layout pair a user can point teacher.path/student.path at."""
-    import importlib.util
-    from pathlib import Path
-
-    from vlsi_ray.prepare import check_pair_paths
 
     spec = importlib.util.spec_from_file_location("hub_job", Path(__file__).resolve().parents[1] / "jobs" / "hub_checkpoints.py")
     module = importlib.util.module_from_spec(spec)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 
 from tiny_config import make_tiny_overrides
 
@@ -27,16 +28,30 @@ def _free_port() -> int:
 @pytest.fixture
 def head(tmp_path):
     """A Ray head on loopback with token auth off (Ray 2.60 turns it on by default), stopped afterwards."""
-    import ray
 
     if ray.is_initialized():
         ray.shutdown()
     # PATH as in an activated virtualenv, so the job's `python` is this environment's.
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     dashboard = _free_port()
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=4",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={_free_port()}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
@@ -49,19 +64,42 @@ def test_job_submit_runs_the_pipeline_and_writes_the_report(head, tmp_path):
     of the working directory) before any work; with absolute paths the report lands where they point."""
     address, env = head
     overrides = make_tiny_overrides(tmp_path, "job", {"interact": 4}) + [
-        "steps=[interact]", "baseline_sft=false", "ray.logger=wandb"]
+        "steps=[interact]",
+        "baseline_sft=false",
+        "ray.logger=wandb",
+    ]
     refused = subprocess.run(
-        [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-         "python", "jobs/distill.py", *overrides, "output_dir=runs-relative"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            RAY,
+            "job",
+            "submit",
+            f"--address={address}",
+            f"--working-dir={ROOT}",
+            "--",
+            "python",
+            "jobs/distill.py",
+            *overrides,
+            "output_dir=runs-relative",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert refused.returncode != 0
-    assert "output_dir=runs-relative is relative, and this Ray job runs in a temporary copy of its working directory" in refused.stdout + refused.stderr
+    assert (
+        "output_dir=runs-relative is relative, and this Ray job runs in a temporary copy of its working directory"
+        in refused.stdout + refused.stderr
+    )
     assert "e.g. output_dir=$PWD/runs-relative" in refused.stdout + refused.stderr
     done = subprocess.run(
-        [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-         "python", "jobs/distill.py", *overrides],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--", "python", "jobs/distill.py", *overrides],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout

@@ -43,4 +43,3 @@ def make_tiny_run(tmp: Path, name: str = "served") -> Path:
     for stage in ("pretrain_teacher", "sft", "verbalize", "interact"):
         layout.marker(stage).write_text(json.dumps({"stage": stage, "steps": 0, "seconds": 0.0}))
     return layout.root
-

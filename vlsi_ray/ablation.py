@@ -19,14 +19,18 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
+import torch
+
+from vlsi_ray.config import load_config
 from vlsi_ray.data.synthetic import SCORED_TASKS
+from vlsi_ray.runners.local import run_local
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,9 @@ def base_overrides(root: Path) -> list[str]:
 def bases_overrides(root: Path) -> list[str]:
     """The run that pretrains (or reuses from the model cache) the teacher and base student, and scores them."""
     return base_overrides(root) + [
-        f"name={BASES}", "steps=[pretrain_teacher,pretrain_student]", "baseline_sft=false",
+        f"name={BASES}",
+        "steps=[pretrain_teacher,pretrain_student]",
+        "baseline_sft=false",
         "eval_models=[teacher,student_base]",
     ]
 
@@ -125,9 +131,15 @@ def variant_overrides(root: Path, variant: Variant, seed: int, with_bases: bool 
     bases = root / BASES
     paths = [f"teacher.path={bases / 'pretrain_teacher'}", f"student.path={bases / 'pretrain_student'}"]
     return [
-        "runner=local", f"output_dir={root / f's{seed}'}", f"name={variant.name}", f"seed={seed}",
-        *(paths if with_bases else []), "steps=[verbalize,interact,sft]", f"baseline_sft={str(variant.baseline).lower()}",
-        f"eval_models=[{','.join(variant.evaluates)}]", *variant.overrides,
+        "runner=local",
+        f"output_dir={root / f's{seed}'}",
+        f"name={variant.name}",
+        f"seed={seed}",
+        *(paths if with_bases else []),
+        "steps=[verbalize,interact,sft]",
+        f"baseline_sft={str(variant.baseline).lower()}",
+        f"eval_models=[{','.join(variant.evaluates)}]",
+        *variant.overrides,
     ]
 
 
@@ -148,15 +160,12 @@ def collect_finished(root: Path, seeds: Sequence[int], chosen: Sequence[Variant]
 
 
 def _worker_init(threads: int) -> None:
-    import torch
 
     torch.set_num_threads(threads)
 
 
 def _run(config: str | None, overrides: list[str], log: str) -> dict:
     """Run one config in this (worker) process, output to ``log``; returns the report's accuracies."""
-    from vlsi_ray.config import load_config
-    from vlsi_ray.runners.local import run_local
 
     cfg = load_config(config, overrides)
     with open(log, "a") as out, redirect_stdout(out), redirect_stderr(out):
@@ -179,7 +188,6 @@ def run_ablation(
     fewer steps); ``jobs`` runs go on at once, each with ``threads`` torch threads. Every config is
     loaded (and so validated) before the first run starts.
     """
-    from vlsi_ray.config import load_config
 
     chosen = variants(names)
     root = Path(root)
@@ -202,8 +210,9 @@ def run_ablation(
                 pending.append((key, overrides))
         if not pending:
             return
-        with ProcessPoolExecutor(min(jobs, len(pending)), mp_context=get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(
+            min(jobs, len(pending)), mp_context=get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+        ) as pool:
             futures = {}
             for key, overrides in pending:
                 (root / key).mkdir(parents=True, exist_ok=True)
@@ -258,8 +267,16 @@ def summarize(results: dict, seeds: Sequence[int]) -> dict[str, list[dict]]:
             if not accs:
                 continue
             per_task = {t: mean_std([100 * a["per_task"][t] for a in accs]) for t in SCORED_TASKS if t in accs[0]["per_task"]}
-            out.append(dict(label=label, source=source, n=len(accs), overall=mean_std([100 * a["overall"] for a in accs]),
-                            per_task=per_task, paper=paper))
+            out.append(
+                dict(
+                    label=label,
+                    source=source,
+                    n=len(accs),
+                    overall=mean_std([100 * a["overall"] for a in accs]),
+                    per_task=per_task,
+                    paper=paper,
+                )
+            )
         tables[title] = out
     return tables
 
@@ -280,8 +297,9 @@ def ordering(rows: list[dict]) -> list[str]:
             verdict = "within noise"
         else:
             verdict = "agrees" if (diff > 0) == paper_up else "disagrees"
-        lines.append(f"{a['label']} → {b['label']}: paper {b['paper'] - a['paper']:+.1f}, here {diff:+.1f} "
-                     f"(noise ±{noise:.1f}): {verdict}")
+        lines.append(
+            f"{a['label']} → {b['label']}: paper {b['paper'] - a['paper']:+.1f}, here {diff:+.1f} (noise ±{noise:.1f}): {verdict}"
+        )
     return lines
 
 
@@ -291,14 +309,23 @@ def _cell(ms: tuple[float, float], n: int) -> str:
 
 def render_tables(tables: dict[str, list[dict]], seeds: Sequence[int], command: str) -> str:
     """Markdown of :func:`summarize`'s tables with the ordering checks (the generated block of RESULTS.md)."""
-    lines = [BEGIN, "", f"Generated by `{command}` — seeds {', '.join(map(str, seeds))}; test accuracy in % "
-             "(mean ± sample std over seeds; the teacher and base student are trained once).", ""]
+    lines = [
+        BEGIN,
+        "",
+        f"Generated by `{command}` — seeds {', '.join(map(str, seeds))}; test accuracy in % "
+        "(mean ± sample std over seeds; the teacher and base student are trained once).",
+        "",
+    ]
     for title, rows in tables.items():
         if not rows:
             continue
         tasks = list(rows[0]["per_task"])
-        lines += [f"### {title}", "", "| | overall | " + " | ".join(tasks) + " | runs | paper (MMB) |",
-                  "|---|---|" + "---|" * len(tasks) + "---|---|"]
+        lines += [
+            f"### {title}",
+            "",
+            "| | overall | " + " | ".join(tasks) + " | runs | paper (MMB) |",
+            "|---|---|" + "---|" * len(tasks) + "---|---|",
+        ]
         for r in rows:
             cells = [_cell(r["overall"], r["n"])] + [_cell(r["per_task"][t], r["n"]) for t in tasks]
             paper = "" if r["paper"] is None else f"{r['paper']:.1f}"
@@ -314,7 +341,9 @@ def render_tables(tables: dict[str, list[dict]], seeds: Sequence[int], command: 
 def write_results(path: Path, block: str) -> None:
     """Put ``block`` between the markers of ``path`` (created if missing), keeping the prose around it."""
     path = Path(path)
-    text = path.read_text() if path.is_file() else "# Results: the paper's ablations at tiny scale\n\n" + BEGIN + "\n" + END + "\n"
+    text = (
+        path.read_text() if path.is_file() else "# Results: the paper's ablations at tiny scale\n\n" + BEGIN + "\n" + END + "\n"
+    )
     if BEGIN not in text or END not in text:
         raise ValueError(f"{path} lacks the markers {BEGIN!r} … {END!r}; add them where the tables go.")
     head, rest = text.split(BEGIN, 1)
@@ -324,10 +353,10 @@ def write_results(path: Path, block: str) -> None:
 
 def plot_tables(tables: dict[str, list[dict]], path: Path) -> Path:
     """Bar charts (mean ± std overall accuracy) of every table, one panel each, as a PNG."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     shown = {t: rows for t, rows in tables.items() if rows}
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False)

@@ -7,9 +7,10 @@ and turns every problem into a :class:`ConfigError` whose message is one sentenc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -158,10 +159,10 @@ class RayConfig:
     address: Optional[str] = None  # null: RAY_ADDRESS if set, else start a local Ray
     num_cpus: Optional[int] = None  # local Ray only: logical CPUs (null: the machine's)
     num_gpus: Optional[int] = None  # local Ray only: logical GPUs (fake ones test placement)
-    include_dashboard: bool = True  # local Ray only: the dashboard process (~15% of a core while it runs)
+    include_dashboard: bool = True  # local Ray only: the dashboard process (it costs CPU a small machine notices)
     logger: str = "wandb"  # wandb (offline unless WANDB_MODE says otherwise) | none
-    # Workers keep freed memory for reuse (vlsi_ray.env.MALLOC_ENV: ~10 instead of thousands of page
-    # faults per CPU training step, 10-20% faster); MALLOC_* variables the user set win.
+    # Workers keep freed memory for reuse instead of page-faulting it in again every CPU training step
+    # (vlsi_ray.env.MALLOC_ENV); MALLOC_* variables the user set win.
     tune_malloc: bool = True
 
 
@@ -206,8 +207,11 @@ class SyntheticConfig:
     def generator_kwargs(self) -> dict:
         """Keyword arguments of :func:`vlsi_ray.data.shards.generate_dataset` beyond sizes and seed."""
         kwargs = dict(
-            rows_per_shard=self.rows_per_shard, caption_fraction=self.caption_fraction,
-            min_objects=self.min_objects, max_objects=self.max_objects, dot_prob=self.dot_prob,
+            rows_per_shard=self.rows_per_shard,
+            caption_fraction=self.caption_fraction,
+            min_objects=self.min_objects,
+            max_objects=self.max_objects,
+            dot_prob=self.dot_prob,
             distractors=self.distractors,
         )
         if self.tasks:
@@ -333,7 +337,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), _
 
 #: Config keys that were renamed: old name -> (new name, why), so an old config gets told what to write.
 RENAMED = {
-    "teacher_cache_dir": ("model_cache_dir", "it caches the pretrained tiny models, teacher and student; teacher.cache_dir is the teacher's signal cache"),
+    "teacher_cache_dir": (
+        "model_cache_dir",
+        "it caches the pretrained tiny models, teacher and student; teacher.cache_dir is the teacher's signal cache",
+    ),
 }
 
 
@@ -367,9 +374,13 @@ def validate(cfg: RunConfig) -> None:
         _validate_model(getattr(cfg, role), role)
     families = {role: model_family(getattr(cfg, role), role) for role in ("teacher", "student")}
     if families["teacher"] != families["student"]:
-        what = {role: f"{role}.path holds a {families[role]} model" if getattr(cfg, role).path else f"{role}.family={families[role]}"
-                for role in families}
-        raise ConfigError(f"{what['teacher']} but {what['student']}; VLsI needs a teacher and a student of the same family and tokenizer.")
+        what = {
+            role: f"{role}.path holds a {families[role]} model" if getattr(cfg, role).path else f"{role}.family={families[role]}"
+            for role in families
+        }
+        raise ConfigError(
+            f"{what['teacher']} but {what['student']}; VLsI needs a teacher and a student of the same family and tokenizer."
+        )
     t_s = len(_targets_if_known(cfg.student))
     t_l = len(_targets_if_known(cfg.teacher))
     if t_s and t_l and t_s > t_l:
@@ -380,7 +391,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.eval_tasks < 1:
         raise ConfigError(f"eval_tasks={cfg.eval_tasks} must be at least 1 (Ray tasks per model's test pass).")
     if cfg.eval_priority not in EVAL_PRIORITIES:
-        raise ConfigError(f"eval_priority={cfg.eval_priority!r} is not one of {', '.join(EVAL_PRIORITIES)}; use idle (the default) or normal.")
+        raise ConfigError(
+            f"eval_priority={cfg.eval_priority!r} is not one of {', '.join(EVAL_PRIORITIES)}; use idle (the default) or normal."
+        )
     if cfg.data.sort_in_memory_mb < 0:
         raise ConfigError(f"data.sort_in_memory_mb={cfg.data.sort_in_memory_mb} must be 0 (always the distributed sort) or more.")
     if cfg.signal.topk is not None and cfg.signal.topk < 1:
@@ -388,9 +401,13 @@ def validate(cfg: RunConfig) -> None:
     if cfg.signal.tail_samples < 0:
         raise ConfigError(f"signal.tail_samples={cfg.signal.tail_samples} must be 0 (no tail samples) or more.")
     if cfg.teacher.source == "cache" and cfg.signal.topk is None:
-        raise ConfigError("teacher.source=cache stores a top-k signal, but signal.topk is null (dense); set signal.topk or teacher.source=live.")
+        raise ConfigError(
+            "teacher.source=cache stores a top-k signal, but signal.topk is null (dense); set signal.topk or teacher.source=live."
+        )
     if cfg.signal.tail_samples and cfg.signal.topk is None:
-        raise ConfigError(f"signal.tail_samples={cfg.signal.tail_samples} needs a top-k signal; set signal.topk or signal.tail_samples=0.")
+        raise ConfigError(
+            f"signal.tail_samples={cfg.signal.tail_samples} needs a top-k signal; set signal.topk or signal.tail_samples=0."
+        )
     if cfg.lora.rank < 1 or cfg.lora.alpha <= 0:
         raise ConfigError("lora.rank must be at least 1 and lora.alpha positive.")
     for stage in STEPS:
@@ -411,12 +428,18 @@ def validate(cfg: RunConfig) -> None:
     for key in ("min_pixels", "max_pixels"):
         value = getattr(cfg.images, key)
         if value is not None and value < 1:
-            raise ConfigError(f"images.{key}={value} must be a positive number of pixels, or null for the checkpoints' own setting.")
+            raise ConfigError(
+                f"images.{key}={value} must be a positive number of pixels, or null for the checkpoints' own setting."
+            )
     if None not in (cfg.images.min_pixels, cfg.images.max_pixels) and cfg.images.min_pixels > cfg.images.max_pixels:
-        raise ConfigError(f"images.min_pixels={cfg.images.min_pixels} exceeds images.max_pixels={cfg.images.max_pixels}; lower min_pixels or raise max_pixels.")
+        raise ConfigError(
+            f"images.min_pixels={cfg.images.min_pixels} exceeds images.max_pixels={cfg.images.max_pixels}; lower min_pixels or raise max_pixels."
+        )
     if cfg.images.min_pixels is not None and not get_family(families["student"]).has_min_pixels:
-        raise ConfigError(f"images.min_pixels has no {families['student']} equivalent (images are resized to their best crop grid); "
-                          "leave it null and bound the resolution with images.max_pixels.")
+        raise ConfigError(
+            f"images.min_pixels has no {families['student']} equivalent (images are resized to their best crop grid); "
+            "leave it null and bound the resolution with images.max_pixels."
+        )
     _validate_ray(cfg)
     _validate_job_paths(cfg)
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
@@ -492,7 +515,9 @@ def _validate_job_paths(cfg: RunConfig) -> None:
     if copy is None:
         return
     flat = OmegaConf.to_container(OmegaConf.structured(cfg))
-    relative = [f"{key}={_get(flat, key)}" for key in WRITTEN_PATHS if _get(flat, key) and not Path(_get(flat, key)).is_absolute()]
+    relative = [
+        f"{key}={_get(flat, key)}" for key in WRITTEN_PATHS if _get(flat, key) and not Path(_get(flat, key)).is_absolute()
+    ]
     if relative:
         raise ConfigError(
             f"{', '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative, and this Ray job runs in a temporary copy "

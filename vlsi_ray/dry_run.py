@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from safetensors import safe_open
 
 from vlsi_ray.config import RunConfig
 from vlsi_ray.data.collate import ANSWER_CUT, FITS, NO_ANSWER, REFUSED, ChatCollator, RowError, length_verdict
@@ -55,33 +56,55 @@ def _model(cfg: RunConfig, role: str, out: dict) -> ModelInfo | None:
     settings = LoadSettings.of(cfg, role)
     if model.path is None:
         tiny = model.tiny
-        out[role] = {"tiny": True, "family": model.family, "num_layers": tiny.num_layers, "hidden_size": tiny.hidden_size,
-                     "targets": model.targets.resolve(tiny.num_layers)}
-        print(f"[dry-run] {role}: tiny {model.family} {tiny.num_layers} x {tiny.hidden_size}, built offline and pretrained "
-              f"by the run; target layers {out[role]['targets']}")
+        out[role] = {
+            "tiny": True,
+            "family": model.family,
+            "num_layers": tiny.num_layers,
+            "hidden_size": tiny.hidden_size,
+            "targets": model.targets.resolve(tiny.num_layers),
+        }
+        print(
+            f"[dry-run] {role}: tiny {model.family} {tiny.num_layers} x {tiny.hidden_size}, built offline and pretrained "
+            f"by the run; target layers {out[role]['targets']}"
+        )
         return None
     info = model_info(model.path, settings)
     params, stored = _parameters(Path(model.path))
     saved = info.checkpoint_dtype
-    dtype = model.dtype if model.dtype != "auto" else f"auto (bfloat16 on CUDA, {str(saved).removeprefix('torch.') if saved else 'float32'} on CPU)"
+    dtype = (
+        model.dtype
+        if model.dtype != "auto"
+        else f"auto (bfloat16 on CUDA, {str(saved).removeprefix('torch.') if saved else 'float32'} on CPU)"
+    )
     targets = model.targets.resolve(info.num_layers)
     processor = {f: _plain(getattr(info.image_processor, f, None)) for f in info.spec.resolution_fields}
-    out[role] = {"family": info.family, "path": model.path, "num_layers": info.num_layers, "hidden_size": info.hidden_size,
-                 "vocab_size": info.vocab_size, "parameters": params, "checkpoint_bytes": stored,
-                 "checkpoint_dtype": str(saved).removeprefix("torch.") if saved else None, "compute_dtype": dtype,
-                 "attn_implementation": model.attn_implementation, "gradient_checkpointing": model.gradient_checkpointing,
-                 "targets": targets, "image_processor": processor}
-    print(f"[dry-run] {role}: {info.family} from {model.path}: {info.num_layers} blocks x {info.hidden_size}, "
-          f"{_amount(params, 1000, ('', 'K', 'M', 'B'))} parameters ({_amount(stored, 1024, (' B', ' KiB', ' MiB', ' GiB'))} stored, "
-          f"{out[role]['checkpoint_dtype']}), vocabulary "
-          f"{info.vocab_size:,}; computes in {dtype}, attention {model.attn_implementation}, gradient checkpointing "
-          f"{'on' if model.gradient_checkpointing else 'off'}; {len(targets)} target layers {targets}; image processor {processor}")
+    out[role] = {
+        "family": info.family,
+        "path": model.path,
+        "num_layers": info.num_layers,
+        "hidden_size": info.hidden_size,
+        "vocab_size": info.vocab_size,
+        "parameters": params,
+        "checkpoint_bytes": stored,
+        "checkpoint_dtype": str(saved).removeprefix("torch.") if saved else None,
+        "compute_dtype": dtype,
+        "attn_implementation": model.attn_implementation,
+        "gradient_checkpointing": model.gradient_checkpointing,
+        "targets": targets,
+        "image_processor": processor,
+    }
+    print(
+        f"[dry-run] {role}: {info.family} from {model.path}: {info.num_layers} blocks x {info.hidden_size}, "
+        f"{_amount(params, 1000, ('', 'K', 'M', 'B'))} parameters ({_amount(stored, 1024, (' B', ' KiB', ' MiB', ' GiB'))} stored, "
+        f"{out[role]['checkpoint_dtype']}), vocabulary "
+        f"{info.vocab_size:,}; computes in {dtype}, attention {model.attn_implementation}, gradient checkpointing "
+        f"{'on' if model.gradient_checkpointing else 'off'}; {len(targets)} target layers {targets}; image processor {processor}"
+    )
     return info
 
 
 def _parameters(path: Path) -> tuple[int, int]:
     """Parameter count and bytes of a checkpoint, from the safetensors headers (no weight is read)."""
-    from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
     count = size = 0
@@ -112,19 +135,25 @@ def _plain(value):
 # ------------------------------------------------------------------------------------------ data
 def _data(cfg: RunConfig, student: ModelInfo | None, sample_rows: int) -> dict:
     data_dir = Path(cfg.data.dir)
-    files = {split: sorted(data_dir.glob(f"{split}-*.parquet")) for split in ("train", "val", "test")} if data_dir.is_dir() else {}
+    files = (
+        {split: sorted(data_dir.glob(f"{split}-*.parquet")) for split in ("train", "val", "test")} if data_dir.is_dir() else {}
+    )
     if not any(files.values()):
         syn = cfg.data.synthetic
-        print(f"[dry-run] data: {data_dir} has no shards; the run would generate the synthetic task "
-              f"({syn.train}/{syn.val}/{syn.test} rows)")
+        print(
+            f"[dry-run] data: {data_dir} has no shards; the run would generate the synthetic task "
+            f"({syn.train}/{syn.val}/{syn.test} rows)"
+        )
         return {"dir": str(data_dir), "synthetic": True, "rows": {"train": syn.train, "val": syn.val, "test": syn.test}}
     rows = {split: sum(pq.ParquetFile(f).metadata.num_rows for f in paths) for split, paths in files.items()}
     tasks = Counter()
     for path in files["train"]:
         tasks.update(pq.read_table(path, columns=["task"]).column("task").to_pylist())
     out = {"dir": str(data_dir), "synthetic": (data_dir / MANIFEST).is_file(), "rows": rows, "train_tasks": dict(tasks)}
-    print(f"[dry-run] data: {data_dir}: {rows['train']:,} train / {rows['val']:,} val / {rows['test']:,} test rows "
-          f"in {sum(len(p) for p in files.values())} shards; train tasks {dict(tasks)}")
+    print(
+        f"[dry-run] data: {data_dir}: {rows['train']:,} train / {rows['val']:,} val / {rows['test']:,} test rows "
+        f"in {sum(len(p) for p in files.values())} shards; train tasks {dict(tasks)}"
+    )
     if student is None:
         print("[dry-run] data: token lengths need the tiny tokenizer, which the run trains on the data first; skipped")
         return out
@@ -170,19 +199,33 @@ def _lengths(cfg: RunConfig, student: ModelInfo, files: list[Path], total: int, 
     print(f"[dry-run] token lengths of {n} sampled train rows (image tokens included; data.max_length={cfg.data.max_length}):")
     for line in histogram(lengths, cfg.data.max_length):
         print("    " + line)
-    effects = {FITS: "kept whole", ANSWER_CUT: "kept, the end of the answer cut off", NO_ANSWER: "kept with no response token left",
-               REFUSED: f"bad rows: image tokens past the cut (data.on_error={cfg.data.on_error})"}
+    effects = {
+        FITS: "kept whole",
+        ANSWER_CUT: "kept, the end of the answer cut off",
+        NO_ANSWER: "kept with no response token left",
+        REFUSED: f"bad rows: image tokens past the cut (data.on_error={cfg.data.on_error})",
+    }
     for verdict in (ANSWER_CUT, NO_ANSWER, REFUSED):
         if verdicts[verdict]:
-            print(f"[dry-run]   {verdicts[verdict]} of {n} ({100 * verdicts[verdict] / n:.1f}%, ~{verdicts[verdict] * scale:,.0f} of "
-                  f"{total:,} train rows) over max_length: {effects[verdict]}")
+            print(
+                f"[dry-run]   {verdicts[verdict]} of {n} ({100 * verdicts[verdict] / n:.1f}%, ~{verdicts[verdict] * scale:,.0f} of "
+                f"{total:,} train rows) over max_length: {effects[verdict]}"
+            )
     for problem, count in problems.most_common():
-        print(f"[dry-run]   {count} of {n} rows are bad ({problem}): skipped and counted, or refused (data.on_error={cfg.data.on_error})")
+        print(
+            f"[dry-run]   {count} of {n} rows are bad ({problem}): skipped and counted, or refused (data.on_error={cfg.data.on_error})"
+        )
     if not (problems or any(verdicts[v] for v in (ANSWER_CUT, NO_ANSWER, REFUSED))):
         print(f"[dry-run]   every sampled row fits in max_length={cfg.data.max_length}")
-    return {"sampled": n, "min": min(lengths, default=0), "max": max(lengths, default=0),
-            "mean": sum(lengths) / max(1, len(lengths)), "verdicts": dict(verdicts), "bad": dict(problems),
-            "estimated_over_max_length": round((verdicts[ANSWER_CUT] + verdicts[NO_ANSWER] + verdicts[REFUSED]) * scale)}
+    return {
+        "sampled": n,
+        "min": min(lengths, default=0),
+        "max": max(lengths, default=0),
+        "mean": sum(lengths) / max(1, len(lengths)),
+        "verdicts": dict(verdicts),
+        "bad": dict(problems),
+        "estimated_over_max_length": round((verdicts[ANSWER_CUT] + verdicts[NO_ANSWER] + verdicts[REFUSED]) * scale),
+    }
 
 
 def histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 40) -> list[str]:
@@ -208,17 +251,33 @@ def _plan(cfg: RunConfig, data: dict) -> list[dict]:
     print("[dry-run] stages:")
     for row in planned(cfg):
         # On Ray the student's stages run on train.num_workers workers; the teacher's in one replica or task.
-        workers = cfg.train.num_workers if cfg.runner == "ray" and row.side == "student" and not row.name.startswith("pretrain_") else 1
+        workers = (
+            cfg.train.num_workers if cfg.runner == "ray" and row.side == "student" and not row.name.startswith("pretrain_") else 1
+        )
         opt = getattr(cfg.stages, row.settings)
         rows = sum(tasks.get(t, 0) for t in opt.tasks) if opt.tasks and tasks else train_rows
         steps = total_optimizer_steps(opt, rows, workers)
         batch = opt.batch_size * opt.grad_accum * workers
-        stages.append({"stage": row.name, "trains": row.trains, "rows": rows, "workers": workers, "global_batch": batch,
-                       "optimizer_steps": steps, "samples": steps * batch, "lr": opt.lr, "min_lr": opt.min_lr,
-                       "warmup_steps": opt.warmup_steps, "seed": row.seed(cfg.seed)})
-        print(f"    {row.name:<18} {steps:>7,} steps x {batch:>4} rows ({opt.batch_size} x {opt.grad_accum} x {workers} workers) "
-              f"= {steps * batch:>10,} samples of {rows:,}; lr {opt.lr:g} -> {opt.min_lr:g} (cosine, {opt.warmup_steps} warm-up); "
-              f"trains {row.trains}")
+        stages.append(
+            {
+                "stage": row.name,
+                "trains": row.trains,
+                "rows": rows,
+                "workers": workers,
+                "global_batch": batch,
+                "optimizer_steps": steps,
+                "samples": steps * batch,
+                "lr": opt.lr,
+                "min_lr": opt.min_lr,
+                "warmup_steps": opt.warmup_steps,
+                "seed": row.seed(cfg.seed),
+            }
+        )
+        print(
+            f"    {row.name:<18} {steps:>7,} steps x {batch:>4} rows ({opt.batch_size} x {opt.grad_accum} x {workers} workers) "
+            f"= {steps * batch:>10,} samples of {rows:,}; lr {opt.lr:g} -> {opt.min_lr:g} (cosine, {opt.warmup_steps} warm-up); "
+            f"trains {row.trains}"
+        )
     return stages
 
 
@@ -233,12 +292,22 @@ def _placement(cfg: RunConfig) -> dict:
         worker["GPU"] = train.resources_per_worker.num_gpus or (1 if train.use_gpu else 0)
     live = "interact" in cfg.steps and cfg.teacher.source == "live"
     gpus = pool.replicas * pool.resources.num_gpus * ("verbalize" in cfg.steps or live) + train.num_workers * worker.get("GPU", 0)
-    out = {"runner": "ray", "teacher_replicas": pool.replicas, "teacher_bundle": teacher, "placement_strategy": pool.placement_strategy,
-           "train_workers": train.num_workers, "worker_bundle": worker, "deepspeed_stage": train.deepspeed_stage,
-           "gpus_at_once": gpus, "teacher_source": cfg.teacher.source}
-    print(f"[dry-run] placement (Ray): teacher pool {pool.replicas} x {json.dumps(teacher)} ({pool.placement_strategy}; "
-          f"step 1's teacher side{' and step 2' if live else ''}{'' if live else ', step 2 reads the teacher cache'}); "
-          f"student: Ray Train {train.num_workers} x {json.dumps(worker)}, "
-          f"{'DeepSpeed ZeRO-' + str(train.deepspeed_stage) if train.deepspeed_stage else 'data parallel (all-reduce)'}; "
-          f"{gpus:g} GPUs at once; evaluations {cfg.eval_tasks} task(s) per model on the workers' resources")
+    out = {
+        "runner": "ray",
+        "teacher_replicas": pool.replicas,
+        "teacher_bundle": teacher,
+        "placement_strategy": pool.placement_strategy,
+        "train_workers": train.num_workers,
+        "worker_bundle": worker,
+        "deepspeed_stage": train.deepspeed_stage,
+        "gpus_at_once": gpus,
+        "teacher_source": cfg.teacher.source,
+    }
+    print(
+        f"[dry-run] placement (Ray): teacher pool {pool.replicas} x {json.dumps(teacher)} ({pool.placement_strategy}; "
+        f"step 1's teacher side{' and step 2' if live else ''}{'' if live else ', step 2 reads the teacher cache'}); "
+        f"student: Ray Train {train.num_workers} x {json.dumps(worker)}, "
+        f"{'DeepSpeed ZeRO-' + str(train.deepspeed_stage) if train.deepspeed_stage else 'data parallel (all-reduce)'}; "
+        f"{gpus:g} GPUs at once; evaluations {cfg.eval_tasks} task(s) per model on the workers' resources"
+    )
     return out

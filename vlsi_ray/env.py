@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -16,10 +17,10 @@ DEFAULTED: set[str] = set()
 
 
 #: glibc malloc settings for training processes: keep freed memory for reuse instead of returning it
-#: to the OS. With glibc's defaults every CPU training step of the tiny models page-faults 2,000–4,000
-#: times (activations freed by munmap/trim, re-faulted next step); with these, ~10 (measured), and
-#: steps run 10–20% faster on these 2-core machines. Allocations of 32 MiB and more are still mmapped
-#: and returned; a process keeps at most 1 GiB of free heap. glibc reads them at process start.
+#: to the OS. With glibc's defaults a CPU training step's activations are freed by munmap/trim and
+#: page-faulted in again at the next step; with these they are reused. Allocations of 32 MiB and more
+#: are still mmapped and returned; a process keeps at most 1 GiB of free heap. glibc reads them at
+#: process start.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
 
 

@@ -41,11 +41,14 @@ def find_student(run_dir: str | Path, stage: str = "auto") -> tuple[str, Path]:
         model_dir = layout.model(name)
         if layout.finished(name) and (model_dir / "config.json").is_file():
             return name, model_dir
-    raise ExportError(f"{run_dir} has no finished {' or '.join(stages)} stage with a student; finish the run first (python jobs/distill.py name=...).")
+    raise ExportError(
+        f"{run_dir} has no finished {' or '.join(stages)} stage with a student; finish the run first (python jobs/distill.py name=...)."
+    )
 
 
-def export_student(run_dir: str | Path, out: str | Path, stage: str = "auto", dtype: str | None = None,
-                   verbalizers: bool = True) -> Path:
+def export_student(
+    run_dir: str | Path, out: str | Path, stage: str = "auto", dtype: str | None = None, verbalizers: bool = True
+) -> Path:
     """Write the run's final student to ``out`` as a plain transformers checkpoint; return ``out``.
 
     ``dtype``: ``float32``, ``bfloat16`` or ``float16`` to cast the weights (default: the dtype the
@@ -63,8 +66,13 @@ def export_student(run_dir: str | Path, out: str | Path, stage: str = "auto", dt
     generation = backbone.model.generation_config
     generation.eos_token_id, generation.pad_token_id = backbone.eos_token_id, backbone.pad_token_id
     generation.save_pretrained(out)
-    manifest = {"run_dir": str(run_dir.resolve()), "stage": stage, "family": backbone.family,
-                "dtype": dtype_name(dtype), "verbalizers": None}
+    manifest = {
+        "run_dir": str(run_dir.resolve()),
+        "stage": stage,
+        "family": backbone.family,
+        "dtype": dtype_name(dtype),
+        "verbalizers": None,
+    }
     source = RunLayout(run_dir).verbalizers("student", "interact")
     if verbalizers and Verbalizers.exists(source):
         shutil.copytree(source, out / VERBALIZERS_DIR)
@@ -76,4 +84,3 @@ def export_student(run_dir: str | Path, out: str | Path, stage: str = "auto", dt
 
 def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-

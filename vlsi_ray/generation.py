@@ -17,9 +17,9 @@ string, or an incomplete multi-byte character, is held back until it is decided.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -74,8 +74,9 @@ class _Row:
 class _BatchState:
     """Per-row sampling (a logits processor) and per-row stopping (a stopping criterion) for ``generate``."""
 
-    def __init__(self, tokenizer, eos_token_id: int, params: Sequence[SamplingParams], device: torch.device,
-                 on_step: StepCallback | None):
+    def __init__(
+        self, tokenizer, eos_token_id: int, params: Sequence[SamplingParams], device: torch.device, on_step: StepCallback | None
+    ):
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.on_step = on_step
@@ -128,7 +129,7 @@ class _BatchState:
         safe = text if row.finish is not None else _undecided_tail_removed(text, row.params.stop)
         if not safe.startswith(row.sent):  # a re-tokenised prefix changed: never retract sent text
             safe = row.sent
-        delta, row.sent = safe[len(row.sent):], safe
+        delta, row.sent = safe[len(row.sent) :], safe
         if row.finish is not None:
             row.text = row.sent
         if not delta and row.finish is None:
@@ -173,8 +174,9 @@ class ChatGenerator:
         backbone.model.eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
-                        max_length: int | None = None) -> "ChatGenerator":
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None, max_length: int | None = None
+    ) -> ChatGenerator:
         """Load the model in local directory ``path`` (a run's checkpoint or an export)."""
         return cls(Backbone.from_pretrained(path, device=device, dtype=dtype), max_length)
 
@@ -183,14 +185,18 @@ class ChatGenerator:
         return len(self.collator.encode(row, prompt_only=True)[0])
 
     @torch.no_grad()
-    def generate(self, rows: Sequence[dict], params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
-                 on_step: StepCallback | None = None) -> list[Completion]:
+    def generate(
+        self,
+        rows: Sequence[dict],
+        params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
+        on_step: StepCallback | None = None,
+    ) -> list[Completion]:
         """Decode every row in one batched ``generate`` call; ``on_step`` streams each step's new text.
 
         ``rows``: ``B`` chat rows (a trailing assistant turn, if any, is dropped). Returns ``B``
         completions in order.
         """
-        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
         if isinstance(params, SamplingParams):
             params = [params] * len(rows)

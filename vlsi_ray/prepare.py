@@ -8,6 +8,7 @@ directories only, and the pair is checked for a shared vocabulary before anythin
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,7 +19,7 @@ from vlsi_ray.config import ConfigError, ModelConfig, RunConfig
 from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.shards import MANIFEST, ReadStats, generate_dataset, read_rows
 from vlsi_ray.data.synthetic import corpus_texts
-from vlsi_ray.models.backbone import Backbone, ModelInfo, check_compatible
+from vlsi_ray.models.backbone import Backbone, ModelInfo, check_compatible, saved_dtype
 from vlsi_ray.models.families import get_family
 from vlsi_ray.models.precision import compute_dtype
 from vlsi_ray.models.tokenizer import train_tokenizer
@@ -44,11 +45,17 @@ class LoadSettings:
     max_pixels: int | None = None
 
     @classmethod
-    def of(cls, cfg: RunConfig, role: str) -> "LoadSettings":
+    def of(cls, cfg: RunConfig, role: str) -> LoadSettings:
         """``cfg``'s settings for ``role`` (``teacher`` or ``student``)."""
         model = getattr(cfg, role)
-        return cls(role, model.dtype, model.attn_implementation, model.gradient_checkpointing,
-                   cfg.images.min_pixels, cfg.images.max_pixels)
+        return cls(
+            role,
+            model.dtype,
+            model.attn_implementation,
+            model.gradient_checkpointing,
+            cfg.images.min_pixels,
+            cfg.images.max_pixels,
+        )
 
     def apply(self, backbone: Backbone) -> Backbone:
         """Gradient checkpointing and the image resolution, on a loaded or built backbone (in place)."""
@@ -67,10 +74,11 @@ def apply_resolution(model: Backbone | ModelInfo, min_pixels: int | None, max_pi
         raise ConfigError(f"{model.name}: {err}") from None
 
 
-def load_model(path: str | Path, settings: LoadSettings, device: torch.device | str | None, device_map: str | None = None) -> Backbone:
+def load_model(
+    path: str | Path, settings: LoadSettings, device: torch.device | str | None, device_map: str | None = None
+) -> Backbone:
     """Load the checkpoint at ``path`` as ``settings`` say: compute dtype, attention kernel,
     gradient checkpointing, image resolution; on ``device`` (or spread by ``device_map``)."""
-    from vlsi_ray.models.backbone import saved_dtype
 
     attention = attention_kernel(settings)
     where = device if device is not None else ("cuda" if device_map is not None else "cpu")
@@ -82,14 +90,15 @@ def load_model(path: str | Path, settings: LoadSettings, device: torch.device | 
 def attention_kernel(settings: LoadSettings) -> str:
     """``<role>.attn_implementation`` for this process: ``auto`` is flash_attention_2 where CUDA and the
     flash-attn package are present, else sdpa; an explicit flash_attention_2 without them is refused."""
-    import importlib.util
 
     available = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if settings.attn_implementation == "auto":
         return "flash_attention_2" if available else "sdpa"
     if settings.attn_implementation == "flash_attention_2" and not available:
-        raise ConfigError(f"{settings.role}.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
-                          f"where the {settings.role} runs; install flash-attn there, or use auto or sdpa.")
+        raise ConfigError(
+            f"{settings.role}.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+            f"where the {settings.role} runs; install flash-attn there, or use auto or sdpa."
+        )
     return settings.attn_implementation
 
 
@@ -134,7 +143,7 @@ def prepare_data(cfg: RunConfig) -> Splits:
 
 def tiny_tokenizer(cfg: RunConfig, train_rows: list[dict]):
     """The offline-trained tokenizer for tiny models, cached in ``<data.dir>/tokenizer`` by corpus."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     texts = corpus_texts(train_rows)
     size = cfg.data.synthetic.tokenizer_vocab_size

@@ -16,10 +16,11 @@ class Tracker:
     def __init__(self, kind: str, run_dir: str | Path, group: str, name: str, config: dict | None = None):
         self.run = None
         if kind == "wandb":
-            import wandb
+            import wandb  # noqa: PLC0415 - wandb (about a second to import) loads only with ray.logger=wandb
 
-            self.run = wandb.init(project="vlsi-ray", group=group, name=name, dir=str(run_dir), config=config or {},
-                                  reinit="create_new")
+            self.run = wandb.init(
+                project="vlsi-ray", group=group, name=name, dir=str(run_dir), config=config or {}, reinit="create_new"
+            )
 
     def log(self, record: dict, step: int) -> None:
         """Numeric values as they are; ``matched`` (per micro-batch: per student layer: teacher layers) as

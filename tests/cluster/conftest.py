@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kuberay_manifests import crd_directory, load_crd_schemas
 
 

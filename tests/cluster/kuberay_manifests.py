@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlsi_ray.config import load_config
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 PAPER_CONFIG = ROOT / "conf" / "qwen2vl_72b_to_7b.yaml"
@@ -45,8 +47,11 @@ def manifest(kind: str) -> dict:
 
 def cluster_specs() -> dict[str, dict]:
     """The RayCluster spec of each manifest: the RayCluster's own, the RayJob's and the RayService's."""
-    return {"RayCluster": manifest("RayCluster")["spec"], "RayJob": manifest("RayJob")["spec"]["rayClusterSpec"],
-            "RayService": manifest("RayService")["spec"]["rayClusterConfig"]}
+    return {
+        "RayCluster": manifest("RayCluster")["spec"],
+        "RayJob": manifest("RayJob")["spec"]["rayClusterSpec"],
+        "RayService": manifest("RayService")["spec"]["rayClusterConfig"],
+    }
 
 
 def pod_specs() -> dict[str, dict]:
@@ -89,8 +94,11 @@ def load_crd_schemas(directory: Path) -> dict[str, dict]:
     skipping would let CI pass without validating anything.
     """
     if not directory.is_dir():
-        pytest.fail(f"KubeRay CRD directory {directory} does not exist; set {CRD_ENV} to a directory holding "
-                    f"the ray.io CRDs (ray.io_rayclusters.yaml, ...), e.g. ../shared/kuberay-crds.", pytrace=False)
+        pytest.fail(
+            f"KubeRay CRD directory {directory} does not exist; set {CRD_ENV} to a directory holding "
+            f"the ray.io CRDs (ray.io_rayclusters.yaml, ...), e.g. ../shared/kuberay-crds.",
+            pytrace=False,
+        )
     schemas = {}
     for path in sorted(directory.glob("*.yaml")):
         docs = load_documents(path)
@@ -102,8 +110,11 @@ def load_crd_schemas(directory: Path) -> dict[str, dict]:
                         schemas[doc["spec"]["names"]["kind"]] = strict(version["schema"]["openAPIV3Schema"])
     missing = [kind for kind in KINDS if kind not in schemas]
     if missing:
-        pytest.fail(f"{directory} ({CRD_ENV}) has no ray.io/v1 CRD for {', '.join(missing)}; "
-                    "copy ray-operator/config/crd/bases/ of the KubeRay release in use there.", pytrace=False)
+        pytest.fail(
+            f"{directory} ({CRD_ENV}) has no ray.io/v1 CRD for {', '.join(missing)}; "
+            "copy ray-operator/config/crd/bases/ of the KubeRay release in use there.",
+            pytrace=False,
+        )
     return schemas
 
 
@@ -140,14 +151,15 @@ def group_capacity(group: dict) -> dict[str, float]:
     """What one pod of a worker group offers Ray: CPU, GPU and its custom resources."""
     params = group.get("rayStartParams", {})
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    return {"CPU": quantity(params.get("num-cpus", limits.get("cpu", 0))),
-            "GPU": quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
-            **custom_resources(params)}
+    return {
+        "CPU": quantity(params.get("num-cpus", limits.get("cpu", 0))),
+        "GPU": quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+        **custom_resources(params),
+    }
 
 
 def paper_config():
     """conf/qwen2vl_72b_to_7b.yaml, loaded and validated (checkpoint paths dropped: they live on the PVC)."""
-    from vlsi_ray.config import load_config
 
     return load_config(PAPER_CONFIG, ["teacher.path=null", "student.path=null"])
 

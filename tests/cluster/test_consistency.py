@@ -8,11 +8,19 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+import tomllib
 import typing
 from pathlib import Path
 
 import pytest
-import tomllib
+from omegaconf import OmegaConf
+from pydantic import BaseModel
+from ray.serve.schema import ServeDeploySchema
+
+from vlsi_ray import env as vlsi_env
+from vlsi_ray.config import load_config
+from vlsi_ray.runners.ray.driver import ray_env
+
 from kuberay_manifests import (
     CLUSTER,
     PAPER_CONFIG,
@@ -54,14 +62,14 @@ def test_rayjob_entrypoint_runs_a_repo_script_with_a_loadable_config():
     assert (ROOT / config).is_file(), f"the entrypoint's config {config} is not in the repository"
     assert ROOT / config == PAPER_CONFIG, f"the RayJob runs {config}; the resource checks here read {PAPER_CONFIG.name}"
     overrides = [a for a in argv[2:] if "=" in a]
-    from vlsi_ray.config import load_config
 
     load_config(ROOT / config, overrides + ["teacher.path=null", "student.path=null"])  # raises ConfigError on a bad key
 
 
 def test_rayjob_creates_the_cluster_of_raycluster_yaml():
     assert cluster_specs()["RayJob"] == cluster_specs()["RayCluster"], (
-        "rayjob-distill.yaml's rayClusterSpec differs from raycluster.yaml's spec; edit both the same way")
+        "rayjob-distill.yaml's rayClusterSpec differs from raycluster.yaml's spec; edit both the same way"
+    )
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
@@ -76,7 +84,9 @@ def test_paper_config_fits_its_worker_group(role):
     per_pod = actors_per_pod(capacity, demand)
     if role == "teacher":  # TeacherPool waits placement_timeout_s for its group; a cold GPU pod may take longer
         pods = -(-count // per_pod)
-        assert group["minReplicas"] >= pods, f"teacher minReplicas={group['minReplicas']} < the {pods} pods the pool needs at once"
+        assert group["minReplicas"] >= pods, (
+            f"teacher minReplicas={group['minReplicas']} < the {pods} pods the pool needs at once"
+        )
     else:  # Ray Data's read tasks need CPUs next to the Train workers (conf/tiny.yaml: without, the stage deadlocks)
         spare = capacity["CPU"] - min(count, per_pod) * demand["CPU"]
         assert spare >= 1, f"a student pod keeps {spare} CPUs free for Ray Data; give it more CPUs or the workers fewer"
@@ -95,10 +105,12 @@ def test_cluster_autoscales_with_v2_and_keeps_work_off_the_head(kind):
     assert spec.get("enableInTreeAutoscaling") is True, f"{kind}: enableInTreeAutoscaling is not true"
     assert spec.get("autoscalerOptions", {}).get("version") == "v2", f"{kind}: autoscalerOptions.version is not v2"
     head = spec["headGroupSpec"]["rayStartParams"]
-    assert head.get("num-cpus") == "0", f"{kind}: the head must start with num-cpus \"0\" so no actor or worker lands there"
+    assert head.get("num-cpus") == "0", f'{kind}: the head must start with num-cpus "0" so no actor or worker lands there'
     assert not custom_resources(head), f"{kind}: the head offers custom resources {custom_resources(head)}"
     assert spec["rayVersion"] == RAY_VERSION, f"{kind}: rayVersion {spec['rayVersion']} != pyproject.toml's ray {RAY_VERSION}"
-    assert spec["authOptions"] == {"mode": "token", "secretName": "vlsi-ray-auth"}, f"{kind}: want token auth, Secret vlsi-ray-auth"
+    assert spec["authOptions"] == {"mode": "token", "secretName": "vlsi-ray-auth"}, (
+        f"{kind}: want token auth, Secret vlsi-ray-auth"
+    )
 
 
 def test_images_pin_the_project_ray_and_python():
@@ -127,23 +139,25 @@ def test_runtime_envs_install_exactly_the_pyproject_pins():
 
 def test_runtime_envs_set_no_variable_that_ray_init_also_sets(monkeypatch):
     """ray_runner.connect() passes ray_env() to ray.init; Ray raises if the job's runtime env sets one of those."""
-    from vlsi_ray.runners.ray.driver import ray_env
 
     monkeypatch.setenv("WANDB_MODE", "online")
     assert "WANDB_MODE" in ray_env(), "ray_env() no longer forwards WANDB_MODE: revisit this test"
     [app] = serve_config()["applications"]
-    for where, env in (("cluster/runtime-env.yaml", runtime_env_file()), ("RayJob", rayjob_runtime_env()),
-                       ("RayService", app["runtime_env"])):
+    for where, env in (
+        ("cluster/runtime-env.yaml", runtime_env_file()),
+        ("RayJob", rayjob_runtime_env()),
+        ("RayService", app["runtime_env"]),
+    ):
         for key, value in env.get("env_vars", {}).items():
             monkeypatch.setenv(key, str(value))  # a job's env_vars reach the driver's environment
         clash = set(env.get("env_vars", {})) & set(ray_env(tune_malloc=True))
-        assert not clash, f"{where} sets {sorted(clash)}, which ray.init also sets: the job would fail; set them on the containers"
+        assert not clash, (
+            f"{where} sets {sorted(clash)}, which ray.init also sets: the job would fail; set them on the containers"
+        )
 
 
 def test_driver_pods_tell_gpu_workers_to_use_cuda(monkeypatch):
     """A DS_ACCELERATOR the driver was given reaches every worker (ray_env); one it defaulted to itself does not."""
-    from vlsi_ray import env as vlsi_env
-    from vlsi_ray.runners.ray.driver import ray_env
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     monkeypatch.setattr(vlsi_env, "DEFAULTED", set())
@@ -166,23 +180,33 @@ def test_every_pod_mounts_the_shared_volume_where_the_paths_point():
     [(claim, mount)] = set().union(*claims.values())
     [pvc] = [d for _, d in manifests() if d.get("kind") == "PersistentVolumeClaim"]
     assert pvc["metadata"]["name"] == claim, f"the PVC document is {pvc['metadata']['name']}, the pods mount {claim}"
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every Ray pod writes the shared PVC at once: it must be ReadWriteMany"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], (
+        "every Ray pod writes the shared PVC at once: it must be ReadWriteMany"
+    )
     cfg = paper_config()
-    from omegaconf import OmegaConf
 
     raw = OmegaConf.load(PAPER_CONFIG)  # paper_config() dropped the checkpoint paths; check the file's
-    paths = {"teacher.path": raw.teacher.path, "student.path": raw.student.path, "data.dir": cfg.data.dir,
-             "output_dir": cfg.output_dir, "RayJob working_dir": rayjob_runtime_env()["working_dir"],
-             "Serve model_dir": serve_config()["applications"][0]["args"]["model_dir"]}
+    paths = {
+        "teacher.path": raw.teacher.path,
+        "student.path": raw.student.path,
+        "data.dir": cfg.data.dir,
+        "output_dir": cfg.output_dir,
+        "RayJob working_dir": rayjob_runtime_env()["working_dir"],
+        "Serve model_dir": serve_config()["applications"][0]["args"]["model_dir"],
+    }
     outside = {k: v for k, v in paths.items() if not Path(v).is_relative_to(mount)}
     assert not outside, f"these paths are not on the shared volume ({mount}) every pod mounts: {outside}"
-    serve_paths = {e["value"] for name, c in containers() if name.startswith("RayService")
-                   for e in c.get("env", []) if e["name"] == "PYTHONPATH"}
+    serve_paths = {
+        e["value"]
+        for name, c in containers()
+        if name.startswith("RayService")
+        for e in c.get("env", [])
+        if e["name"] == "PYTHONPATH"
+    }
     assert serve_paths == {paths["RayJob working_dir"]}, f"RayService PYTHONPATH {serve_paths} != the RayJob's checkout"
 
 
 def test_serve_app_matches_the_serving_contract():
-    from ray.serve.schema import ServeDeploySchema
 
     config = serve_config()
     ServeDeploySchema.model_validate(config)  # Ray Serve's own check of serveConfigV2 (KubeRay submits it as is)
@@ -215,7 +239,6 @@ def test_serve_replicas_fit_the_serve_group():
 
 def _unknown_keys(model, data, where: str = "") -> list[str]:
     """Keys of ``data`` that the pydantic ``model`` (recursively) has no field for."""
-    from pydantic import BaseModel
 
     out = []
     for key, value in data.items():

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 from jsonschema import Draft7Validator
+
 from kuberay_manifests import KINDS, load_crd_schemas, manifest, manifests
 
 
@@ -53,18 +54,29 @@ def _set(doc: dict, path: str, value) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("kind, path, value, where", [
-    ("RayCluster", "spec.workerGroupSpecs.0.maxReplicas", "two", "spec.workerGroupSpecs.0.maxReplicas"),
-    ("RayCluster", "spec.headGroupSpec.rayStartParams.num-cpus", 0, "spec.headGroupSpec.rayStartParams.num-cpus"),
-    ("RayCluster", "spec.enableInTreeAutoscalling", True, "spec"),  # a typo: unknown field
-    ("RayCluster", "spec.autoscalerOptions.version", "v3", "spec.autoscalerOptions.version"),
-    ("RayCluster", "spec.workerGroupSpecs.0.template.spec.containers.0.resources.limits.cpu", "lots",
-     "spec.workerGroupSpecs.0.template.spec.containers.0.resources.limits.cpu"),
-    ("RayJob", "spec.rayClusterSpec.workerGroupSpecs.1.minReplicas", "1",  # the embedded RayCluster spec is checked too
-     "spec.rayClusterSpec.workerGroupSpecs.1.minReplicas"),
-    ("RayJob", "spec.shutdownAfterJobFinishes", "yes", "spec.shutdownAfterJobFinishes"),
-    ("RayService", "spec.serveConfigV2", {"applications": []}, "spec.serveConfigV2"),  # must be a YAML string
-])
+@pytest.mark.parametrize(
+    "kind, path, value, where",
+    [
+        ("RayCluster", "spec.workerGroupSpecs.0.maxReplicas", "two", "spec.workerGroupSpecs.0.maxReplicas"),
+        ("RayCluster", "spec.headGroupSpec.rayStartParams.num-cpus", 0, "spec.headGroupSpec.rayStartParams.num-cpus"),
+        ("RayCluster", "spec.enableInTreeAutoscalling", True, "spec"),  # a typo: unknown field
+        ("RayCluster", "spec.autoscalerOptions.version", "v3", "spec.autoscalerOptions.version"),
+        (
+            "RayCluster",
+            "spec.workerGroupSpecs.0.template.spec.containers.0.resources.limits.cpu",
+            "lots",
+            "spec.workerGroupSpecs.0.template.spec.containers.0.resources.limits.cpu",
+        ),
+        (
+            "RayJob",
+            "spec.rayClusterSpec.workerGroupSpecs.1.minReplicas",
+            "1",  # the embedded RayCluster spec is checked too
+            "spec.rayClusterSpec.workerGroupSpecs.1.minReplicas",
+        ),
+        ("RayJob", "spec.shutdownAfterJobFinishes", "yes", "spec.shutdownAfterJobFinishes"),
+        ("RayService", "spec.serveConfigV2", {"applications": []}, "spec.serveConfigV2"),  # must be a YAML string
+    ],
+)
 def test_validation_rejects_a_broken_manifest(kind, path, value, where, crd_schemas):
     """The check can fail: one wrong type, typo or enum value makes the schema reject the manifest."""
     broken = _set(manifest(kind), path, value)
@@ -78,4 +90,3 @@ def test_missing_crd_directory_fails_with_the_variable_name(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(pytest.fail.Exception, match="no ray.io/v1 CRD for RayCluster, RayJob, RayService"):
         load_crd_schemas(tmp_path / "empty")
-

@@ -45,7 +45,14 @@ def row(i: int, answer: str, image: bytes | None = None, question: str = QUESTIO
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]
-    return {"id": f"row-{i}", "image": image or png(i), "messages": json.dumps(messages), "answer": answer, "task": "colour", "split": "train"}
+    return {
+        "id": f"row-{i}",
+        "image": image or png(i),
+        "messages": json.dumps(messages),
+        "answer": answer,
+        "task": "colour",
+        "split": "train",
+    }
 
 
 @pytest.fixture(scope="module", params=list(MODULES))
@@ -82,7 +89,10 @@ def test_tokens_match_the_generation_prompt_and_the_rendered_answer(setup):
     if family == "qwen2_vl":
         assert text == tok.apply_chat_template(messages, tokenize=False)
     else:
-        assert tok.apply_chat_template(messages, tokenize=False).replace("<|im_start|>assistant \n", "<|im_start|>assistant\n") == text
+        assert (
+            tok.apply_chat_template(messages, tokenize=False).replace("<|im_start|>assistant \n", "<|im_start|>assistant\n")
+            == text
+        )
     image_token = collator.spec.image_token
     text = text.replace(image_token, image_token * IMAGE_TOKENS[family])
     assert batch["input_ids"][0].tolist() == tok(text, add_special_tokens=False)["input_ids"]
@@ -94,7 +104,13 @@ def test_image_tokens_match_the_vision_tower(setup):
     per_row = (batch["input_ids"] == student.image_token_id).sum(dim=1)
     assert per_row.tolist() == [IMAGE_TOKENS[family]] * 3
     with torch.no_grad():  # the model itself refuses a mismatch between placeholders and features
-        features = student.model.get_image_features(**{k: batch[k] for k in student.spec.model_input_names if k not in ("input_ids", "attention_mask", "mm_token_type_ids")})
+        features = student.model.get_image_features(
+            **{
+                k: batch[k]
+                for k in student.spec.model_input_names
+                if k not in ("input_ids", "attention_mask", "mm_token_type_ids")
+            }
+        )
         out = student.forward(batch)
     assert sum(f.shape[0] for f in features.pooler_output) == int(per_row.sum())
     assert out.logits.shape[:2] == batch["input_ids"].shape
@@ -107,9 +123,13 @@ def test_image_tokens_match_the_vision_tower(setup):
 def test_matches_the_transformers_processor(setup):
     """Same input_ids and pixels as the family's own processor (built without a video processor)."""
     family, tok, student, collator, _ = setup
-    from transformers import LlavaOnevisionProcessor, Qwen2VLProcessor
+    from transformers import LlavaOnevisionProcessor, Qwen2VLProcessor  # noqa: PLC0415 (transformers loads on use (after the offline defaults are set))
 
-    base, kwargs = (Qwen2VLProcessor, {}) if family == "qwen2_vl" else (LlavaOnevisionProcessor, {"num_image_tokens": 16, "vision_feature_select_strategy": "full"})
+    base, kwargs = (
+        (Qwen2VLProcessor, {})
+        if family == "qwen2_vl"
+        else (LlavaOnevisionProcessor, {"num_image_tokens": 16, "vision_feature_select_strategy": "full"})
+    )
 
     class Processor(base):
         def check_argument_for_proper_class(self, name, arg):  # torchvision-free: skip the video-class check
@@ -216,9 +236,15 @@ def test_bad_rows_name_their_id(setup):
 
 def test_text_only_rows(setup):
     _, tok, student, collator, _ = setup
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Say A."}]}, {"role": "assistant", "content": [{"type": "text", "text": "A"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Say A."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+    ]
     batch = collator([{"id": "t", "image": None, "messages": json.dumps(messages)}])
     assert "pixel_values" not in batch
-    assert batch["labels"][batch["labels"] != IGNORE_INDEX].tolist() == [tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("<|im_end|>")]
+    assert batch["labels"][batch["labels"] != IGNORE_INDEX].tolist() == [
+        tok.convert_tokens_to_ids("A"),
+        tok.convert_tokens_to_ids("<|im_end|>"),
+    ]
     with torch.no_grad():
         assert student.forward(batch).logits.shape[:2] == batch["input_ids"].shape

@@ -6,9 +6,11 @@ import itertools
 
 import pytest
 
+from vlsi_ray.data.ray_dataset import train_dataset, train_split
 from vlsi_ray.data.shards import read_rows, write_shards
 from vlsi_ray.data.synthetic import generate_rows
 from vlsi_ray.method.loop import BatchOrder
+from vlsi_ray.runners.ray.driver import _data_context
 
 BATCH = 8
 TASKS = ("shape", "colour")
@@ -18,8 +20,6 @@ TASKS = ("shape", "colour")
 @pytest.mark.parametrize("sort_in_memory_mb", [512, 0], ids=["one-task sort", "distributed sort"])
 def test_train_stream_is_the_in_process_order(local_ray, tmp_path, sort_in_memory_mb):
     """Three epochs of two tasks' rows: the ids arrive exactly as BatchOrder hands them out in process."""
-    from vlsi_ray.data.ray_dataset import train_dataset, train_split
-    from vlsi_ray.runners.ray.driver import _data_context
 
     write_shards(generate_rows("train", 120, seed=3), tmp_path, "train", rows_per_shard=40)
     rows = [r for r in read_rows(tmp_path, "train")[0] if r["task"] in TASKS]

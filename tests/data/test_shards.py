@@ -3,10 +3,12 @@
 import json
 import logging
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from vlsi_ray.data import shards
+from vlsi_ray.data.ray_dataset import EpochRows, ValidRows
 from vlsi_ray.data.shards import CorruptRowError, read_rows, validate_row, write_shards
 from vlsi_ray.data.synthetic import ALL_TASKS, generate_rows
 
@@ -38,9 +40,10 @@ def test_rewrite_removes_stale_shards(tmp_path, rows):
 def test_generate_dataset_is_cached(tmp_path, capsys):
     kw = dict(sizes={"train": 20, "val": 8}, seed=7, rows_per_shard=8, caption_fraction=0.25)
     m1 = shards.generate_dataset(tmp_path, **kw)
-    assert m1["splits"] == {"train": {"files": ["train-00000.parquet", "train-00001.parquet",
-                                                "train-00002.parquet"], "rows": 20},
-                            "val": {"files": ["val-00000.parquet"], "rows": 8}}
+    assert m1["splits"] == {
+        "train": {"files": ["train-00000.parquet", "train-00001.parquet", "train-00002.parquet"], "rows": 20},
+        "val": {"files": ["val-00000.parquet"], "rows": 8},
+    }
     assert m1["generator_kwargs"] == {"caption_fraction": 0.25} and m1["seed"] == 7
     assert json.loads((tmp_path / "manifest.json").read_text()) == m1
     mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
@@ -107,18 +110,37 @@ def test_corrupt_row_raises_naming_file_and_id(tmp_path, rows):
     assert "data.on_error=skip" in msg
 
 
-@pytest.mark.parametrize("change,reason", [
-    (lambda r: r.pop("answer"), "missing field 'answer'"),
-    (lambda r: r.update(id=""), "empty id"),
-    (lambda r: r.update(image="png as text"), "field 'image' is str, expected bytes"),
-    (lambda r: r.update(messages=json.dumps([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                                             {"role": "assistant", "content": [{"type": "text", "text": "A"}]}])),
-     "messages has no user turn with an image part"),
-    (lambda r: r.update(messages=json.dumps([{"role": "user", "content": [{"type": "image"}]},
-                                             {"role": "assistant", "content": [{"type": "text", "text": " "}]}])),
-     "messages does not end with an assistant turn with non-empty text"),
-    (lambda r: r.update(messages="{}"), "messages is not a non-empty list of turns"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (lambda r: r.pop("answer"), "missing field 'answer'"),
+        (lambda r: r.update(id=""), "empty id"),
+        (lambda r: r.update(image="png as text"), "field 'image' is str, expected bytes"),
+        (
+            lambda r: r.update(
+                messages=json.dumps(
+                    [
+                        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+                    ]
+                )
+            ),
+            "messages has no user turn with an image part",
+        ),
+        (
+            lambda r: r.update(
+                messages=json.dumps(
+                    [
+                        {"role": "user", "content": [{"type": "image"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": " "}]},
+                    ]
+                )
+            ),
+            "messages does not end with an assistant turn with non-empty text",
+        ),
+        (lambda r: r.update(messages="{}"), "messages is not a non-empty list of turns"),
+    ],
+)
 def test_validate_row_reasons(rows, change, reason):
     row = dict(rows[0])
     assert validate_row(row) is None
@@ -144,9 +166,6 @@ def test_decode_image(rows):
 
 def test_ray_data_validation_drops_the_same_rows_as_the_reader(tmp_path, rows):
     """The Ray Data path (ValidRows in map_batches) keeps exactly what read_rows keeps, or raises."""
-    import pyarrow as pa
-
-    from vlsi_ray.data.ray_dataset import EpochRows, ValidRows
 
     good, bad = corrupt(rows)
     mixed = good[:3] + list(bad.values()) + good[3:]

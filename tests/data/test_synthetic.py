@@ -24,18 +24,26 @@ def pixels(img):
 
 def test_options_are_fixed_constants():
     assert syn.LETTERS == "ABCD"
-    assert syn.OPTIONS == {"colour": COLOUR_OPTS, "shape": SHAPE_OPTS, "count": ["1", "2", "3", "4"],
-                           "position": POSITION_OPTS, "pattern": SHAPE_OPTS}
+    assert syn.OPTIONS == {
+        "colour": COLOUR_OPTS,
+        "shape": SHAPE_OPTS,
+        "count": ["1", "2", "3", "4"],
+        "position": POSITION_OPTS,
+        "pattern": SHAPE_OPTS,
+    }
     assert syn.SCORED_TASKS == ("colour", "shape", "count", "position", "pattern")
     assert syn.ALL_TASKS == syn.SCORED_TASKS + ("caption",)
 
 
 @pytest.mark.parametrize("image_size,grid", [(112, 4), (168, 6)])
 def test_render_centre_pixels_and_empty_cells(image_size, grid):
-    objs = [Obj(shape, colour, r, c, dot=(r + c) % 2 == 0)
-            for (r, c), (shape, colour) in zip(
-                [(0, 0), (0, 1), (1, 2), (2, 3), (3, 0), (3, 3), (1, 0), (2, 1)],
-                [(s, col) for s in syn.SHAPES for col in syn.COLOURS][::3])]
+    objs = [
+        Obj(shape, colour, r, c, dot=(r + c) % 2 == 0)
+        for (r, c), (shape, colour) in zip(
+            [(0, 0), (0, 1), (1, 2), (2, 3), (3, 0), (3, 3), (1, 0), (2, 1)],
+            [(s, col) for s in syn.SHAPES for col in syn.COLOURS][::3],
+        )
+    ]
     scene = Scene(tuple(objs))
     img = syn.render(scene, image_size, grid)
     assert img.mode == "RGB" and img.size == (image_size, image_size)
@@ -54,7 +62,7 @@ def test_render_centre_pixels_and_empty_cells(image_size, grid):
     for r in range(grid):
         for c in range(grid):
             if (r, c) not in occupied:
-                block = px[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+                block = px[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
                 assert (block == syn.BACKGROUND).all()
 
 
@@ -79,11 +87,14 @@ def test_marker_is_drawn_in_its_own_colour():
     assert sum(tuple(p) == syn.MARKER_COLOUR for p in block) > 40
 
 
-@pytest.mark.parametrize("scene,match", [
-    (Scene((Obj("circle", "red", 4, 0),)), "outside"),
-    (Scene((Obj("circle", "red", 1, 1), Obj("star", "blue", 1, 1))), "share a cell"),
-    (Scene((Obj("hexagon", "red", 1, 1),)), "unknown shape"),
-])
+@pytest.mark.parametrize(
+    "scene,match",
+    [
+        (Scene((Obj("circle", "red", 4, 0),)), "outside"),
+        (Scene((Obj("circle", "red", 1, 1), Obj("star", "blue", 1, 1))), "share a cell"),
+        (Scene((Obj("hexagon", "red", 1, 1),)), "unknown shape"),
+    ],
+)
 def test_render_rejects_bad_scenes(scene, match):
     with pytest.raises(ValueError, match=match):
         syn.render(scene)
@@ -105,8 +116,7 @@ def test_splits_are_disjoint_even_in_a_tiny_scene_space():
     # one object per scene: only 5 shapes x 4 colours x 16 cells x 2 dots = 640 possible images,
     # so independent streams alone would certainly collide.
     kw = dict(tasks=["colour"], distractors=False)
-    images = {s: {r["image"] for r in syn.generate_rows(s, n, 0, **kw)}
-              for s, n in [("train", 300), ("val", 60), ("test", 60)]}
+    images = {s: {r["image"] for r in syn.generate_rows(s, n, 0, **kw)} for s, n in [("train", 300), ("val", 60), ("test", 60)]}
     ids = {s: {r["id"] for r in syn.generate_rows(s, 5, 0, **kw)} for s in images}
     for a in images:
         for b in images:
@@ -116,8 +126,7 @@ def test_splits_are_disjoint_even_in_a_tiny_scene_space():
 
 
 def _find(scene, colour=None, shape=None):
-    return [o for o in scene.objects
-            if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)]
+    return [o for o in scene.objects if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)]
 
 
 def derive_answer(ex):
@@ -144,8 +153,7 @@ def derive_answer(ex):
         row = sorted((o for o in s.objects if o.row == r), key=lambda o: o.col)
         seq = [o.shape for o in row]
         assert [o.col for o in row] == list(range(c)) and len({o.colour for o in row}) == 1
-        period = next(p for p in range(1, len(seq) + 1)
-                      if all(seq[i] == seq[i % p] for i in range(len(seq))))
+        period = next(p for p in range(1, len(seq) + 1) if all(seq[i] == seq[i % p] for i in range(len(seq))))
         return SHAPE_OPTS.index(seq[len(seq) % period])
     raise AssertionError(ex.task)
 
@@ -158,8 +166,9 @@ def test_answers_match_the_scene(grid):
         seen[ex.task] += 1
         if ex.task == "caption":
             described = set(re.findall(r"(\w+) (\w+) at row (\d+) column (\d+)( with a dot)?\.", ex.answer))
-            assert described == {(o.colour, o.shape, str(o.row + 1), str(o.col + 1),
-                                  " with a dot" if o.dot else "") for o in ex.scene.objects}
+            assert described == {
+                (o.colour, o.shape, str(o.row + 1), str(o.col + 1), " with a dot" if o.dot else "") for o in ex.scene.objects
+            }
             assert len(described) == len(ex.scene.objects)
             continue
         assert ex.answer == "ABCD"[derive_answer(ex)], ex
@@ -186,7 +195,7 @@ def test_rows_render_their_scene_and_use_the_chat_format():
         else:
             lines = user.split("\n")
             assert lines[0] == ex.question and lines[-1] == "Answer with the option's letter."
-            assert lines[1:5] == [f"{l}. {o}" for l, o in zip("ABCD", syn.OPTIONS[row["task"]])]
+            assert lines[1:5] == [f"{letter}. {o}" for letter, o in zip("ABCD", syn.OPTIONS[row["task"]])]
             assert row["answer"] in "ABCD" and len(row["answer"]) == 1
 
 
@@ -198,10 +207,10 @@ def test_tasks_round_robin_and_letters_balanced():
     assert counts == {t: 80 for t in syn.SCORED_TASKS}
     for task in syn.SCORED_TASKS:
         letters = collections.Counter(e.answer for e in exs if e.task == task)
-        assert letters == {l: 20 for l in "ABCD"}, task
+        assert letters == {letter: 20 for letter in "ABCD"}, task
         # not a fixed cycle: the letter order differs between blocks of four
         seq = "".join(e.answer for e in exs if e.task == task)
-        assert len({seq[i:i + 4] for i in range(0, 80, 4)}) > 3
+        assert len({seq[i : i + 4] for i in range(0, 80, 4)}) > 3
 
 
 def test_caption_fraction_and_weights():
@@ -215,8 +224,7 @@ def test_caption_fraction_and_weights():
 
 
 def test_difficulty_knobs():
-    exs = syn.generate_examples("train", 200, seed=2, tasks=syn.ALL_TASKS, min_objects=3,
-                                max_objects=4, dot_prob=0.0)
+    exs = syn.generate_examples("train", 200, seed=2, tasks=syn.ALL_TASKS, min_objects=3, max_objects=4, dot_prob=0.0)
     for e in exs:
         assert 3 <= len(e.scene.objects) <= 4, e
         assert not any(o.dot for o in e.scene.objects)
@@ -228,13 +236,16 @@ def test_difficulty_knobs():
         assert all(o.dot for o in e.scene.objects) or e.task == "pattern"
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(min_objects=5, max_objects=2), "min_objects"),
-    (dict(dot_prob=1.5), "dot_prob"),
-    (dict(tasks=["juggling"]), "unknown task"),
-    (dict(caption_fraction=1.0), "caption_fraction"),
-    (dict(image_size=100, grid=3), "image_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(min_objects=5, max_objects=2), "min_objects"),
+        (dict(dot_prob=1.5), "dot_prob"),
+        (dict(tasks=["juggling"]), "unknown task"),
+        (dict(caption_fraction=1.0), "caption_fraction"),
+        (dict(image_size=100, grid=3), "image_size"),
+    ],
+)
 def test_bad_arguments_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         syn.generate_rows("train", 4, 0, **kwargs)

@@ -21,15 +21,33 @@ def generator(tiny_run, one_thread):
 
 def test_eval_job_scores_a_local_checkpoint(tiny_run, fixture_sets, generator, tmp_path, job):
     out = tmp_path / "eval"
-    argv = ["--model", str(tiny_run.run / "sft" / "student"), "--synthetic", str(tiny_run.data), "--limit", "10",
-            "--mcq", str(fixture_sets.mcq), "--yes-no", str(fixture_sets.pope_tsv), "--out", str(out),
-            "--max-tokens", str(MAX_TOKENS), "--batch-size", "8", "--no-progress"]
+    argv = [
+        "--model",
+        str(tiny_run.run / "sft" / "student"),
+        "--synthetic",
+        str(tiny_run.data),
+        "--limit",
+        "10",
+        "--mcq",
+        str(fixture_sets.mcq),
+        "--yes-no",
+        str(fixture_sets.pope_tsv),
+        "--out",
+        str(out),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
     assert job("eval").main(argv) == 0
 
     bench = mcq_benchmark(fixture_sets.mcq)
-    for name, n, categories in (("synthetic", 10, {"colour", "shape", "count", "position", "pattern"}),
-                                ("mcq", 10, {"colour", "shape", "count", "position", "pattern"}),
-                                ("pope", 10, {"adversarial", "random"})):  # --limit 10 applies to every set
+    for name, n, categories in (
+        ("synthetic", 10, {"colour", "shape", "count", "position", "pattern"}),
+        ("mcq", 10, {"colour", "shape", "count", "position", "pattern"}),
+        ("pope", 10, {"adversarial", "random"}),
+    ):  # --limit 10 applies to every set
         result = json.loads((out / f"{name}.json").read_text())
         assert result["n"] == n and set(result["per_category"]) == categories
         assert result["model"] == str((tiny_run.run / "sft" / "student").resolve())
@@ -38,8 +56,9 @@ def test_eval_job_scores_a_local_checkpoint(tiny_run, fixture_sets, generator, t
     # the saved answers are the generator's greedy answers for the same batches (8 + 2 rows)
     saved = [json.loads(line) for line in (out / "mcq.predictions.jsonl").read_text().splitlines()]
     params = SamplingParams(max_tokens=MAX_TOKENS)
-    direct = [c.text for chunk in (bench.items[:8], bench.items[8:])
-              for c in generator.generate([chat_row(it) for it in chunk], params)]
+    direct = [
+        c.text for chunk in (bench.items[:8], bench.items[8:]) for c in generator.generate([chat_row(it) for it in chunk], params)
+    ]
     assert [r["prediction"] for r in saved] == direct
     scored = json.loads((out / "mcq.json").read_text())["items"]
     assert scored == [score_item(it, text) for it, text in zip(bench.items, direct)]

@@ -15,14 +15,35 @@ from vlsi_ray.eval.scoring import extract_choice, extract_yes_no
 OPTIONS = {"A": "red", "B": "green", "C": "blue", "D": "yellow"}
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("B. green", "B"), ("B) green", "B"), ("(C) blue", "C"),
-    ("D: yellow", "D"), ("Answer: B", "B"), ("The answer is (C).", "C"), ("the answer is D", "D"),
-    ("Option A", "A"), ("I think it's C", "C"), ("**B**", "B"), (" B\n", "B"),
-    ("blue", "C"), ("It is yellow.", "D"), ("A blue square", "C"),  # option text; "A" before a word is an article
-    ("E", None), ("The answer is E", None), ("", None), ("xyz", None), ("red or blue", None), ("C and D", None),
-    ("b", None),  # option letters are capitals
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("B. green", "B"),
+        ("B) green", "B"),
+        ("(C) blue", "C"),
+        ("D: yellow", "D"),
+        ("Answer: B", "B"),
+        ("The answer is (C).", "C"),
+        ("the answer is D", "D"),
+        ("Option A", "A"),
+        ("I think it's C", "C"),
+        ("**B**", "B"),
+        (" B\n", "B"),
+        ("blue", "C"),
+        ("It is yellow.", "D"),
+        ("A blue square", "C"),  # option text; "A" before a word is an article
+        ("E", None),
+        ("The answer is E", None),
+        ("", None),
+        ("xyz", None),
+        ("red or blue", None),
+        ("C and D", None),
+        ("b", None),  # option letters are capitals
+    ],
+)
 def test_extract_choice(text, expected):
     assert extract_choice(text, OPTIONS) == expected
 
@@ -32,10 +53,20 @@ def test_extract_choice_prefers_the_longest_option_text_and_ignores_absent_lette
     assert extract_choice("C", {"A": "x", "B": "y"}) is None
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Yes", "yes"), ("yes.", "yes"), ("NO", "no"), ("No, there is not.", "no"), ("Yes, there is a red star.", "yes"),
-    ("yes and no", None), ("Not sure", None), ("Nope", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Yes", "yes"),
+        ("yes.", "yes"),
+        ("NO", "no"),
+        ("No, there is not.", "no"),
+        ("Yes, there is a red star.", "yes"),
+        ("yes and no", None),
+        ("Not sure", None),
+        ("Nope", None),
+        ("", None),
+    ],
+)
 def test_extract_yes_no(text, expected):
     assert extract_yes_no(text) == expected
 
@@ -133,7 +164,12 @@ def test_stub_scores_mcq_exactly_per_category(fixture_sets, tmp_path):
     result = evaluate_benchmark(mcq_benchmark(fixture_sets.mcq), StubPredictor(_mcq_answers(gold)), tmp_path, progress=False)
     assert (result["n"], result["correct"], result["accuracy"], result["unparsed"]) == (10, 6, 0.6, 2)
     assert {c: (v["n"], v["accuracy"]) for c, v in result["per_category"].items()} == {
-        "colour": (2, 1.0), "count": (2, 0.0), "pattern": (2, 0.0), "position": (2, 1.0), "shape": (2, 1.0)}
+        "colour": (2, 1.0),
+        "count": (2, 0.0),
+        "pattern": (2, 0.0),
+        "position": (2, 1.0),
+        "shape": (2, 1.0),
+    }
     unparsed = [r["index"] for r in result["items"] if r["extracted"] is None]
     assert unparsed == [i for i, (_, c) in gold.items() if c == ["pattern"]]
     assert json.loads((tmp_path / "mcq.json").read_text())["accuracy"] == 0.6
@@ -148,7 +184,10 @@ def test_stub_scores_pope_with_f1(fixture_sets, tmp_path):
     # 4 of 12 answers are yes: precision 1/3, recall 1, F1 0.5; each category holds the 4 yes + 4 of the noes
     assert result["accuracy"] == pytest.approx(4 / 12) and result["precision"] == pytest.approx(1 / 3)
     assert (result["recall"], result["f1"], result["yes_ratio"]) == (1.0, pytest.approx(0.5), 1.0)
-    assert {c: (v["n"], v["accuracy"]) for c, v in result["per_category"].items()} == {"adversarial": (8, 0.5), "random": (8, 0.5)}
+    assert {c: (v["n"], v["accuracy"]) for c, v in result["per_category"].items()} == {
+        "adversarial": (8, 0.5),
+        "random": (8, 0.5),
+    }
     summary = write_summary(tmp_path, [result]).read_text()
     assert "| pope | 12 | **33.3** | 0 | 50.0 |" in summary
 

@@ -28,7 +28,8 @@ def test_run_sources_and_export_source(tiny_run, tmp_path):
     sources = run_sources(run)  # the tiny run has no pretrain_student: "student before" is left out
     assert [(s.name, s.model_dir, s.verbalizers_dir) for s in sources] == [
         ("teacher", run / "pretrain_teacher", run / "verbalize" / "teacher_verbalizers"),
-        ("student after distillation", run / "sft" / "student", run / "interact" / "student_verbalizers")]
+        ("student after distillation", run / "sft" / "student", run / "interact" / "student_verbalizers"),
+    ]
     export = tmp_path / "export"
     shutil.copytree(run / "sft" / "student", export)
     with pytest.raises(FileNotFoundError, match="has no vlsi_verbalizers/"):
@@ -42,8 +43,9 @@ def test_trace_has_one_row_per_verbalizer_layer_plus_final(tiny_run, row, tmp_pa
     traces = [trace_source(s, row, max_tokens=MAX_TOKENS) for s in sources]
     for source, trace in zip(sources, traces):
         layers = Verbalizers.load(source.verbalizers_dir).layers
-        assert [(r["layer"], r["kind"]) for r in trace["layers"]] == \
-            [(layer, "verbalizer") for layer in layers] + [(trace["num_layers"], "final")]
+        assert [(r["layer"], r["kind"]) for r in trace["layers"]] == [(layer, "verbalizer") for layer in layers] + [
+            (trace["num_layers"], "final")
+        ]
         for r in trace["layers"]:
             probs = [t["prob"] for t in r["top"]]
             assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
@@ -63,12 +65,23 @@ def test_trace_has_one_row_per_verbalizer_layer_plus_final(tiny_run, row, tmp_pa
 
 def _metrics(t_l: int = 3) -> list[dict]:
     """A step log like the runners write: 2 stages of step 1, 8 steps of step 2 (matched indices known), SFT."""
-    records = [{"stage": "verbalize/teacher", "step": s, "loss": 6.0 / s, "ce/1": 3.0 / s, "ce/2": 2.0 / s, "ce/3": 1.0 / s}
-               for s in range(1, 9)]
+    records = [
+        {"stage": "verbalize/teacher", "step": s, "loss": 6.0 / s, "ce/1": 3.0 / s, "ce/2": 2.0 / s, "ce/3": 1.0 / s}
+        for s in range(1, 9)
+    ]
     records += [{"stage": "verbalize/student", "step": s, "loss": 4.0 / s, "ce/1": 2.5 / s, "ce/2": 1.5 / s} for s in range(1, 9)]
     for s in range(1, 9):  # early: student layer 0 -> teacher 0; late: -> teacher 1; student layer 1 -> teacher 2 always
-        records.append({"stage": "interact", "step": s, "loss": 1.0 / s, "kl/1": 0.5 / s, "kl/2": 0.3 / s, "kl/last": 0.2 / s,
-                        "matched": [[[0 if s <= 4 else 1], [t_l - 1]]]})
+        records.append(
+            {
+                "stage": "interact",
+                "step": s,
+                "loss": 1.0 / s,
+                "kl/1": 0.5 / s,
+                "kl/2": 0.3 / s,
+                "kl/last": 0.2 / s,
+                "matched": [[[0 if s <= 4 else 1], [t_l - 1]]],
+            }
+        )
     records += [{"stage": "sft", "step": s, "loss": 0.9 / s} for s in range(1, 9)]
     return records
 
@@ -80,18 +93,18 @@ def test_matching_counts_and_layer_series():
     np.testing.assert_array_equal(late, [[0, 4, 0], [0, 0, 4]])
     series = layer_loss_series(metrics)
     assert {stage: sorted(keys) for stage, keys in series.items()} == {
-        "verbalize/teacher": ["ce/1", "ce/2", "ce/3"], "verbalize/student": ["ce/1", "ce/2"],
-        "interact": ["kl/1", "kl/2", "kl/last"]}
+        "verbalize/teacher": ["ce/1", "ce/2", "ce/3"],
+        "verbalize/student": ["ce/1", "ce/2"],
+        "interact": ["kl/1", "kl/2", "kl/last"],
+    }
     assert series["interact"]["kl/2"][3] == (4, pytest.approx(0.075))
-
 
 
 def test_verbalize_job_writes_plots_and_traces(tiny_run, tmp_path, one_thread, job):
     run = tmp_path / "run"
     shutil.copytree(tiny_run.run, run)
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in _metrics()))
-    assert job("verbalize").main(["--run-dir", str(run), "--data", str(tiny_run.data), "--index", "1",
-                                   "--max-tokens", "2"]) == 0
+    assert job("verbalize").main(["--run-dir", str(run), "--data", str(tiny_run.data), "--index", "1", "--max-tokens", "2"]) == 0
     for name in ("losses", "layer_losses", "matching"):
         data = (run / "plots" / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000

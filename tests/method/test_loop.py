@@ -2,14 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from vlsi_ray.config import OptimConfig
-import numpy as np
-
-from vlsi_ray.method.loop import BatchOrder, order_keys, cosine_lr, total_optimizer_steps, train_stage
+from vlsi_ray.method.loop import BatchOrder, cosine_lr, order_keys, total_optimizer_steps, train_stage
 from vlsi_ray.method.steps import StepOutput
 
 
@@ -70,9 +69,16 @@ def test_train_stage_fits_a_linear_model():
         loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
         return StepOutput(loss, {"loss": loss.item()})
 
-    history = train_stage("fit", objective, list(model.parameters()), rows, collate,
-                          OptimConfig(lr=0.1, min_lr=0.01, batch_size=8, grad_accum=2, max_steps=300, log_every=50),
-                          seed=0, device=torch.device("cpu"))
+    history = train_stage(
+        "fit",
+        objective,
+        list(model.parameters()),
+        rows,
+        collate,
+        OptimConfig(lr=0.1, min_lr=0.01, batch_size=8, grad_accum=2, max_steps=300, log_every=50),
+        seed=0,
+        device=torch.device("cpu"),
+    )
     assert len(history) == 300 and history[-1]["step"] == 300
     assert history[-1]["loss"] < 1e-3 < history[0]["loss"]
     assert model.weight.item() == pytest.approx(3, abs=0.05) and model.bias.item() == pytest.approx(1, abs=0.05)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlsi_ray.method.losses import masked_mean, per_token_kl, select_positions, verbalized_ce, verbalized_kl
+from vlsi_ray.method.losses import _kl, masked_mean, per_token_kl, select_positions, verbalized_ce, verbalized_kl
 from vlsi_ray.signals import TeacherSignal
 
 
@@ -188,7 +188,7 @@ def test_verbalized_kl_chunked_equals_unchunked(k, direction):
     ref, ref_grads = _grads(lambda h: per_token_kl(sig, head(h), direction), head, hidden)
     for chunk in (None, 1, 5, 23, 100):
         head.calls.clear()
-        out, grads = _grads(lambda h: verbalized_kl(h, head, sig, direction, 1.0, chunk), head, hidden)
+        out, grads = _grads(lambda h, chunk=chunk: verbalized_kl(h, head, sig, direction, 1.0, chunk), head, hidden)
         np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-7)
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-6)
@@ -233,7 +233,7 @@ def test_verbalized_ce_chunked_equals_unchunked_and_torch_reference():
     ref, ref_grads = _grads(lambda h: nn.functional.cross_entropy(head(h), targets, reduction="none"), head, hidden)
     assert ref[3] == 0.0
     for chunk in (None, 1, 4, 50):
-        out, grads = _grads(lambda h: verbalized_ce(h, head, targets, chunk), head, hidden)
+        out, grads = _grads(lambda h, chunk=chunk: verbalized_ce(h, head, targets, chunk), head, hidden)
         np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-7)
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-6)
@@ -284,7 +284,6 @@ def test_sampled_tail_kl_value_and_gradient_converge_to_the_dense_kl(direction):
 
 def _kl_before_tail_samples(teacher: TeacherSignal, s: torch.Tensor, direction: str) -> torch.Tensor:
     """per_token_kl for top-k signals as it was before tail samples existed (commit 5de4321)."""
-    from vlsi_ray.method.losses import _kl
 
     dtype = torch.promote_types(s.dtype, torch.float32)
     s_log = torch.log_softmax(s.to(dtype) / teacher.temperature, dim=-1)
@@ -360,7 +359,7 @@ def test_verbalized_kl_with_tail_samples_chunked_equals_unchunked(direction):
     plain = per_token_kl(replace(sig, tail_sample_ids=None, tail_sample_logprobs=None), head(hidden).detach(), direction)
     assert (ref > plain).all()  # the samples are in use in every chunk
     for chunk in (1, 5, 100):
-        out, grads = _grads(lambda h: verbalized_kl(h, head, sig, direction, 1.0, chunk), head, hidden)
+        out, grads = _grads(lambda h, chunk=chunk: verbalized_kl(h, head, sig, direction, 1.0, chunk), head, hidden)
         np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-7)
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-6)

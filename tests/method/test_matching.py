@@ -47,9 +47,7 @@ def test_ordered_picks_stay_in_their_windows(case, options):
     d = d.masked_fill(~band, float("nan"))  # entries outside the band must never be read
     match = match_layers(d, options, _gen(seed))
     prev = -1
-    for i_s, (chosen, weights, window, probs) in enumerate(
-        zip(match.indices, match.weights, match.windows, match.probabilities)
-    ):
+    for i_s, (chosen, weights, window, probs) in enumerate(zip(match.indices, match.weights, match.windows, match.probabilities)):
         assert window == range(prev + 1, t_l - t_s + i_s + 1)
         assert all(band[i_s, j] for j in window)
         assert chosen == sorted(set(chosen)) and prev + 1 <= chosen[0] and chosen[-1] <= t_l - t_s + i_s
@@ -86,7 +84,9 @@ def test_paper_fig2_example():
 
 
 def test_multinomial_frequencies_follow_softmax_with_adaptive_temperature():
-    d = torch.tensor([[0.30, 0.10, 0.55, 0.20, 0.95, 0.40, 0.70, 0.5], [0.9, 0.8, 0.1, 0.4, 0.3, 0.6, 0.2, 0.0]], dtype=torch.float64)
+    d = torch.tensor(
+        [[0.30, 0.10, 0.55, 0.20, 0.95, 0.40, 0.70, 0.5], [0.9, 0.8, 0.1, 0.4, 0.3, 0.6, 0.2, 0.0]], dtype=torch.float64
+    )
     window = d[0, :7]  # t_s = 2, t_l = 8: student 0 sees teachers 0..6
     T = 2.0 / float(window.max() - window.min() + 1e-6)
     expected = torch.softmax(-window / T, 0).numpy()

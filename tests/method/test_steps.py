@@ -28,7 +28,9 @@ from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.signals.produce import teacher_signal
 
 FAMILY = "qwen2_vl"
-TEACHER_SIZES = dict(hidden_size=64, num_layers=5, num_heads=4, intermediate_size=128, vision_embed_dim=32, vision_depth=1, seed=1)
+TEACHER_SIZES = dict(
+    hidden_size=64, num_layers=5, num_heads=4, intermediate_size=128, vision_embed_dim=32, vision_depth=1, seed=1
+)
 STUDENT_SIZES = dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, vision_embed_dim=32, vision_depth=1, seed=2)
 TEACHER_LAYERS = [1, 2, 3, 4]  # t_l = 4 (block 5 is the final layer)
 STUDENT_LAYERS = [1, 2]  # t_s = 2
@@ -224,8 +226,12 @@ def test_interaction_trains_lora_and_student_verbalizers_only(setup, base):
     student.apply_lora(LORA_RANK, LORA_RANK)
     before = {m: snapshot(m) for m in (teacher.model, student.model, t_verbs, s_verbs)}
     objective = InteractionObjective(
-        student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
-        MatchingOptions(), generator=torch.Generator().manual_seed(0), vocab_size=vocab,
+        student,
+        s_verbs,
+        lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
+        MatchingOptions(),
+        generator=torch.Generator().manual_seed(0),
+        vocab_size=vocab,
     )
     trained = {id(p) for p in objective.parameters()}
     lora = {n: p for n, p in student.model.named_parameters() if "lora_" in n}
@@ -326,8 +332,12 @@ def test_interaction_loss_matches_a_hand_reference(setup):
     s_verbs = _verbalizers(student, STUDENT_LAYERS, seed=6, zero_init=False)
     student.apply_lora(LORA_RANK, LORA_RANK)  # B = 0: outputs unchanged
     objective = InteractionObjective(
-        student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, None, vocab_size=vocab),
-        MatchingOptions(strategy="uniform"), generator=torch.Generator().manual_seed(0), vocab_size=vocab,
+        student,
+        s_verbs,
+        lambda b: teacher_signal(teacher, t_verbs, b, None, vocab_size=vocab),
+        MatchingOptions(strategy="uniform"),
+        generator=torch.Generator().manual_seed(0),
+        vocab_size=vocab,
     )
     out = objective(batch)
     # uniform: i_l = i_s·floor(t_l/t_s) (1-based) -> student target 1 ↔ teacher target 2, 2 ↔ 4.
@@ -353,8 +363,13 @@ def test_interaction_ablation_losses_match_a_hand_reference(setup, intermediate)
     s_verbs = _verbalizers(student, STUDENT_LAYERS, seed=6, zero_init=False)
     student.apply_lora(LORA_RANK, LORA_RANK)
     objective = InteractionObjective(
-        student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, None, vocab_size=vocab),
-        MatchingOptions(), LossOptions(intermediate=intermediate), generator=torch.Generator().manual_seed(0), vocab_size=vocab,
+        student,
+        s_verbs,
+        lambda b: teacher_signal(teacher, t_verbs, b, None, vocab_size=vocab),
+        MatchingOptions(),
+        LossOptions(intermediate=intermediate),
+        generator=torch.Generator().manual_seed(0),
+        vocab_size=vocab,
     )
     out = objective(batch)
     last = _reference_loss(teacher, student, t_verbs, s_verbs, batch, [], vocab)  # the last-layer KL alone
@@ -395,8 +410,11 @@ def test_interaction_loss_is_zero_for_identical_teacher_and_student(setup, strat
             p.add_(0.05 * torch.randn_like(p))
     student.apply_lora(LORA_RANK, LORA_RANK)  # B = 0: outputs unchanged
     objective = InteractionObjective(
-        student, s_verbs, lambda b: teacher_signal(student, s_verbs, b, None),
-        MatchingOptions(strategy=strategy), generator=torch.Generator().manual_seed(0),
+        student,
+        s_verbs,
+        lambda b: teacher_signal(student, s_verbs, b, None),
+        MatchingOptions(strategy=strategy),
+        generator=torch.Generator().manual_seed(0),
     )
     out = objective(batch)
     assert out.metrics["matched"] == [[i] for i in range(len(STUDENT_LAYERS))]
@@ -409,8 +427,12 @@ def test_matched_indices_obey_search_range_and_order(setup):
     t_s, t_l = len(STUDENT_LAYERS), len(TEACHER_LAYERS)
     student.apply_lora(LORA_RANK, LORA_RANK)  # B = 0: outputs unchanged
     objective = InteractionObjective(
-        student, s_verbs, lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
-        MatchingOptions(), generator=torch.Generator().manual_seed(0), vocab_size=vocab,
+        student,
+        s_verbs,
+        lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
+        MatchingOptions(),
+        generator=torch.Generator().manual_seed(0),
+        vocab_size=vocab,
     )
     seen = set()
     with torch.no_grad():

@@ -14,7 +14,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlsi_ray.data.collate import ChatCollator
-from vlsi_ray.models import llava_onevision, qwen2_5_vl, qwen2_vl
+from vlsi_ray.models import (
+    ModelInfo,  # noqa: E402
+    llava_onevision,
+    qwen2_5_vl,
+    qwen2_vl,
+)
 from vlsi_ray.models.backbone import (
     Backbone,
     IncompatibleModelsError,
@@ -24,6 +29,7 @@ from vlsi_ray.models.backbone import (
     load_backbone,
 )
 from vlsi_ray.models.tokenizer import train_tokenizer
+from vlsi_ray.prepare import check_pair, check_pair_paths  # noqa: E402
 
 MODULES = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "llava_onevision": llava_onevision}
 QUESTION = "What colour is the star?\nA. red\nB. green\nC. blue\nD. yellow\nAnswer with the option's letter."
@@ -44,7 +50,16 @@ def make_rows(n: int) -> list[dict]:
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
             {"role": "assistant", "content": [{"type": "text", "text": answer}]},
         ]
-        rows.append({"id": f"row-{i}", "image": buffer.getvalue(), "messages": json.dumps(messages), "answer": answer, "task": "colour", "split": "train"})
+        rows.append(
+            {
+                "id": f"row-{i}",
+                "image": buffer.getvalue(),
+                "messages": json.dumps(messages),
+                "answer": answer,
+                "task": "colour",
+                "split": "train",
+            }
+        )
     return rows
 
 
@@ -171,7 +186,9 @@ def test_build_is_deterministic_given_seed(setup):
     c = MODULES[family].build_tiny("student", tok, seed=8).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
-    sized = MODULES[family].build_tiny("teacher", tok, hidden_size=96, num_layers=3, num_heads=3, intermediate_size=160, vision_depth=1, vision_embed_dim=48)
+    sized = MODULES[family].build_tiny(
+        "teacher", tok, hidden_size=96, num_layers=3, num_heads=3, intermediate_size=160, vision_depth=1, vision_embed_dim=48
+    )
     assert (sized.hidden_size, sized.num_layers) == (96, 3)
     with pytest.raises(TypeError, match="unknown override 'layers'"):
         MODULES[family].build_tiny("student", tok, layers=2)
@@ -210,10 +227,12 @@ def test_check_compatible(setup, tmp_path):
     data = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
     data["model"]["vocab"][first], data["model"]["vocab"][second] = vocab[second], vocab[first]
     (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers loads on use (after the offline defaults are set))
 
     swapped = module.build_tiny("student", AutoTokenizer.from_pretrained(tmp_path / "tok"))
-    with pytest.raises(IncompatibleModelsError, match=rf"token id 300 \({re.escape(repr(first))} vs {re.escape(repr(second))}\)") as err:
+    with pytest.raises(
+        IncompatibleModelsError, match=rf"token id 300 \({re.escape(repr(first))} vs {re.escape(repr(second))}\)"
+    ) as err:
         check_compatible(teacher, swapped)
     assert teacher.name in str(err.value) and swapped.name in str(err.value)
 
@@ -228,8 +247,6 @@ def test_check_compatible(setup, tmp_path):
 
 
 def test_weight_free_check_reads_what_the_backbones_give(setup, tmp_path):
-    from vlsi_ray.models import ModelInfo
-    from vlsi_ray.prepare import check_pair, check_pair_paths
 
     family, tok, teacher, student, _ = setup
     bigger = MODULES[family].build_tiny("student", tok, vocab_size=teacher.vocab_size + 128)

@@ -15,13 +15,13 @@ from vlsi_ray.data.synthetic import corpus_texts, generate_rows
 from vlsi_ray.method.loop import Stepper
 from vlsi_ray.method.matching import MatchingOptions
 from vlsi_ray.method.steps import SFT_GROUPS, InteractionObjective, SFTObjective, VerbalizationObjective
-from vlsi_ray.signals.produce import teacher_signal
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.precision import autocast, compute_dtype, keep_float32_masters, parse_dtype, round_to_dtype
 from vlsi_ray.models.qwen2_vl import build_tiny
 from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import LoadSettings, load_model
+from vlsi_ray.signals.produce import teacher_signal
 
 FAMILY = "qwen2_vl"
 SIZES = dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, vision_embed_dim=32, vision_depth=1, seed=2)
@@ -140,8 +140,13 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(base):
         backbone.set_gradient_checkpointing(enabled)
         backbone.model.train()
         objective = SFTObjective(backbone, SFT_GROUPS)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        saved: list[int] = []
+
+        def count(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             loss = objective(batch).loss
         loss.backward()
         results[enabled] = (loss.item(), _grads(objective.parameters()), sum(saved))
@@ -161,8 +166,9 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(base):
         student.apply_lora(4, 8)
         student.model.train()
         s_verbs = Verbalizers(student.hidden_size, [1, 2])
-        objective = InteractionObjective(student, s_verbs, lambda b: signal, MatchingOptions(strategy="uniform"),
-                                         generator=torch.Generator().manual_seed(0))
+        objective = InteractionObjective(
+            student, s_verbs, lambda b: signal, MatchingOptions(strategy="uniform"), generator=torch.Generator().manual_seed(0)
+        )
         for name, p in student.model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))

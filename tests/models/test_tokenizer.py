@@ -27,7 +27,11 @@ _QWEN_USER = (
 EXPECTED = {
     "qwen2_vl": (_QWEN_USER, "<|im_start|>assistant\n", "<|im_start|>assistant\nB<|im_end|>\n"),
     "qwen2_5_vl": (_QWEN_USER, "<|im_start|>assistant\n", "<|im_start|>assistant\nB<|im_end|>\n"),
-    "llava_onevision": (f"<|im_start|>user <image>\n{QUESTION}<|im_end|>", "<|im_start|>assistant\n", "<|im_start|>assistant \nB<|im_end|>"),
+    "llava_onevision": (
+        f"<|im_start|>user <image>\n{QUESTION}<|im_end|>",
+        "<|im_start|>assistant\n",
+        "<|im_start|>assistant \nB<|im_end|>",
+    ),
 }
 
 
@@ -51,7 +55,9 @@ def test_option_letters_are_single_tokens(family_tokenizer):
     assert len({i[0] for i in ids}) == 4
     # and the answer after the generation prompt is the same single token
     full = tok(tok.apply_chat_template(MESSAGES, tokenize=False), add_special_tokens=False)["input_ids"]
-    end = tok("<|im_end|>" + ("\n" if full[-1] != tok.convert_tokens_to_ids("<|im_end|>") else ""), add_special_tokens=False)["input_ids"]
+    end = tok("<|im_end|>" + ("\n" if full[-1] != tok.convert_tokens_to_ids("<|im_end|>") else ""), add_special_tokens=False)[
+        "input_ids"
+    ]
     assert full[-len(end) - 1] == ids[1][0]
 
 
@@ -68,7 +74,7 @@ def test_special_tokens_follow_the_bpe_vocabulary_in_real_order(family_tokenizer
 
 
 def test_save_load_round_trip(family_tokenizer, tmp_path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers loads on use (after the offline defaults are set))
 
     _, tok = family_tokenizer
     tok.save_pretrained(tmp_path)

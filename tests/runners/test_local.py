@@ -15,6 +15,7 @@ from vlsi_ray.data.shards import read_rows
 from vlsi_ray.data.synthetic import SCORED_TASKS
 from vlsi_ray.metrics import read_metrics
 from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.runners.local import run_local
 
 from tiny_config import TINY_STEPS
 
@@ -27,10 +28,11 @@ MODELS = ("teacher", "student_base", "student_sft_only", "vlsi_without_sft", "vl
 MODEL_DIRS = ("pretrain_teacher", "pretrain_student", "interact/student", "baseline_sft/student", "sft/student")
 VERBALIZER_DIRS = ("verbalize/teacher_verbalizers", "verbalize/student_verbalizers", "interact/student_verbalizers")
 STAGE_DIRS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "baseline_sft", "sft")
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, one_thread, tiny_overrides):
     """One full run (all steps + the SFT baseline); returns (config, report, seconds)."""
-    from vlsi_ray.runners.local import run_local
 
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = load_config(None, tiny_overrides(tmp, "e2e"))
@@ -95,7 +97,6 @@ class TestEndToEnd:
             assert Verbalizers.exists(run / rel), rel
 
     def test_rerun_skips_training(self, e2e, capsys, tiny_overrides):
-        from vlsi_ray.runners.local import run_local
 
         cfg, report, _ = e2e
         metrics = cfg.run_dir / "metrics.jsonl"

@@ -9,11 +9,19 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import ray
 import requests
 import torch
+from openai import OpenAI
+from PIL import Image
+from ray import serve
 
 from vlsi_ray.data.shards import read_rows
+from vlsi_ray.eval.benchmarks import mcq_benchmark
+from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, LocalPredictor
 from vlsi_ray.generation import ChatGenerator, SamplingParams
+from vlsi_ray.runners.ray.driver import ray_env
+from vlsi_ray.serve.app import build_app
 
 pytestmark = pytest.mark.integration
 KEY = "test-key-123"
@@ -39,20 +47,29 @@ def released(hub_worlds):
 def server(exported, released):
     """``serve.run`` of the app for the exported tiny student, with an API key, and of a released-layout
     bfloat16 checkpoint at ``/released`` (no key); yields the base URL."""
-    import ray
-    from ray import serve
-
-    from vlsi_ray.runners.ray.driver import ray_env
-    from vlsi_ray.serve.app import build_app
 
     ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {**ray_env(), "VLSI_TEST_KEY": KEY}}, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_dir": str(exported), "model_name": NAME, "api_key_env": "VLSI_TEST_KEY", "max_batch_size": 8, "default_max_tokens": 16,
-                         "limits": {"max_body_bytes": 200_000, "max_images": 2, "max_image_pixels": 512 * 512, "max_tokens": 32}}),
-              name="vlsi", route_prefix="/")
-    serve.run(build_app({"model_dir": str(released.student), "model_name": RELEASED, "api_key_env": None, "max_batch_size": 4}),
-              name="released", route_prefix="/released")
+    serve.run(
+        build_app(
+            {
+                "model_dir": str(exported),
+                "model_name": NAME,
+                "api_key_env": "VLSI_TEST_KEY",
+                "max_batch_size": 8,
+                "default_max_tokens": 16,
+                "limits": {"max_body_bytes": 200_000, "max_images": 2, "max_image_pixels": 512 * 512, "max_tokens": 32},
+            }
+        ),
+        name="vlsi",
+        route_prefix="/",
+    )
+    serve.run(
+        build_app({"model_dir": str(released.student), "model_name": RELEASED, "api_key_env": None, "max_batch_size": 4}),
+        name="released",
+        route_prefix="/released",
+    )
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -60,7 +77,6 @@ def server(exported, released):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
 
     return OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
 
@@ -95,7 +111,6 @@ def test_openai_client_with_an_image_matches_the_local_model(client, row, export
 def test_a_released_bfloat16_checkpoint_is_served_as_is(server, released):
     """The Hub-layout LLaVA-OneVision student, straight from its directory: bfloat16 on the replica, the
     released chat template, the same greedy answer and token counts as the project's generation."""
-    from openai import OpenAI
 
     test_row = read_rows(released.data, split="test")[0][0]
     client = OpenAI(base_url=f"{server}/released/v1", api_key="none", max_retries=0, timeout=120)
@@ -109,17 +124,19 @@ def test_a_released_bfloat16_checkpoint_is_served_as_is(server, released):
 
 def test_stream_concatenates_to_the_plain_reply(client, row):
     plain = client.chat.completions.create(model=NAME, messages=_messages(row), max_tokens=12)
-    stream = client.chat.completions.create(model=NAME, messages=_messages(row), max_tokens=12, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=NAME, messages=_messages(row), max_tokens=12, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [plain.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        plain.choices[0].finish_reason
+    ]
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
 def _png_b64(size) -> str:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", size, "blue").save(buf, format="PNG")
@@ -128,16 +145,63 @@ def _png_b64(size) -> str:
 
 def _body(**fields) -> dict:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64((56, 56))}}
-    return {"model": NAME, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "What colour?"}]}], "max_tokens": 2, **fields}
+    return {
+        "model": NAME,
+        "messages": [{"role": "user", "content": [image, {"type": "text", "text": "What colour?"}]}],
+        "max_tokens": 2,
+        **fields,
+    }
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BAD = {
     "malformed JSON": (400, b'{"model": "vlsi-tiny", "messages": [', AUTH),
-    "bad base64": (400, _body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]), AUTH),
-    "not an image": (400, _body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"GIF? no").decode()}}]}]), AUTH),
-    "too many pixels": (400, _body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64((600, 600))}}]}]), AUTH),
-    "too many images": (400, _body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64((28, 28))}}] * 3}]), AUTH),
+    "bad base64": (
+        400,
+        _body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]),
+        AUTH,
+    ),
+    "not an image": (
+        400,
+        _body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"GIF? no").decode()},
+                        }
+                    ],
+                }
+            ]
+        ),
+        AUTH,
+    ),
+    "too many pixels": (
+        400,
+        _body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64((600, 600))}}],
+                }
+            ]
+        ),
+        AUTH,
+    ),
+    "too many images": (
+        400,
+        _body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64((28, 28))}}] * 3,
+                }
+            ]
+        ),
+        AUTH,
+    ),
     "wrong field type": (400, _body(max_tokens="ten"), AUTH),
     "max_tokens over the limit": (400, _body(max_tokens=1000), AUTH),
     "empty messages": (400, _body(messages=[]), AUTH),
@@ -152,7 +216,9 @@ BAD = {
 def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(server, case):
     status, body, headers = BAD[case]
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    reply = requests.post(f"{server}/v1/chat/completions", data=data, headers={"Content-Type": "application/json", **headers}, timeout=60)
+    reply = requests.post(
+        f"{server}/v1/chat/completions", data=data, headers={"Content-Type": "application/json", **headers}, timeout=60
+    )
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["message"] and error["type"]
@@ -180,8 +246,6 @@ def test_32_concurrent_requests_all_succeed(client, row):
 
 
 def test_eval_harness_scores_the_endpoint_like_the_local_model(server, exported, fixture_sets):
-    from vlsi_ray.eval.benchmarks import mcq_benchmark
-    from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, LocalPredictor
 
     items = mcq_benchmark(fixture_sets.mcq).items[:4]
     endpoint = EndpointPredictor(server, NAME, api_key=KEY, workers=4, max_tokens=4)

@@ -44,8 +44,10 @@ def test_export_layout(exported, tiny_run):
     assert manifest["stage"] == "sft" and manifest["family"] == "qwen2_vl"
     assert (exported / "vlsi_verbalizers" / "verbalizers.safetensors").is_file()
     assert not (exported / "vlsi_backbone.json").exists()
-    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == \
-        json.loads((tiny_run.run / "sft" / "student" / "generation_config.json").read_text())["eos_token_id"]
+    assert (
+        json.loads((exported / "generation_config.json").read_text())["eos_token_id"]
+        == json.loads((tiny_run.run / "sft" / "student" / "generation_config.json").read_text())["eos_token_id"]
+    )
 
 
 def test_plain_transformers_greedy_matches(exported, tiny_run, tmp_path):
@@ -55,8 +57,12 @@ def test_plain_transformers_greedy_matches(exported, tiny_run, tmp_path):
     (tmp_path / "image.png").write_bytes(row["image"])
     n = 12
     ours = ChatGenerator.from_pretrained(tiny_run.run / "sft" / "student").generate([row], SamplingParams(max_tokens=n))[0]
-    proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(exported), question, str(tmp_path / "image.png"), str(n)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_TRANSFORMERS, str(exported), question, str(tmp_path / "image.png"), str(n)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plain["vlsi_loaded"] is False and plain["model"] == "Qwen2VLForConditionalGeneration"

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from vlsi_ray.data.shards import read_rows
 from vlsi_ray.generation import ChatGenerator, SamplingParams, _undecided_tail_removed, sample_token
@@ -32,12 +33,15 @@ def test_sample_token_matches_the_softmax_and_respects_the_nucleus():
     assert torch.allclose(freq, sharp / sharp.sum(), atol=0.03)
 
 
-@pytest.mark.parametrize("text,stops,kept", [
-    ("The answer is A", ["\n\n"], "The answer is A"),
-    ("The answer\n", ["\n\n"], "The answer"),  # "\n" may become the stop string "\n\n"
-    ("ab END", ["ENDING", "xy"], "ab "),
-    ("café\ufffd", [], "café"),
-])
+@pytest.mark.parametrize(
+    "text,stops,kept",
+    [
+        ("The answer is A", ["\n\n"], "The answer is A"),
+        ("The answer\n", ["\n\n"], "The answer"),  # "\n" may become the stop string "\n\n"
+        ("ab END", ["ENDING", "xy"], "ab "),
+        ("café\ufffd", [], "café"),
+    ],
+)
 def test_undecided_tail_is_held_back(text, stops, kept):
     assert _undecided_tail_removed(text, stops) == kept
 
@@ -78,11 +82,12 @@ def test_stop_strings_max_tokens_and_seeds(generator, rows):
     hot = [SamplingParams(max_tokens=8, temperature=1.5, seed=s) for s in (1, 1, 2)]
     a, b, c = generator.generate(rows[:1] * 3, hot)
     assert a.text == b.text  # same seed, same sample, even side by side in one batch
-    assert len({generator.generate(rows[:1], SamplingParams(max_tokens=8, temperature=1.5, seed=s))[0].text for s in range(6)}) > 1
+    assert (
+        len({generator.generate(rows[:1], SamplingParams(max_tokens=8, temperature=1.5, seed=s))[0].text for s in range(6)}) > 1
+    )
 
 
 def _png(size=(8, 8)) -> str:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", size, "red").save(buf, format="PNG")
@@ -90,7 +95,13 @@ def _png(size=(8, 8)) -> str:
 
 
 def _body(**extra):
-    return {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png()}}, {"type": "text", "text": "hi"}]}], **extra}
+    return {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png()}}, {"type": "text", "text": "hi"}]}
+        ],
+        **extra,
+    }
 
 
 def test_request_becomes_a_training_style_row():
@@ -98,23 +109,29 @@ def test_request_becomes_a_training_style_row():
     assert chat.row["messages"] == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
     assert len(chat.row["image"]) == 1 and chat.row["image"][0][:4] == b"\x89PNG"
     assert chat.params == SamplingParams(max_tokens=5, temperature=0.7, top_p=1.0, stop=("\n",), seed=3)
-    assert parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "m", Limits(), 7).params.max_tokens == 7
+    assert (
+        parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "m", Limits(), 7).params.max_tokens
+        == 7
+    )
 
 
-@pytest.mark.parametrize("body,status,param", [
-    (_body(model="other"), 404, "model"),
-    (_body(max_tokens="ten"), 400, "max_tokens"),
-    (_body(max_tokens=5000), 400, "max_tokens"),
-    (_body(temperature=True), 400, "temperature"),
-    (_body(top_p=0), 400, "top_p"),
-    (_body(n=2), 400, "n"),
-    (_body(stop=[1]), 400, "stop"),
-    (_body(stream="yes"), 400, "stream"),
-    ({"model": "m", "messages": []}, 400, "messages"),
-    ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0]"),
-    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0].type"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, 400, "messages"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        (_body(model="other"), 404, "model"),
+        (_body(max_tokens="ten"), 400, "max_tokens"),
+        (_body(max_tokens=5000), 400, "max_tokens"),
+        (_body(temperature=True), 400, "temperature"),
+        (_body(top_p=0), 400, "top_p"),
+        (_body(n=2), 400, "n"),
+        (_body(stop=[1]), 400, "stop"),
+        (_body(stream="yes"), 400, "stream"),
+        ({"model": "m", "messages": []}, 400, "messages"),
+        ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0]"),
+        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0].type"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, 400, "messages"),
+    ],
+)
 def test_bad_fields_are_named(body, status, param):
     with pytest.raises(APIError) as err:
         parse_chat_request(body, "m", Limits(), 64)

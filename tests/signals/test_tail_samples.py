@@ -10,7 +10,6 @@ import torch
 from vlsi_ray.config import ConfigError, load_config
 from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
 
-
 V, K = 50, 5
 
 
@@ -93,7 +92,9 @@ def test_views_carry_the_tail_samples(logits):
     assert torch.equal(sig.select([2, 0]).tail_sample_logprobs, sig.tail_sample_logprobs[[2, 0]])
     assert torch.equal(sig.tokens(slice(1, 3)).tail_sample_ids, sig.tail_sample_ids[:, 1:3])
     back = TeacherSignal.stack([sig.layer(j) for j in range(3)])
-    assert torch.equal(back.tail_sample_ids, sig.tail_sample_ids) and torch.equal(back.tail_sample_logprobs, sig.tail_sample_logprobs)
+    assert torch.equal(back.tail_sample_ids, sig.tail_sample_ids) and torch.equal(
+        back.tail_sample_logprobs, sig.tail_sample_logprobs
+    )
     assert torch.equal(sig.to("cpu").tail_sample_ids, sig.tail_sample_ids)
     with pytest.raises(ValueError, match="tail_samples"):
         TeacherSignal.stack([sig.layer(0), TeacherSignal.from_logits(logits, K).layer(0)])

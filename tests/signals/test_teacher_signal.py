@@ -99,7 +99,9 @@ def test_numpy_codec_round_trip(logits, storage, atol, k):
         assert encoded["topk_logprobs"].dtype == np.dtype(storage)
         assert encoded["topk_ids"].dtype == np.int32 and encoded["tail_logmass"].dtype == np.float32
         assert back.topk_ids.dtype == torch.int64 and torch.equal(back.topk_ids, sig.topk_ids)
-        np.testing.assert_allclose(back.topk_logprobs.float().numpy(), sig.topk_logprobs.numpy(), atol=atol, rtol=1e-3 if atol else 0)
+        np.testing.assert_allclose(
+            back.topk_logprobs.float().numpy(), sig.topk_logprobs.numpy(), atol=atol, rtol=1e-3 if atol else 0
+        )
         np.testing.assert_array_equal(back.tail_logmass.numpy(), sig.tail_logmass.numpy())
 
 
@@ -125,7 +127,9 @@ def test_sizes_quoted_in_the_method_reference():
     # Qwen2-VL-72B vocabulary, 2048-token sample: dense 16-bit ~0.62 GB per layer, top-64 ~0.8 MB.
     V, tokens = 152_064, 2048
     sig = TeacherSignal.from_logits(torch.randn(1, 1, V), 64)
-    assert tokens * TeacherSignal.from_logits(torch.randn(1, 1, V), None).bytes_per_token_per_layer("float16") == pytest.approx(0.62e9, rel=0.01)
+    assert tokens * TeacherSignal.from_logits(torch.randn(1, 1, V), None).bytes_per_token_per_layer("float16") == pytest.approx(
+        0.62e9, rel=0.01
+    )
     assert tokens * sig.bytes_per_token_per_layer("float16") == pytest.approx(0.8e6, rel=0.02)
 
 

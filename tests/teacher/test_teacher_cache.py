@@ -12,8 +12,12 @@ import shutil
 import pytest
 
 from vlsi_ray.config import ConfigError, load_config
+from vlsi_ray.data.shards import read_rows
 from vlsi_ray.metrics import read_metrics
+from vlsi_ray.runners.local import run_local
+from vlsi_ray.runners.ray.driver import run_ray
 from vlsi_ray.signals.cache import CacheMismatchError, TeacherCache
+from vlsi_ray.teacher.cache import build_cache
 
 STEPS = dict(pretrain_teacher=15, pretrain_student=15, verbalize=5, interact=6, sft=3)
 SIGNAL = ["signal.topk=16", "signal.storage=float32", "signal.tail_samples=4", "matching.strategy=multinomial"]
@@ -24,13 +28,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, local_ray, tiny_overrides, one_thread):
     """A run through step 1 and its teacher cache; returns (overrides, cfg, manifest)."""
-    from vlsi_ray.runners.local import run_local
-    from vlsi_ray.teacher.cache import build_cache
 
     tmp = tmp_path_factory.mktemp("teacher_cache")
     overrides = tiny_overrides(tmp, "base", STEPS) + SIGNAL + [f"teacher.cache_dir={tmp / 'cache'}"]
-    run_local(load_config(None, overrides + ["runner=local", "steps=[pretrain_teacher,pretrain_student,verbalize]",
-                                             "eval_models=[]"]))
+    run_local(
+        load_config(None, overrides + ["runner=local", "steps=[pretrain_teacher,pretrain_student,verbalize]", "eval_models=[]"])
+    )
     cfg = load_config(None, overrides)
     manifest = build_cache(cfg)
     return overrides, cfg, manifest
@@ -38,8 +41,6 @@ def base_run(tmp_path_factory, local_ray, tiny_overrides, one_thread):
 
 def _step2(base_cfg, overrides, name: str, *extra: str) -> list[dict]:
     """Step 2 alone in a copy of the base run; returns its per-step metrics."""
-    from vlsi_ray.runners.ray.driver import run_ray
-    from vlsi_ray.runners.local import run_local
 
     target = base_cfg.run_dir.parent / name
     shutil.copytree(base_cfg.run_dir, target, ignore=shutil.ignore_patterns("teacher_cache", "report.*", "metrics.jsonl"))
@@ -50,7 +51,6 @@ def _step2(base_cfg, overrides, name: str, *extra: str) -> list[dict]:
 
 def test_cache_holds_every_train_row(base_run):
     _, cfg, manifest = base_run
-    from vlsi_ray.data.shards import read_rows
 
     rows, _ = read_rows(cfg.data.dir, split="train")
     assert manifest["rows"] == len(rows) == 300
@@ -95,7 +95,6 @@ def test_a_cache_for_another_k_is_refused(base_run):
 
 
 def test_missing_cache_is_a_config_error_before_any_work(tmp_path, tiny_overrides):
-    from vlsi_ray.runners.local import run_local
 
     cfg = load_config(None, tiny_overrides(tmp_path, "nocache") + ["teacher.source=cache", "runner=local"])
     with pytest.raises(ConfigError, match="jobs/teacher_cache.py"):

@@ -17,9 +17,11 @@ import hashlib
 import io
 import json
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from vlsi_ray.models.backbone import get_family
@@ -45,7 +47,15 @@ class ChatCollator:
     ``pixel_values [N, crops, 3, S, S]``, ``image_sizes [N, 2]`` (``N`` = images in the batch).
     """
 
-    def __init__(self, tokenizer, image_processor, family: str, max_length: int | None = None, prompt_only: bool = False, cache_size: int = 2048):
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        family: str,
+        max_length: int | None = None,
+        prompt_only: bool = False,
+        cache_size: int = 2048,
+    ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.family = family
@@ -59,8 +69,9 @@ class ChatCollator:
         if tokenizer.chat_template is None:
             tokenizer.chat_template = spec.chat_template
         self._cache: OrderedDict[bytes, dict[str, Tensor]] = OrderedDict()
-        # Tokenized text per distinct conversation (the chat template costs ~2.4 ms a row; the tiny
-        # task has 900 distinct conversations in 6,000 rows): (ids, labels, image parts).
+        # Tokenized text per distinct conversation: rendering the chat template dominates a row's
+        # collation, and a dataset repeats conversations (the synthetic task's questions, system
+        # prompts): (ids, labels, image parts).
         self._text: OrderedDict[tuple, tuple[list[int], list[int], int]] = OrderedDict()
 
     @property
@@ -116,7 +127,9 @@ class ChatCollator:
             self._text.move_to_end(key)
         ids, labels, parts = list(text[0]), list(text[1]), text[2]
         if parts != len(images):
-            raise RowError(f"row {row_id}: messages have {parts} image parts but the row has {len(images)} images; make them match.")
+            raise RowError(
+                f"row {row_id}: messages have {parts} image parts but the row has {len(images)} images; make them match."
+            )
         processed = [self._process(data, row_id) for data in images]
         ids, labels = self._expand_images(ids, labels, processed, row_id)
         if self.max_length is not None and len(ids) > self.max_length:
@@ -147,7 +160,9 @@ class ChatCollator:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja errors on malformed messages
-            raise RowError(f"row {row_id}: the chat template cannot render its messages ({exc}); fix the messages field.") from exc
+            raise RowError(
+                f"row {row_id}: the chat template cannot render its messages ({exc}); fix the messages field."
+            ) from exc
 
     def _segments(self, messages: list[dict], row_id, prompt_only: bool = False) -> list[tuple[str, bool]]:
         """Split a conversation into (text, is_assistant_response) pieces, as inference will see it.
@@ -169,28 +184,43 @@ class ChatCollator:
             before = self._render(messages[:i], False, row_id) if i else ""
             prompt = self._render(messages[:i], True, row_id)
             through = self._render(messages[: i + 1], False, row_id)
-            probe = self._render(messages[:i] + [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}], False, row_id)
+            probe = self._render(
+                messages[:i] + [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}], False, row_id
+            )
             header = probe[: probe.find(_SENTINEL)]
-            if _SENTINEL not in probe or not (full.startswith(through) and through.startswith(header) and header.startswith(before)
-                                              and prompt.startswith(before) and before.startswith(full[:cursor])):
-                raise RowError(f"row {row_id}: the chat template does not render turn {i} as a prefix of the conversation "
-                               "with its text verbatim, so labels cannot be placed; use a prefix-consistent template.")
+            if _SENTINEL not in probe or not (
+                full.startswith(through)
+                and through.startswith(header)
+                and header.startswith(before)
+                and prompt.startswith(before)
+                and before.startswith(full[:cursor])
+            ):
+                raise RowError(
+                    f"row {row_id}: the chat template does not render turn {i} as a prefix of the conversation "
+                    "with its text verbatim, so labels cannot be placed; use a prefix-consistent template."
+                )
             segments += [(full[cursor : len(before)], False), (prompt[len(before) :], False), (through[len(header) :], True)]
             cursor = len(through)
         if prompt_only:
             prompt = self._render(messages, True, row_id)
             if not prompt.startswith(full):
-                raise RowError(f"row {row_id}: the chat template's generation prompt does not extend the conversation; use a prefix-consistent template.")
+                raise RowError(
+                    f"row {row_id}: the chat template's generation prompt does not extend the conversation; use a prefix-consistent template."
+                )
             return segments + [(prompt[cursor:], False)]
         if not segments:
-            raise RowError(f"row {row_id}: messages have no assistant turn to learn from; add one or collate with prompt_only=True.")
+            raise RowError(
+                f"row {row_id}: messages have no assistant turn to learn from; add one or collate with prompt_only=True."
+            )
         segments.append((full[cursor:], False))
         return segments
 
     def _expand_images(self, ids: list[int], labels: list[int], processed: list[dict], row_id) -> tuple[list[int], list[int]]:
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != len(processed):
-            raise RowError(f"row {row_id}: the rendered text has {len(slots)} image tokens for {len(processed)} images; remove literal image tokens from its text.")
+            raise RowError(
+                f"row {row_id}: the rendered text has {len(slots)} image tokens for {len(processed)} images; remove literal image tokens from its text."
+            )
         out_ids, out_labels, start = [], [], 0
         for slot, image in zip(slots, processed):
             count = self.spec.count_image_tokens(self.image_processor, image)
@@ -203,7 +233,9 @@ class ChatCollator:
         cut = self.max_length
         if prompt_only or length_verdict(ids, labels, cut, self.image_token_id) == REFUSED:
             what = "its prompt" if prompt_only else "its image tokens"
-            raise RowError(f"row {row_id}: {len(ids)} tokens exceed max_length={cut} and truncating would cut {what}; raise max_length.")
+            raise RowError(
+                f"row {row_id}: {len(ids)} tokens exceed max_length={cut} and truncating would cut {what}; raise max_length."
+            )
         return ids[:cut], labels[:cut]
 
     def _process(self, data: bytes, row_id) -> dict[str, Tensor]:
@@ -213,7 +245,6 @@ class ChatCollator:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        from PIL import Image
 
         try:
             image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -263,7 +294,9 @@ def _messages(row: dict, row_id) -> list[dict]:
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         elif not (isinstance(content, list) and all(isinstance(c, dict) and "type" in c for c in content)):
-            raise RowError(f"row {row_id}: a {m['role']} message's content must be a string or a list of typed parts; fix the row.")
+            raise RowError(
+                f"row {row_id}: a {m['role']} message's content must be a string or a list of typed parts; fix the row."
+            )
         out.append({**m, "content": content})
     return out
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from vlsi_ray.data.shards import CorruptRowError, SKIP_HINT, shard_files, validate_row
+from vlsi_ray.data.shards import SKIP_HINT, CorruptRowError, shard_files, validate_row
 from vlsi_ray.method.loop import order_keys
 
 ORDER_COLUMN = "_order"
@@ -39,7 +41,7 @@ class ValidRows:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         keep = []
-        for i, row in enumerate(table.to_pylist()):
+        for row in table.to_pylist():
             problem = validate_row(row)
             if problem is not None and self.on_error == "raise":
                 raise CorruptRowError(f"Row {row.get('id')!r} is corrupt ({problem}); {SKIP_HINT}.")
@@ -70,8 +72,11 @@ class EpochRows:
             keep = keys <= cutoff
             ranges = keys[keep] // np.int64(-(-(2**63) // self.parts)) if self.parts > 1 else np.zeros(int(keep.sum()), np.int64)
             buckets = epoch * self.parts + ranges
-            epochs.append(table.filter(pa.array(keep)).append_column(ORDER_COLUMN, pa.array(keys[keep], type=pa.int64()))
-                          .append_column(BUCKET_COLUMN, pa.array(buckets, type=pa.int64())))
+            epochs.append(
+                table.filter(pa.array(keep))
+                .append_column(ORDER_COLUMN, pa.array(keys[keep], type=pa.int64()))
+                .append_column(BUCKET_COLUMN, pa.array(buckets, type=pa.int64()))
+            )
         return pa.concat_tables(epochs)
 
 
@@ -91,7 +96,6 @@ def train_split(data_dir: str | Path, on_error: str, sort_in_memory_mb: float) -
     materialized in the object store and each stage sorts them in one task; larger splits stream
     from the files through Ray Data's distributed sort. Either way the order is the same.
     """
-    import ray
 
     files = [str(f) for f in shard_files(data_dir, "train")]
     in_memory = sum(os.path.getsize(f) for f in files) <= sort_in_memory_mb * 2**20
@@ -132,7 +136,7 @@ def _sort_rows(table: pa.Table) -> pa.Table:
 
 
 #: Parquet files per footer-reading actor. Ray Data starts 32 such actors for every read by default:
-#: 32 Python processes (~20 s on 2 cores) to read the footers of a handful of files.
+#: 32 Python processes to read the footers of a handful of files.
 FILES_PER_FOOTER_READER = 64
 _FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 

@@ -27,17 +27,23 @@ from vlsi_ray.data.synthetic import ALL_TASKS, GENERATOR_VERSION, generate_rows
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("image", pa.binary()),
-    ("messages", pa.string()),
-    ("answer", pa.string()),
-    ("task", pa.string()),
-    ("split", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("messages", pa.string()),
+        ("answer", pa.string()),
+        ("task", pa.string()),
+        ("split", pa.string()),
+    ]
+)
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "id": (str,), "image": (bytes, bytearray), "messages": (str,),
-    "answer": (str,), "task": (str,), "split": (str,),
+    "id": (str,),
+    "image": (bytes, bytearray),
+    "messages": (str,),
+    "answer": (str,),
+    "task": (str,),
+    "split": (str,),
 }
 MANIFEST = "manifest.json"
 GENERATE_HINT = "generate it with vlsi_ray.data.shards.generate_dataset(out_dir, sizes, seed)"
@@ -90,12 +96,10 @@ def _messages_problem(text: str) -> str | None:
         content = turn.get("content")
         return [p for p in content if isinstance(p, dict)] if isinstance(content, list) else []
 
-    if not any(t.get("role") == "user" and any(p.get("type") == "image" for p in parts(t))
-               for t in turns):
+    if not any(t.get("role") == "user" and any(p.get("type") == "image" for p in parts(t)) for t in turns):
         return "messages has no user turn with an image part"
     last = turns[-1]
-    text_out = "".join(p["text"] for p in parts(last)
-                       if p.get("type") == "text" and isinstance(p.get("text"), str))
+    text_out = "".join(p["text"] for p in parts(last) if p.get("type") == "text" and isinstance(p.get("text"), str))
     if last.get("role") != "assistant" or not text_out.strip():
         return "messages does not end with an assistant turn with non-empty text"
     return None
@@ -129,8 +133,7 @@ def _write_table(rows: Sequence[Mapping], path: Path) -> None:
     os.replace(tmp, path)  # a crash never leaves a half-written shard under the final name
 
 
-def write_shards(rows: Sequence[Mapping], out_dir: str | os.PathLike, split: str,
-                 rows_per_shard: int = 1000) -> list[Path]:
+def write_shards(rows: Sequence[Mapping], out_dir: str | os.PathLike, split: str, rows_per_shard: int = 1000) -> list[Path]:
     """Write ``rows`` as ``{split}-{i:05d}.parquet`` files in ``out_dir`` and return their paths.
 
     Older shards of the same split in ``out_dir`` are removed first, so readers never mix runs.
@@ -144,7 +147,7 @@ def write_shards(rows: Sequence[Mapping], out_dir: str | os.PathLike, split: str
     paths = []
     for i, start in enumerate(range(0, len(rows), rows_per_shard)):
         path = out / f"{split}-{i:05d}.parquet"
-        _write_table(rows[start:start + rows_per_shard], path)
+        _write_table(rows[start : start + rows_per_shard], path)
         paths.append(path)
     return paths
 
@@ -154,8 +157,15 @@ def _normalise(obj):
 
 
 def _params(seed: int, sizes: Mapping[str, int], rows_per_shard: int, kwargs: Mapping) -> dict:
-    return _normalise({"generator_version": GENERATOR_VERSION, "seed": seed, "sizes": dict(sizes),
-                       "rows_per_shard": rows_per_shard, "generator_kwargs": dict(kwargs)})
+    return _normalise(
+        {
+            "generator_version": GENERATOR_VERSION,
+            "seed": seed,
+            "sizes": dict(sizes),
+            "rows_per_shard": rows_per_shard,
+            "generator_kwargs": dict(kwargs),
+        }
+    )
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict | None:
@@ -166,8 +176,9 @@ def load_manifest(out_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def generate_dataset(out_dir: str | os.PathLike, sizes: Mapping[str, int], seed: int,
-                     rows_per_shard: int = 1000, **generator_kwargs) -> dict:
+def generate_dataset(
+    out_dir: str | os.PathLike, sizes: Mapping[str, int], seed: int, rows_per_shard: int = 1000, **generator_kwargs
+) -> dict:
     """Generate every split of ``sizes`` into ``out_dir`` and write ``manifest.json``; return it.
 
     Cached: if the manifest has identical parameters and all its files exist, nothing is rewritten.
@@ -176,8 +187,11 @@ def generate_dataset(out_dir: str | os.PathLike, sizes: Mapping[str, int], seed:
     out = Path(out_dir)
     params = _params(seed, sizes, rows_per_shard, generator_kwargs)
     old = load_manifest(out)
-    if old is not None and {k: old.get(k) for k in params} == params and all(
-            (out / f).is_file() for s in old["splits"].values() for f in s["files"]):
+    if (
+        old is not None
+        and {k: old.get(k) for k in params} == params
+        and all((out / f).is_file() for s in old["splits"].values() for f in s["files"])
+    ):
         print(f"[data] reusing {out} (manifest matches: seed={seed}, sizes={dict(sizes)})")
         return old
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest is written last: it marks completion
@@ -201,8 +215,7 @@ def generate_dataset(out_dir: str | os.PathLike, sizes: Mapping[str, int], seed:
 
 
 # ----------------------------------------------------------------------------------------- reading
-def shard_files(source: str | os.PathLike | Iterable[str | os.PathLike],
-                split: str | None = None) -> list[Path]:
+def shard_files(source: str | os.PathLike | Iterable[str | os.PathLike], split: str | None = None) -> list[Path]:
     """Resolve a dataset directory (optionally one split's shards) or a list of files to paths."""
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
@@ -216,13 +229,13 @@ def shard_files(source: str | os.PathLike | Iterable[str | os.PathLike],
     files = [Path(f) for f in source]
     missing = [str(f) for f in files if not f.is_file()]
     if missing or not files:
-        raise FileNotFoundError(f"Shard file(s) {missing or '[]'} not found; pass existing "
-                                f"Parquet files or {GENERATE_HINT}.")
+        raise FileNotFoundError(f"Shard file(s) {missing or '[]'} not found; pass existing Parquet files or {GENERATE_HINT}.")
     return files
 
 
-def read_rows(source: str | os.PathLike | Iterable[str | os.PathLike], split: str | None = None,
-              on_error: str = "skip") -> tuple[list[dict], ReadStats]:
+def read_rows(
+    source: str | os.PathLike | Iterable[str | os.PathLike], split: str | None = None, on_error: str = "skip"
+) -> tuple[list[dict], ReadStats]:
     """Read and validate rows from a dataset directory or a list of Parquet files.
 
     With a directory, ``split`` selects its ``{split}-*.parquet`` shards; with a list of files it
@@ -239,8 +252,7 @@ def read_rows(source: str | os.PathLike | Iterable[str | os.PathLike], split: st
         try:
             rows = pq.read_table(path).to_pylist()
         except (OSError, pa.ArrowException) as e:
-            raise ValueError(f"File {path} is not a readable Parquet shard ({e}); delete it and "
-                             f"regenerate the data.") from e
+            raise ValueError(f"File {path} is not a readable Parquet shard ({e}); delete it and regenerate the data.") from e
         for i, row in enumerate(rows):
             if from_list and split is not None and row.get("split") != split:
                 continue
@@ -249,8 +261,7 @@ def read_rows(source: str | os.PathLike | Iterable[str | os.PathLike], split: st
             if problem is None:
                 kept.append(row)
                 continue
-            rid = row.get("id") if isinstance(row.get("id"), str) and row["id"].strip() \
-                else f"{path.name}#{i}"
+            rid = row.get("id") if isinstance(row.get("id"), str) and row["id"].strip() else f"{path.name}#{i}"
             if on_error == "raise":
                 raise CorruptRowError(f"Row {rid!r} in {path} is corrupt ({problem}); {SKIP_HINT}.")
             log.warning("skipping row %r in %s: %s", rid, path, problem)

@@ -95,7 +95,8 @@ class Difficulty:
         if not 1 <= self.min_objects <= self.max_objects <= grid * grid:
             raise ValueError(
                 f"min_objects={self.min_objects} and max_objects={self.max_objects} must satisfy "
-                f"1 <= min_objects <= max_objects <= grid*grid={grid * grid}; adjust them.")
+                f"1 <= min_objects <= max_objects <= grid*grid={grid * grid}; adjust them."
+            )
         if not 0.0 <= self.dot_prob <= 1.0:
             raise ValueError(f"dot_prob={self.dot_prob} must be in [0, 1]; adjust it.")
 
@@ -123,8 +124,10 @@ class Example:
 # ----------------------------------------------------------------------------------------- render
 def _cell_px(image_size: int, grid: int) -> int:
     if grid < 1 or image_size % grid or image_size // grid < 8:
-        raise ValueError(f"image_size={image_size} must be a multiple of grid={grid} with cells of "
-                         f"at least 8 px; use e.g. image_size=112 with grid=4.")
+        raise ValueError(
+            f"image_size={image_size} must be a multiple of grid={grid} with cells of "
+            f"at least 8 px; use e.g. image_size=112 with grid=4."
+        )
     return image_size // grid
 
 
@@ -146,8 +149,7 @@ def _check_scene(scene: Scene, grid: int) -> None:
             raise ValueError(f"object {o} has an unknown shape or colour; use SHAPES and COLOURS.")
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-                fill: tuple[int, int, int]) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
@@ -171,8 +173,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 def _draw_marker(draw: ImageDraw.ImageDraw, cx: float, cy: float, cell: int) -> None:
     s = cell / 28
     w = max(2, round(3 * s))
-    draw.arc([cx - 6 * s, cy - 10 * s, cx + 6 * s, cy + 2 * s], start=180, end=90,
-             fill=MARKER_COLOUR, width=w)
+    draw.arc([cx - 6 * s, cy - 10 * s, cx + 6 * s, cy + 2 * s], start=180, end=90, fill=MARKER_COLOUR, width=w)
     draw.line([(cx, cy + 1 * s), (cx, cy + 5 * s)], fill=MARKER_COLOUR, width=w)
     draw.ellipse([cx - 2 * s, cy + 7 * s, cx + 2 * s, cy + 11 * s], fill=MARKER_COLOUR)
 
@@ -226,8 +227,14 @@ def _cells(grid: int, exclude_row: int | None = None) -> list[tuple[int, int]]:
     return [(r, c) for r in range(grid) for c in range(grid) if r != exclude_row]
 
 
-def _distractor(rng: random.Random, cell: tuple[int, int], d: Difficulty, shapes: Sequence[str],
-                colours: Sequence[str], banned: set[tuple[str, str]] = frozenset()) -> Obj:
+def _distractor(
+    rng: random.Random,
+    cell: tuple[int, int],
+    d: Difficulty,
+    shapes: Sequence[str],
+    colours: Sequence[str],
+    banned: set[tuple[str, str]] = frozenset(),
+) -> Obj:
     while True:
         colour, shape = rng.choice(colours), rng.choice(shapes)
         if (colour, shape) not in banned:
@@ -290,8 +297,7 @@ def _build(task: str, rng: random.Random, idx: int, grid: int, d: Difficulty) ->
             cell_a, cell_b = (line, first), (line, second)
         else:
             cell_a, cell_b = (first, line), (second, line)
-        objs = [Obj(a[1], a[0], *cell_a, dot=rng.random() < d.dot_prob),
-                Obj(b[1], b[0], *cell_b, dot=rng.random() < d.dot_prob)]
+        objs = [Obj(a[1], a[0], *cell_a, dot=rng.random() < d.dot_prob), Obj(b[1], b[0], *cell_b, dot=rng.random() < d.dot_prob)]
         free = [c for c in _cells(grid) if c not in (cell_a, cell_b)]
         extra = rng.sample(free, _n_objects(rng, d, 2) - 2)
         objs += [_distractor(rng, c, d, SHAPES, names, {a, b}) for c in extra]
@@ -330,8 +336,9 @@ def _scene_fraction(scene: Scene) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def task_weights(tasks: Sequence[str] | Mapping[str, float] | None = None,
-                 caption_fraction: float | None = None) -> dict[str, float]:
+def task_weights(
+    tasks: Sequence[str] | Mapping[str, float] | None = None, caption_fraction: float | None = None
+) -> dict[str, float]:
     """Resolve the task mix: a list (equal weights) or {task: weight}; ``caption_fraction`` sets
     the caption share of all rows (0 removes captions). Default: the five scored tasks, equal."""
     if tasks is None:
@@ -369,8 +376,15 @@ def task_schedule(weights: Mapping[str, float], n: int) -> list[str]:
     return out
 
 
-def generate_examples(split: str, n: int, seed: int, tasks: Sequence[str] | Mapping[str, float] | None = None,
-                      caption_fraction: float | None = None, grid: int = 4, **difficulty) -> list[Example]:
+def generate_examples(
+    split: str,
+    n: int,
+    seed: int,
+    tasks: Sequence[str] | Mapping[str, float] | None = None,
+    caption_fraction: float | None = None,
+    grid: int = 4,
+    **difficulty,
+) -> list[Example]:
     """Generate ``n`` examples (scenes + questions, not yet rendered) for ``split``.
 
     ``difficulty`` holds ``Difficulty`` fields (min_objects, max_objects, dot_prob, distractors).
@@ -392,8 +406,10 @@ def generate_examples(split: str, n: int, seed: int, tasks: Sequence[str] | Mapp
             if lo <= _scene_fraction(scene) < hi:
                 break
         else:
-            raise RuntimeError(f"no {task!r} scene for split {split!r} in {_MAX_TRIES} tries; "
-                               f"allow more variety (raise max_objects or set distractors=True).")
+            raise RuntimeError(
+                f"no {task!r} scene for split {split!r} in {_MAX_TRIES} tries; "
+                f"allow more variety (raise max_objects or set distractors=True)."
+            )
         answer = caption(scene) if task == "caption" else LETTERS[idx]
         out.append(Example(f"{split}-{i:06d}", split, task, scene, question, answer))
     return out
@@ -401,22 +417,36 @@ def generate_examples(split: str, n: int, seed: int, tasks: Sequence[str] | Mapp
 
 def messages_json(user_text: str, answer: str) -> str:
     """The Hugging Face chat format: one user turn (image + text), one assistant turn (text)."""
-    return json.dumps([
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
-        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-    ])
+    return json.dumps(
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+    )
 
 
 def example_to_row(ex: Example, image_size: int = 112, grid: int = 4) -> dict:
     """Render one example into a row: id, image (PNG bytes), messages (JSON), answer, task, split."""
-    return {"id": ex.id, "image": to_png(render(ex.scene, image_size, grid)),
-            "messages": messages_json(ex.user_text, ex.answer), "answer": ex.answer,
-            "task": ex.task, "split": ex.split}
+    return {
+        "id": ex.id,
+        "image": to_png(render(ex.scene, image_size, grid)),
+        "messages": messages_json(ex.user_text, ex.answer),
+        "answer": ex.answer,
+        "task": ex.task,
+        "split": ex.split,
+    }
 
 
-def generate_rows(split: str, n: int, seed: int, tasks: Sequence[str] | Mapping[str, float] | None = None,
-                  caption_fraction: float | None = None, image_size: int = 112, grid: int = 4,
-                  **difficulty) -> list[dict]:
+def generate_rows(
+    split: str,
+    n: int,
+    seed: int,
+    tasks: Sequence[str] | Mapping[str, float] | None = None,
+    caption_fraction: float | None = None,
+    image_size: int = 112,
+    grid: int = 4,
+    **difficulty,
+) -> list[dict]:
     """Generate ``n`` rendered rows for ``split``; same arguments and seed give identical bytes."""
     _cell_px(image_size, grid)
     examples = generate_examples(split, n, seed, tasks, caption_fraction, grid, **difficulty)

@@ -8,7 +8,7 @@ token with the output constrained to the valid options, so accuracy is exact and
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -22,7 +22,9 @@ def letter_token_ids(tokenizer, letters: str = "ABCD") -> list[int]:
     for letter in letters:
         tokens = tokenizer.encode(letter, add_special_tokens=False)
         if len(tokens) != 1:
-            raise ValueError(f"option letter {letter!r} is {len(tokens)} tokens in this tokenizer; retrain it so A–D are single tokens.")
+            raise ValueError(
+                f"option letter {letter!r} is {len(tokens)} tokens in this tokenizer; retrain it so A–D are single tokens."
+            )
         ids.append(tokens[0])
     return ids
 

@@ -44,8 +44,29 @@ log = logging.getLogger(__name__)
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 YES_NO_INSTRUCTION = "Please answer yes or no."
 #: pandas' default NA strings: VLMEvalKit reads TSVs with pandas, so these cells are empty there.
-NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
-                        "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+NA_STRINGS = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 TSV_COLUMNS = ("index", "image", "question", "answer")
 POPE_JSON_KEYS = ("question_id", "image", "text", "label")
 CHOICE, YES_NO = "choice", "yes_no"
@@ -108,8 +129,17 @@ def synthetic_benchmark(data_dir: str | Path, split: str = "test", on_error: str
             continue
         user = next(m for m in json.loads(row["messages"]) if m["role"] == "user")
         prompt = "".join(p["text"] for p in user["content"] if p.get("type") == "text")
-        items.append(Item(row["id"], [bytes(row["image"])], prompt, row["answer"], CHOICE, [row["task"]],
-                          dict(zip(LETTERS, OPTIONS[row["task"]]))))
+        items.append(
+            Item(
+                row["id"],
+                [bytes(row["image"])],
+                prompt,
+                row["answer"],
+                CHOICE,
+                [row["task"]],
+                dict(zip(LETTERS, OPTIONS[row["task"]])),
+            )
+        )
     return Benchmark("synthetic", "synthetic", str(data_dir), items, dict(stats.reasons))
 
 
@@ -120,7 +150,9 @@ def mcq_benchmark(path: str | Path, on_error: str = "skip") -> Benchmark:
     rows = _read_tsv(path)
     letters = [c for c in string.ascii_uppercase if c in rows[0]]
     if len(letters) < 2:
-        raise BenchmarkError(f"{path} has option columns {letters or 'none'}; a multiple-choice TSV needs at least columns A and B.")
+        raise BenchmarkError(
+            f"{path} has option columns {letters or 'none'}; a multiple-choice TSV needs at least columns A and B."
+        )
     images = _image_cells(rows)
     bench = Benchmark(path.stem, "mcq_tsv", str(path), [])
     for row in rows:
@@ -132,8 +164,17 @@ def mcq_benchmark(path: str | Path, on_error: str = "skip") -> Benchmark:
                 raise BenchmarkError(f"answer {row['answer']!r} is not one of its options {sorted(options)}")
             hint = None if _empty(row.get("hint")) else row["hint"].strip()
             category = "all" if _empty(row.get("category")) else row["category"].strip()
-            bench.items.append(Item(index, _decode_images(images[index]), mcq_prompt(row["question"].strip(), options, hint),
-                                    answer, CHOICE, [category], options))
+            bench.items.append(
+                Item(
+                    index,
+                    _decode_images(images[index]),
+                    mcq_prompt(row["question"].strip(), options, hint),
+                    answer,
+                    CHOICE,
+                    [category],
+                    options,
+                )
+            )
         except BenchmarkError as exc:
             _bad_row(bench, path, index, str(exc), on_error)
     return _checked(bench)
@@ -153,8 +194,9 @@ def yes_no_benchmark(path: str | Path, image_root: str | Path | None = None, on_
         try:
             answer = _yes_no_label(row["answer"])
             cats = [] if _empty(row.get("category")) else [c.strip() for c in row["category"].split(",") if c.strip()]
-            bench.items.append(Item(index, _decode_images(images[index]), yes_no_prompt(row["question"]),
-                                    answer, YES_NO, cats or ["all"]))
+            bench.items.append(
+                Item(index, _decode_images(images[index]), yes_no_prompt(row["question"]), answer, YES_NO, cats or ["all"])
+            )
         except BenchmarkError as exc:
             _bad_row(bench, path, index, str(exc), on_error)
     return _checked(bench)
@@ -182,8 +224,16 @@ def _pope_jsonl(path: Path, image_root: Path, on_error: str) -> Benchmark:
                 raise BenchmarkError(f"image file {image} does not exist (pass --image-root)")
             data = image.read_bytes()
             _check_image(data)
-            bench.items.append(Item(index, [data], yes_no_prompt(record["text"]), _yes_no_label(record["label"]),
-                                    YES_NO, [str(record.get("category") or path.stem)]))
+            bench.items.append(
+                Item(
+                    index,
+                    [data],
+                    yes_no_prompt(record["text"]),
+                    _yes_no_label(record["label"]),
+                    YES_NO,
+                    [str(record.get("category") or path.stem)],
+                )
+            )
         except BenchmarkError as exc:
             _bad_row(bench, path, index, str(exc), on_error)
     return _checked(bench)
@@ -211,7 +261,9 @@ def _read_tsv(path: Path) -> list[dict[str, str]]:
         raise BenchmarkError(f"{path} has no data rows; pass a non-empty TSV with a header line.")
     missing = [c for c in TSV_COLUMNS if c not in rows[0]]
     if missing:
-        raise BenchmarkError(f"{path} has no column(s) {missing} (found {list(rows[0])}); add them: this format needs {list(TSV_COLUMNS)}.")
+        raise BenchmarkError(
+            f"{path} has no column(s) {missing} (found {list(rows[0])}); add them: this format needs {list(TSV_COLUMNS)}."
+        )
     for row in rows:
         row["index"] = row["index"].strip()
     return rows
@@ -286,6 +338,8 @@ def _checked(bench: Benchmark) -> Benchmark:
             raise BenchmarkError(f"{bench.source} has index {item.index!r} twice; give every row a unique index.")
         seen.add(item.index)
     if not bench.items:
-        raise BenchmarkError(f"{bench.source} has no usable rows ({len(bench.skipped)} skipped, e.g. "
-                             f"{next(iter(bench.skipped.values()), 'none')}); fix the file.")
+        raise BenchmarkError(
+            f"{bench.source} has no usable rows ({len(bench.skipped)} skipped, e.g. "
+            f"{next(iter(bench.skipped.values()), 'none')}); fix the file."
+        )
     return bench

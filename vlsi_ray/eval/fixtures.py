@@ -53,8 +53,17 @@ def write_fixture_sets(out_dir: str | Path, n_mcq: int = 10, n_images: int = 4, 
         options = dict(zip(LETTERS, OPTIONS[ex.task]))
         if i % 3 == 2 and ex.answer != "D":
             options["D"] = ""
-        rows.append({"index": i, "image": _b64(render(ex.scene)), "question": ex.question,
-                     "hint": HINT if i % 2 else "", **options, "answer": ex.answer, "category": ex.task})
+        rows.append(
+            {
+                "index": i,
+                "image": _b64(render(ex.scene)),
+                "question": ex.question,
+                "hint": HINT if i % 2 else "",
+                **options,
+                "answer": ex.answer,
+                "category": ex.task,
+            }
+        )
         gold[str(i)] = (ex.answer, [ex.task])
     _write_tsv(sets.mcq, ["index", "image", "question", "hint", *LETTERS, "answer", "category"], rows)
     sets.gold["mcq"] = gold
@@ -66,19 +75,30 @@ def write_fixture_sets(out_dir: str | Path, n_mcq: int = 10, n_images: int = 4, 
         present = {(o.colour, o.shape) for o in ex.scene.objects}
         absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - present)
         near = [p for p in absent if any(p[0] == c or p[1] == s for c, s in present)]
-        questions = [(min(present), "Yes", "adversarial,random"),
-                     (rng.choice(absent), "No", "random"), (rng.choice(near or absent), "No", "adversarial")]
+        questions = [
+            (min(present), "Yes", "adversarial,random"),
+            (rng.choice(absent), "No", "random"),
+            (rng.choice(near or absent), "No", "adversarial"),
+        ]
         png = to_png(render(ex.scene))
         (out / "pope" / "images" / f"scene{k}.png").write_bytes(png)
         for j, ((colour, shape), answer, category) in enumerate(questions):
             index = str(100 * k + j)
             question = f"Is there a {colour} {shape} in the image?"
-            rows.append({"index": index, "image": base64.b64encode(png).decode() if j == 0 else str(100 * k),
-                         "question": question, "answer": answer, "category": category})
+            rows.append(
+                {
+                    "index": index,
+                    "image": base64.b64encode(png).decode() if j == 0 else str(100 * k),
+                    "question": question,
+                    "answer": answer,
+                    "category": category,
+                }
+            )
             gold[index] = (answer.lower(), category.split(","))
             for cat in category.split(","):
-                jsonl[cat].append({"question_id": int(index), "image": f"images/scene{k}.png", "text": question,
-                                   "label": answer.lower()})
+                jsonl[cat].append(
+                    {"question_id": int(index), "image": f"images/scene{k}.png", "text": question, "label": answer.lower()}
+                )
     _write_tsv(sets.pope_tsv, ["index", "image", "question", "answer", "category"], rows)
     sets.gold["pope_tsv"] = gold
     for cat, records in jsonl.items():

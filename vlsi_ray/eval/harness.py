@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+
+from tqdm import tqdm
 
 from vlsi_ray.eval.benchmarks import YES_NO, Benchmark
 from vlsi_ray.eval.predictors import Predictor
@@ -38,20 +40,22 @@ def load_predictions(path: Path, model: str) -> dict[str, str]:
     for line in raw.decode().splitlines():
         record = json.loads(line)
         if record.get("model") != model:
-            raise ValueError(f"{path} holds answers of model {record.get('model')!r}, not {model!r}; "
-                             "pass another --out directory or delete the file to start over.")
+            raise ValueError(
+                f"{path} holds answers of model {record.get('model')!r}, not {model!r}; "
+                "pass another --out directory or delete the file to start over."
+            )
         done[str(record["index"])] = record["prediction"]
     return done
 
 
-def evaluate_benchmark(bench: Benchmark, predictor: Predictor, out_dir: str | Path, limit: int | None = None,
-                       progress: bool = True) -> dict:
+def evaluate_benchmark(
+    bench: Benchmark, predictor: Predictor, out_dir: str | Path, limit: int | None = None, progress: bool = True
+) -> dict:
     """Answer every item of ``bench`` not yet in ``out_dir`` (the first ``limit`` items if given), score all, write files.
 
     Returns the results dict written to ``<name>.json`` (see :func:`~vlsi_ray.eval.scoring.summarize`
     for the numbers; plus ``dataset``, ``format``, ``source``, ``model``, ``skipped_rows``, ``items``).
     """
-    from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,10 +64,14 @@ def evaluate_benchmark(bench: Benchmark, predictor: Predictor, out_dir: str | Pa
     done = load_predictions(path, predictor.name)
     todo = [it for it in items if it.index not in done]
     print(f"[eval] {bench.name}: {len(items)} items, {len(items) - len(todo)} already answered in {path}", flush=True)
-    with path.open("a") as fh, tqdm(total=len(items), initial=len(items) - len(todo), desc=bench.name, unit="item",
-                                    disable=not progress, mininterval=2.0) as bar:
+    with (
+        path.open("a") as fh,
+        tqdm(
+            total=len(items), initial=len(items) - len(todo), desc=bench.name, unit="item", disable=not progress, mininterval=2.0
+        ) as bar,
+    ):
         for start in range(0, len(todo), max(1, predictor.chunk_size)):
-            chunk = todo[start:start + max(1, predictor.chunk_size)]
+            chunk = todo[start : start + max(1, predictor.chunk_size)]
             texts = predictor.predict(chunk)
             for item, text in zip(chunk, texts, strict=True):
                 fh.write(json.dumps({"index": item.index, "prediction": text, "model": predictor.name}) + "\n")
@@ -72,12 +80,22 @@ def evaluate_benchmark(bench: Benchmark, predictor: Predictor, out_dir: str | Pa
             bar.update(len(chunk))
     scored = [score_item(it, done[it.index]) for it in items]
     yes_no = bool(items) and items[0].kind == YES_NO
-    results = {"dataset": bench.name, "format": bench.format, "source": bench.source, "model": predictor.name,
-               **summarize(scored, yes_no), "skipped_rows": bench.skipped, "items": scored}
+    results = {
+        "dataset": bench.name,
+        "format": bench.format,
+        "source": bench.source,
+        "model": predictor.name,
+        **summarize(scored, yes_no),
+        "skipped_rows": bench.skipped,
+        "items": scored,
+    }
     (out_dir / f"{bench.name}.json").write_text(json.dumps(results, indent=2))
     (out_dir / f"{bench.name}.md").write_text(results_markdown([results]))
-    print(f"[eval] {bench.name}: {100 * results['accuracy']:.1f}% of {results['n']} "
-          f"({results['unparsed']} unparsed answers counted wrong)", flush=True)
+    print(
+        f"[eval] {bench.name}: {100 * results['accuracy']:.1f}% of {results['n']} "
+        f"({results['unparsed']} unparsed answers counted wrong)",
+        flush=True,
+    )
     return results
 
 

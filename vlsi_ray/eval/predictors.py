@@ -11,11 +11,15 @@ import base64
 import json
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
+
+import requests
 
 from vlsi_ray.eval.benchmarks import Item, image_mime
+from vlsi_ray.generation import ChatGenerator, SamplingParams
 
 #: HTTP statuses worth retrying (overload and gateway errors); every other 4xx/5xx fails at once.
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -41,9 +45,7 @@ def chat_row(item: Item) -> dict:
 class LocalPredictor:
     """Greedy answers from a local checkpoint, ``batch_size`` rows per ``generate`` call."""
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 8, max_tokens: int = 32, device: str = "cpu",
-                 generator=None):
-        from vlsi_ray.generation import ChatGenerator, SamplingParams
+    def __init__(self, model_dir: str | Path, batch_size: int = 8, max_tokens: int = 32, device: str = "cpu", generator=None):
 
         self.name = str(model_dir)
         self.generator = generator or ChatGenerator.from_pretrained(model_dir, device=device)
@@ -66,9 +68,17 @@ class EndpointPredictor:
     with exponential back-off; any other error status raises :class:`EndpointError` naming it.
     """
 
-    def __init__(self, base_url: str, model_name: str | None = None, api_key: str | None = None, workers: int = 4,
-                 max_tokens: int = 32, timeout: float = 120.0, retries: int = 4, backoff: float = 0.5):
-        import requests
+    def __init__(
+        self,
+        base_url: str,
+        model_name: str | None = None,
+        api_key: str | None = None,
+        workers: int = 4,
+        max_tokens: int = 32,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+    ):
 
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.api_key = api_key
@@ -84,7 +94,9 @@ class EndpointPredictor:
         if model_name is None:
             model_name = served[0]
         elif model_name not in served:
-            raise EndpointError(f"{self.base_url} does not serve model {model_name!r} (it serves {served}); pass one of those as --model-name.")
+            raise EndpointError(
+                f"{self.base_url} does not serve model {model_name!r} (it serves {served}); pass one of those as --model-name."
+            )
         self.model_name = model_name
         self.name = f"{self.base_url} ({model_name})"
 
@@ -98,11 +110,17 @@ class EndpointPredictor:
 
     def request_body(self, item: Item) -> dict:
         """The chat-completions JSON for one item: images as base64 data URIs, then the prompt."""
-        content = [{"type": "image_url", "image_url": {"url": f"data:{image_mime(data)};base64,{base64.b64encode(data).decode()}"}}
-                   for data in item.images]
+        content = [
+            {"type": "image_url", "image_url": {"url": f"data:{image_mime(data)};base64,{base64.b64encode(data).decode()}"}}
+            for data in item.images
+        ]
         content.append({"type": "text", "text": item.prompt})
-        return {"model": self.model_name, "messages": [{"role": "user", "content": content}],
-                "max_tokens": self.max_tokens, "temperature": 0}
+        return {
+            "model": self.model_name,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+        }
 
     def predict(self, items: Sequence[Item]) -> list[str]:
         """Send ``items`` concurrently (``workers`` threads); answers come back in order."""
@@ -114,8 +132,10 @@ class EndpointPredictor:
         try:
             return data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError) as exc:
-            raise EndpointError(f"{self.base_url} answered item {item.index} without choices[0].message.content "
-                                f"({str(data)[:200]}); is it an OpenAI-compatible endpoint?") from exc
+            raise EndpointError(
+                f"{self.base_url} answered item {item.index} without choices[0].message.content "
+                f"({str(data)[:200]}); is it an OpenAI-compatible endpoint?"
+            ) from exc
 
     def _session(self):
         if not hasattr(self._local, "session"):
@@ -131,15 +151,19 @@ class EndpointPredictor:
                 response = self._session().request(method, url, json=body, headers=headers, timeout=self.timeout)
             except (self._requests.ConnectionError, self._requests.Timeout) as exc:
                 if last:
-                    raise EndpointError(f"cannot reach {url} after {self.retries + 1} tries ({type(exc).__name__}); "
-                                        "check that the server is running and the URL is right.") from exc
+                    raise EndpointError(
+                        f"cannot reach {url} after {self.retries + 1} tries ({type(exc).__name__}); "
+                        "check that the server is running and the URL is right."
+                    ) from exc
             else:
                 if response.status_code < 400:
                     try:
                         return response.json()
                     except ValueError as exc:
-                        raise EndpointError(f"{method} {url} answered {response.status_code} with a body that is not JSON; "
-                                            "is it an OpenAI-compatible endpoint?") from exc
+                        raise EndpointError(
+                            f"{method} {url} answered {response.status_code} with a body that is not JSON; "
+                            "is it an OpenAI-compatible endpoint?"
+                        ) from exc
                 if response.status_code not in RETRY_STATUSES or last:
                     hint = " (set the API key with --api-key-env VAR)" if response.status_code in (401, 403) else ""
                     raise EndpointError(f"{method} {url} answered {response.status_code}: {_error_message(response)}{hint}.")
@@ -153,4 +177,3 @@ def _error_message(response) -> str:
         return error.get("message", str(error)) if isinstance(error, dict) else str(error)
     except ValueError:
         return response.text[:200] or response.reason
-

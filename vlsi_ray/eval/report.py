@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vlsi_ray.metrics import read_metrics
+from vlsi_ray.models.verbalizer import CONFIG_FILE
 from vlsi_ray.recipe.layout import RunLayout
 
 MODEL_LABELS = {
@@ -59,13 +60,16 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[
         plots["layer_losses"] = plot_layer_losses(metrics, out / "layer_losses.png")
     matched = [m for m in metrics if m.get("stage") == "interact" and "matched" in m]
     if matched:
-        plots["matching"] = plot_matching(matched, out / "matching.png", _target_layers(layout.verbalizers("teacher")),
-                                          _target_layers(layout.verbalizers("student", "interact")))
+        plots["matching"] = plot_matching(
+            matched,
+            out / "matching.png",
+            _target_layers(layout.verbalizers("teacher")),
+            _target_layers(layout.verbalizers("student", "interact")),
+        )
     return plots
 
 
 def _target_layers(verbalizers_dir: Path) -> list[int] | None:
-    from vlsi_ray.models.verbalizer import CONFIG_FILE
 
     path = verbalizers_dir / CONFIG_FILE
     return json.loads(path.read_text())["layers"] if path.is_file() else None
@@ -82,7 +86,15 @@ def render_markdown(report: dict, run_dir: Path) -> str:
         cells = [f"{100 * r['per_task'].get(t, float('nan')):.1f}" for t in tasks]
         lines.append(f"| {MODEL_LABELS.get(name, name)} | **{100 * r['overall']:.1f}** | " + " | ".join(cells) + " |")
     n = next(iter(acc.values()), {}).get("n", 0)
-    lines += ["", f"{n} test questions.", "", "## Stages", "", "| stage | optimizer steps | first loss | last loss | seconds |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"{n} test questions.",
+        "",
+        "## Stages",
+        "",
+        "| stage | optimizer steps | first loss | last loss | seconds |",
+        "|---|---|---|---|---|",
+    ]
     for stage_file in sorted(run_dir.glob("*/stage.json"), key=lambda p: p.stat().st_mtime):
         s = json.loads(stage_file.read_text())
         first, last = s.get("first_loss"), s.get("last_loss")
@@ -98,10 +110,10 @@ def render_markdown(report: dict, run_dir: Path) -> str:
 
 def plot_losses(metrics: list[dict], path: Path) -> Path:
     """One panel per stage: training loss against optimizer step."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     stages: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for m in metrics:
@@ -131,10 +143,10 @@ def layer_loss_series(metrics: list[dict]) -> dict[str, dict[str, list[tuple[int
 
 def plot_layer_losses(metrics: list[dict], path: Path) -> Path:
     """One panel per stage with per-layer losses: a line per layer (moving average over ~1/20 of the stage)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     series = layer_loss_series(metrics)
     fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.0), squeeze=False)
@@ -146,7 +158,7 @@ def plot_layer_losses(metrics: list[dict], path: Path) -> Path:
             window = max(1, len(values) // 20)
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             label = "last layer" if key.endswith("/last") else f"block {key.split('/')[1]}"
-            ax.plot(steps[window - 1:], smooth, lw=1, color="k" if key.endswith("/last") else colour, label=label)
+            ax.plot(steps[window - 1 :], smooth, lw=1, color="k" if key.endswith("/last") else colour, label=label)
         what = "CE per verbalizer" if ordered[0].startswith("ce/") else "KL to the matched teacher layer"
         ax.set_title(f"{stage}: {what}", fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
@@ -175,23 +187,24 @@ def matching_counts(matched: list[dict], num_teacher_layers: int | None = None) 
     return counts[0], counts[1]
 
 
-def plot_matching(matched: list[dict], path: Path, teacher_layers: list[int] | None = None,
-                  student_layers: list[int] | None = None) -> Path:
+def plot_matching(
+    matched: list[dict], path: Path, teacher_layers: list[int] | None = None, student_layers: list[int] | None = None
+) -> Path:
     """Heatmaps of how often each student layer matched each teacher layer, early vs late in step 2.
 
     Each row is normalised to the share of its student layer's draws; ticks are block numbers when
     ``teacher_layers`` / ``student_layers`` (the target layers) are given, else 0-based positions.
     """
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     early, late = matching_counts(matched, len(teacher_layers) if teacher_layers else None)
     if teacher_layers and len(teacher_layers) != early.shape[1] or student_layers and len(student_layers) != early.shape[0]:
         teacher_layers = student_layers = None  # saved verbalizers do not fit the log: show positions
     steps = [m["step"] for m in matched]
-    halves = (steps[: (len(steps) + 1) // 2], steps[(len(steps) + 1) // 2:])  # the split of matching_counts
+    halves = (steps[: (len(steps) + 1) // 2], steps[(len(steps) + 1) // 2 :])  # the split of matching_counts
     titles = [f"steps {h[0]}–{h[-1]}" if h else "no steps" for h in halves]
     fig, axes = plt.subplots(1, 2, figsize=(7.6, 2.9))
     for ax, counts, title in zip(axes, (early, late), titles):
@@ -209,7 +222,7 @@ def plot_matching(matched: list[dict], path: Path, teacher_layers: list[int] | N
 
 def _save(fig, path: Path, **kwargs) -> Path:
     """Write ``fig`` to ``path`` (PNG, 110 dpi) and free it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, **kwargs)

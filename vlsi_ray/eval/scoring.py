@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 from vlsi_ray.eval.benchmarks import YES_NO, Item
 
@@ -30,14 +30,19 @@ def extract_choice(text: str, options: dict[str, str]) -> str | None:
     if not text or not options:
         return None
     cls = "[" + "".join(re.escape(k) for k in options) + "]"
-    for pattern in (rf"^\(?({cls})\)?$", rf"^\(?({cls})\s*[.):](?:\s|$)",
-                    rf"{_KEYWORD}(?:\s+is)?\s*:?\s*\(?({cls})(?![\w'])"):
+    for pattern in (rf"^\(?({cls})\)?$", rf"^\(?({cls})\s*[.):](?:\s|$)", rf"{_KEYWORD}(?:\s+is)?\s*:?\s*\(?({cls})(?![\w'])"):
         found = re.search(pattern, text)
         if found:
             return found.group(1)
-    for found in ({m for m in re.findall(rf"\(({cls})\)", text)}, _option_text_matches(text, options),
-                  {m.group(1) for m in re.finditer(rf"(?<![\w'])({cls})(?![\w'])", text)
-                   if not (m.group(1) == "A" and re.match(r"\s+[a-z]", text[m.end():]))}):
+    for found in (
+        {m for m in re.findall(rf"\(({cls})\)", text)},
+        _option_text_matches(text, options),
+        {
+            m.group(1)
+            for m in re.finditer(rf"(?<![\w'])({cls})(?![\w'])", text)
+            if not (m.group(1) == "A" and re.match(r"\s+[a-z]", text[m.end() :]))
+        },
+    ):
         if len(found) == 1:
             return found.pop()
     return None
@@ -45,8 +50,11 @@ def extract_choice(text: str, options: dict[str, str]) -> str | None:
 
 def _option_text_matches(text: str, options: dict[str, str]) -> set[str]:
     lower = text.lower()
-    hits = {k: v.lower().strip() for k, v in options.items()
-            if v.strip() and re.search(rf"(?<!\w){re.escape(v.lower().strip())}(?!\w)", lower)}
+    hits = {
+        k: v.lower().strip()
+        for k, v in options.items()
+        if v.strip() and re.search(rf"(?<!\w){re.escape(v.lower().strip())}(?!\w)", lower)
+    }
     # "dark red" and "red" both match "dark red": keep options not contained in another hit
     return {k for k, v in hits.items() if not any(v != w and v in w for w in hits.values())}
 
@@ -65,8 +73,14 @@ def extract_yes_no(text: str) -> str | None:
 def score_item(item: Item, prediction: str) -> dict:
     """One scored record: index, categories, gold answer, raw prediction, extracted answer, correct."""
     extracted = extract_yes_no(prediction) if item.kind == YES_NO else extract_choice(prediction, item.options)
-    return {"index": item.index, "categories": item.categories, "answer": item.answer, "prediction": prediction,
-            "extracted": extracted, "correct": extracted == item.answer}
+    return {
+        "index": item.index,
+        "categories": item.categories,
+        "answer": item.answer,
+        "prediction": prediction,
+        "extracted": extracted,
+        "correct": extracted == item.answer,
+    }
 
 
 def summarize(scored: Sequence[dict], yes_no: bool = False) -> dict:
@@ -83,32 +97,47 @@ def summarize(scored: Sequence[dict], yes_no: bool = False) -> dict:
 def _counts(scored: Sequence[dict], yes_no: bool) -> dict:
     n = len(scored)
     correct = sum(r["correct"] for r in scored)
-    out = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
-           "unparsed": sum(r["extracted"] is None for r in scored)}
+    out = {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "unparsed": sum(r["extracted"] is None for r in scored),
+    }
     if yes_no:
         tp = sum(r["extracted"] == "yes" and r["answer"] == "yes" for r in scored)
         predicted_yes = sum(r["extracted"] == "yes" for r in scored)
         gold_yes = sum(r["answer"] == "yes" for r in scored)
         precision = tp / predicted_yes if predicted_yes else 0.0
         recall = tp / gold_yes if gold_yes else 0.0
-        out.update(precision=precision, recall=recall,
-                   f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-                   yes_ratio=predicted_yes / n if n else 0.0)
+        out.update(
+            precision=precision,
+            recall=recall,
+            f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            yes_ratio=predicted_yes / n if n else 0.0,
+        )
     return out
 
 
 def results_markdown(results: Sequence[dict]) -> str:
     """A Markdown page: one summary table over all sets, then one per-category table per set."""
-    lines = [f"# Evaluation of `{results[0]['model']}`" if results else "# Evaluation", "",
-             "| set | items | accuracy | unparsed | F1 (yes/no) |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation of `{results[0]['model']}`" if results else "# Evaluation",
+        "",
+        "| set | items | accuracy | unparsed | F1 (yes/no) |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         f1 = f"{100 * r['f1']:.1f}" if "f1" in r else "–"
         lines.append(f"| {r['dataset']} | {r['n']} | **{100 * r['accuracy']:.1f}** | {r['unparsed']} | {f1} |")
     for r in results:
         yes_no = "f1" in r
-        lines += ["", f"## {r['dataset']} ({r['format']}, {r['n']} items)", "",
-                  "| category | items | accuracy | unparsed |" + (" precision | recall | F1 |" if yes_no else ""),
-                  "|---|---|---|---|" + ("---|---|---|" if yes_no else "")]
+        lines += [
+            "",
+            f"## {r['dataset']} ({r['format']}, {r['n']} items)",
+            "",
+            "| category | items | accuracy | unparsed |" + (" precision | recall | F1 |" if yes_no else ""),
+            "|---|---|---|---|" + ("---|---|---|" if yes_no else ""),
+        ]
         for name, c in [("**overall**", r), *r["per_category"].items()]:
             row = f"| {_cell(name)} | {c['n']} | {100 * c['accuracy']:.1f} | {c['unparsed']} |"
             if yes_no:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
+from omegaconf import OmegaConf
 
 from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.eval.benchmarks import image_mime
@@ -60,14 +61,17 @@ def run_sources(run_dir: str | Path) -> list[TraceSource]:
     after = layout.model("sft") if _is_model(layout.model("sft")) else layout.model("interact")
     candidates = [
         TraceSource("teacher", _base(layout, "pretrain_teacher", paths.get("teacher")), layout.verbalizers("teacher")),
-        TraceSource("student before distillation", _base(layout, "pretrain_student", paths.get("student")),
-                    layout.verbalizers("student")),
+        TraceSource(
+            "student before distillation", _base(layout, "pretrain_student", paths.get("student")), layout.verbalizers("student")
+        ),
         TraceSource("student after distillation", after, layout.verbalizers("student", "interact")),
     ]
     found = [s for s in candidates if _is_model(s.model_dir) and Verbalizers.exists(s.verbalizers_dir)]
     if not found:
-        raise FileNotFoundError(f"{run} has no model with saved verbalizers (e.g. pretrain_teacher/ with "
-                                "verbalize/teacher_verbalizers/); run the verbalize step first or pass --model and --verbalizers.")
+        raise FileNotFoundError(
+            f"{run} has no model with saved verbalizers (e.g. pretrain_teacher/ with "
+            "verbalize/teacher_verbalizers/); run the verbalize step first or pass --model and --verbalizers."
+        )
     return found
 
 
@@ -89,7 +93,6 @@ def _base(layout: RunLayout, stage: str, configured: str | None) -> Path:
 
 
 def _configured_paths(layout: RunLayout) -> dict[str, str]:
-    from omegaconf import OmegaConf
 
     if not layout.config.is_file():
         return {}
@@ -126,8 +129,10 @@ def trace_layers(backbone: Backbone, verbalizers: Verbalizers, row: dict, max_to
         logits = torch.stack(last + [out.logits[n - 1, -1]]).float()  # [n, V]
         if step == 0:
             probs, ids = logits.softmax(dim=-1).topk(top_k, dim=-1)
-            top = [[{"token": b.tokenizer.decode([int(t)]), "id": int(t), "prob": float(p)} for p, t in zip(pr, ti)]
-                   for pr, ti in zip(probs, ids)]
+            top = [
+                [{"token": b.tokenizer.decode([int(t)]), "id": int(t), "prob": float(p)} for p, t in zip(pr, ti)]
+                for pr, ti in zip(probs, ids)
+            ]
         chosen = logits.argmax(dim=-1)  # [n]
         for i, token in enumerate(chosen.tolist()):
             if not finished[i]:
@@ -137,8 +142,10 @@ def trace_layers(backbone: Backbone, verbalizers: Verbalizers, row: dict, max_to
         if all(finished) or step == max_tokens - 1:
             break
         batch = _extended(batch, chosen)
-    return [{"layer": layer, "kind": kind, "text": b.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "top": t}
-            for layer, kind, ids, t in zip(layers + [b.num_layers], ["verbalizer"] * len(layers) + ["final"], tokens, top)]
+    return [
+        {"layer": layer, "kind": kind, "text": b.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "top": t}
+        for layer, kind, ids, t in zip(layers + [b.num_layers], ["verbalizer"] * len(layers) + ["final"], tokens, top)
+    ]
 
 
 def _extended(batch: dict, chosen: torch.Tensor) -> dict:
@@ -148,26 +155,37 @@ def _extended(batch: dict, chosen: torch.Tensor) -> dict:
     out["input_ids"] = torch.cat([batch["input_ids"], column], dim=1)
     out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(column)], dim=1)
     if "mm_token_type_ids" in batch:
-        out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(column).to(batch["mm_token_type_ids"])], dim=1)
+        out["mm_token_type_ids"] = torch.cat(
+            [batch["mm_token_type_ids"], torch.zeros_like(column).to(batch["mm_token_type_ids"])], dim=1
+        )
     return out
 
 
 def _check_pair(backbone: Backbone, verbalizers: Verbalizers) -> None:
     if verbalizers.hidden_size != backbone.hidden_size:
-        raise ValueError(f"the verbalizers are {verbalizers.hidden_size} wide but {backbone.name} has hidden size "
-                         f"{backbone.hidden_size}; pass the verbalizers saved with this model.")
+        raise ValueError(
+            f"the verbalizers are {verbalizers.hidden_size} wide but {backbone.name} has hidden size "
+            f"{backbone.hidden_size}; pass the verbalizers saved with this model."
+        )
     bad = [layer for layer in verbalizers.layers if not 1 <= layer <= backbone.num_layers]
     if bad:
-        raise ValueError(f"verbalizer layers {bad} do not exist in {backbone.name} ({backbone.num_layers} blocks); "
-                         "pass the verbalizers saved with this model.")
+        raise ValueError(
+            f"verbalizer layers {bad} do not exist in {backbone.name} ({backbone.num_layers} blocks); "
+            "pass the verbalizers saved with this model."
+        )
 
 
 def trace_source(source: TraceSource, row: dict, max_tokens: int = 8, top_k: int = 5, device: str = "cpu") -> dict:
     """Load ``source`` and trace ``row``: ``{"name", "model_dir", "verbalizers_dir", "num_layers", "layers": [...]}``."""
     backbone = Backbone.from_pretrained(source.model_dir, device=device)
     verbalizers = Verbalizers.load(source.verbalizers_dir, device=device).to(backbone.compute_dtype)  # a bfloat16 model's heads
-    return {"name": source.name, "model_dir": str(source.model_dir), "verbalizers_dir": str(source.verbalizers_dir),
-            "num_layers": backbone.num_layers, "layers": trace_layers(backbone, verbalizers, row, max_tokens, top_k)}
+    return {
+        "name": source.name,
+        "model_dir": str(source.model_dir),
+        "verbalizers_dir": str(source.verbalizers_dir),
+        "num_layers": backbone.num_layers,
+        "layers": trace_layers(backbone, verbalizers, row, max_tokens, top_k),
+    }
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -189,9 +207,11 @@ def write_traces(out_dir: str | Path, row: dict, traces: Sequence[dict]) -> tupl
     return out / "traces.json", out / "traces.html"
 
 
-_CSS = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin-bottom:2em} "
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top} "
-        "td.text{font-family:monospace;white-space:pre-wrap} .top{font-family:monospace;font-size:90%}")
+_CSS = (
+    "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin-bottom:2em} "
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top} "
+    "td.text{font-family:monospace;white-space:pre-wrap} .top{font-family:monospace;font-size:90%}"
+)
 
 
 def _printable(text: str) -> str:
@@ -200,16 +220,20 @@ def _printable(text: str) -> str:
 
 def _html(record: dict, image: bytes) -> str:
     data_uri = f"data:{image_mime(image)};base64," + base64.b64encode(image).decode()
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>VLsI verbalization traces</title><style>{_CSS}</style></head><body>",
-             "<h1>What each layer would say</h1>",
-             f"<p><img src='{data_uri}' width='224' style='image-rendering:pixelated'></p>",
-             f"<p><b>Question</b><br><span class='text'>{_printable(record['question']).replace(chr(10), '<br>')}</span></p>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>VLsI verbalization traces</title><style>{_CSS}</style></head><body>",
+        "<h1>What each layer would say</h1>",
+        f"<p><img src='{data_uri}' width='224' style='image-rendering:pixelated'></p>",
+        f"<p><b>Question</b><br><span class='text'>{_printable(record['question']).replace(chr(10), '<br>')}</span></p>",
+    ]
     if record.get("answer"):
         parts.append(f"<p><b>Reference answer</b>: {_printable(record['answer'])}</p>")
     for model in record["models"]:
-        parts += [f"<h2>{_printable(model['name'])}</h2>",
-                  f"<p class='top'>{_printable(model['model_dir'])} + {_printable(model['verbalizers_dir'])}</p>",
-                  "<table><tr><th>layer</th><th>greedy text</th><th>top-5 next tokens at the first answer position</th></tr>"]
+        parts += [
+            f"<h2>{_printable(model['name'])}</h2>",
+            f"<p class='top'>{_printable(model['model_dir'])} + {_printable(model['verbalizers_dir'])}</p>",
+            "<table><tr><th>layer</th><th>greedy text</th><th>top-5 next tokens at the first answer position</th></tr>",
+        ]
         for layer in model["layers"]:
             label = f"{layer['layer']} (final)" if layer["kind"] == "final" else str(layer["layer"])
             top = ", ".join(f"{_printable(repr(t['token']))} {t['prob']:.2f}" for t in layer["top"])
@@ -217,4 +241,3 @@ def _html(record: dict, image: bytes) -> str:
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
-

@@ -13,8 +13,8 @@ import contextlib
 import hashlib
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -126,7 +126,9 @@ class Stepper:
         self.parameters = list(parameters)
         low = [p.dtype for p in self.parameters if p.dtype != torch.float32]
         if low:
-            raise ValueError(f"AdamW would update {low[0]} weights directly; keep float32 master weights (vlsi_ray.models.precision).")
+            raise ValueError(
+                f"AdamW would update {low[0]} weights directly; keep float32 master weights (vlsi_ray.models.precision)."
+            )
         self.grad_clip = opt.grad_clip
         self.optimizer = torch.optim.AdamW(self.parameters, lr=opt.lr, weight_decay=opt.weight_decay)
         device = self.parameters[0].device.type if self.parameters else "cpu"
@@ -189,7 +191,7 @@ class Stepper:
 
 def run_steps(
     name: str,
-    objective: Callable[[dict], "object"],
+    objective: Callable[[dict], object],
     stepper: Stepper,
     batches: Iterator[dict],
     opt: OptimConfig,
@@ -227,8 +229,13 @@ def run_steps(
             micro.append(out.metrics)
         grad_norm = stepper.step()
         record = _reduce(micro)
-        record.update(stage=name, step=step + 1, lr=lr, grad_norm=grad_norm,
-                      samples_per_s=opt.batch_size * opt.grad_accum / (time.perf_counter() - step_started))
+        record.update(
+            stage=name,
+            step=step + 1,
+            lr=lr,
+            grad_norm=grad_norm,
+            samples_per_s=opt.batch_size * opt.grad_accum / (time.perf_counter() - step_started),
+        )
         if step_metrics is not None:
             record.update(step_metrics())
         history.append(record)
@@ -242,8 +249,7 @@ def run_steps(
             rate = done * opt.batch_size * opt.grad_accum / elapsed
             eta = elapsed / done * (total - step - 1)
             print(
-                f"[{name}] step {step + 1}/{total} loss {record['loss']:.4f} lr {lr:.2e} "
-                f"{rate:.1f} samples/s eta {eta:.0f}s",
+                f"[{name}] step {step + 1}/{total} loss {record['loss']:.4f} lr {lr:.2e} {rate:.1f} samples/s eta {eta:.0f}s",
                 flush=True,
             )
     for module in modules:
@@ -253,7 +259,7 @@ def run_steps(
 
 def train_stage(
     name: str,
-    objective: Callable[[dict], "object"],
+    objective: Callable[[dict], object],
     parameters: Sequence[nn.Parameter],
     rows: Sequence[dict],
     collate: Callable[[list[dict]], dict],

@@ -11,7 +11,7 @@ only one chunk's ``[n, V]`` logits is alive at a time, in forward and in backwar
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 def select_positions(x: Tensor, mask: Tensor) -> Tensor:
     """Rows of ``x [B, T, ...]`` where ``mask [B, T]`` is true, as ``[N, ...]`` in row-major order."""
     if x.shape[: mask.dim()] != mask.shape or mask.dim() != 2:
-        raise ValueError(f"select_positions needs mask [B, T] matching x's leading dims, got {list(mask.shape)} for {list(x.shape)}.")
+        raise ValueError(
+            f"select_positions needs mask [B, T] matching x's leading dims, got {list(mask.shape)} for {list(x.shape)}."
+        )
     return x[mask.bool()]
 
 
@@ -60,9 +62,7 @@ def _check_direction(direction: str) -> None:
         raise ValueError(f"KL direction must be one of {DIRECTIONS}, got {direction!r}.")
 
 
-def per_token_kl(
-    teacher: TeacherSignal, student_logits: Tensor, direction: str = "forward", temperature: float = 1.0
-) -> Tensor:
+def per_token_kl(teacher: TeacherSignal, student_logits: Tensor, direction: str = "forward", temperature: float = 1.0) -> Tensor:
     """Per-token KL between a single-layer teacher signal (``N`` tokens) and ``student_logits [N, V]``; ``-> [N]``.
 
     Dense signal: exact KL(p_t ‖ p_s) (``forward``) or KL(p_s ‖ p_t) (``reverse``). Top-k signal:
@@ -94,7 +94,9 @@ def per_token_kl(
             "slice both to the shared prefix."
         )
     if not math.isclose(temperature, teacher.temperature):
-        raise ValueError(f"KD temperature {temperature} differs from the teacher signal's {teacher.temperature}; use the same for both.")
+        raise ValueError(
+            f"KD temperature {temperature} differs from the teacher signal's {teacher.temperature}; use the same for both."
+        )
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s_full = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     if teacher.is_dense:
@@ -183,16 +185,16 @@ def verbalized_kl(
     return _chunked(piece, hidden.shape[0], chunk_size)
 
 
-def verbalized_ce(
-    hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_size: int | None = None
-) -> Tensor:
+def verbalized_ce(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_size: int | None = None) -> Tensor:
     """Per-token next-token cross-entropy of ``head(hidden)``; ``hidden [N, d]``, ``targets [N]`` int64 ``-> [N]``.
 
     Targets equal to -100 give 0. Chunked and checkpointed like :func:`verbalized_kl`; computed in
     float32 at least.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"verbalized_ce needs hidden [N, d] and targets [N], got {list(hidden.shape)} and {list(targets.shape)}.")
+        raise ValueError(
+            f"verbalized_ce needs hidden [N, d] and targets [N], got {list(hidden.shape)} and {list(targets.shape)}."
+        )
     if targets.is_floating_point():
         raise ValueError(f"verbalized_ce targets must be integer token ids, got {targets.dtype}.")
     if hidden.shape[0] == 0:

@@ -19,14 +19,14 @@ exactly from ``generator.get_state()``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 #: temperature rule name -> ``(d [window] float64, options) -> T`` (:func:`temperature_rule` registers one).
-TEMPERATURES: dict[str, Callable[[Tensor, "MatchingOptions"], float]] = {}
+TEMPERATURES: dict[str, Callable[[Tensor, MatchingOptions], float]] = {}
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ STRATEGIES: dict[str, Strategy] = {}
 
 def temperature_rule(name: str):
     """Register a temperature rule for the ``multinomial`` strategy under ``name``."""
+
     def register(fn):
         TEMPERATURES[name] = fn
         return fn
@@ -54,6 +55,7 @@ def temperature_rule(name: str):
 
 def strategy(name: str, uses_distances: bool):
     """Register a matching strategy under ``name`` (see :class:`Strategy` for its signature)."""
+
     def register(fn):
         STRATEGIES[name] = Strategy(fn, uses_distances)
         return fn

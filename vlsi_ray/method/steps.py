@@ -16,8 +16,8 @@ upcast logits to float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -207,7 +207,9 @@ class LossOptions:
             if getattr(self, key) not in terms:
                 raise ValueError(f"loss.{key}={getattr(self, key)!r} is not one of {', '.join(terms)}; pick one of those.")
         if self.intermediate == "none" and self.last_layer == "none":
-            raise ValueError("loss.intermediate=none with loss.last_layer=none leaves step 2 without a loss; set one of them to kl or ce.")
+            raise ValueError(
+                "loss.intermediate=none with loss.last_layer=none leaves step 2 without a loss; set one of them to kl or ce."
+            )
         if not self.kd_temperature > 0:
             raise ValueError(f"loss.kd_temperature={self.kd_temperature} must be positive.")
         if self.chunk_size < 1:
@@ -237,6 +239,7 @@ LAST_LAYER_TERMS: dict[str, Callable] = {}
 
 def loss_term(registry: dict, name: str):
     """Register a step-2 loss term under ``name`` in ``registry`` (:data:`INTERMEDIATE_TERMS` or :data:`LAST_LAYER_TERMS`)."""
+
     def register(fn):
         registry[name] = fn
         return fn
@@ -274,7 +277,9 @@ class InteractionObjective:
         self.generator = generator
         self.vocab = vocab_size or student.vocab_size
         if not student.lora_active:
-            raise ValueError("step 2 trains the student through LoRA; call student.apply_lora(...) before building the objective.")
+            raise ValueError(
+                "step 2 trains the student through LoRA; call student.apply_lora(...) before building the objective."
+            )
         groups = student.parameter_groups()
         for name in ("vision", "projector", "embeddings", "head"):
             for _, p in groups.get(name, []):
@@ -342,11 +347,19 @@ class InteractionObjective:
                 f"{targets.numel()}; teacher and student must see the same collated batch."
             )
         layers = self.verbalizers.layers
-        heads = [_vocab_slice(self.verbalizers.head(layer, self.student.final_norm, self.student.lm_head), self.vocab)
-                 for layer in layers]
-        return _Step2(hidden=[out.hidden_states[layer][mask] for layer in layers], heads=heads, layers=layers,
-                      final=out.hidden_states[-1][mask], head=_vocab_slice(self.student.lm_head, self.vocab),
-                      targets=targets, signal=signal)
+        heads = [
+            _vocab_slice(self.verbalizers.head(layer, self.student.final_norm, self.student.lm_head), self.vocab)
+            for layer in layers
+        ]
+        return _Step2(
+            hidden=[out.hidden_states[layer][mask] for layer in layers],
+            heads=heads,
+            layers=layers,
+            final=out.hidden_states[-1][mask],
+            head=_vocab_slice(self.student.lm_head, self.vocab),
+            targets=targets,
+            signal=signal,
+        )
 
 
 def _zero(step: _Step2) -> Tensor:
@@ -358,7 +371,9 @@ def _matched_kl(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, 
     """The paper: each student layer's KL to its matched teacher layer(s) (adaptive layer matching)."""
     t_s, t_l = len(step.layers), step.signal.num_layers - 1
     options = objective.options
-    distances = objective._candidate_distances(step.hidden, step.heads, step.signal) if options.uses_distances else torch.zeros(t_s, t_l)
+    distances = (
+        objective._candidate_distances(step.hidden, step.heads, step.signal) if options.uses_distances else torch.zeros(t_s, t_l)
+    )
     match = match_layers(distances, options, objective.generator)
     loss, metrics = _zero(step), {}
     for i, (indices, weights) in enumerate(zip(match.indices, match.weights)):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 # FAMILIES, FamilySpec, UnsupportedModelError and get_family live in families.py (the registry); re-exported here.
@@ -79,8 +80,16 @@ class Backbone:
     dtype the model was saved in (default: the compute dtype): :meth:`save_pretrained` writes it.
     """
 
-    def __init__(self, family: str, model: nn.Module, tokenizer, image_processor, name: str | None = None,
-                 compute_dtype: torch.dtype | None = None, checkpoint_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        family: str,
+        model: nn.Module,
+        tokenizer,
+        image_processor,
+        name: str | None = None,
+        compute_dtype: torch.dtype | None = None,
+        checkpoint_dtype: torch.dtype | None = None,
+    ):
         get_family(family)  # fail early on an unknown family
         self.family = family
         self.model = model
@@ -239,7 +248,7 @@ class Backbone:
 
         peft freezes every base parameter; :meth:`merge_lora` restores the previous flags.
         """
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - peft loads on use, with transformers
 
         if self.lora_active:
             raise RuntimeError(f"{self.name} already has LoRA applied; call merge_lora() first.")
@@ -280,8 +289,14 @@ class Backbone:
         (path / BACKBONE_FILE).write_text(json.dumps({"family": self.family, "format": 1}, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                        device_map: str | dict | None = None, attn_implementation: str | None = None) -> "Backbone":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: str | dict | None = None,
+        attn_implementation: str | None = None,
+    ) -> Backbone:
         """Load a backbone from a local directory (never a hub); the family is auto-detected.
 
         ``dtype`` is the compute dtype the weights are loaded in (default: the dtype they were saved
@@ -309,7 +324,9 @@ class Backbone:
 def _checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist; pass a local checkpoint directory (hubs are never used).")
+        raise FileNotFoundError(
+            f"model directory {path} does not exist; pass a local checkpoint directory (hubs are never used)."
+        )
     return path
 
 
@@ -329,9 +346,13 @@ def saved_dtype(path: str | Path) -> torch.dtype | None:
 
 def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
     """Make ``config.json`` (and its sub-configs) name ``dtype``: the weights were cast on the way out."""
+
     def fix(node):
         if isinstance(node, dict):
-            return {k: (dtype_name(dtype) if k in ("dtype", "torch_dtype") and isinstance(v, str) else fix(v)) for k, v in node.items()}
+            return {
+                k: (dtype_name(dtype) if k in ("dtype", "torch_dtype") and isinstance(v, str) else fix(v))
+                for k, v in node.items()
+            }
         return node
 
     config_file.write_text(json.dumps(fix(json.loads(config_file.read_text())), indent=2, sort_keys=True) + "\n")
@@ -372,21 +393,23 @@ class ModelInfo:
         return saved_dtype(self.name)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ModelInfo":
+    def from_pretrained(cls, path: str | Path) -> ModelInfo:
         """Read the checkpoint directory ``path`` (never a hub) without loading any weight."""
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
         path = _checkpoint_dir(path)
         family = detect_family(path)
         spec = get_family(family)
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         tokenizer, image_processor = _load_processors(path, spec, config)
-        return cls(family, str(path), tokenizer, image_processor, config.get_text_config().vocab_size, config.image_token_id, config)
+        return cls(
+            family, str(path), tokenizer, image_processor, config.get_text_config().vocab_size, config.image_token_id, config
+        )
 
 
 def _load_processors(path: Path, spec: FamilySpec, config) -> tuple[Any, Any]:
     """The tokenizer (with the family's chat template if none was saved) and image processor in ``path``."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.chat_template is None:
@@ -405,8 +428,12 @@ def _saved_chat_template(path: Path) -> str | None:
     return None
 
 
-def load_backbone(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                  attn_implementation: str | None = None) -> Backbone:
+def load_backbone(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+) -> Backbone:
     """Same as :meth:`Backbone.from_pretrained`."""
     return Backbone.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
 
@@ -417,7 +444,6 @@ PROBE_IMAGE_SIZES = ((112, 112), (224, 168), (84, 252))
 
 def image_token_count(backbone: Backbone | ModelInfo, height: int, width: int) -> int:
     """Placeholder tokens ``backbone`` puts in the sequence for one ``height × width`` image."""
-    from PIL import Image
 
     image = Image.new("RGB", (width, height))
     processed = backbone.spec.process_image(backbone.image_processor, image)
@@ -431,7 +457,7 @@ def _special_tokens(backbone: Backbone | ModelInfo) -> set[str]:
 
 
 def check_compatible(teacher: Backbone | ModelInfo, student: Backbone | ModelInfo) -> None:
-    """Raise :class:`IncompatibleModelsError` unless the pair can be distilled token for token.
+    r"""Raise :class:`IncompatibleModelsError` unless the pair can be distilled token for token.
 
     Takes loaded backbones or weight-free :class:`ModelInfo`\ s (the Ray runner checks paths that way).
 
@@ -502,9 +528,8 @@ def fan_in_init(model: nn.Module, gain: float = 1.0) -> None:
     transformers initialises with a fixed std (``initializer_range=0.02``), tuned for widths of
     several hundred and more. At the tiny widths of the CPU demo (64–128) that leaves attention
     logits near zero, so attention is uniform and a from-scratch model takes thousands of steps to
-    attend to the one image token that answers a question (measured: a 64-wide student stayed at
-    chance on single-object colour questions after 200 steps with 0.02, and reached 100% with this
-    init). ``gain=0`` keeps the transformers initialisation.
+    attend to the one image token that answers a question (``tests/models/test_init.py`` checks the
+    scale; ``docs/RESULTS.md`` the effect). ``gain=0`` keeps the transformers initialisation.
     """
     if gain <= 0:
         return
@@ -513,8 +538,9 @@ def fan_in_init(model: nn.Module, gain: float = 1.0) -> None:
             nn.init.normal_(module.weight, std=gain / module.in_features**0.5)
 
 
-def instantiate_tiny(family: str, model_class: type, config, tokenizer, image_processor, role: str,
-                     seed: int, init_gain: float) -> Backbone:
+def instantiate_tiny(
+    family: str, model_class: type, config, tokenizer, image_processor, role: str, seed: int, init_gain: float
+) -> Backbone:
     """A randomly initialised tiny model of ``family``: seeded, width-scaled init, eval mode."""
     torch.manual_seed(seed)
     model = model_class(config)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: family name -> module that defines its ``SPEC``. Adding a family: one module, one line here.
 FAMILIES: dict[str, str] = {
@@ -99,7 +100,9 @@ def detect_family(path: str | Path) -> str:
     if marker.is_file():
         return json.loads(marker.read_text())["family"]
     if not config.is_file():
-        raise UnsupportedModelError(f"{path} has no config.json, so it is not a transformers model; point to a saved checkpoint directory.")
+        raise UnsupportedModelError(
+            f"{path} has no config.json, so it is not a transformers model; point to a saved checkpoint directory."
+        )
     model_type = json.loads(config.read_text()).get("model_type")
     for name in FAMILIES:
         if get_family(name).model_type == model_type:

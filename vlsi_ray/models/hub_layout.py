@@ -55,8 +55,10 @@ def _write_json(path: Path, content: dict) -> None:
 def _write_shards(backbone: Backbone, out: Path, dtype: torch.dtype, count: int) -> None:
     """``model-0000i-of-0000n.safetensors`` under the released weight names, plus the index."""
     weight_name = backbone.spec.hub.weight_name
-    tensors = {weight_name(name): t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous().cpu()
-               for name, t in backbone.base_model.state_dict().items()}
+    tensors = {
+        weight_name(name): t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous().cpu()
+        for name, t in backbone.base_model.state_dict().items()
+    }
     shard_bytes = -(-sum(t.numel() * t.element_size() for t in tensors.values()) // max(1, count))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -85,7 +87,14 @@ def _write_tokenizer(backbone: Backbone, out: Path) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     added = {
-        str(token_id): {"content": str(token), "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(token_id): {
+            "content": str(token),
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for token_id, token in sorted(tokenizer.added_tokens_decoder.items())
     }
     config = {

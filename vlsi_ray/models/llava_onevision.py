@@ -48,13 +48,13 @@ PATCH_SIZE = 28
 
 
 def _image_processor_class():
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     return LlavaOnevisionImageProcessorPil
 
 
 def _model_class():
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     return LlavaOnevisionForConditionalGeneration
 
@@ -83,7 +83,7 @@ def process_image(image_processor, image) -> dict[str, Tensor]:
 
 def count_image_tokens(image_processor, processed: dict[str, Tensor]) -> int:
     """Base view + unpadded crop grid + one newline per grid row (LlavaOnevisionProcessor's rule)."""
-    from transformers.image_processing_utils import select_best_resolution
+    from transformers.image_processing_utils import select_best_resolution  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     orig_h, orig_w = (int(x) for x in processed["image_sizes"])
     crop_h, crop_w = processed["pixel_values"].shape[-2:]
@@ -132,8 +132,10 @@ def set_resolution(image_processor, min_pixels: int | None, max_pixels: int | No
         return
     crop = image_processor.size["height"] * image_processor.size["width"]
     if max_pixels < crop:
-        raise ValueError(f"images.max_pixels={max_pixels} is below one {image_processor.size['height']}-px crop ({crop} pixels); "
-                         f"use at least {crop}.")
+        raise ValueError(
+            f"images.max_pixels={max_pixels} is below one {image_processor.size['height']}-px crop ({crop} pixels); "
+            f"use at least {crop}."
+        )
     kept = [list(p) for p in image_processor.image_grid_pinpoints if p[0] * p[1] <= max_pixels]
     image_processor.image_grid_pinpoints = kept or [[image_processor.size["height"], image_processor.size["width"]]]
 
@@ -141,8 +143,13 @@ def set_resolution(image_processor, min_pixels: int | None, max_pixels: int | No
 def hub_config(config, dtype: str) -> dict:
     """``config.json`` as llava-hf/llava-onevision-qwen2-*-ov-hf ships it (nested Qwen2 text config)."""
     vision = config.vision_config
-    text = {"_name_or_path": "Qwen/Qwen2-7B-Instruct", "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            **hub_text_keys(config.text_config), "torch_dtype": dtype}
+    text = {
+        "_name_or_path": "Qwen/Qwen2-7B-Instruct",
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        **hub_text_keys(config.text_config),
+        "torch_dtype": dtype,
+    }
     return {
         "architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
         "ignore_index": -100, "image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints],
@@ -191,19 +198,28 @@ def hub_preprocessor(image_processor) -> dict:
 
 def hub_processor_config(image_processor) -> dict[str, dict]:
     """``processor_config.json``: tokens per crop and the feature strategy, read by LlavaOnevisionProcessor."""
-    return {"processor_config.json": {"num_image_tokens": image_processor.num_image_tokens, "processor_class": "LlavaOnevisionProcessor",
-                                      "vision_feature_select_strategy": image_processor.vision_feature_select_strategy}}
+    return {
+        "processor_config.json": {
+            "num_image_tokens": image_processor.num_image_tokens,
+            "processor_class": "LlavaOnevisionProcessor",
+            "vision_feature_select_strategy": image_processor.vision_feature_select_strategy,
+        }
+    }
 
 
 def hub_generation_config(tokenizer) -> dict:
     ids = tokenizer.convert_tokens_to_ids
-    return {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>"),
-            "transformers_version": "4.45.0.dev0"}
+    return {
+        "bos_token_id": ids("<|endoftext|>"),
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": ids("<|endoftext|>"),
+        "transformers_version": "4.45.0.dev0",
+    }
 
 
 def tiny_config(tokenizer, image_size: int = 112, patch_size: int = PATCH_SIZE, **sizes):
     """A ``LlavaOnevisionConfig`` (SigLIP + Qwen2) with the given sizes and the tokenizer's ids."""
-    from transformers import LlavaOnevisionConfig
+    from transformers import LlavaOnevisionConfig  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     heads, hidden = sizes["num_heads"], sizes["hidden_size"]
     if hidden % heads or (hidden // heads) % 2:
@@ -270,9 +286,14 @@ SPEC = FamilySpec(
     build_tiny=build_tiny,
     resolution_fields=RESOLUTION_FIELDS,
     set_resolution=set_resolution,
-    hub=HubLayout(config=hub_config, weight_name=hub_weight_name, preprocessor=hub_preprocessor,
-                  generation_config=hub_generation_config, extra_files=hub_processor_config,
-                  chat_template_in_tokenizer_config=False),
+    hub=HubLayout(
+        config=hub_config,
+        weight_name=hub_weight_name,
+        preprocessor=hub_preprocessor,
+        generation_config=hub_generation_config,
+        extra_files=hub_processor_config,
+        chat_template_in_tokenizer_config=False,
+    ),
     has_min_pixels=False,
     prepare_loaded=prepare_loaded,
 )

@@ -19,7 +19,7 @@ ref: Micikevicius et al., "Mixed Precision Training", ICLR 2018; torch.amp.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -19,14 +19,14 @@ FAMILY = "qwen2_5_vl"
 
 
 def _model_class():
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     return Qwen2_5_VLForConditionalGeneration
 
 
 def tiny_config(tokenizer, **sizes):
     """A ``Qwen2_5_VLConfig`` with the given sizes (the vision tower's last block attends fully)."""
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     width = sizes["vision_embed_dim"]
     vision = dict(
@@ -35,8 +35,12 @@ def tiny_config(tokenizer, **sizes):
         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
         fullatt_block_indexes=[sizes["vision_depth"] - 1], tokens_per_second=2,
     )  # fmt: skip
-    return Qwen2_5_VLConfig(text_config=qwen2_vl.tiny_text_config(tokenizer, sizes), vision_config=vision,
-                            tie_word_embeddings=False, **qwen2_vl.special_token_ids(tokenizer))
+    return Qwen2_5_VLConfig(
+        text_config=qwen2_vl.tiny_text_config(tokenizer, sizes),
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **qwen2_vl.special_token_ids(tokenizer),
+    )
 
 
 def build_tiny(role: str, tokenizer, **overrides) -> Backbone:
@@ -78,6 +82,10 @@ SPEC = replace(
     model_type="qwen2_5_vl",
     model_class=_model_class,
     build_tiny=build_tiny,
-    hub=HubLayout(config=hub_config, weight_name=qwen2_vl.hub_weight_name, preprocessor=hub_preprocessor,
-                  generation_config=qwen2_vl.hub_generation_config),
+    hub=HubLayout(
+        config=hub_config,
+        weight_name=qwen2_vl.hub_weight_name,
+        preprocessor=hub_preprocessor,
+        generation_config=qwen2_vl.hub_generation_config,
+    ),
 )

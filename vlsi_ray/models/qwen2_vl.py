@@ -52,13 +52,13 @@ OVERRIDES = {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermed
 
 
 def _image_processor_class():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     return Qwen2VLImageProcessorPil
 
 
 def _model_class():
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     return Qwen2VLForConditionalGeneration
 
@@ -99,7 +99,7 @@ def batch_vision(processed: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 def set_resolution(image_processor, min_pixels: int | None, max_pixels: int | None) -> None:
     """``images.min_pixels`` / ``images.max_pixels``: the pixel budget an image is resized into
     (multiples of 28 px), i.e. ``min_pixels/784 .. max_pixels/784`` image tokens."""
-    from transformers.image_utils import SizeDict
+    from transformers.image_utils import SizeDict  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     low = image_processor.size["shortest_edge"] if min_pixels is None else min_pixels
     high = image_processor.size["longest_edge"] if max_pixels is None else max_pixels
@@ -173,9 +173,17 @@ def hub_preprocessor(image_processor) -> dict:
 def hub_generation_config(tokenizer) -> dict:
     """``generation_config.json`` as Qwen2-VL-Instruct ships it (sampling defaults the project's greedy decoding overrides)."""
     ids = tokenizer.convert_tokens_to_ids
-    return {"bos_token_id": ids("<|endoftext|>"), "pad_token_id": ids("<|endoftext|>"), "do_sample": True,
-            "eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")], "repetition_penalty": 1.05, "temperature": 0.1,
-            "top_p": 0.001, "top_k": 1, "transformers_version": "4.37.0"}
+    return {
+        "bos_token_id": ids("<|endoftext|>"),
+        "pad_token_id": ids("<|endoftext|>"),
+        "do_sample": True,
+        "eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")],
+        "repetition_penalty": 1.05,
+        "temperature": 0.1,
+        "top_p": 0.001,
+        "top_k": 1,
+        "transformers_version": "4.37.0",
+    }
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -205,21 +213,29 @@ def tiny_text_config(tokenizer, sizes: dict) -> dict:
 def special_token_ids(tokenizer) -> dict:
     """The multimodal token ids of a Qwen2-VL / Qwen2.5-VL config, from the tokenizer."""
     ids = tokenizer.convert_tokens_to_ids
-    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
 
 
 def tiny_config(tokenizer, **sizes):
     """A ``Qwen2VLConfig`` with the given sizes and the tokenizer's special-token ids."""
-    from transformers import Qwen2VLConfig
+    from transformers import Qwen2VLConfig  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     vision_heads = sizes.get("vision_num_heads") or max(1, sizes["vision_embed_dim"] // 16)
     vision = dict(
         depth=sizes["vision_depth"], embed_dim=sizes["vision_embed_dim"], num_heads=vision_heads, hidden_size=sizes["hidden_size"],
         mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
     )  # fmt: skip
-    return Qwen2VLConfig(text_config=tiny_text_config(tokenizer, sizes), vision_config=vision, tie_word_embeddings=False,
-                         **special_token_ids(tokenizer))
+    return Qwen2VLConfig(
+        text_config=tiny_text_config(tokenizer, sizes),
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **special_token_ids(tokenizer),
+    )
 
 
 def default_vocab_size(tokenizer) -> int:
@@ -279,6 +295,7 @@ SPEC = FamilySpec(
     build_tiny=build_tiny,
     resolution_fields=RESOLUTION_FIELDS,
     set_resolution=set_resolution,
-    hub=HubLayout(config=hub_config, weight_name=hub_weight_name, preprocessor=hub_preprocessor,
-                  generation_config=hub_generation_config),
+    hub=HubLayout(
+        config=hub_config, weight_name=hub_weight_name, preprocessor=hub_preprocessor, generation_config=hub_generation_config
+    ),
 )

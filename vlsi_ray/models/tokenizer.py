@@ -8,19 +8,20 @@ letters kept with one leading non-letter), so option letters ``A``–``D`` are a
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vlsi_ray.models.backbone import get_family
 
 #: Qwen2's pre-tokenization pattern (tokenizer.json of Qwen2 / Qwen2-VL).
-QWEN2_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 def _template_texts(family: str) -> list[str]:
     """The chat template's own words, so that role names and the system prompt merge too."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template  # transformers' own jinja set-up ({% generation %})
+    # transformers' own jinja set-up, which knows {% generation %}
+    from transformers.utils.chat_template_utils import _compile_jinja_template  # noqa: PLC0415 - loads on use
 
     spec = get_family(family)
     template = _compile_jinja_template(spec.chat_template)
@@ -49,13 +50,14 @@ def train_tokenizer(texts: Iterable[str], family: str, vocab_size: int = 512):
     corpus may stop earlier once every word is one token. The chat template, pad/eos tokens and
     ``image_token`` are set; the model-side head size is chosen by the model builder.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
     spec = get_family(family)
     bpe_size = vocab_size - len(spec.special_tokens)
     if bpe_size < 256:
-        raise ValueError(f"vocab_size={vocab_size} leaves no room for the 256 byte symbols and {len(spec.special_tokens)} special tokens; use at least {256 + len(spec.special_tokens)}.")
+        raise ValueError(
+            f"vocab_size={vocab_size} leaves no room for the 256 byte symbols and {len(spec.special_tokens)} special tokens; use at least {256 + len(spec.special_tokens)}."
+        )
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
@@ -77,4 +79,3 @@ def train_tokenizer(texts: Iterable[str], family: str, vocab_size: int = 512):
         padding_side="right",
     )
     return tokenizer
-

@@ -12,8 +12,8 @@ are stored here, and they are saved and loaded separately from the backbone.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,7 +88,7 @@ class Verbalizers(nn.Module):
         save_file(state, str(path / WEIGHTS_FILE))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str | None = None) -> "Verbalizers":
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> Verbalizers:
         """Load verbalizers saved by :meth:`save` from directory ``path``."""
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():

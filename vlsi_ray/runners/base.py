@@ -111,8 +111,16 @@ class Run(ABC):
         """Pretrain a tiny ``role`` model from scratch by SFT (:func:`pretrain_tiny`); return its directory."""
 
 
-def pretrain_tiny(cfg: RunConfig, role: str, backbone: Backbone, rows: list[dict], device: torch.device,
-                  writer: MetricsWriter | None, target: Path, cache: Path | None = None) -> Path:
+def pretrain_tiny(
+    cfg: RunConfig,
+    role: str,
+    backbone: Backbone,
+    rows: list[dict],
+    device: torch.device,
+    writer: MetricsWriter | None,
+    target: Path,
+    cache: Path | None = None,
+) -> Path:
     """Pretrain a tiny ``role`` model from scratch by SFT on ``rows`` in this process; return ``target``.
 
     The in-process runner's pretraining, and the Ray runner's (in a Ray task per model). Saves the
@@ -122,9 +130,19 @@ def pretrain_tiny(cfg: RunConfig, role: str, backbone: Backbone, rows: list[dict
     spec = pretraining(role)
     backbone.model.to(device)
     objective = build_objective(spec, cfg, backbone)
-    history = train_stage(spec.name, objective, objective.parameters(), rows, make_collator(backbone, cfg),
-                          getattr(cfg.stages, spec.settings), spec.seed(cfg.seed), device, writer, [backbone.model],
-                          dtype=backbone.compute_dtype)
+    history = train_stage(
+        spec.name,
+        objective,
+        objective.parameters(),
+        rows,
+        make_collator(backbone, cfg),
+        getattr(cfg.stages, spec.settings),
+        spec.seed(cfg.seed),
+        device,
+        writer,
+        [backbone.model],
+        dtype=backbone.compute_dtype,
+    )
     backbone.save_pretrained(target)
     write_stage_summary(RunLayout.marker_in(target), spec.name, history, time.perf_counter() - started)
     if cache is not None:

@@ -9,8 +9,8 @@ stages and loads what they wrote. The Ray runner follows the same table with the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -20,11 +20,20 @@ from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import train_stage
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
-from vlsi_ray.prepare import LoadSettings, check_pair, frozen_verbalizers, load_model, make_collator, new_verbalizers, resolve_device
+from vlsi_ray.prepare import (
+    LoadSettings,
+    check_pair,
+    frozen_verbalizers,
+    load_model,
+    make_collator,
+    new_verbalizers,
+    resolve_device,
+)
 from vlsi_ray.recipe.stages import Stage, build_objective, pretraining, stage
 from vlsi_ray.runners.base import Run, pretrain_tiny
 from vlsi_ray.teacher.cache import require_cache
 from vlsi_ray.teacher.sources import teacher_source
+
 
 class LocalRun(Run):
     """The in-process runner: every stage on one device in this process, one method per phase."""
@@ -37,8 +46,16 @@ class LocalRun(Run):
 
     def pretrain(self, role: str) -> Path:
         name = pretraining(role).name
-        return pretrain_tiny(self.cfg, role, self.init_model(role), self.train_rows(name), self.device, self.writer,
-                             self.layout.model(name), self.model_cache(role))
+        return pretrain_tiny(
+            self.cfg,
+            role,
+            self.init_model(role),
+            self.train_rows(name),
+            self.device,
+            self.writer,
+            self.layout.model(name),
+            self.model_cache(role),
+        )
 
     def load(self, path: Path, role: str = "student") -> Backbone:
         """The checkpoint at ``path`` with ``role``'s settings (dtype, attention, checkpointing, resolution)."""
@@ -47,15 +64,28 @@ class LocalRun(Run):
     def train(self, spec: Stage, objective, modules) -> list[dict]:
         """Run ``objective`` over the stage's rows with its optimizer settings and seed (:data:`STAGES`)."""
         opt = getattr(self.cfg.stages, spec.settings)
-        return train_stage(spec.name, objective, objective.parameters(), self.train_rows(spec.settings), self.collate, opt,
-                           spec.seed(self.cfg.seed), self.device, self.writer, modules, dtype=objective.compute_dtype)
+        return train_stage(
+            spec.name,
+            objective,
+            objective.parameters(),
+            self.train_rows(spec.settings),
+            self.collate,
+            opt,
+            spec.seed(self.cfg.seed),
+            self.device,
+            self.writer,
+            modules,
+            dtype=objective.compute_dtype,
+        )
 
     def score(self, name: str, backbone: Backbone) -> None:
         """Test accuracy of ``backbone`` under report name ``name`` (when ``eval_models`` lists it)."""
         if name not in self.cfg.eval_models:
             return
         self.results[name] = evaluate(backbone, self.test_rows(), self.collate, self.cfg.eval_batch_size, self.device)
-        print(f"[eval] {name}: {100 * self.results[name]['overall']:.1f}% on {self.results[name]['n']} test questions", flush=True)
+        print(
+            f"[eval] {name}: {100 * self.results[name]['overall']:.1f}% on {self.results[name]['n']} test questions", flush=True
+        )
 
     # -- phases ------------------------------------------------------------------------------------
     def models(self) -> tuple[Backbone, Backbone, int]:
@@ -87,8 +117,9 @@ class LocalRun(Run):
     def verbalize(self, teacher: Backbone, student: Backbone) -> tuple[Verbalizers, Verbalizers]:
         """Step 1: both models' verb-FFNs (backbones frozen); untrained ones when step 1 is not in ``steps``."""
         models = {"teacher": teacher, "student": student}
-        verbs = {role: new_verbalizers(self.cfg, role, models[role], stage(f"verbalize/{role}").seed(self.cfg.seed))
-                 for role in models}
+        verbs = {
+            role: new_verbalizers(self.cfg, role, models[role], stage(f"verbalize/{role}").seed(self.cfg.seed)) for role in models
+        }
         if self.layout.finished("verbalize"):
             return tuple(Verbalizers.load(self.layout.verbalizers(role), self.device) for role in models)
         if "verbalize" not in self.cfg.steps:
@@ -101,22 +132,39 @@ class LocalRun(Run):
         self.finish("verbalize", history, started)
         return verbs["teacher"], verbs["student"]
 
-    def interact(self, teacher: Backbone, t_verbs: Verbalizers, student: Backbone, s_verbs: Verbalizers,
-                 vocab: int) -> tuple[Backbone, Verbalizers]:
+    def interact(
+        self, teacher: Backbone, t_verbs: Verbalizers, student: Backbone, s_verbs: Verbalizers, vocab: int
+    ) -> tuple[Backbone, Verbalizers]:
         """Step 2: the student's LoRA and verb-FFNs against the teacher's signal (teacher frozen)."""
         spec = stage("interact")
         if self.layout.finished("interact"):
-            return self.load(self.layout.model("interact")), Verbalizers.load(self.layout.verbalizers("student", "interact"), self.device)
+            return self.load(self.layout.model("interact")), Verbalizers.load(
+                self.layout.verbalizers("student", "interact"), self.device
+            )
         if "interact" not in self.cfg.steps:
             return student, s_verbs
         started, seed = time.perf_counter(), spec.seed(self.cfg.seed)
         teacher.model.eval()
         torch.manual_seed(seed)  # LoRA's random A matrices, as the Ray workers draw them
         student.apply_lora(self.cfg.lora.rank, self.cfg.lora.alpha, self.cfg.lora.dropout)
-        signal = teacher_source(self.cfg, self.layout, vocab, teacher=teacher, verbalizers=frozen_verbalizers(t_verbs, teacher),
-                                teacher_dir=self.teacher_dir, student_dir=self.student_dir)
-        objective = build_objective(spec, self.cfg, student, verbalizers=s_verbs, teacher=signal,
-                                    generator=torch.Generator().manual_seed(seed), vocab=vocab)
+        signal = teacher_source(
+            self.cfg,
+            self.layout,
+            vocab,
+            teacher=teacher,
+            verbalizers=frozen_verbalizers(t_verbs, teacher),
+            teacher_dir=self.teacher_dir,
+            student_dir=self.student_dir,
+        )
+        objective = build_objective(
+            spec,
+            self.cfg,
+            student,
+            verbalizers=s_verbs,
+            teacher=signal,
+            generator=torch.Generator().manual_seed(seed),
+            vocab=vocab,
+        )
         history = self.train(spec, objective, [student.model, s_verbs])
         student.merge_lora()
         student.save_pretrained(self.layout.model("interact"))
@@ -127,8 +175,12 @@ class LocalRun(Run):
 
     def report(self, started: float) -> dict:
         """The run's report (accuracies, bad rows) as ``report.json``, ``report.md`` and plots."""
-        report = {"run": self.cfg.name, "seconds": round(time.perf_counter() - started, 1), "accuracy": self.results,
-                  "skipped_rows": {k: v.skipped for k, v in self.splits.stats.items()}}
+        report = {
+            "run": self.cfg.name,
+            "seconds": round(time.perf_counter() - started, 1),
+            "accuracy": self.results,
+            "skipped_rows": {k: v.skipped for k, v in self.splits.stats.items()},
+        }
         write_report(self.layout.root, report)
         print(f"[done] report in {self.layout.report_md} ({report['seconds']:.0f}s)", flush=True)
         return report

@@ -18,18 +18,31 @@ import asyncio
 import hmac
 import logging
 import os
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncGenerator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vlsi_ray.data.collate import RowError
+from vlsi_ray.env import set_offline_defaults
 from vlsi_ray.generation import ChatGenerator, Completion
+from vlsi_ray.prepare import resolve_device
 from vlsi_ray.serve.config import ServeConfig, serve_config
-from vlsi_ray.serve.openai_api import APIError, ChatRequest, chunk_body, completion_body, parse_body, parse_chat_request, sse, usage
+from vlsi_ray.serve.openai_api import (
+    APIError,
+    ChatRequest,
+    chunk_body,
+    completion_body,
+    parse_body,
+    parse_chat_request,
+    sse,
+    usage,
+)
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="vlsi-ray", description="OpenAI-compatible chat completions for a VLsI-distilled VLM")
@@ -43,14 +56,23 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = f"{request.method} {request.url.path}: {exc.detail}; see GET /v1/models, POST /v1/chat/completions, GET /health."
-    return JSONResponse(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).body(), status_code=exc.status_code)
+    return JSONResponse(
+        APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).body(),
+        status_code=exc.status_code,
+    )
 
 
 @api.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("request %s %s failed", request.method, request.url.path)
-    return JSONResponse(APIError(500, f"the server failed on this request ({type(exc).__name__}); retry, and report it if it persists.",
-                                 type="server_error").body(), status_code=500)
+    return JSONResponse(
+        APIError(
+            500,
+            f"the server failed on this request ({type(exc).__name__}); retry, and report it if it persists.",
+            type="server_error",
+        ).body(),
+        status_code=500,
+    )
 
 
 @serve.deployment(name="ChatModel")
@@ -59,8 +81,6 @@ class ChatModel:
     """One replica: the exported model on this replica's device, behind the OpenAI routes."""
 
     def __init__(self, config: dict[str, Any]):
-        from vlsi_ray.env import set_offline_defaults
-        from vlsi_ray.prepare import resolve_device
 
         set_offline_defaults()
         self.cfg: ServeConfig = serve_config(config)
@@ -72,8 +92,14 @@ class ChatModel:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        logger.info("serving %s from %s on %s (batch %d, key %s)", self.name, self.cfg.model_dir,
-                    self.generator.backbone.device, self.cfg.max_batch_size, "required" if self.api_key else "off")
+        logger.info(
+            "serving %s from %s on %s (batch %d, key %s)",
+            self.name,
+            self.cfg.model_dir,
+            self.generator.backbone.device,
+            self.cfg.max_batch_size,
+            "required" if self.api_key else "off",
+        )
 
     # ----- routes -------------------------------------------------------------------------------
     @api.get("/health")
@@ -90,7 +116,11 @@ class ChatModel:
         self._authorize(request)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.cfg.limits.max_body_bytes:
-            raise APIError(413, f"request body is {length} bytes, over the limit of {self.cfg.limits.max_body_bytes}; send smaller images.", code="body_too_large")
+            raise APIError(
+                413,
+                f"request body is {length} bytes, over the limit of {self.cfg.limits.max_body_bytes}; send smaller images.",
+                code="body_too_large",
+            )
         body = parse_body(await request.body(), self.cfg.limits)
         chat = parse_chat_request(body, self.name, self.cfg.limits, self.cfg.default_max_tokens)
         self._check_prompt(chat)
@@ -112,19 +142,27 @@ class ChatModel:
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'.", code="invalid_api_key", type="authentication_error")
+            raise APIError(
+                401,
+                "missing or wrong API key; send 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+                type="authentication_error",
+            )
 
     def _check_prompt(self, chat: ChatRequest) -> None:
         """Collate the prompt alone first, so a bad one fails here with a 400 and not inside a batch."""
-        from vlsi_ray.data.collate import RowError
 
         try:
             tokens = self.generator.prompt_tokens(chat.row)
         except RowError as exc:
             raise APIError(400, str(exc).replace(f"row {chat.row['id']}: ", "the request: "), "messages") from None
         if self.max_context and tokens + chat.params.max_tokens > self.max_context:
-            raise APIError(400, f"the prompt ({tokens} tokens) plus max_tokens ({chat.params.max_tokens}) exceeds the model's context of {self.max_context}; shorten it.",
-                           "messages", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt ({tokens} tokens) plus max_tokens ({chat.params.max_tokens}) exceeds the model's context of {self.max_context}; shorten it.",
+                "messages",
+                "context_length_exceeded",
+            )
 
     async def _sse(self, chat: ChatRequest, events: AsyncGenerator) -> AsyncGenerator[str, None]:
         rid = chat.row["id"]
@@ -148,8 +186,12 @@ class ChatModel:
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         rows, params = [c.row for c in chats], [c.params for c in chats]
-        work = loop.run_in_executor(self.executor, lambda: self.generator.generate(
-            rows, params, on_step=lambda deltas: loop.call_soon_threadsafe(steps.put_nowait, deltas)))
+        work = loop.run_in_executor(
+            self.executor,
+            lambda: self.generator.generate(
+                rows, params, on_step=lambda deltas: loop.call_soon_threadsafe(steps.put_nowait, deltas)
+            ),
+        )
         while True:
             get = asyncio.ensure_future(steps.get())
             await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
@@ -170,8 +212,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cfg = serve_config(args)
     scale = cfg.autoscaling
     deployment = ChatModel.options(
-        autoscaling_config={"min_replicas": scale.min_replicas, "max_replicas": scale.max_replicas,
-                            "target_ongoing_requests": scale.target_ongoing_requests},
+        autoscaling_config={
+            "min_replicas": scale.min_replicas,
+            "max_replicas": scale.max_replicas,
+            "target_ongoing_requests": scale.target_ongoing_requests,
+        },
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         health_check_period_s=10,

@@ -62,11 +62,15 @@ def serve_config(args: dict[str, Any] | None = None, check_model: bool = True) -
     Raises :class:`ConfigError`, one sentence naming the key and the fix.
     """
     try:
-        cfg: ServeConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServeConfig), OmegaConf.create(dict(args or {}))))
+        cfg: ServeConfig = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(ServeConfig), OmegaConf.create(dict(args or {})))
+        )
     except OmegaConfBaseException as err:
         raise ConfigError(explain_omegaconf_error(err, "the serve app's args")) from None
     if check_model and not (Path(cfg.model_dir) / "config.json").is_file():
-        raise ConfigError(f"model_dir={cfg.model_dir} holds no model; export one with `python jobs/export.py --run-dir RUN --out DIR` and point model_dir at DIR.")
+        raise ConfigError(
+            f"model_dir={cfg.model_dir} holds no model; export one with `python jobs/export.py --run-dir RUN --out DIR` and point model_dir at DIR."
+        )
     if not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
         raise ConfigError(f"device={cfg.device!r} is not auto, cpu or cuda[:N]; pick one of those.")
     if cfg.dtype not in (None, "float32", "bfloat16", "float16"):
@@ -74,12 +78,18 @@ def serve_config(args: dict[str, Any] | None = None, check_model: bool = True) -
     if cfg.max_batch_size < 1 or cfg.batch_wait_timeout_s < 0:
         raise ConfigError("max_batch_size must be at least 1 and batch_wait_timeout_s at least 0.")
     if cfg.max_ongoing_requests < cfg.max_batch_size:
-        raise ConfigError(f"max_ongoing_requests={cfg.max_ongoing_requests} is below max_batch_size={cfg.max_batch_size}, so batches could never fill; raise it.")
+        raise ConfigError(
+            f"max_ongoing_requests={cfg.max_ongoing_requests} is below max_batch_size={cfg.max_batch_size}, so batches could never fill; raise it."
+        )
     if not 1 <= cfg.default_max_tokens <= cfg.limits.max_tokens:
-        raise ConfigError(f"default_max_tokens={cfg.default_max_tokens} must be in 1..limits.max_tokens ({cfg.limits.max_tokens}).")
+        raise ConfigError(
+            f"default_max_tokens={cfg.default_max_tokens} must be in 1..limits.max_tokens ({cfg.limits.max_tokens})."
+        )
     scale = cfg.autoscaling
     if not 0 <= scale.min_replicas <= scale.max_replicas or scale.max_replicas < 1 or scale.target_ongoing_requests <= 0:
-        raise ConfigError("autoscaling needs 0 <= min_replicas <= max_replicas, max_replicas >= 1 and target_ongoing_requests > 0.")
+        raise ConfigError(
+            "autoscaling needs 0 <= min_replicas <= max_replicas, max_replicas >= 1 and target_ongoing_requests > 0."
+        )
     if any(v < 1 for v in vars(cfg.limits).values()):
         raise ConfigError("every limits.* value must be at least 1.")
     return cfg

@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from vlsi_ray.generation import Completion, SamplingParams
 from vlsi_ray.serve.config import Limits
 
@@ -26,8 +28,9 @@ ROLES = ("system", "user", "assistant")
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -48,7 +51,11 @@ class ChatRequest:
 def parse_body(raw: bytes, limits: Limits) -> dict:
     """Request bytes -> JSON object; 413 when too large, 400 when not a JSON object."""
     if len(raw) > limits.max_body_bytes:
-        raise APIError(413, f"request body is {len(raw)} bytes, over the limit of {limits.max_body_bytes}; send smaller images.", code="body_too_large")
+        raise APIError(
+            413,
+            f"request body is {len(raw)} bytes, over the limit of {limits.max_body_bytes}; send smaller images.",
+            code="body_too_large",
+        )
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -101,7 +108,9 @@ def _typed(body: dict, key: str, kind, default):
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join("number" if k is float else {int: "integer", bool: "boolean", dict: "object"}.get(k, k.__name__) for k in kinds)
+        names = " or ".join(
+            "number" if k is float else {int: "integer", bool: "boolean", dict: "object"}.get(k, k.__name__) for k in kinds
+        )
         raise APIError(400, f"'{key}' must be a {names}, got {json.dumps(value)[:40]}.", key)
     return value
 
@@ -153,10 +162,14 @@ def _part(part: Any, where: str, images: list[bytes], limits: Limits) -> dict:
 
 def decode_image(url: str, where: str, limits: Limits) -> bytes:
     """A ``data:image/...;base64,`` URI (or bare base64) -> image bytes, checked to be a readable image."""
-    from PIL import Image
 
     if url.startswith(("http://", "https://")):
-        raise APIError(400, f"{where} is a remote URL; this server does not fetch URLs, send the image as a base64 data URI.", where, "remote_image_url")
+        raise APIError(
+            400,
+            f"{where} is a remote URL; this server does not fetch URLs, send the image as a base64 data URI.",
+            where,
+            "remote_image_url",
+        )
     payload = url.split(",", 1)[1] if url.startswith("data:") and "," in url else url
     if url.startswith("data:") and ";base64," not in url[:100]:
         raise APIError(400, f"{where} is a data URI without ';base64,'; encode the image as base64.", where, "invalid_base64")
@@ -165,30 +178,48 @@ def decode_image(url: str, where: str, limits: Limits) -> bytes:
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, f"{where} is not valid base64; send a data URI such as data:image/png;base64,iVBOR....", where, "invalid_base64") from None
+        raise APIError(
+            400, f"{where} is not valid base64; send a data URI such as data:image/png;base64,iVBOR....", where, "invalid_base64"
+        ) from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > limits.max_image_pixels:
-                raise APIError(400, f"{where} is {width}x{height} pixels, over the limit of {limits.max_image_pixels}; downscale it.", where, "image_too_large")
+                raise APIError(
+                    400,
+                    f"{where} is {width}x{height} pixels, over the limit of {limits.max_image_pixels}; downscale it.",
+                    where,
+                    "image_too_large",
+                )
             image.verify()
     except APIError:
         raise
     except Exception:
-        raise APIError(400, f"{where} does not decode as an image (PNG, JPEG, ...); send image bytes.", where, "invalid_image") from None
+        raise APIError(
+            400, f"{where} does not decode as an image (PNG, JPEG, ...); send image bytes.", where, "invalid_image"
+        ) from None
     return data
 
 
 # ----- responses ---------------------------------------------------------------------------------
 def usage(c: Completion) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens}
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+    }
 
 
 def completion_body(request_id: str, model: str, c: Completion) -> dict:
     """The ``chat.completion`` object of a finished request."""
     return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}],
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
+        ],
         "usage": usage(c),
     }
 

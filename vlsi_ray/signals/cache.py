@@ -25,8 +25,8 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,8 +41,16 @@ FORMAT_VERSION = 1
 WHOLE_HASH_BYTES = 64 * 2**20
 _EDGE_BYTES = 8 * 2**20
 #: Processor files of the student checkpoint: they decide how batches are collated.
-_COLLATE_FILES = ("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template*",
-                  "preprocessor_config.json", "processor_config.json", "added_tokens.json")
+_COLLATE_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "added_tokens.json",
+)
 _SIGNAL_ARRAYS = ("topk_logprobs", "topk_ids", "tail_logmass", "tail_sample_logprobs", "tail_sample_ids")
 _ID_DTYPE, _TAIL_DTYPE = np.int32, np.float32
 
@@ -52,8 +60,9 @@ class CacheMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- spec
-def fingerprint(paths: Iterable[str | Path], patterns: Sequence[str] = ("*",), whole: int = WHOLE_HASH_BYTES,
-                edge: int = _EDGE_BYTES) -> str:
+def fingerprint(
+    paths: Iterable[str | Path], patterns: Sequence[str] = ("*",), whole: int = WHOLE_HASH_BYTES, edge: int = _EDGE_BYTES
+) -> str:
     """A SHA-256 over the files under ``paths`` (directories walked, names matching ``patterns``).
 
     Each file adds its name (relative to its root), size and content hash: the whole file up to
@@ -78,8 +87,15 @@ def fingerprint(paths: Iterable[str | Path], patterns: Sequence[str] = ("*",), w
     return digest.hexdigest()[:16]
 
 
-def cache_spec(cfg, teacher_dir: str | Path, verbalizer_dir: str | Path, student_dir: str | Path,
-               vocab_size: int, train_files: Sequence[str | Path], tail_seed: int) -> dict:
+def cache_spec(
+    cfg,
+    teacher_dir: str | Path,
+    verbalizer_dir: str | Path,
+    student_dir: str | Path,
+    vocab_size: int,
+    train_files: Sequence[str | Path],
+    tail_seed: int,
+) -> dict:
     """What a cached signal depends on, for ``cfg``'s step 2 (compared field by field on use).
 
     ``teacher_dir`` / ``verbalizer_dir``: the teacher and its step-1 verb-FFNs; ``student_dir``: the
@@ -162,11 +178,16 @@ def signal_rows(encoded: dict[str, np.ndarray], ids: Sequence[str], counts: Sequ
 
 def _decode_row(row: dict, layers: int, k: int, samples: int, storage: str) -> dict[str, np.ndarray]:
     n = int(row["tokens"])
-    shapes = {"topk_logprobs": (STORAGE_DTYPES[storage], (layers, n, k)), "topk_ids": (_ID_DTYPE, (layers, n, k)),
-              "tail_logmass": (_TAIL_DTYPE, (layers, n))}
+    shapes = {
+        "topk_logprobs": (STORAGE_DTYPES[storage], (layers, n, k)),
+        "topk_ids": (_ID_DTYPE, (layers, n, k)),
+        "tail_logmass": (_TAIL_DTYPE, (layers, n)),
+    }
     if samples:
-        shapes.update(tail_sample_logprobs=(STORAGE_DTYPES[storage], (layers, n, samples)),
-                      tail_sample_ids=(_ID_DTYPE, (layers, n, samples)))
+        shapes.update(
+            tail_sample_logprobs=(STORAGE_DTYPES[storage], (layers, n, samples)),
+            tail_sample_ids=(_ID_DTYPE, (layers, n, samples)),
+        )
     return {name: np.frombuffer(row[name], dtype=dtype).reshape(shape) for name, (dtype, shape) in shapes.items()}
 
 
@@ -232,7 +253,9 @@ class TeacherCache:
         for row_id in ids:
             where = self._index.get(str(row_id))
             if where is None:
-                raise KeyError(f"row {row_id!r} is not in the teacher cache {self.dir}; rebuild it with `python jobs/teacher_cache.py`.")
+                raise KeyError(
+                    f"row {row_id!r} is not in the teacher cache {self.dir}; rebuild it with `python jobs/teacher_cache.py`."
+                )
             f, g, r = where
             out.append(_decode_row(self._group(f, g)[r], layers, k, spec["signal.tail_samples"], spec["signal.storage"]))
         return out
@@ -267,5 +290,10 @@ class TeacherCache:
 
     def counters(self) -> dict:
         """Seconds spent reading, bytes decoded and batches served (the client's keys, for the same logs)."""
-        return {"teacher_wait_s": self.read_seconds, "teacher_forward_s": 0.0, "signal_bytes": self.bytes_read,
-                "teacher_requests": self.requests, "teacher_resubmissions": 0}
+        return {
+            "teacher_wait_s": self.read_seconds,
+            "teacher_forward_s": 0.0,
+            "signal_bytes": self.bytes_read,
+            "teacher_requests": self.requests,
+            "teacher_resubmissions": 0,
+        }

@@ -36,7 +36,9 @@ def teacher_signal(
     same samples for the same row, in any batch.
     """
     if tail_samples and "ids" not in batch:
-        raise KeyError("teacher_signal with tail_samples needs the batch's row 'ids' to seed the draw; collate it with ChatCollator.")
+        raise KeyError(
+            "teacher_signal with tail_samples needs the batch's row 'ids' to seed the draw; collate it with ChatCollator."
+        )
     vocab = vocab_size or teacher.vocab_size
     out = teacher.forward(model_inputs(batch), logits=False)
     mask, _ = response_positions(batch["labels"])
@@ -52,8 +54,11 @@ def teacher_signal(
         return TeacherSignal.from_logits(logits, topk, temperature)
     # Each row's samples come from its own generator: the same whatever batch the row is in.
     ends = mask.sum(dim=1).cumsum(0).tolist()  # row ends among the N response tokens
-    return TeacherSignal.cat_tokens([
-        TeacherSignal.from_logits(logits[:, start:end], topk, temperature, tail_samples,
-                                  tail_sample_generator(seed, [row_id], logits.device))
-        for row_id, start, end in zip(batch["ids"], [0] + ends[:-1], ends)
-    ])
+    return TeacherSignal.cat_tokens(
+        [
+            TeacherSignal.from_logits(
+                logits[:, start:end], topk, temperature, tail_samples, tail_sample_generator(seed, [row_id], logits.device)
+            )
+            for row_id, start, end in zip(batch["ids"], [0] + ends[:-1], ends)
+        ]
+    )

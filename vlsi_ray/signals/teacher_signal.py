@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -64,7 +64,9 @@ class TeacherSignal:
         sparse = (self.topk_logprobs, self.topk_ids, self.tail_logmass)
         if self.logprobs is not None:
             if any(t is not None for t in sparse + (self.tail_sample_ids, self.tail_sample_logprobs)):
-                raise ValueError("TeacherSignal takes either logprobs (dense) or topk_* + tail_logmass (+ tail_sample_*), not both.")
+                raise ValueError(
+                    "TeacherSignal takes either logprobs (dense) or topk_* + tail_logmass (+ tail_sample_*), not both."
+                )
             if self.logprobs.dim() != 3 or not self.logprobs.is_floating_point():
                 raise ValueError(f"TeacherSignal.logprobs must be a float tensor [L, N, V], got {_describe(self.logprobs)}.")
             vocab = self.logprobs.shape[-1]
@@ -80,7 +82,9 @@ class TeacherSignal:
             if ids.shape != lp.shape or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
                 raise ValueError(f"TeacherSignal.topk_ids must be an integer tensor {list(lp.shape)}, got {_describe(ids)}.")
             if tail.shape != lp.shape[:2] or not tail.is_floating_point():
-                raise ValueError(f"TeacherSignal.tail_logmass must be a float tensor {list(lp.shape[:2])}, got {_describe(tail)}.")
+                raise ValueError(
+                    f"TeacherSignal.tail_logmass must be a float tensor {list(lp.shape[:2])}, got {_describe(tail)}."
+                )
             if self.vocab_size is None or self.vocab_size < lp.shape[-1]:
                 raise ValueError(f"TeacherSignal.vocab_size must be given and at least k={lp.shape[-1]}, got {self.vocab_size}.")
             self.vocab_size = int(self.vocab_size)
@@ -113,7 +117,7 @@ class TeacherSignal:
         temperature: float = 1.0,
         tail_samples: int = 0,
         generator: torch.Generator | None = None,
-    ) -> "TeacherSignal":
+    ) -> TeacherSignal:
         """Build a signal from raw teacher logits ``[L, N, V]``.
 
         ``k=None`` keeps the dense log-probs; an integer ``k`` keeps the top ``min(k, V)`` (so
@@ -129,7 +133,9 @@ class TeacherSignal:
         log-prob ``-inf``); with ``k >= V`` no samples are kept, so the signal stays exact.
         """
         if logits.dim() != 3:
-            raise ValueError(f"from_logits expects logits [L, N, V], got shape {list(logits.shape)}; add a layer dim with unsqueeze(0).")
+            raise ValueError(
+                f"from_logits expects logits [L, N, V], got shape {list(logits.shape)}; add a layer dim with unsqueeze(0)."
+            )
         if k is not None and k < 1:
             raise ValueError(f"from_logits needs k >= 1 or None for dense, got k={k}.")
         if not temperature > 0:
@@ -166,9 +172,7 @@ class TeacherSignal:
         )
 
     @classmethod
-    def from_topk(
-        cls, topk_logprobs: Tensor, topk_ids: Tensor, vocab_size: int, temperature: float = 1.0
-    ) -> "TeacherSignal":
+    def from_topk(cls, topk_logprobs: Tensor, topk_ids: Tensor, vocab_size: int, temperature: float = 1.0) -> TeacherSignal:
         """Build a top-k signal when only the top-k log-probs ``[L, N, k]`` are known (e.g. from a server).
 
         The tail is ``log(1 - sum(exp(topk_logprobs)))`` via ``log1p(-exp(logsumexp))`` in float64,
@@ -183,22 +187,22 @@ class TeacherSignal:
         )
 
     @classmethod
-    def stack(cls, signals: Sequence["TeacherSignal"]) -> "TeacherSignal":
+    def stack(cls, signals: Sequence[TeacherSignal]) -> TeacherSignal:
         """Concatenate signals of the same form, tokens and vocabulary along the layer dim."""
         return cls._concat(signals, dim=0, shared="num_tokens", what="stack")
 
     @classmethod
-    def cat_tokens(cls, signals: Sequence["TeacherSignal"]) -> "TeacherSignal":
+    def cat_tokens(cls, signals: Sequence[TeacherSignal]) -> TeacherSignal:
         """Concatenate signals of the same form, layers and vocabulary along the token dim (rows of a batch)."""
         return cls._concat(signals, dim=1, shared="num_layers", what="cat_tokens")
 
     @classmethod
-    def _concat(cls, signals: Sequence["TeacherSignal"], dim: int, shared: str, what: str) -> "TeacherSignal":
+    def _concat(cls, signals: Sequence[TeacherSignal], dim: int, shared: str, what: str) -> TeacherSignal:
         if not signals:
             raise ValueError(f"TeacherSignal.{what} needs at least one signal.")
         first = signals[0]
 
-        def key(s: "TeacherSignal") -> tuple:
+        def key(s: TeacherSignal) -> tuple:
             return s.is_dense, s.k, s.tail_samples, getattr(s, shared), s.vocab_size, s.temperature
 
         if any(key(s) != key(first) for s in signals[1:]):
@@ -254,11 +258,11 @@ class TeacherSignal:
             "tail_sample_logprobs": self.tail_sample_logprobs,
         }
 
-    def _map(self, fn) -> "TeacherSignal":
+    def _map(self, fn) -> TeacherSignal:
         """Apply ``fn`` to every tensor (all have the layer dim first, then tokens)."""
         return replace(self, **{name: fn(t) for name, t in self._named_tensors().items() if t is not None})
 
-    def select(self, indices: Sequence[int]) -> "TeacherSignal":
+    def select(self, indices: Sequence[int]) -> TeacherSignal:
         """The layers at ``indices`` (0-based, in that order)."""
         index = list(indices)
         for j in index:
@@ -266,15 +270,15 @@ class TeacherSignal:
                 raise IndexError(f"layer {j} is out of range for a signal with {self.num_layers} layers.")
         return self._map(lambda t: t[index])
 
-    def layer(self, j: int) -> "TeacherSignal":
+    def layer(self, j: int) -> TeacherSignal:
         """Layer ``j`` alone, as a signal with ``L = 1``."""
         return self.select([j])
 
-    def tokens(self, index: slice | Tensor) -> "TeacherSignal":
+    def tokens(self, index: slice | Tensor) -> TeacherSignal:
         """The tokens at ``index`` (a slice, an index tensor or a bool mask over ``N``)."""
         return self._map(lambda t: t[:, index])
 
-    def to(self, device: torch.device | str) -> "TeacherSignal":
+    def to(self, device: torch.device | str) -> TeacherSignal:
         """Move every tensor to ``device`` (dtypes unchanged)."""
         return self._map(lambda t: t.to(device))
 
@@ -329,7 +333,7 @@ class TeacherSignal:
         return out
 
     @classmethod
-    def from_numpy(cls, d: dict[str, np.ndarray]) -> "TeacherSignal":
+    def from_numpy(cls, d: dict[str, np.ndarray]) -> TeacherSignal:
         """Decode :meth:`to_numpy`'s dict (log-probs keep their storage dtype; ids become int64)."""
         missing = {"vocab_size", "temperature"} - d.keys()
         if missing:
@@ -381,9 +385,7 @@ def tail_sample_generator(seed: int, row_ids: Sequence, device: torch.device | s
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)  # < 2**63
 
 
-def _draw_from_tail(
-    lp: Tensor, rest: Tensor, tail: Tensor, m: int, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
+def _draw_from_tail(lp: Tensor, rest: Tensor, tail: Tensor, m: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """``m`` ids per row drawn with replacement from ``exp(rest - tail)`` and their log-probs in ``lp``.
 
     ``lp [N, V]`` log-probs, ``rest [N, V]`` the same with the top k at ``-inf`` (overwritten unless

@@ -21,10 +21,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlsi_ray.config import RunConfig, to_yaml
+from vlsi_ray.config import ConfigError, RunConfig, config_from_yaml, to_yaml
+from vlsi_ray.data.ray_dataset import train_split
+from vlsi_ray.data.shards import shard_files
+from vlsi_ray.method.steps import response_token_counts
+from vlsi_ray.prepare import LoadSettings, check_pair_paths, make_collator, model_info
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import stage
-from vlsi_ray.signals.cache import FORMAT_VERSION, MANIFEST, cache_spec
+from vlsi_ray.runners.ray.teacher_pool import TeacherWorker
+from vlsi_ray.runners.ray.wire import encode_batch
+from vlsi_ray.signals.cache import FORMAT_VERSION, MANIFEST, TeacherCache, cache_spec, load_manifest, signal_rows
 
 #: Rows per Parquet row group: the unit :class:`~vlsi_ray.signals.cache.TeacherCache` reads.
 ROW_GROUP_ROWS = 256
@@ -54,21 +60,24 @@ class CacheSignals:
     """Ray Data actor: one teacher replica turning batches of train rows into per-sample cache rows."""
 
     def __init__(self, cfg_yaml: str, teacher_dir: str, verbalizer_dir: str, student_dir: str, vocab: int):
-        from vlsi_ray.runners.ray.teacher_pool import TeacherWorker
-        from vlsi_ray.config import config_from_yaml
-        from vlsi_ray.prepare import LoadSettings, make_collator, model_info
 
         cfg = config_from_yaml(cfg_yaml)
         self.collate = make_collator(model_info(student_dir, LoadSettings.of(cfg, "student")), cfg)
-        self.worker = TeacherWorker(teacher_dir, verbalizer_dir, cfg.signal.topk, cfg.loss.kd_temperature, vocab,
-                                    cfg.signal.storage, cfg.device, tail_samples=cfg.signal.tail_samples,
-                                    seed=stage("interact").seed(cfg.seed), load=LoadSettings.of(cfg, "teacher"))
+        self.worker = TeacherWorker(
+            teacher_dir,
+            verbalizer_dir,
+            cfg.signal.topk,
+            cfg.loss.kd_temperature,
+            vocab,
+            cfg.signal.storage,
+            cfg.device,
+            tail_samples=cfg.signal.tail_samples,
+            seed=stage("interact").seed(cfg.seed),
+            load=LoadSettings.of(cfg, "teacher"),
+        )
 
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
         """Columns of ``B`` train rows -> ``B`` cache rows (``id``, ``tokens`` and the signal's arrays)."""
-        from vlsi_ray.runners.ray.wire import encode_batch
-        from vlsi_ray.method.steps import response_token_counts
-        from vlsi_ray.signals.cache import signal_rows
 
         batch = self.collate(rows)
         counts = response_token_counts(batch["labels"])
@@ -82,15 +91,19 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
     A complete cache with the same spec is kept unless ``overwrite``; an incomplete one or one with
     another spec is replaced. Needs a running Ray (``ray.init``) and the run's step-1 outputs.
     """
-    from vlsi_ray.data.ray_dataset import train_split
-    from vlsi_ray.data.shards import shard_files
-    from vlsi_ray.prepare import check_pair_paths
 
     inputs = step2_inputs(cfg)
     vocab = check_pair_paths(inputs["teacher"], inputs["student"], cfg)
     train_files = shard_files(cfg.data.dir, "train")
-    spec = cache_spec(cfg, inputs["teacher"], inputs["teacher_verbalizers"], inputs["student"], vocab, train_files,
-                      stage("interact").seed(cfg.seed))
+    spec = cache_spec(
+        cfg,
+        inputs["teacher"],
+        inputs["teacher_verbalizers"],
+        inputs["student"],
+        vocab,
+        train_files,
+        stage("interact").seed(cfg.seed),
+    )
     out = cfg.teacher_cache
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and not overwrite:
@@ -109,7 +122,13 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
     pool, res = cfg.teacher_pool, cfg.teacher_pool.resources
     signals = dataset.map_batches(
         CacheSignals,
-        fn_constructor_args=(to_yaml(cfg), str(inputs["teacher"]), str(inputs["teacher_verbalizers"]), str(inputs["student"]), vocab),
+        fn_constructor_args=(
+            to_yaml(cfg),
+            str(inputs["teacher"]),
+            str(inputs["teacher_verbalizers"]),
+            str(inputs["student"]),
+            vocab,
+        ),
         batch_size=cfg.stages.interact.batch_size,
         batch_format="numpy",
         concurrency=pool.replicas,
@@ -118,8 +137,11 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
         resources=dict(res.resources) or None,
     )  # Ray Data restarts a dead actor and retries its batches itself
     shards = out / "shards"
-    print(f"[teacher_cache] writing the teacher signal of {split.num_files} train shard(s) to {shards} "
-          f"({pool.replicas} teacher replica(s), top-{cfg.signal.topk}, {cfg.signal.tail_samples} tail samples)", flush=True)
+    print(
+        f"[teacher_cache] writing the teacher signal of {split.num_files} train shard(s) to {shards} "
+        f"({pool.replicas} teacher replica(s), top-{cfg.signal.topk}, {cfg.signal.tail_samples} tail samples)",
+        flush=True,
+    )
     signals.write_parquet(str(shards), min_rows_per_file=ROW_GROUP_ROWS * 8, row_group_size=ROW_GROUP_ROWS)
     files = sorted(p.relative_to(out).as_posix() for p in shards.glob("*.parquet"))
     rows, signal_bytes = 0, 0
@@ -129,22 +151,30 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
         signal_bytes += os.path.getsize(out / name)
     layers = len(json.loads((inputs["teacher_verbalizers"] / "verbalizers.json").read_text())["layers"]) + 1
     manifest = {
-        "format": FORMAT_VERSION, "spec": spec, "rows": rows, "files": files, "layers": layers,
-        "k": min(cfg.signal.topk, vocab), "bytes": signal_bytes, "seconds": round(time.perf_counter() - started, 1),
-        "teacher_dir": str(inputs["teacher"]), "teacher_verbalizers": str(inputs["teacher_verbalizers"]),
+        "format": FORMAT_VERSION,
+        "spec": spec,
+        "rows": rows,
+        "files": files,
+        "layers": layers,
+        "k": min(cfg.signal.topk, vocab),
+        "bytes": signal_bytes,
+        "seconds": round(time.perf_counter() - started, 1),
+        "teacher_dir": str(inputs["teacher"]),
+        "teacher_verbalizers": str(inputs["teacher_verbalizers"]),
     }
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)
-    print(f"[teacher_cache] {rows} rows, {signal_bytes / 2**20:.1f} MiB in {len(files)} file(s), "
-          f"{manifest['seconds']:.0f}s; step 2 reads it with teacher.source=cache", flush=True)
+    print(
+        f"[teacher_cache] {rows} rows, {signal_bytes / 2**20:.1f} MiB in {len(files)} file(s), "
+        f"{manifest['seconds']:.0f}s; step 2 reads it with teacher.source=cache",
+        flush=True,
+    )
     return manifest
 
 
 def require_cache(cfg: RunConfig) -> None:
     """Before any work: a run whose step 2 will read the teacher cache needs one (:class:`ConfigError` if absent)."""
-    from vlsi_ray.config import ConfigError
-    from vlsi_ray.signals.cache import load_manifest
 
     step2_done = RunLayout(cfg.run_dir).finished("interact")
     if cfg.teacher.source != "cache" or "interact" not in cfg.steps or step2_done:
@@ -157,12 +187,14 @@ def require_cache(cfg: RunConfig) -> None:
 
 def open_cache(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path, verbalizer_dir: str | Path, vocab: int):
     """Step 2's teacher when ``teacher.source=cache``: the run's cache, checked against this run's spec."""
-    from vlsi_ray.data.shards import shard_files
-    from vlsi_ray.signals.cache import TeacherCache
 
-    spec = cache_spec(cfg, teacher_dir, verbalizer_dir, student_dir, vocab, shard_files(cfg.data.dir, "train"),
-                      stage("interact").seed(cfg.seed))
+    spec = cache_spec(
+        cfg, teacher_dir, verbalizer_dir, student_dir, vocab, shard_files(cfg.data.dir, "train"), stage("interact").seed(cfg.seed)
+    )
     cache = TeacherCache(cfg.teacher_cache, spec)
-    print(f"[interact] teacher signal from the cache in {cache.dir} ({cache.manifest['rows']} rows, "
-          f"{cache.manifest['bytes'] / 2**20:.1f} MiB): no teacher forward in step 2", flush=True)
+    print(
+        f"[interact] teacher signal from the cache in {cache.dir} ({cache.manifest['rows']} rows, "
+        f"{cache.manifest['bytes'] / 2**20:.1f} MiB): no teacher forward in step 2",
+        flush=True,
+    )
     return cache

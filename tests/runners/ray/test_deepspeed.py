@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vlsi_ray.config import OptimConfig, load_config
 from vlsi_ray.method.loop import Stepper
 from vlsi_ray.method.steps import StepOutput
 from vlsi_ray.metrics import read_metrics
-
+from vlsi_ray.models.backbone import Backbone
+from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper, deepspeed_config
+from vlsi_ray.runners.ray.driver import run_ray
 
 STEPS = 4
 
@@ -21,16 +25,19 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def single_process_group():
     """A one-rank gloo group, as Ray Train sets up for each worker; one per module (DeepSpeed caches its groups)."""
-    import socket
-
-    import torch.distributed as dist
 
     mp = pytest.MonkeyPatch()
     with socket.socket() as sock:  # a free port: another test session may hold any fixed one
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+    }.items():
         mp.setenv(key, value)
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
@@ -82,13 +89,12 @@ def _weights(stepper, net: nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stepper_makes_the_same_updates_as_adamw(single_process_group, stage):
     """Same gradient norms and weights as plain AdamW, with accumulation over 2 micro-batches and clipping."""
-    from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper
 
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5, weight_decay=0.01)
     reference, model = _net(), _net()
     plain = Stepper(list(reference.parameters()), opt)
     zero = DeepSpeedStepper(list(model.parameters()), opt, stage, {"model": model})
-    from deepspeed.comm import comm
+    from deepspeed.comm import comm  # noqa: PLC0415 (DeepSpeed loads only for train.deepspeed_stage > 0)
 
     assert comm.cdb.shm_comm_op is None  # its shared-memory all-reduce was not built: ZeRO uses gloo
     if stage == 3:
@@ -102,7 +108,6 @@ def test_zero_stepper_makes_the_same_updates_as_adamw(single_process_group, stag
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stepper_resumes_exactly(single_process_group, stage):
     """Save weights + optimizer state after 2 steps, restore into a fresh engine: steps 3-5 equal the uninterrupted run's."""
-    from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper
 
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5, weight_decay=0.01)
     model = _net()
@@ -127,10 +132,11 @@ def test_zero_stepper_resumes_exactly(single_process_group, stage):
 def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_group, stage):
     """DeepSpeed's bf16 block: the engine's weights are bfloat16, its optimizer holds float32 masters, and
     five steps follow plain AdamW on float32 masters under the same bfloat16 autocast (to bfloat16 rounding)."""
-    from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper, deepspeed_config
 
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5)
-    assert deepspeed_config(opt, stage, torch.bfloat16)["bf16"] == {"enabled": True} and "bf16" not in deepspeed_config(opt, stage)
+    assert deepspeed_config(opt, stage, torch.bfloat16)["bf16"] == {"enabled": True} and "bf16" not in deepspeed_config(
+        opt, stage
+    )
     reference, model = _net(), _net()
     plain = Stepper(list(reference.parameters()), opt, torch.bfloat16)
     zero = DeepSpeedStepper(list(model.parameters()), opt, stage, {"model": model}, dtype=torch.bfloat16)
@@ -150,21 +156,37 @@ def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_
 def test_two_workers_with_zero3_shard_the_data_and_train(local_ray, hub_worlds):
     """ZeRO-3 in bfloat16 on two gloo workers, from a released-layout bfloat16 pair: every step logged,
     disjoint data shards, the whole (gathered) student saved, in bfloat16."""
-    from vlsi_ray.runners.ray.driver import run_ray
 
     world = hub_worlds("qwen2_vl")
-    cfg = load_config(None, world.overrides(
-        "zero3", "steps=[interact]", "baseline_sft=false", f"stages.interact.max_steps={STEPS}", "eval_models=[]",
-        "train.use_gpu=false", "train.num_workers=2", "train.deepspeed_stage=3", "train.log_ids=true", "train.checkpoint_every=0"))
+    cfg = load_config(
+        None,
+        world.overrides(
+            "zero3",
+            "steps=[interact]",
+            "baseline_sft=false",
+            f"stages.interact.max_steps={STEPS}",
+            "eval_models=[]",
+            "train.use_gpu=false",
+            "train.num_workers=2",
+            "train.deepspeed_stage=3",
+            "train.log_ids=true",
+            "train.checkpoint_every=0",
+        ),
+    )
     run_ray(cfg)
     records = list(read_metrics(cfg.run_dir / "metrics.jsonl", "interact"))
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in records)  # no NaN
-    ids = [[i for line in (cfg.run_dir / "interact" / f"consumed_ids.interact.rank{r}.jsonl").read_text().splitlines()
-            for i in json.loads(line)] for r in (0, 1)]
+    ids = [
+        [
+            i
+            for line in (cfg.run_dir / "interact" / f"consumed_ids.interact.rank{r}.jsonl").read_text().splitlines()
+            for i in json.loads(line)
+        ]
+        for r in (0, 1)
+    ]
     assert len(ids[0]) == len(ids[1]) == STEPS * 8
     assert not set(ids[0]) & set(ids[1])  # each worker trains on its own shard of every global batch
-    from vlsi_ray.models.backbone import Backbone
 
     saved = Backbone.from_pretrained(cfg.run_dir / "interact" / "student")  # whole tensors, LoRA merged
     base = Backbone.from_pretrained(world.student)

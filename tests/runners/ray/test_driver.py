@@ -11,9 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray.train
 
 from vlsi_ray.config import load_config
 from vlsi_ray.metrics import read_metrics
+from vlsi_ray.runners.local import run_local
+from vlsi_ray.runners.ray.driver import run_ray
 
 from tiny_config import make_tiny_overrides
 
@@ -27,7 +30,14 @@ EXACT = ["signal.topk=100000", "signal.storage=float32", "matching.strategy=mult
 def interact_only(tmp: Path, name: str, *extra: str) -> list[str]:
     """Step 2 alone on untrained tiny models (step 1 skipped: logit-lens verbalizers), no SFT baseline."""
     return make_tiny_overrides(tmp, name, {"interact": INTERACT_STEPS}) + [
-        "steps=[interact]", "baseline_sft=false", "train.use_gpu=false", "train.report_every=2", "train.checkpoint_every=4", *EXACT, *extra]
+        "steps=[interact]",
+        "baseline_sft=false",
+        "train.use_gpu=false",
+        "train.report_every=2",
+        "train.checkpoint_every=4",
+        *EXACT,
+        *extra,
+    ]
 
 
 def interact_records(cfg) -> list[dict]:
@@ -42,7 +52,6 @@ def shared_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_reference(shared_data, one_thread):
-    from vlsi_ray.runners.local import run_local
 
     cfg = load_config(None, interact_only(shared_data, "local"))
     run_local(cfg)
@@ -52,7 +61,6 @@ def local_reference(shared_data, one_thread):
 def test_ray_step2_equals_in_process_through_a_worker_restart(local_ray, shared_data, local_reference):
     """One student worker, fixed seeds, exact signal: the same losses and matched layers as in-process,
     even though the worker dies after step 5 and Ray Train (FailureConfig) restarts it from step 4."""
-    from vlsi_ray.runners.ray.driver import run_ray
 
     cfg = load_config(None, interact_only(shared_data, "ray", "train.fail_at_step=5", "train.max_failures=1"))
     report = run_ray(cfg)
@@ -72,10 +80,10 @@ def test_resume_after_a_failure_continues_the_same_trajectory(local_ray, shared_
     """Steps 2 and 3 in one Train run; stop after step 4 of step 2 (a checkpoint), re-run the same
     command: steps 5..8 equal the uninterrupted run, then step 3 starts from its own beginning (the
     run's latest checkpoint belongs to step 2) and runs once."""
-    from vlsi_ray.runners.ray.driver import run_ray
 
     name, chain = "resume", ["steps=[interact,sft]", "stages.sft.max_steps=3"]
-    with pytest.raises(Exception):
+
+    with pytest.raises(ray.train.TrainingFailedError):  # the injected failure, with no restart allowed
         run_ray(load_config(None, interact_only(shared_data, name, "train.fail_at_step=5", "train.max_failures=0", *chain)))
     cfg = load_config(None, interact_only(shared_data, name, *chain))
     first = interact_records(cfg)
@@ -94,7 +102,6 @@ def test_resume_after_a_failure_continues_the_same_trajectory(local_ray, shared_
 
 
 def test_killed_teacher_is_restarted_and_every_row_is_consumed_once(local_ray, shared_data):
-    from vlsi_ray.runners.ray.driver import run_ray
 
     cfg = load_config(None, interact_only(shared_data, "fault", "train.log_ids=true", "train.checkpoint_every=0"))
     metrics = cfg.run_dir / "metrics.jsonl"
@@ -124,6 +131,9 @@ def test_killed_teacher_is_restarted_and_every_row_is_consumed_once(local_ray, s
     assert "pid" in killed, "the teacher was never killed; the test did not exercise the fault"
     records = interact_records(cfg)
     assert [r["step"] for r in records] == list(range(1, INTERACT_STEPS + 1))
-    consumed = [i for line in (cfg.run_dir / "interact" / "consumed_ids.interact.rank0.jsonl").read_text().splitlines()
-                for i in json.loads(line)]
+    consumed = [
+        i
+        for line in (cfg.run_dir / "interact" / "consumed_ids.interact.rank0.jsonl").read_text().splitlines()
+        for i in json.loads(line)
+    ]
     assert len(consumed) == INTERACT_STEPS * 8 == len(set(consumed))  # each row once (one epoch holds 296)

@@ -9,9 +9,13 @@ import shutil
 
 import pytest
 
-from hub_world import HUB_STEPS
 from vlsi_ray.config import load_config
 from vlsi_ray.metrics import read_metrics
+from vlsi_ray.runners.local import run_local
+from vlsi_ray.runners.ray.driver import run_ray
+from vlsi_ray.teacher.cache import build_cache
+
+from hub_world import HUB_STEPS
 
 pytestmark = pytest.mark.integration
 STAGES = ("verbalize/teacher", "verbalize/student", "interact", "baseline_sft", "sft")
@@ -27,9 +31,6 @@ def test_bfloat16_pair_runs_every_stage_on_ray_and_its_teacher_cache_gives_the_s
     """Steps 1-3, the SFT-only baseline and every test pass on Ray from the released-layout pair; then the
     run's teacher cache (built with Ray Data from the same bfloat16 teacher) replays step 2 with the losses
     the live teacher actors gave."""
-    from vlsi_ray.runners.ray.driver import run_ray
-    from vlsi_ray.runners.local import run_local
-    from vlsi_ray.teacher.cache import build_cache
 
     world = hub_worlds(family)
     overrides = world.overrides(f"ray-bf16-{family}", "train.use_gpu=false", "signal.storage=float32")

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
+from vlsi_ray.config import TeacherPoolConfig, load_config
+from vlsi_ray.data.synthetic import corpus_texts, generate_rows
+from vlsi_ray.method.losses import verbalized_kl
+from vlsi_ray.method.steps import response_positions
+from vlsi_ray.models.backbone import Backbone
+from vlsi_ray.models.qwen2_vl import build_tiny
+from vlsi_ray.models.tokenizer import train_tokenizer
+from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.prepare import make_collator, new_verbalizers
 from vlsi_ray.runners.ray.client import TeacherClient
 from vlsi_ray.runners.ray.teacher_pool import TeacherPool, TeacherWorker
 from vlsi_ray.runners.ray.wire import decode_batch, encode_batch
-from vlsi_ray.config import TeacherPoolConfig, load_config
-from vlsi_ray.data.synthetic import generate_rows
-from vlsi_ray.method.losses import verbalized_kl
-from vlsi_ray.method.steps import response_positions
 from vlsi_ray.signals.produce import teacher_signal
-from vlsi_ray.models.backbone import Backbone
-from vlsi_ray.models.verbalizer import Verbalizers
-from vlsi_ray.prepare import make_collator, new_verbalizers
+from vlsi_ray.signals.teacher_signal import TeacherSignal
 
 from tiny_config import make_tiny_overrides
 
@@ -24,16 +29,22 @@ from tiny_config import make_tiny_overrides
 @pytest.fixture(scope="module")
 def teacher_dirs(tmp_path_factory, one_thread):
     """A tiny teacher and its (randomly initialised, non-zero) verbalizers saved to disk; some batches."""
-    from vlsi_ray.models.qwen2_vl import build_tiny
-    from vlsi_ray.models.tokenizer import train_tokenizer
-    from vlsi_ray.data.synthetic import corpus_texts
 
     tmp = tmp_path_factory.mktemp("teacher")
     cfg = load_config(None, make_tiny_overrides(tmp, "pool") + ["verbalizer.zero_init=false"])
     rows = generate_rows("train", 48, seed=0)
     tok = train_tokenizer(corpus_texts(rows), "qwen2_vl")
-    teacher = build_tiny("teacher", tok, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128,
-                         vision_embed_dim=32, vision_depth=1, seed=1)
+    teacher = build_tiny(
+        "teacher",
+        tok,
+        hidden_size=64,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=128,
+        vision_embed_dim=32,
+        vision_depth=1,
+        seed=1,
+    )
     teacher.save_pretrained(tmp / "teacher")
     verbs = new_verbalizers(cfg, "teacher", teacher, seed=3)
     verbs.save(tmp / "verbs")
@@ -73,15 +84,15 @@ def test_replica_of_a_training_pool_loads_step1_verbalizers_once_saved(teacher_d
     after = TeacherWorker(str(model_dir), None, topk=16, device="cpu", step1_dir=str(verb_dir))
     assert after.verbalizers is not None and after.verbalizers.layers == Verbalizers.load(verb_dir).layers
     assert before.load_verbalizers(str(verb_dir), after=None) == after.verbalizers.layers
-    np.testing.assert_array_equal(before.signal(encode_batch(batches[0]))["topk_ids"], after.signal(encode_batch(batches[0]))["topk_ids"])
+    np.testing.assert_array_equal(
+        before.signal(encode_batch(batches[0]))["topk_ids"], after.signal(encode_batch(batches[0]))["topk_ids"]
+    )
 
 
 def test_topk_wire_is_388_bytes_per_token_layer_and_only_rounds_the_kl(teacher_dirs):
     """At k = 64 the wire holds 64·(2+4)+4 bytes per token and layer; decoding it gives the in-process
     top-k KL up to float16 rounding, never above the exact KL. (How close top-64 is to the exact KL
     on peaked distributions: tests/method/test_losses.py, within 3% at V = 4096.)"""
-    from vlsi_ray.models.verbalizer import Verbalizers
-    from vlsi_ray.signals.teacher_signal import TeacherSignal
 
     model_dir, verb_dir, batches = teacher_dirs
     sparse = TeacherWorker(str(model_dir), str(verb_dir), topk=64, storage="float16", device="cpu")
@@ -136,7 +147,6 @@ def test_pool_on_a_teacher_still_training_answers_after_step1(local_ray, teacher
 
     @local_ray.remote
     def later(path: str, seconds: float) -> str:  # a path that resolves after ``seconds`` (a training task)
-        import time
 
         time.sleep(seconds)
         return path
@@ -145,12 +155,22 @@ def test_pool_on_a_teacher_still_training_answers_after_step1(local_ray, teacher
     def student(client: TeacherClient, batch: dict) -> np.ndarray:
         return client(batch).topk_ids.numpy()
 
-    pool = TeacherPool(TeacherPoolConfig(replicas=1), later.remote(str(model_dir), 1.0), None, 16, 1.0, None, "float32",
-                       step1_dir=tmp_path / "not_yet")
+    pool = TeacherPool(
+        TeacherPoolConfig(replicas=1),
+        later.remote(str(model_dir), 1.0),
+        None,
+        16,
+        1.0,
+        None,
+        "float32",
+        step1_dir=tmp_path / "not_yet",
+    )
     try:
         step1 = pool.actors[0].load_verbalizers.remote(later.remote(str(verb_dir), 10.0))
         ids = local_ray.get(student.remote(TeacherClient(pool.actors, ready=[step1]), batches[0]))
-        expected = TeacherWorker(str(model_dir), str(verb_dir), topk=16, storage="float32", device="cpu").signal(encode_batch(batches[0]))
+        expected = TeacherWorker(str(model_dir), str(verb_dir), topk=16, storage="float32", device="cpu").signal(
+            encode_batch(batches[0])
+        )
         np.testing.assert_array_equal(ids, expected["topk_ids"])
         assert pool.infos[0]["model_dir"] == str(model_dir)
     finally:
@@ -199,8 +219,10 @@ def test_worker_and_in_process_teacher_send_the_same_samples(teacher_dirs):
             np.testing.assert_array_equal(again[key], out[key])
     # Another seed, or the same rows under other ids (the same logits), draw other samples.
     renamed = dict(batches[0], ids=[f"{i}-copy" for i in batches[0]["ids"]])
-    for other in (teacher_signal(teacher, verbs, batches[0], 8, tail_samples=5, seed=12),
-                  teacher_signal(teacher, verbs, renamed, 8, tail_samples=5, seed=11)):
+    for other in (
+        teacher_signal(teacher, verbs, batches[0], 8, tail_samples=5, seed=12),
+        teacher_signal(teacher, verbs, renamed, 8, tail_samples=5, seed=11),
+    ):
         assert torch.equal(other.topk_ids, reference.topk_ids)
         assert not torch.equal(other.tail_sample_ids, reference.tail_sample_ids)
     # Without samples the worker sends exactly what it sent before: no sample arrays.

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+
+import ray
+from ray.exceptions import RayActorError
 
 from vlsi_ray.runners.ray.wire import batch_key, encode_batch
 from vlsi_ray.signals.teacher_signal import TeacherSignal
@@ -26,8 +29,7 @@ class TeacherClient:
     replicas' verbalizers: an actor orders the calls of one caller, not those of different callers).
     """
 
-    def __init__(self, actors: Sequence, lookahead: int = 2, offset: int = 0, resubmit_attempts: int = 2,
-                 ready: Sequence = ()):
+    def __init__(self, actors: Sequence, lookahead: int = 2, offset: int = 0, resubmit_attempts: int = 2, ready: Sequence = ()):
         if not actors:
             raise ValueError("TeacherClient needs at least one teacher actor; check teacher_pool.replicas.")
         self.actors = list(actors)
@@ -57,8 +59,6 @@ class TeacherClient:
         if key in self._pending:
             return
         if self.ready:  # the replicas are not answering yet: the student waits for the teacher
-            import ray
-
             started = time.perf_counter()
             ray.get(self.ready)
             self.ready = []
@@ -74,8 +74,6 @@ class TeacherClient:
 
     def __call__(self, batch: dict) -> TeacherSignal:
         """The teacher signal of ``batch`` (waits for it if it is not ready; counts the wait)."""
-        import ray
-        from ray.exceptions import RayActorError
 
         key = batch_key(batch)
         if key not in self._pending:
@@ -119,6 +117,10 @@ class TeacherClient:
 
     def counters(self) -> dict:
         """Cumulative wait/teacher seconds, bytes received and request counts (for the logs)."""
-        return {"teacher_wait_s": self.wait_seconds, "teacher_forward_s": self.teacher_seconds,
-                "signal_bytes": self.bytes_received, "teacher_requests": self.requests,
-                "teacher_resubmissions": self.resubmissions}
+        return {
+            "teacher_wait_s": self.wait_seconds,
+            "teacher_forward_s": self.teacher_seconds,
+            "signal_bytes": self.bytes_received,
+            "teacher_requests": self.requests,
+            "teacher_resubmissions": self.resubmissions,
+        }

@@ -12,12 +12,13 @@ gathers whole tensors for checkpoints and the final save (every rank must enter 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from vlsi_ray.config import OptimConfig
+from vlsi_ray.method.steps import StepOutput
 
 #: ZeRO stages ``train.deepspeed_stage`` accepts (0 is plain data parallelism without DeepSpeed).
 ZERO_STAGES = (2, 3)
@@ -29,13 +30,13 @@ SHM_COMM_OP = "deepspeed_shm_comm"
 def skip_shm_comm_build() -> None:
     """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce on the CPU accelerator.
 
-    DeepSpeed's communication backend builds that C++ op when it starts (57 s on a fresh 2-core
-    machine, once per machine), only for ``inference_all_reduce``, which ZeRO training never calls
+    DeepSpeed's communication backend JIT-compiles that C++ op when it starts on a fresh machine,
+    only for ``inference_all_reduce``, which ZeRO training never calls
     (its collectives go through ``torch.distributed``: gloo here). Marking the op incompatible in
     DeepSpeed's probe of compatible ops skips the build; the CUDA accelerator has no such op.
     """
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops  # noqa: PLC0415 - DeepSpeed loads only for train.deepspeed_stage > 0
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 - DeepSpeed loads only for train.deepspeed_stage > 0
 
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
@@ -78,9 +79,16 @@ class DeepSpeedStepper:
     """AdamW inside a DeepSpeed engine; same interface as :class:`vlsi_ray.method.loop.Stepper`, plus
     :meth:`wrap` (run the objective through the engine) and :meth:`gathered` (whole parameters)."""
 
-    def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig, stage: int, modules: dict[str, nn.Module],
-                 objective: Callable | None = None, dtype: torch.dtype = torch.float32):
-        import deepspeed
+    def __init__(
+        self,
+        parameters: Sequence[nn.Parameter],
+        opt: OptimConfig,
+        stage: int,
+        modules: dict[str, nn.Module],
+        objective: Callable | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        import deepspeed  # noqa: PLC0415 - DeepSpeed loads only for train.deepspeed_stage > 0
 
         if stage not in ZERO_STAGES:
             raise ValueError(f"train.deepspeed_stage must be one of {ZERO_STAGES} for DeepSpeed (0 disables it), got {stage}.")
@@ -101,7 +109,6 @@ class DeepSpeedStepper:
 
     def wrap(self, objective: Callable) -> Callable:
         """``objective`` run as the engine's forward: ``batch -> StepOutput``."""
-        from vlsi_ray.method.steps import StepOutput
 
         self.container.objective = objective
 
@@ -118,7 +125,7 @@ class DeepSpeedStepper:
         if self.stage != 3:
             yield
             return
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 - DeepSpeed loads only for train.deepspeed_stage > 0
 
         with deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=0 if modify else None):
             yield

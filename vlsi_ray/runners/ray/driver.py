@@ -11,27 +11,34 @@ from its last checkpoint. The teacher lives in Ray actors: a teacher pool trains
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ray
+import ray.train
+from ray.data import DataContext
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from vlsi_ray.runners.ray.train_loop import StageSpec, dataset_name, train_student
-from vlsi_ray.runners.ray.teacher_pool import TeacherPool
-from vlsi_ray.config import EVAL_MODELS, RunConfig, to_yaml
+from vlsi_ray.config import EVAL_MODELS, RunConfig, config_from_yaml, to_yaml
+from vlsi_ray.data.ray_dataset import train_dataset, train_split
+from vlsi_ray.env import DEFAULTED, at_idle_priority, malloc_env, set_offline_defaults
+from vlsi_ray.eval.accuracy import accuracy_report, letter_token_ids, predict_letters
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
-from vlsi_ray.metrics import last_attempt, read_metrics, write_stage_summary
+from vlsi_ray.metrics import MetricsWriter, last_attempt, read_metrics, write_stage_summary
 from vlsi_ray.models.backbone import ModelInfo
-from vlsi_ray.prepare import LoadSettings, check_pair_paths, new_verbalizers
+from vlsi_ray.prepare import LoadSettings, check_pair_paths, load_model, make_collator, new_verbalizers, resolve_device
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import pretraining, stage
-from vlsi_ray.runners.base import Run
-from vlsi_ray.teacher.sources import teacher_source
+from vlsi_ray.runners.base import Run, pretrain_tiny
+from vlsi_ray.runners.ray.teacher_pool import TeacherPool
+from vlsi_ray.runners.ray.train_loop import StageSpec, dataset_name, train_student
 from vlsi_ray.teacher.cache import require_cache
+from vlsi_ray.teacher.sources import teacher_source
 
 
 def ray_env(tune_malloc: bool = False) -> dict[str, str]:
@@ -41,10 +48,20 @@ def ray_env(tune_malloc: bool = False) -> dict[str, str]:
     ``DS_ACCELERATOR`` goes along only when the user set it: otherwise each worker picks its own
     (cuda where it sees a GPU), whatever the driver's machine has.
     """
-    from vlsi_ray.env import DEFAULTED, malloc_env
 
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "WANDB_SILENT", "DS_ACCELERATOR",
-                                       "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY") if k in os.environ and k not in DEFAULTED}
+    env = {
+        k: os.environ[k]
+        for k in (
+            "HF_HUB_OFFLINE",
+            "TRANSFORMERS_OFFLINE",
+            "WANDB_MODE",
+            "WANDB_SILENT",
+            "DS_ACCELERATOR",
+            "TOKENIZERS_PARALLELISM",
+            "TRANSFORMERS_VERBOSITY",
+        )
+        if k in os.environ and k not in DEFAULTED
+    }
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # worker progress lines once, not twice
     if tune_malloc:
         env.update(malloc_env())
@@ -57,11 +74,12 @@ def local_runtime_env(tune_malloc: bool, include_dashboard: bool) -> dict:
     runtime_env: dict = {"env_vars": ray_env(tune_malloc)}
     # A local Ray is one machine that nobody drains: Ray Train's preemption watcher (one more actor
     # process per Train run) has nothing to watch.
-    runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-                                       os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
+    runtime_env["env_vars"].setdefault(
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    )
     if not include_dashboard:
+
         def quiet_placement_group_cleaner() -> None:  # nested: cloudpickle ships it by value to every worker
-            import logging
 
             # Without the dashboard there is no State API: Ray Train's placement-group cleaner then
             # warns once a second per Train run that it cannot query the controller.
@@ -87,13 +105,17 @@ def connect(cfg: RunConfig) -> str:
         return "the Ray cluster running on this machine"
     except ConnectionError:
         pass
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
-             runtime_env=local_runtime_env(cfg.ray.tune_malloc, cfg.ray.include_dashboard))
+    ray.init(
+        address="local",
+        num_cpus=cfg.ray.num_cpus,
+        num_gpus=cfg.ray.num_gpus,
+        include_dashboard=cfg.ray.include_dashboard,
+        runtime_env=local_runtime_env(cfg.ray.tune_malloc, cfg.ray.include_dashboard),
+    )
     return "local Ray"
 
 
 def _data_context() -> None:
-    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the seeded order is the batch order
@@ -124,7 +146,6 @@ class RayRun(Run):
 
     def split(self):
         """The validated train split on Ray Data, read once per run (every stage orders it its own way)."""
-        from vlsi_ray.data.ray_dataset import train_split
 
         with self._split_lock:
             if self._split is None:
@@ -137,16 +158,19 @@ class RayRun(Run):
         opt = getattr(self.cfg.stages, row.settings)
         total = total_optimizer_steps(opt, len(self.train_rows(row.settings)), self.cfg.train.num_workers)
         lora = row.lora or (row.objective == "sft" and self.cfg.stages.sft_lora)
-        return StageSpec(stage=row, cfg_yaml=self.cfg_yaml, run_dir=str(self.layout.root), model_dir=str(model_dir),
-                         total_steps=total, lora=lora, **kw)
+        return StageSpec(
+            stage=row,
+            cfg_yaml=self.cfg_yaml,
+            run_dir=str(self.layout.root),
+            model_dir=str(model_dir),
+            total_steps=total,
+            lora=lora,
+            **kw,
+        )
 
     def fit(self, specs: list[StageSpec]) -> None:
         """Run the student ``specs`` in order as one Ray Train run (``<run_dir>/ray_train/student``),
         resuming from its last checkpoint; each finished stage leaves its marker."""
-        import ray.train
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        from vlsi_ray.data.ray_dataset import train_dataset
 
         _data_context()
         cfg = self.cfg
@@ -155,8 +179,13 @@ class RayRun(Run):
         for spec in specs:
             opt = getattr(cfg.stages, spec.stage.settings)
             datasets[dataset_name(spec.stage.name)] = train_dataset(
-                self.split(), opt.tasks, spec.stage.seed(cfg.seed), opt.batch_size * workers, spec.total_steps * opt.grad_accum,
-                [r["id"] for r in self.train_rows(spec.stage.settings)])
+                self.split(),
+                opt.tasks,
+                spec.stage.seed(cfg.seed),
+                opt.batch_size * workers,
+                spec.total_steps * opt.grad_accum,
+                [r["id"] for r in self.train_rows(spec.stage.settings)],
+            )
         res = cfg.train.resources_per_worker
         per_worker = {"CPU": res.num_cpus, **res.resources}
         if self.use_gpu:
@@ -170,7 +199,8 @@ class RayRun(Run):
             # One worker reads whole datasets: no split coordinator (one actor process fewer per stage).
             dataset_config=ray.train.DataConfig(datasets_to_split="all" if workers > 1 else []),
             run_config=ray.train.RunConfig(
-                name="student", storage_path=str(self.layout.ray_train),
+                name="student",
+                storage_path=str(self.layout.ray_train),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
@@ -201,8 +231,15 @@ class RayRun(Run):
             gpus = (res.num_gpus or 1) if self.use_gpu else 0
         cache = self.model_cache(role)
         task = ray.remote(_pretrain_task).options(num_cpus=res.num_cpus, num_gpus=gpus, resources=dict(res.resources) or None)
-        ref = task.remote(self.cfg_yaml, role, str(init), self.train_rows(name), str(self.layout.metrics),
-                          str(self.layout.model(name)), None if cache is None else str(cache))
+        ref = task.remote(
+            self.cfg_yaml,
+            role,
+            str(init),
+            self.train_rows(name),
+            str(self.layout.metrics),
+            str(self.layout.model(name)),
+            None if cache is None else str(cache),
+        )
         return ref, init
 
     def evaluate(self, named_dirs: dict) -> None:
@@ -214,7 +251,7 @@ class RayRun(Run):
             return
         if self._test_slices is None:
             rows, n = self.test_rows(), self.cfg.eval_tasks
-            self._test_slices = [ray.put(rows[i * len(rows) // n:(i + 1) * len(rows) // n]) for i in range(n)]
+            self._test_slices = [ray.put(rows[i * len(rows) // n : (i + 1) * len(rows) // n]) for i in range(n)]
         res = self.cfg.train.resources_per_worker
         task = ray.remote(_predict_letters).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
         for name, path in named_dirs.items():
@@ -224,7 +261,6 @@ class RayRun(Run):
 
     def accuracy(self) -> dict[str, dict]:
         """Wait for every test pass started by :meth:`evaluate`; return the accuracies by model name."""
-        from vlsi_ray.eval.accuracy import accuracy_report
 
         rows, results = self.test_rows(), {}
         for name in sorted(self._evals, key=EVAL_MODELS.index):  # the report's order
@@ -258,7 +294,9 @@ class RayRun(Run):
         if "verbalize" in self.cfg.steps or self.layout.finished("verbalize"):
             return
         for role, model_dir in (("teacher", self.resolved_teacher()), ("student", self.student_dir)):
-            verbs = new_verbalizers(self.cfg, role, ModelInfo.from_pretrained(model_dir), stage(f"verbalize/{role}").seed(self.cfg.seed))
+            verbs = new_verbalizers(
+                self.cfg, role, ModelInfo.from_pretrained(model_dir), stage(f"verbalize/{role}").seed(self.cfg.seed)
+            )
             verbs.save(self.layout.verbalizers(role))
 
     def start_teacher_pool(self) -> None:
@@ -267,9 +305,19 @@ class RayRun(Run):
         cfg = self.cfg
         if not (self.trains_step1 or self.live_teacher):
             return
-        self.pool = TeacherPool(cfg.teacher_pool, self.teacher_dir, None, cfg.signal.topk, cfg.loss.kd_temperature, self.vocab,
-                                cfg.signal.storage, tail_samples=cfg.signal.tail_samples, seed=stage("interact").seed(cfg.seed),
-                                step1_dir=self.layout.verbalizers("teacher"), load=LoadSettings.of(cfg, "teacher"))
+        self.pool = TeacherPool(
+            cfg.teacher_pool,
+            self.teacher_dir,
+            None,
+            cfg.signal.topk,
+            cfg.loss.kd_temperature,
+            self.vocab,
+            cfg.signal.storage,
+            tail_samples=cfg.signal.tail_samples,
+            seed=stage("interact").seed(cfg.seed),
+            step1_dir=self.layout.verbalizers("teacher"),
+            load=LoadSettings.of(cfg, "teacher"),
+        )
 
     def queue(self, name: str, make_spec: Callable[[], StageSpec], after: Callable[[], None]) -> None:
         """Queue student stage ``name`` for the Train run unless it is finished; ``after`` runs once it is."""
@@ -280,8 +328,11 @@ class RayRun(Run):
     def queue_baseline(self) -> None:
         """The SFT-only baseline (same data and steps as step 3) from the student base."""
         if self.runs("baseline_sft"):
-            self.queue("baseline_sft", lambda: self.spec("baseline_sft", self.student_dir),
-                       lambda: self.evaluate({"student_sft_only": self.layout.model("baseline_sft")}))
+            self.queue(
+                "baseline_sft",
+                lambda: self.spec("baseline_sft", self.student_dir),
+                lambda: self.evaluate({"student_sft_only": self.layout.model("baseline_sft")}),
+            )
 
     def queue_step1(self) -> None:
         """Step 1: the teacher's side in the pool (replica 0), the student's in the Train run; the stage's
@@ -290,8 +341,11 @@ class RayRun(Run):
             return
         cfg, out = self.cfg, self.layout.verbalizers("teacher")
         teacher_job = self.pool.actors[0].train_verbalizers.remote(
-            self.cfg_yaml, self.train_rows("verbalize"), str(out), stage("verbalize/teacher").seed(cfg.seed))
-        self.step1_calls = [teacher_job] + [actor.load_verbalizers.remote(str(out), teacher_job) for actor in self.pool.actors[1:]]
+            self.cfg_yaml, self.train_rows("verbalize"), str(out), stage("verbalize/teacher").seed(cfg.seed)
+        )
+        self.step1_calls = [teacher_job] + [
+            actor.load_verbalizers.remote(str(out), teacher_job) for actor in self.pool.actors[1:]
+        ]
 
         def finish_step1() -> None:  # both sides done: the teacher's history joins the student's
             teacher = ray.get(teacher_job)
@@ -300,8 +354,9 @@ class RayRun(Run):
             student = last_attempt(read_metrics(self.layout.metrics, "verbalize/student"))
             student_seconds = json.loads(self.layout.marker("verbalize/student").read_text())["seconds"]
             # seconds: both sides' training (they ran at different times, beside other work)
-            write_stage_summary(self.layout.marker("verbalize"), "verbalize", teacher["history"] + student,
-                                teacher["seconds"] + student_seconds)
+            write_stage_summary(
+                self.layout.marker("verbalize"), "verbalize", teacher["history"] + student, teacher["seconds"] + student_seconds
+            )
             if not self.live_teacher:
                 self.pool.shutdown()
 
@@ -315,15 +370,30 @@ class RayRun(Run):
             return
 
         def make_spec() -> StageSpec:
-            teacher = teacher_source(self.cfg, self.layout, self.vocab, pool=self.pool if self.live_teacher else None,
-                                     ready=self.step1_calls, teacher_dir=self.resolved_teacher(), student_dir=self.student_dir)
-            return self.spec("interact", self.student_dir, verbalizer_dir=str(self.layout.verbalizers("student")),
-                             teacher=teacher, vocab=self.vocab)
+            teacher = teacher_source(
+                self.cfg,
+                self.layout,
+                self.vocab,
+                pool=self.pool if self.live_teacher else None,
+                ready=self.step1_calls,
+                teacher_dir=self.resolved_teacher(),
+                student_dir=self.student_dir,
+            )
+            return self.spec(
+                "interact",
+                self.student_dir,
+                verbalizer_dir=str(self.layout.verbalizers("student")),
+                teacher=teacher,
+                vocab=self.vocab,
+            )
 
         def after() -> None:
             if self.live_teacher:
                 self.layout.teacher_placement.write_text(json.dumps(self.pool.infos, indent=2))
-                print(f"[interact] teacher replicas were on {[(i['node_id'][:8], i['device']) for i in self.pool.infos]}", flush=True)
+                print(
+                    f"[interact] teacher replicas were on {[(i['node_id'][:8], i['device']) for i in self.pool.infos]}",
+                    flush=True,
+                )
                 self.pool.shutdown()
             self.evaluate({"vlsi_without_sft": self.layout.model("interact")})
 
@@ -333,7 +403,11 @@ class RayRun(Run):
         """Step 3 from step 2's student (or the student base when the run has no step 2)."""
         if not self.runs("sft"):
             return
-        source = self.layout.model("interact") if "interact" in self.cfg.steps or self.layout.finished("interact") else self.student_dir
+        source = (
+            self.layout.model("interact")
+            if "interact" in self.cfg.steps or self.layout.finished("interact")
+            else self.student_dir
+        )
         self.queue("sft", lambda: self.spec("sft", source), lambda: self.evaluate({"vlsi": self.layout.model("sft")}))
 
     def train_student(self) -> None:
@@ -353,39 +427,39 @@ class RayRun(Run):
         """Wait for the teacher (a run without teacher stages still saves it) and every test pass; write the report."""
         self.resolved_teacher()
         results = self.accuracy()
-        report = {"run": self.cfg.name, "runner": "ray", "seconds": round(time.perf_counter() - started, 1), "accuracy": results,
-                  "skipped_rows": {k: v.skipped for k, v in self.splits.stats.items()}}
+        report = {
+            "run": self.cfg.name,
+            "runner": "ray",
+            "seconds": round(time.perf_counter() - started, 1),
+            "accuracy": results,
+            "skipped_rows": {k: v.skipped for k, v in self.splits.stats.items()},
+        }
         write_report(self.layout.root, report)
         print(f"[done] report in {self.layout.report_md} ({report['seconds']:.0f}s)", flush=True)
         return report
 
 
-def _pretrain_task(cfg_yaml: str, role: str, init_dir: str, rows: list[dict], metrics_path: str,
-                   target: str, cache: str | None) -> str:
+def _pretrain_task(
+    cfg_yaml: str, role: str, init_dir: str, rows: list[dict], metrics_path: str, target: str, cache: str | None
+) -> str:
     """:func:`vlsi_ray.runners.local.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``,
     saved to ``target`` (and ``cache``); returns ``target``."""
-    from vlsi_ray.config import config_from_yaml
-    from vlsi_ray.env import set_offline_defaults
-    from vlsi_ray.metrics import MetricsWriter
-    from vlsi_ray.prepare import LoadSettings, load_model, resolve_device
-    from vlsi_ray.runners.base import pretrain_tiny
 
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
     backbone = load_model(init_dir, LoadSettings.of(cfg, role), device)
-    return str(pretrain_tiny(cfg, role, backbone, rows, device, MetricsWriter(metrics_path), Path(target),
-                             None if cache is None else Path(cache)))
+    return str(
+        pretrain_tiny(
+            cfg, role, backbone, rows, device, MetricsWriter(metrics_path), Path(target), None if cache is None else Path(cache)
+        )
+    )
 
 
 def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict], role: str = "student") -> list[str]:
     """The option letter the checkpoint at ``model_dir`` (loaded with ``role``'s settings) picks for each of
     ``rows`` (a Ray task), computed at idle CPU priority unless ``eval_priority=normal``: the pass runs
     beside later stages."""
-    from vlsi_ray.config import config_from_yaml
-    from vlsi_ray.env import at_idle_priority, set_offline_defaults
-    from vlsi_ray.eval.accuracy import letter_token_ids, predict_letters
-    from vlsi_ray.prepare import LoadSettings, load_model, make_collator, resolve_device
 
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
@@ -393,8 +467,9 @@ def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict], role: str 
 
     def predict() -> list[str]:
         backbone = load_model(model_dir, LoadSettings.of(cfg, role), device)
-        return predict_letters(backbone, rows, make_collator(backbone, cfg), letter_token_ids(backbone.tokenizer),
-                               cfg.eval_batch_size, device)
+        return predict_letters(
+            backbone, rows, make_collator(backbone, cfg), letter_token_ids(backbone.tokenizer), cfg.eval_batch_size, device
+        )
 
     return at_idle_priority(predict) if cfg.eval_priority == "idle" else predict()
 

@@ -13,9 +13,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from vlsi_ray.runners.ray.wire import decode_batch
+from vlsi_ray.config import config_from_yaml
 from vlsi_ray.env import set_offline_defaults
+from vlsi_ray.method.loop import to_device, train_stage
+from vlsi_ray.method.steps import VerbalizationObjective
+from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.prepare import LoadSettings, frozen_verbalizers, load_model, make_collator, new_verbalizers, resolve_device
+from vlsi_ray.runners.ray.wire import decode_batch
+from vlsi_ray.signals.produce import teacher_signal
 
 
 class TeacherWorker:
@@ -34,20 +44,27 @@ class TeacherWorker:
     teacher (compute dtype, attention kernel, image resolution); default: the checkpoint as saved.
     """
 
-    def __init__(self, model_dir: str | list, verbalizer_dir: str | None = None, topk: int | None = 64,
-                 temperature: float = 1.0, vocab_size: int | None = None, storage: str = "float16",
-                 device: str = "auto", *, tail_samples: int = 0, seed: int = 0, step1_dir: str | None = None,
-                 load=None):
+    def __init__(
+        self,
+        model_dir: str | list,
+        verbalizer_dir: str | None = None,
+        topk: int | None = 64,
+        temperature: float = 1.0,
+        vocab_size: int | None = None,
+        storage: str = "float16",
+        device: str = "auto",
+        *,
+        tail_samples: int = 0,
+        seed: int = 0,
+        step1_dir: str | None = None,
+        load=None,
+    ):
         set_offline_defaults()
-        from vlsi_ray.prepare import LoadSettings, load_model, resolve_device
 
         self.device = resolve_device(device)
         if isinstance(model_dir, list):
-            import ray
-
             model_dir = ray.get(model_dir[0])
         self.model_dir = str(model_dir)
-        import torch
 
         self.load = load or LoadSettings("teacher")
         if self.device.type == "cuda" and torch.cuda.device_count() > 1:
@@ -74,8 +91,6 @@ class TeacherWorker:
         ``after`` is ignored: pass the ObjectRef of another replica's :meth:`train_verbalizers` and
         Ray runs this call once that one has finished (and saved to ``path``).
         """
-        from vlsi_ray.models.verbalizer import Verbalizers
-        from vlsi_ray.prepare import frozen_verbalizers
 
         verbalizers = Verbalizers.load(path, self.backbone.lm_head.weight.device)  # next to the heads they feed
         self.verbalizers = frozen_verbalizers(verbalizers, self.backbone)
@@ -84,11 +99,14 @@ class TeacherWorker:
     def info(self) -> dict:
         """Where this replica runs: pid, Ray node id, device and GPU ids (placement checks, fault tests)."""
         devices = sorted({str(p.device) for p in self.backbone.model.parameters()})
-        info = {"pid": os.getpid(), "device": str(self.device), "devices": devices, "model_dir": self.model_dir,
-                "requests": self.requests}
+        info = {
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "devices": devices,
+            "model_dir": self.model_dir,
+            "requests": self.requests,
+        }
         try:
-            import ray
-
             ctx = ray.get_runtime_context()
             info.update(node_id=ctx.get_node_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
         except Exception:  # not inside Ray (unit tests)
@@ -102,15 +120,21 @@ class TeacherWorker:
         tokens; top-k log-probs, int32 ids, tail mass, tail samples if any) plus ``ids`` and the
         forward's ``seconds``.
         """
-        from vlsi_ray.method.loop import to_device
-        from vlsi_ray.signals.produce import teacher_signal
 
         if self.verbalizers is None:
             raise RuntimeError("the teacher has no verbalizers yet; run step 1 (verbalize) before step 2.")
         started = time.perf_counter()
         tensors = to_device(decode_batch(batch), self.device)
-        signal = teacher_signal(self.backbone, self.verbalizers, tensors, self.topk, self.temperature, self.vocab_size,
-                                tail_samples=self.tail_samples, seed=self.seed)
+        signal = teacher_signal(
+            self.backbone,
+            self.verbalizers,
+            tensors,
+            self.topk,
+            self.temperature,
+            self.vocab_size,
+            tail_samples=self.tail_samples,
+            seed=self.seed,
+        )
         out = signal.to_numpy(self.storage)
         self.requests += 1
         out["ids"] = list(batch["ids"])
@@ -122,18 +146,23 @@ class TeacherWorker:
 
         ``rows`` are the stage's train rows; returns ``{"history": per-step metrics, "seconds": its duration}``.
         """
-        from vlsi_ray.config import config_from_yaml
-        from vlsi_ray.method.loop import train_stage
-        from vlsi_ray.method.steps import VerbalizationObjective
-        from vlsi_ray.prepare import frozen_verbalizers, make_collator, new_verbalizers
 
         started = time.perf_counter()
         cfg = config_from_yaml(cfg_yaml)
         verbs = new_verbalizers(cfg, "teacher", self.backbone, seed)
         objective = VerbalizationObjective(self.backbone, verbs, cfg.loss.chunk_size)
-        history = train_stage("verbalize/teacher", objective, objective.parameters(), rows,
-                              make_collator(self.backbone, cfg), cfg.stages.verbalize, seed, self.device,
-                              modules=[verbs], dtype=objective.compute_dtype)
+        history = train_stage(
+            "verbalize/teacher",
+            objective,
+            objective.parameters(),
+            rows,
+            make_collator(self.backbone, cfg),
+            cfg.stages.verbalize,
+            seed,
+            self.device,
+            modules=[verbs],
+            dtype=objective.compute_dtype,
+        )
         verbs.save(out_dir)
         self.verbalizers = frozen_verbalizers(verbs, self.backbone)
         return {"history": history, "seconds": time.perf_counter() - started}
@@ -151,17 +180,26 @@ class TeacherPool:
     at once and load the teacher when it resolves; calls made on them meanwhile wait in their queues.
     """
 
-    def __init__(self, pool_cfg, model_dir, verbalizer_dir: str | Path | None, topk: int | None,
-                 temperature: float, vocab_size: int | None, storage: str, tail_samples: int = 0, seed: int = 0,
-                 step1_dir: str | Path | None = None, load=None):
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def __init__(
+        self,
+        pool_cfg,
+        model_dir,
+        verbalizer_dir: str | Path | None,
+        topk: int | None,
+        temperature: float,
+        vocab_size: int | None,
+        storage: str,
+        tail_samples: int = 0,
+        seed: int = 0,
+        step1_dir: str | Path | None = None,
+        load=None,
+    ):
 
         res = pool_cfg.resources
         bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.resources}
-        self.placement_group = placement_group([dict(bundle) for _ in range(pool_cfg.replicas)],
-                                               strategy=pool_cfg.placement_strategy, name="")
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(pool_cfg.replicas)], strategy=pool_cfg.placement_strategy, name=""
+        )
         if not self.placement_group.wait(timeout_seconds=pool_cfg.placement_timeout_s):
             remove_placement_group(self.placement_group)
             raise RuntimeError(
@@ -173,12 +211,24 @@ class TeacherPool:
         model_arg = [model_dir] if isinstance(model_dir, ray.ObjectRef) else str(model_dir)  # nested: resolved in the replica
         self.actors = [
             actor_cls.options(
-                num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=dict(res.resources) or None,
-                max_restarts=pool_cfg.max_restarts, max_task_retries=pool_cfg.max_task_retries,
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+                resources=dict(res.resources) or None,
+                max_restarts=pool_cfg.max_restarts,
+                max_task_retries=pool_cfg.max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(model_arg, None if verbalizer_dir is None else str(verbalizer_dir), topk, temperature, vocab_size,
-                     storage, tail_samples=tail_samples, seed=seed, step1_dir=None if step1_dir is None else str(step1_dir),
-                     load=load)
+            ).remote(
+                model_arg,
+                None if verbalizer_dir is None else str(verbalizer_dir),
+                topk,
+                temperature,
+                vocab_size,
+                storage,
+                tail_samples=tail_samples,
+                seed=seed,
+                step1_dir=None if step1_dir is None else str(step1_dir),
+                load=load,
+            )
             for i in range(pool_cfg.replicas)
         ]
         self._infos: list[dict] | None = None
@@ -187,7 +237,6 @@ class TeacherPool:
     @property
     def infos(self) -> list[dict]:
         """Each replica's :meth:`TeacherWorker.info` (waits for the replicas to be up)."""
-        import ray
 
         if self._infos is None:
             self._infos = ray.get([a.info.remote() for a in self.actors])
@@ -195,8 +244,6 @@ class TeacherPool:
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group (once; later calls do nothing)."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
 
         if self._shut:
             return

@@ -2,7 +2,7 @@
 
 :func:`train_student` is the ``train_loop_per_worker`` of a ``TorchTrainer``; one Train run holds
 the student's whole chain of stages (the SFT baseline, its side of step 1, step 2, step 3), so the
-run's start-up (seven actor processes, ~40 CPU-seconds on 2 cores) is paid once. For each stage it
+run's start-up (the controller, the workers and Ray Data's actors) is paid once. For each stage it
 rebuilds the objective from :mod:`vlsi_ray.method.steps` (the same objects the in-process runner
 uses), reads the stage's Ray Dataset, and runs :func:`vlsi_ray.method.loop.run_steps`. For step 2
 the teacher is a :class:`TeacherClient` over the teacher actors, pipelined with ``lookahead``.
@@ -17,17 +17,31 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from vlsi_ray.config import config_from_yaml
+from vlsi_ray.data.ray_dataset import RayCollate
+from vlsi_ray.env import set_offline_defaults
+from vlsi_ray.method.loop import Stepper, run_steps
+from vlsi_ray.metrics import MetricsWriter, last_attempt, read_metrics, write_stage_summary
+from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.prepare import LoadSettings, load_model, make_collator, new_verbalizers
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import Stage, build_objective
+from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper
+from vlsi_ray.tracking import Tracker
 
 STATE_FILE = "train_state.rank{rank}.pt"  # one per rank: ZeRO optimizer state is partitioned
 TAG_FILE = "stage.json"  # in every checkpoint: the stage that wrote it
@@ -67,8 +81,6 @@ class StageObjective:
     """The objective of one stage plus the modules whose trainable weights a checkpoint holds."""
 
     def __init__(self, spec: StageSpec, cfg, backbone, device: torch.device):
-        from vlsi_ray.models.verbalizer import Verbalizers
-        from vlsi_ray.prepare import new_verbalizers
 
         row, seed = spec.stage, spec.stage.seed(cfg.seed)
         self.backbone = backbone
@@ -81,8 +93,9 @@ class StageObjective:
             self.verbalizers = new_verbalizers(cfg, "student", backbone, seed)
         elif row.objective == "interact":
             self.verbalizers = Verbalizers.load(spec.verbalizer_dir, device)
-        self.objective = build_objective(row, cfg, backbone, verbalizers=self.verbalizers, teacher=spec.teacher,
-                                         generator=self.generator, vocab=spec.vocab)
+        self.objective = build_objective(
+            row, cfg, backbone, verbalizers=self.verbalizers, teacher=spec.teacher, generator=self.generator, vocab=spec.vocab
+        )
         self.modules: dict[str, nn.Module] = {"model": backbone.model}
         if self.verbalizers is not None:
             self.modules["verbalizers"] = self.verbalizers
@@ -104,7 +117,9 @@ class StageObjective:
         """Copy a :meth:`trainable_state` back into the parameters (names must match exactly)."""
         params = self._trainable()
         if params.keys() != state.keys():
-            raise ValueError("the checkpoint's trainable parameters do not match this stage's; was it written by another stage or config?")
+            raise ValueError(
+                "the checkpoint's trainable parameters do not match this stage's; was it written by another stage or config?"
+            )
         with stepper.gathered(params.values(), modify=True), torch.no_grad():
             for key, p in params.items():
                 p.copy_(state[key].to(p.device))
@@ -121,17 +136,13 @@ class StageObjective:
 
 
 def _make_stepper(parameters, opt, train_cfg, modules: dict[str, nn.Module], dtype: torch.dtype):
-    from vlsi_ray.method.loop import Stepper
 
     if train_cfg.deepspeed_stage:
-        from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper
-
         return DeepSpeedStepper(parameters, opt, train_cfg.deepspeed_stage, modules, dtype=dtype)
     return Stepper(parameters, opt, dtype)
 
 
 def _batches(shard, collate, batch_size: int, skip: int) -> Iterator[dict]:
-    from vlsi_ray.data.ray_dataset import RayCollate
 
     it = iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=RayCollate(collate), drop_last=True))
     for _ in range(skip):  # resume: the batches the checkpoint already trained on
@@ -150,9 +161,6 @@ def train_student(config: dict) -> None:
     A stage whose marker exists is skipped. The run's latest checkpoint resumes the stage that
     wrote it, so a restarted worker skips the finished stages and continues the interrupted one.
     """
-    import ray.train
-
-    from vlsi_ray.env import set_offline_defaults
 
     set_offline_defaults()
     checkpoint = ray.train.get_checkpoint()
@@ -168,7 +176,6 @@ def train_student(config: dict) -> None:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -179,13 +186,6 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
 
     ``fresh_run``: the Train run has no checkpoint at all (``train.fail_at_step`` fires only then).
     """
-    import ray.train
-    import ray.train.torch
-
-    from vlsi_ray.config import config_from_yaml
-    from vlsi_ray.method.loop import run_steps
-    from vlsi_ray.metrics import MetricsWriter, last_attempt, read_metrics, write_stage_summary
-    from vlsi_ray.prepare import LoadSettings, load_model
 
     started = time.perf_counter()
     name, layout = spec.stage.name, spec.layout
@@ -200,10 +200,21 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
     batches = _stage_batches(spec, cfg, backbone, opt, start, rank)
     _write_placement(layout.worker_placement(name, rank), device)
     reporter = _Reporter(spec, cfg, opt, stage, stepper, start, rank, fresh_run)
-    run_steps(name, stepper.wrap(stage.objective), stepper, batches, opt, spec.total_steps, device,
-              MetricsWriter(layout.metrics) if rank == 0 else None, list(stage.modules.values()), start_step=start,
-              after_step=reporter.after_step, verbose=rank == 0,
-              step_metrics=reporter.teacher_metrics if spec.teacher is not None else None)
+    run_steps(
+        name,
+        stepper.wrap(stage.objective),
+        stepper,
+        batches,
+        opt,
+        spec.total_steps,
+        device,
+        MetricsWriter(layout.metrics) if rank == 0 else None,
+        list(stage.modules.values()),
+        start_step=start,
+        after_step=reporter.after_step,
+        verbose=rank == 0,
+        step_metrics=reporter.teacher_metrics if spec.teacher is not None else None,
+    )
     reporter.tracker.finish()
     with stepper.gathered(stage.all_parameters()):  # ZeRO-3: a collective, then rank 0 saves whole tensors
         if rank == 0:
@@ -217,7 +228,6 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
 
 def _resume(stage: StageObjective, stepper, checkpoint, rank: int, name: str) -> int:
     """Restore trainable weights, optimizer state and matching RNG from ``checkpoint``; return its step."""
-    import ray.train
 
     world = ray.train.get_context().get_world_size()
     with checkpoint.as_directory() as d:
@@ -226,7 +236,9 @@ def _resume(stage: StageObjective, stepper, checkpoint, rank: int, name: str) ->
         for r in wanted:
             path = Path(d) / STATE_FILE.format(rank=r)
             if not path.is_file():
-                raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {r}; resume with the same train.num_workers.")
+                raise RuntimeError(
+                    f"checkpoint {checkpoint.path} has no state for rank {r}; resume with the same train.num_workers."
+                )
             states[r] = torch.load(path, weights_only=False)
     state = states[rank]
     stage.load_trainable_state(state["trainable"], stepper)
@@ -240,9 +252,6 @@ def _resume(stage: StageObjective, stepper, checkpoint, rank: int, name: str) ->
 def _stage_batches(spec: StageSpec, cfg, backbone, opt, start: int, rank: int) -> Iterator[dict]:
     """The stage's collated batches from its Ray Data shard, past the ``start`` steps already trained,
     pipelined through the teacher (step 2) and audited (``train.log_ids``)."""
-    import ray.train
-
-    from vlsi_ray.prepare import make_collator
 
     shard = ray.train.get_dataset_shard(dataset_name(spec.stage.name))
     batches = _batches(shard, make_collator(backbone, cfg), opt.batch_size, start * opt.grad_accum)
@@ -260,15 +269,25 @@ class _Reporter:
     steps and a checkpoint every ``checkpoint_every`` (and at the end); per-step teacher metrics."""
 
     def __init__(self, spec: StageSpec, cfg, opt, stage: StageObjective, stepper, start: int, rank: int, fresh_run: bool):
-        import ray.train
 
-        from vlsi_ray.tracking import Tracker
-
-        self.spec, self.cfg, self.opt, self.stage, self.stepper, self.rank, self.fresh_run = spec, cfg, opt, stage, stepper, rank, fresh_run
+        self.spec, self.cfg, self.opt, self.stage, self.stepper, self.rank, self.fresh_run = (
+            spec,
+            cfg,
+            opt,
+            stage,
+            stepper,
+            rank,
+            fresh_run,
+        )
         self.world = ray.train.get_context().get_world_size()
         name = spec.stage.name
-        self.tracker = Tracker(cfg.ray.logger if rank == 0 else "none", spec.layout.root, cfg.name, name,
-                               {"stage": name, "settings": spec.stage.settings, "workers": self.world})
+        self.tracker = Tracker(
+            cfg.ray.logger if rank == 0 else "none",
+            spec.layout.root,
+            cfg.name,
+            name,
+            {"stage": name, "settings": spec.stage.settings, "workers": self.world},
+        )
         self.window_started, self.window_step = time.perf_counter(), start
         self.teacher_seen = {"teacher_wait_s": 0.0, "signal_bytes": 0}
 
@@ -280,7 +299,6 @@ class _Reporter:
         return out
 
     def after_step(self, step: int, record: dict) -> None:
-        import ray.train
 
         cfg = self.cfg.train
         self.tracker.log(record, step)
@@ -297,21 +315,29 @@ class _Reporter:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"trainable": self.stage.trainable_state(self.stepper), "optimizer": self.stepper.state_dict(),
-                        "generator": self.stage.generator.get_state(), "step": step}, Path(tmp) / STATE_FILE.format(rank=self.rank))
+            torch.save(
+                {
+                    "trainable": self.stage.trainable_state(self.stepper),
+                    "optimizer": self.stepper.state_dict(),
+                    "generator": self.stage.generator.get_state(),
+                    "step": step,
+                },
+                Path(tmp) / STATE_FILE.format(rank=self.rank),
+            )
             (Path(tmp) / TAG_FILE).write_text(json.dumps({"stage": self.spec.stage.name, "step": step}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _write_placement(path: Path, device: torch.device) -> None:
     """Record where this worker runs (node, device, GPU ids, pid): placement checks and debugging."""
-    import os
-
-    import ray
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
+    info = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "device": str(device),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "pid": os.getpid(),
+    }
     path.write_text(json.dumps(info))
 
 

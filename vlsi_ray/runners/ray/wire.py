@@ -1,7 +1,7 @@
 """How collated batches travel through the Ray object store: numpy arrays, never torch tensors.
 
-numpy arrays are zero-copy in the object store (~4× faster than pickled tensors on these machines);
-lists (row ids, tasks) pass through unchanged.
+numpy arrays are zero-copy in the object store, torch tensors are pickled; lists (row ids, tasks)
+pass through unchanged.
 """
 
 from __future__ import annotations

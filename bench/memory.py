@@ -217,7 +217,6 @@ def measure(candidates: int, args: argparse.Namespace) -> dict:
     candidate KLs and by the end of the loss forward, the band sizes (candidates per student layer),
     the candidate KLs the objective evaluated, and the step's wall time.
     """
-
     device = torch.device(args.device)
     t_s = args.student_layers
     t_l = t_s + candidates - 1
@@ -294,7 +293,6 @@ def measure_checkpointing(length: int, enabled: bool, args: argparse.Namespace) 
     vocabulary (so activations, not the LM head, dominate), in train mode, gradient checkpointing
     ``enabled``; half the row is response. Returns the peak above the pre-step baseline and the loss.
     """
-
     device = torch.device(args.device)
     tokenizer = train_tokenizer(corpus_texts(generate_rows("train", 8, seed=0)), FAMILY)
     student = build_tiny(

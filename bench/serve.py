@@ -45,7 +45,6 @@ from vlsi_ray.serve.app import build_app  # noqa: E402
 
 def untrained_student(workdir: Path) -> tuple[Path, Path]:
     """conf/tiny.yaml's student at random init, saved under ``workdir``; returns (model dir, data dir)."""
-
     cfg = load_config(
         ROOT / "conf" / "tiny.yaml",
         [f"data.dir={workdir / 'data'}", "data.synthetic.train=500", "data.synthetic.val=10", "data.synthetic.test=64"],
@@ -58,7 +57,6 @@ def untrained_student(workdir: Path) -> tuple[Path, Path]:
 
 def chat_bodies(data_dir: Path, model: str, max_tokens: int, n: int) -> list[bytes]:
     """``n`` request bodies built from the synthetic test split (image as a base64 data URI)."""
-
     rows = read_rows(data_dir, split="test")[0]
     bodies = []
     for i in range(n):

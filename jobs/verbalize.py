@@ -62,7 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def trace_row(args) -> dict:
     """The chat row to trace: the given image + question, or a row of the synthetic test split."""
-
     if args.image:
         image = Path(args.image)
         if not image.is_file():

@@ -54,7 +54,6 @@ def tiny_run(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def fixture_sets(tmp_path_factory):
     """Tiny MCQ / POPE files in VLMEvalKit's formats (10 MCQ rows, 4 images × 3 POPE questions)."""
-
     return write_fixture_sets(Path(tmp_path_factory.mktemp("eval_sets")))
 
 
@@ -77,7 +76,6 @@ def local_ray():
     """A local Ray with room for a teacher actor, a Train worker and Ray Data tasks at once, one per test
     module (4 logical CPUs, 2 fake GPUs: placement tests ask for ``num_gpus``; CUDA stays unavailable,
     so the actors still compute on CPU)."""
-
     # As the runner starts a local Ray for tiny.yaml: no dashboard, workers with tuned malloc.
     ray.init(
         address="local",

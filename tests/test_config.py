@@ -112,7 +112,6 @@ def test_target_rule():
 
 def _config_keys(cls, prefix: str = "") -> tuple[set[str], set[str]]:
     """(leaf keys, group keys) of a config dataclass, dotted."""
-
     leaves, groups = set(), set()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -133,7 +132,6 @@ def _documented_keys(markdown: str, stages: list[str]) -> set[str]:
     Notation: ```a.b` / `.c` `` (a sibling of the previous key), ```a.b/c/d` `` (siblings), ``<stage>``
     (every stage).
     """
-
     keys: set[str] = set()
     in_table = False
     for line in markdown.splitlines():
@@ -159,7 +157,6 @@ def _documented_keys(markdown: str, stages: list[str]) -> set[str]:
 def test_readme_documents_every_config_key():
     """Every key of :class:`RunConfig` is in one of the README's key tables (or under a documented
     group such as ``teacher_pool.resources``), and every key the tables name exists."""
-
     leaves, groups = _config_keys(RunConfig)
     documented = _documented_keys((ROOT / "README.md").read_text(), list(STEPS))
     assert documented, "found no | key | default | meaning | table in README.md"
@@ -186,7 +183,6 @@ def test_documented_keys_notation():
 
 def test_a_ray_job_with_a_working_dir_refuses_relative_output_paths(monkeypatch, tmp_path):
     """In `ray job submit --working-dir` the cwd is Ray's temporary copy: relative outputs would be lost there."""
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
     with pytest.raises(ConfigError) as err:

@@ -171,7 +171,6 @@ def test_bfloat16_run_in_process_trains_every_stage_and_exports(world, tmp_path,
 def test_step2_in_bfloat16_tracks_float32(hub_worlds, one_thread):
     """The same step 2 (same weights, data, seeds, exact signal) computed in bfloat16 and in float32:
     per-step losses within 1% (measured: 0.09% at most; bfloat16 keeps 8 bits of mantissa, the losses are float32)."""
-
     world = hub_worlds("qwen2_vl")
     losses = {}
     for dtype in ("bfloat16", "float32"):
@@ -199,7 +198,6 @@ def test_step2_in_bfloat16_tracks_float32(hub_worlds, one_thread):
 
 def test_hub_checkpoints_job_writes_a_loadable_pair(tmp_path):
     """``jobs/hub_checkpoints.py``: a tiny released-layout pair a user can point teacher.path/student.path at."""
-
     spec = importlib.util.spec_from_file_location("hub_job", Path(__file__).resolve().parents[1] / "jobs" / "hub_checkpoints.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -28,7 +28,6 @@ def _free_port() -> int:
 @pytest.fixture
 def head(tmp_path):
     """A Ray head on loopback with token auth off (Ray 2.60 turns it on by default), stopped afterwards."""
-
     if ray.is_initialized():
         ray.shutdown()
     # PATH as in an activated virtualenv, so the job's `python` is this environment's.

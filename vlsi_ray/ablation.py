@@ -166,7 +166,6 @@ def _worker_init(threads: int) -> None:
 
 def _run(config: str | None, overrides: list[str], log: str) -> dict:
     """Run one config in this (worker) process, output to ``log``; returns the report's accuracies."""
-
     cfg = load_config(config, overrides)
     with open(log, "a") as out, redirect_stdout(out), redirect_stderr(out):
         return run_local(cfg)["accuracy"]
@@ -188,7 +187,6 @@ def run_ablation(
     fewer steps); ``jobs`` runs go on at once, each with ``threads`` torch threads. Every config is
     loaded (and so validated) before the first run starts.
     """
-
     chosen = variants(names)
     root = Path(root)
     bases_cfg = bases_overrides(root) + list(extra)

@@ -364,54 +364,67 @@ def validate(cfg: RunConfig) -> None:
         value = _get(flat, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}; pick one of those.")
-    unknown = [s for s in cfg.steps if s not in STEPS]
-    if unknown:
-        raise ConfigError(f"steps contains unknown step {unknown[0]!r}; choose from {', '.join(STEPS)}.")
-    unknown = [m for m in cfg.eval_models if m not in EVAL_MODELS]
-    if unknown:
-        raise ConfigError(f"eval_models contains unknown model {unknown[0]!r}; choose from {', '.join(EVAL_MODELS)}.")
-    for role in ("teacher", "student"):
-        _validate_model(getattr(cfg, role), role)
-    families = {role: model_family(getattr(cfg, role), role) for role in ("teacher", "student")}
-    if families["teacher"] != families["student"]:
-        what = {
-            role: f"{role}.path holds a {families[role]} model" if getattr(cfg, role).path else f"{role}.family={families[role]}"
-            for role in families
-        }
-        raise ConfigError(
-            f"{what['teacher']} but {what['student']}; VLsI needs a teacher and a student of the same family and tokenizer."
-        )
-    t_s = len(_targets_if_known(cfg.student))
-    t_l = len(_targets_if_known(cfg.teacher))
-    if t_s and t_l and t_s > t_l:
-        raise ConfigError(
-            f"the student has {t_s} target layers but the teacher only {t_l} (t_s > t_l); "
-            "give student.targets fewer layers or teacher.targets more."
-        )
+    for key, values, known in (("steps", cfg.steps, STEPS), ("eval_models", cfg.eval_models, EVAL_MODELS)):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise ConfigError(f"{key} contains unknown entry {unknown[0]!r}; choose from {', '.join(known)}.")
     if cfg.eval_tasks < 1:
         raise ConfigError(f"eval_tasks={cfg.eval_tasks} must be at least 1 (Ray tasks per model's test pass).")
     if cfg.eval_priority not in EVAL_PRIORITIES:
         raise ConfigError(
             f"eval_priority={cfg.eval_priority!r} is not one of {', '.join(EVAL_PRIORITIES)}; use idle (the default) or normal."
         )
-    if cfg.data.sort_in_memory_mb < 0:
-        raise ConfigError(f"data.sort_in_memory_mb={cfg.data.sort_in_memory_mb} must be 0 (always the distributed sort) or more.")
-    if cfg.signal.topk is not None and cfg.signal.topk < 1:
-        raise ConfigError(f"signal.topk={cfg.signal.topk} must be at least 1, or null for a dense signal.")
-    if cfg.signal.tail_samples < 0:
-        raise ConfigError(f"signal.tail_samples={cfg.signal.tail_samples} must be 0 (no tail samples) or more.")
-    if cfg.teacher.source == "cache" and cfg.signal.topk is None:
+    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device={cfg.device!r} is not auto, cpu or cuda[:N]; pick one of those.")
+    families = _validate_models(cfg)
+    _validate_signal(cfg)
+    for stage in STEPS:
+        _validate_optim(getattr(cfg.stages, stage), f"stages.{stage}")
+    _validate_data(cfg, families["student"])
+    _validate_ray(cfg)
+    _validate_job_paths(cfg)
+
+
+def _validate_models(cfg: RunConfig) -> dict[str, str]:
+    """Each model's section, one family for both, target layers that fit; returns the families by role."""
+    for role in ("teacher", "student"):
+        _validate_model(getattr(cfg, role), role)
+    families = {role: model_family(getattr(cfg, role), role) for role in ("teacher", "student")}
+    if families["teacher"] != families["student"]:
+        what = {role: f"{role}.path holds a {families[role]} model" if getattr(cfg, role).path else f"{role}.family={families[role]}"
+                for role in families}  # fmt: skip
+        raise ConfigError(
+            f"{what['teacher']} but {what['student']}; VLsI needs a teacher and a student of the same family and tokenizer."
+        )
+    t_s, t_l = len(_targets_if_known(cfg.student)), len(_targets_if_known(cfg.teacher))
+    if t_s and t_l and t_s > t_l:
+        raise ConfigError(f"the student has {t_s} target layers but the teacher only {t_l} (t_s > t_l); "
+                          "give student.targets fewer layers or teacher.targets more.")  # fmt: skip
+    if cfg.lora.rank < 1 or cfg.lora.alpha <= 0:
+        raise ConfigError("lora.rank must be at least 1 and lora.alpha positive.")
+    return families
+
+
+def _validate_signal(cfg: RunConfig) -> None:
+    signal = cfg.signal
+    if signal.topk is not None and signal.topk < 1:
+        raise ConfigError(f"signal.topk={signal.topk} must be at least 1, or null for a dense signal.")
+    if signal.tail_samples < 0:
+        raise ConfigError(f"signal.tail_samples={signal.tail_samples} must be 0 (no tail samples) or more.")
+    if cfg.teacher.source == "cache" and signal.topk is None:
         raise ConfigError(
             "teacher.source=cache stores a top-k signal, but signal.topk is null (dense); set signal.topk or teacher.source=live."
         )
-    if cfg.signal.tail_samples and cfg.signal.topk is None:
+    if signal.tail_samples and signal.topk is None:
         raise ConfigError(
-            f"signal.tail_samples={cfg.signal.tail_samples} needs a top-k signal; set signal.topk or signal.tail_samples=0."
+            f"signal.tail_samples={signal.tail_samples} needs a top-k signal; set signal.topk or signal.tail_samples=0."
         )
-    if cfg.lora.rank < 1 or cfg.lora.alpha <= 0:
-        raise ConfigError("lora.rank must be at least 1 and lora.alpha positive.")
-    for stage in STEPS:
-        _validate_optim(getattr(cfg.stages, stage), f"stages.{stage}")
+
+
+def _validate_data(cfg: RunConfig, family: str) -> None:
+    """The data section, the synthetic task's settings and the image resolution (``family``: the models')."""
+    if cfg.data.sort_in_memory_mb < 0:
+        raise ConfigError(f"data.sort_in_memory_mb={cfg.data.sort_in_memory_mb} must be 0 (always the distributed sort) or more.")
     syn = cfg.data.synthetic
     for split in ("train", "val", "test"):
         if getattr(syn, split) < 1:
@@ -425,25 +438,19 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.synthetic: {err}") from None
     if not 0.0 <= syn.caption_fraction < 1.0:
         raise ConfigError(f"data.synthetic.caption_fraction={syn.caption_fraction} must be in [0, 1).")
+    images = cfg.images
     for key in ("min_pixels", "max_pixels"):
-        value = getattr(cfg.images, key)
-        if value is not None and value < 1:
+        if getattr(images, key) is not None and getattr(images, key) < 1:
             raise ConfigError(
-                f"images.{key}={value} must be a positive number of pixels, or null for the checkpoints' own setting."
+                f"images.{key}={getattr(images, key)} must be a positive number of pixels, or null for the checkpoints' own setting."
             )
-    if None not in (cfg.images.min_pixels, cfg.images.max_pixels) and cfg.images.min_pixels > cfg.images.max_pixels:
+    if None not in (images.min_pixels, images.max_pixels) and images.min_pixels > images.max_pixels:
         raise ConfigError(
-            f"images.min_pixels={cfg.images.min_pixels} exceeds images.max_pixels={cfg.images.max_pixels}; lower min_pixels or raise max_pixels."
+            f"images.min_pixels={images.min_pixels} exceeds images.max_pixels={images.max_pixels}; lower min_pixels or raise max_pixels."
         )
-    if cfg.images.min_pixels is not None and not get_family(families["student"]).has_min_pixels:
-        raise ConfigError(
-            f"images.min_pixels has no {families['student']} equivalent (images are resized to their best crop grid); "
-            "leave it null and bound the resolution with images.max_pixels."
-        )
-    _validate_ray(cfg)
-    _validate_job_paths(cfg)
-    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
-        raise ConfigError(f"device={cfg.device!r} is not auto, cpu or cuda[:N]; pick one of those.")
+    if images.min_pixels is not None and not get_family(family).has_min_pixels:
+        raise ConfigError(f"images.min_pixels has no {family} equivalent (images are resized to their best crop grid); "
+                          "leave it null and bound the resolution with images.max_pixels.")  # fmt: skip
 
 
 def model_family(model: ModelConfig, role: str) -> str:

@@ -105,7 +105,6 @@ def _model(cfg: RunConfig, role: str, out: dict) -> ModelInfo | None:
 
 def _parameters(path: Path) -> tuple[int, int]:
     """Parameter count and bytes of a checkpoint, from the safetensors headers (no weight is read)."""
-
     files = sorted(path.glob("*.safetensors"))
     count = size = 0
     for file in files:

@@ -79,7 +79,6 @@ def load_model(
 ) -> Backbone:
     """Load the checkpoint at ``path`` as ``settings`` say: compute dtype, attention kernel,
     gradient checkpointing, image resolution; on ``device`` (or spread by ``device_map``)."""
-
     attention = attention_kernel(settings)
     where = device if device is not None else ("cuda" if device_map is not None else "cpu")
     dtype = compute_dtype(settings.dtype, where, saved_dtype(path))
@@ -90,7 +89,6 @@ def load_model(
 def attention_kernel(settings: LoadSettings) -> str:
     """``<role>.attn_implementation`` for this process: ``auto`` is flash_attention_2 where CUDA and the
     flash-attn package are present, else sdpa; an explicit flash_attention_2 without them is refused."""
-
     available = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if settings.attn_implementation == "auto":
         return "flash_attention_2" if available else "sdpa"

@@ -160,7 +160,6 @@ def group_capacity(group: dict) -> dict[str, float]:
 
 def paper_config():
     """conf/qwen2vl_72b_to_7b.yaml, loaded and validated (checkpoint paths dropped: they live on the PVC)."""
-
     return load_config(PAPER_CONFIG, ["teacher.path=null", "student.path=null"])
 
 

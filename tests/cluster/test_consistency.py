@@ -139,7 +139,6 @@ def test_runtime_envs_install_exactly_the_pyproject_pins():
 
 def test_runtime_envs_set_no_variable_that_ray_init_also_sets(monkeypatch):
     """ray_runner.connect() passes ray_env() to ray.init; Ray raises if the job's runtime env sets one of those."""
-
     monkeypatch.setenv("WANDB_MODE", "online")
     assert "WANDB_MODE" in ray_env(), "ray_env() no longer forwards WANDB_MODE: revisit this test"
     [app] = serve_config()["applications"]
@@ -158,7 +157,6 @@ def test_runtime_envs_set_no_variable_that_ray_init_also_sets(monkeypatch):
 
 def test_driver_pods_tell_gpu_workers_to_use_cuda(monkeypatch):
     """A DS_ACCELERATOR the driver was given reaches every worker (ray_env); one it defaulted to itself does not."""
-
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     monkeypatch.setattr(vlsi_env, "DEFAULTED", set())
     assert ray_env().get("DS_ACCELERATOR") == "cuda", "ray_env() no longer forwards DS_ACCELERATOR: revisit this test"
@@ -239,7 +237,6 @@ def test_serve_replicas_fit_the_serve_group():
 
 def _unknown_keys(model, data, where: str = "") -> list[str]:
     """Keys of ``data`` that the pydantic ``model`` (recursively) has no field for."""
-
     out = []
     for key, value in data.items():
         field = model.model_fields.get(key)

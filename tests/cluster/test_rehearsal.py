@@ -33,7 +33,6 @@ def _dotlist(resources: dict[str, float]) -> str:
 @pytest.fixture(scope="module")
 def kuberay_like_cluster():
     """Head, teacher node and student node as in cluster/raycluster.yaml; yields (cluster, nodes, actor resources)."""
-
     if ray.is_initialized():  # a Ray left by another module would take the place of this cluster
         ray.shutdown()
     spec, demands = cluster_specs()["RayCluster"], role_demands(paper_config())

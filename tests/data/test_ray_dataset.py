@@ -20,7 +20,6 @@ TASKS = ("shape", "colour")
 @pytest.mark.parametrize("sort_in_memory_mb", [512, 0], ids=["one-task sort", "distributed sort"])
 def test_train_stream_is_the_in_process_order(local_ray, tmp_path, sort_in_memory_mb):
     """Three epochs of two tasks' rows: the ids arrive exactly as BatchOrder hands them out in process."""
-
     write_shards(generate_rows("train", 120, seed=3), tmp_path, "train", rows_per_shard=40)
     rows = [r for r in read_rows(tmp_path, "train")[0] if r["task"] in TASKS]
     batches = 3 * (len(rows) // BATCH) + 2  # into a fourth epoch

@@ -166,7 +166,6 @@ def test_decode_image(rows):
 
 def test_ray_data_validation_drops_the_same_rows_as_the_reader(tmp_path, rows):
     """The Ray Data path (ValidRows in map_batches) keeps exactly what read_rows keeps, or raises."""
-
     good, bad = corrupt(rows)
     mixed = good[:3] + list(bad.values()) + good[3:]
     write_shards(mixed, tmp_path, "train", rows_per_shard=20)

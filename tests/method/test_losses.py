@@ -284,7 +284,6 @@ def test_sampled_tail_kl_value_and_gradient_converge_to_the_dense_kl(direction):
 
 def _kl_before_tail_samples(teacher: TeacherSignal, s: torch.Tensor, direction: str) -> torch.Tensor:
     """per_token_kl for top-k signals as it was before tail samples existed (commit 5de4321)."""
-
     dtype = torch.promote_types(s.dtype, torch.float32)
     s_log = torch.log_softmax(s.to(dtype) / teacher.temperature, dim=-1)
     ids = teacher.topk_ids[0]

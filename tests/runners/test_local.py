@@ -33,7 +33,6 @@ STAGE_DIRS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, one_thread, tiny_overrides):
     """One full run (all steps + the SFT baseline); returns (config, report, seconds)."""
-
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = load_config(None, tiny_overrides(tmp, "e2e"))
     started = time.perf_counter()

@@ -10,5 +10,4 @@ from vlsi_ray.export import export_student
 @pytest.fixture(scope="package")
 def exported(tiny_run, tmp_path_factory):
     """``jobs/export.py``'s output for the tiny run."""
-
     return export_student(tiny_run.run, tmp_path_factory.mktemp("export") / "model")

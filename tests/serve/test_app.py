@@ -47,7 +47,6 @@ def released(hub_worlds):
 def server(exported, released):
     """``serve.run`` of the app for the exported tiny student, with an API key, and of a released-layout
     bfloat16 checkpoint at ``/released`` (no key); yields the base URL."""
-
     ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {**ray_env(), "VLSI_TEST_KEY": KEY}}, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -111,7 +110,6 @@ def test_openai_client_with_an_image_matches_the_local_model(client, row, export
 def test_a_released_bfloat16_checkpoint_is_served_as_is(server, released):
     """The Hub-layout LLaVA-OneVision student, straight from its directory: bfloat16 on the replica, the
     released chat template, the same greedy answer and token counts as the project's generation."""
-
     test_row = read_rows(released.data, split="test")[0][0]
     client = OpenAI(base_url=f"{server}/released/v1", api_key="none", max_retries=0, timeout=120)
     reply = client.chat.completions.create(model=RELEASED, messages=_messages(test_row), max_tokens=8)

@@ -28,7 +28,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, local_ray, tiny_overrides, one_thread):
     """A run through step 1 and its teacher cache; returns (overrides, cfg, manifest)."""
-
     tmp = tmp_path_factory.mktemp("teacher_cache")
     overrides = tiny_overrides(tmp, "base", STEPS) + SIGNAL + [f"teacher.cache_dir={tmp / 'cache'}"]
     run_local(
@@ -41,7 +40,6 @@ def base_run(tmp_path_factory, local_ray, tiny_overrides, one_thread):
 
 def _step2(base_cfg, overrides, name: str, *extra: str) -> list[dict]:
     """Step 2 alone in a copy of the base run; returns its per-step metrics."""
-
     target = base_cfg.run_dir.parent / name
     shutil.copytree(base_cfg.run_dir, target, ignore=shutil.ignore_patterns("teacher_cache", "report.*", "metrics.jsonl"))
     cfg = load_config(None, overrides + [f"name={name}", "steps=[interact]", "eval_models=[]", *extra])

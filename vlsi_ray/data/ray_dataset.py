@@ -96,7 +96,6 @@ def train_split(data_dir: str | Path, on_error: str, sort_in_memory_mb: float) -
     materialized in the object store and each stage sorts them in one task; larger splits stream
     from the files through Ray Data's distributed sort. Either way the order is the same.
     """
-
     files = [str(f) for f in shard_files(data_dir, "train")]
     in_memory = sum(os.path.getsize(f) for f in files) <= sort_in_memory_mb * 2**20
     with _footer_readers(files):

@@ -56,7 +56,6 @@ def evaluate_benchmark(
     Returns the results dict written to ``<name>.json`` (see :func:`~vlsi_ray.eval.scoring.summarize`
     for the numbers; plus ``dataset``, ``format``, ``source``, ``model``, ``skipped_rows``, ``items``).
     """
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = bench.items[:limit] if limit else bench.items

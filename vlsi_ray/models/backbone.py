@@ -444,7 +444,6 @@ PROBE_IMAGE_SIZES = ((112, 112), (224, 168), (84, 252))
 
 def image_token_count(backbone: Backbone | ModelInfo, height: int, width: int) -> int:
     """Placeholder tokens ``backbone`` puts in the sequence for one ``height × width`` image."""
-
     image = Image.new("RGB", (width, height))
     processed = backbone.spec.process_image(backbone.image_processor, image)
     return backbone.spec.count_image_tokens(backbone.image_processor, processed)

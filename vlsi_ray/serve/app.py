@@ -151,7 +151,6 @@ class ChatModel:
 
     def _check_prompt(self, chat: ChatRequest) -> None:
         """Collate the prompt alone first, so a bad one fails here with a 400 and not inside a batch."""
-
         try:
             tokens = self.generator.prompt_tokens(chat.row)
         except RowError as exc:

@@ -162,7 +162,6 @@ def _part(part: Any, where: str, images: list[bytes], limits: Limits) -> dict:
 
 def decode_image(url: str, where: str, limits: Limits) -> bytes:
     """A ``data:image/...;base64,`` URI (or bare base64) -> image bytes, checked to be a readable image."""
-
     if url.startswith(("http://", "https://")):
         raise APIError(
             400,

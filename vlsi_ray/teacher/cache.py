@@ -78,7 +78,6 @@ class CacheSignals:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
         """Columns of ``B`` train rows -> ``B`` cache rows (``id``, ``tokens`` and the signal's arrays)."""
-
         batch = self.collate(rows)
         counts = response_token_counts(batch["labels"])
         encoded = self.worker.signal(encode_batch(batch))
@@ -91,91 +90,72 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
     A complete cache with the same spec is kept unless ``overwrite``; an incomplete one or one with
     another spec is replaced. Needs a running Ray (``ray.init``) and the run's step-1 outputs.
     """
-
     inputs = step2_inputs(cfg)
     vocab = check_pair_paths(inputs["teacher"], inputs["student"], cfg)
-    train_files = shard_files(cfg.data.dir, "train")
+    files = shard_files(cfg.data.dir, "train")
     spec = cache_spec(
-        cfg,
-        inputs["teacher"],
-        inputs["teacher_verbalizers"],
-        inputs["student"],
-        vocab,
-        train_files,
-        stage("interact").seed(cfg.seed),
+        cfg, inputs["teacher"], inputs["teacher_verbalizers"], inputs["student"], vocab, files, stage("interact").seed(cfg.seed)
     )
     out = cfg.teacher_cache
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file() and not overwrite:
-        old = json.loads(manifest_path.read_text())
+    if (out / MANIFEST).is_file() and not overwrite:
+        old = json.loads((out / MANIFEST).read_text())
         if old.get("spec") == spec:
             print(f"[teacher_cache] {out} is complete and matches this run; nothing to do (--overwrite rebuilds it)", flush=True)
             return old
     if out.exists():
         shutil.rmtree(out)
     started = time.perf_counter()
-    split = train_split(cfg.data.dir, cfg.data.on_error, cfg.data.sort_in_memory_mb)
-    dataset = split.dataset
-    tasks = set(cfg.stages.interact.tasks)
-    if tasks:
-        dataset = dataset.filter(lambda row: row["task"] in tasks)
-    pool, res = cfg.teacher_pool, cfg.teacher_pool.resources
-    signals = dataset.map_batches(
-        CacheSignals,
-        fn_constructor_args=(
-            to_yaml(cfg),
-            str(inputs["teacher"]),
-            str(inputs["teacher_verbalizers"]),
-            str(inputs["student"]),
-            vocab,
-        ),
-        batch_size=cfg.stages.interact.batch_size,
-        batch_format="numpy",
-        concurrency=pool.replicas,
-        num_cpus=res.num_cpus,
-        num_gpus=res.num_gpus or None,
-        resources=dict(res.resources) or None,
-    )  # Ray Data restarts a dead actor and retries its batches itself
-    shards = out / "shards"
+    _write_signals(cfg, inputs, vocab, out / "shards")
+    manifest = _manifest(cfg, inputs, vocab, spec, out, time.perf_counter() - started)
     print(
-        f"[teacher_cache] writing the teacher signal of {split.num_files} train shard(s) to {shards} "
-        f"({pool.replicas} teacher replica(s), top-{cfg.signal.topk}, {cfg.signal.tail_samples} tail samples)",
-        flush=True,
-    )
-    signals.write_parquet(str(shards), min_rows_per_file=ROW_GROUP_ROWS * 8, row_group_size=ROW_GROUP_ROWS)
-    files = sorted(p.relative_to(out).as_posix() for p in shards.glob("*.parquet"))
-    rows, signal_bytes = 0, 0
-    for name in files:
-        meta = pq.ParquetFile(out / name).metadata
-        rows += meta.num_rows
-        signal_bytes += os.path.getsize(out / name)
-    layers = len(json.loads((inputs["teacher_verbalizers"] / "verbalizers.json").read_text())["layers"]) + 1
-    manifest = {
-        "format": FORMAT_VERSION,
-        "spec": spec,
-        "rows": rows,
-        "files": files,
-        "layers": layers,
-        "k": min(cfg.signal.topk, vocab),
-        "bytes": signal_bytes,
-        "seconds": round(time.perf_counter() - started, 1),
-        "teacher_dir": str(inputs["teacher"]),
-        "teacher_verbalizers": str(inputs["teacher_verbalizers"]),
-    }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
-    print(
-        f"[teacher_cache] {rows} rows, {signal_bytes / 2**20:.1f} MiB in {len(files)} file(s), "
+        f"[teacher_cache] {manifest['rows']} rows, {manifest['bytes'] / 2**20:.1f} MiB in {len(manifest['files'])} file(s), "
         f"{manifest['seconds']:.0f}s; step 2 reads it with teacher.source=cache",
         flush=True,
     )
     return manifest
 
 
+def _write_signals(cfg: RunConfig, inputs: dict[str, Path], vocab: int, shards: Path) -> None:
+    """Map step 2's train rows through ``teacher_pool.replicas`` :class:`CacheSignals` actors into Parquet at ``shards``."""
+    split = train_split(cfg.data.dir, cfg.data.on_error, cfg.data.sort_in_memory_mb)
+    dataset = split.dataset
+    tasks = set(cfg.stages.interact.tasks)
+    if tasks:
+        dataset = dataset.filter(lambda row: row["task"] in tasks)
+    pool, res = cfg.teacher_pool, cfg.teacher_pool.resources
+    args = (to_yaml(cfg), str(inputs["teacher"]), str(inputs["teacher_verbalizers"]), str(inputs["student"]), vocab)
+    # Ray Data restarts a dead actor and retries its batches itself.
+    signals = dataset.map_batches(
+        CacheSignals, fn_constructor_args=args, batch_size=cfg.stages.interact.batch_size, batch_format="numpy",
+        concurrency=pool.replicas, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, resources=dict(res.resources) or None,
+    )  # fmt: skip
+    print(
+        f"[teacher_cache] writing the teacher signal of {split.num_files} train shard(s) to {shards} "
+        f"({pool.replicas} teacher replica(s), top-{cfg.signal.topk}, {cfg.signal.tail_samples} tail samples)",
+        flush=True,
+    )
+    signals.write_parquet(str(shards), min_rows_per_file=ROW_GROUP_ROWS * 8, row_group_size=ROW_GROUP_ROWS)
+
+
+def _manifest(cfg: RunConfig, inputs: dict[str, Path], vocab: int, spec: dict, out: Path, seconds: float) -> dict:
+    """Count what :func:`_write_signals` wrote under ``out`` and write ``manifest.json`` last (atomically):
+    a cache without one is incomplete."""
+    files = sorted(p.relative_to(out).as_posix() for p in (out / "shards").glob("*.parquet"))
+    rows = sum(pq.ParquetFile(out / name).metadata.num_rows for name in files)
+    layers = len(json.loads((inputs["teacher_verbalizers"] / "verbalizers.json").read_text())["layers"]) + 1
+    manifest = {
+        "format": FORMAT_VERSION, "spec": spec, "rows": rows, "files": files, "layers": layers, "k": min(cfg.signal.topk, vocab),
+        "bytes": sum(os.path.getsize(out / name) for name in files), "seconds": round(seconds, 1),
+        "teacher_dir": str(inputs["teacher"]), "teacher_verbalizers": str(inputs["teacher_verbalizers"]),
+    }  # fmt: skip
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
 def require_cache(cfg: RunConfig) -> None:
     """Before any work: a run whose step 2 will read the teacher cache needs one (:class:`ConfigError` if absent)."""
-
     step2_done = RunLayout(cfg.run_dir).finished("interact")
     if cfg.teacher.source != "cache" or "interact" not in cfg.steps or step2_done:
         return
@@ -187,7 +167,6 @@ def require_cache(cfg: RunConfig) -> None:
 
 def open_cache(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path, verbalizer_dir: str | Path, vocab: int):
     """Step 2's teacher when ``teacher.source=cache``: the run's cache, checked against this run's spec."""
-
     spec = cache_spec(
         cfg, teacher_dir, verbalizer_dir, student_dir, vocab, shard_files(cfg.data.dir, "train"), stage("interact").seed(cfg.seed)
     )

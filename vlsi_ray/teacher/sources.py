@@ -52,7 +52,6 @@ def teacher_source(
 
 def in_process(cfg, teacher, verbalizers, vocab: int | None = None) -> Callable[[dict], TeacherSignal]:
     """The teacher and its (frozen) verbalizers in this process as a source, with ``cfg``'s signal settings."""
-
     seed = stage("interact").seed(cfg.seed)  # tail samples: seeded from step 2's seed and each row's id
 
     def signal(batch: dict) -> TeacherSignal:

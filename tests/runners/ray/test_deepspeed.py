@@ -25,7 +25,6 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def single_process_group():
     """A one-rank gloo group, as Ray Train sets up for each worker; one per module (DeepSpeed caches its groups)."""
-
     mp = pytest.MonkeyPatch()
     with socket.socket() as sock:  # a free port: another test session may hold any fixed one
         sock.bind(("127.0.0.1", 0))
@@ -89,7 +88,6 @@ def _weights(stepper, net: nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stepper_makes_the_same_updates_as_adamw(single_process_group, stage):
     """Same gradient norms and weights as plain AdamW, with accumulation over 2 micro-batches and clipping."""
-
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5, weight_decay=0.01)
     reference, model = _net(), _net()
     plain = Stepper(list(reference.parameters()), opt)
@@ -108,7 +106,6 @@ def test_zero_stepper_makes_the_same_updates_as_adamw(single_process_group, stag
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stepper_resumes_exactly(single_process_group, stage):
     """Save weights + optimizer state after 2 steps, restore into a fresh engine: steps 3-5 equal the uninterrupted run's."""
-
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5, weight_decay=0.01)
     model = _net()
     zero = DeepSpeedStepper(list(model.parameters()), opt, stage, {"model": model})
@@ -132,7 +129,6 @@ def test_zero_stepper_resumes_exactly(single_process_group, stage):
 def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_group, stage):
     """DeepSpeed's bf16 block: the engine's weights are bfloat16, its optimizer holds float32 masters, and
     five steps follow plain AdamW on float32 masters under the same bfloat16 autocast (to bfloat16 rounding)."""
-
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5)
     assert deepspeed_config(opt, stage, torch.bfloat16)["bf16"] == {"enabled": True} and "bf16" not in deepspeed_config(
         opt, stage
@@ -156,7 +152,6 @@ def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_
 def test_two_workers_with_zero3_shard_the_data_and_train(local_ray, hub_worlds):
     """ZeRO-3 in bfloat16 on two gloo workers, from a released-layout bfloat16 pair: every step logged,
     disjoint data shards, the whole (gathered) student saved, in bfloat16."""
-
     world = hub_worlds("qwen2_vl")
     cfg = load_config(
         None,

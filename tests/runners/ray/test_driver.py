@@ -61,7 +61,6 @@ def local_reference(shared_data, one_thread):
 def test_ray_step2_equals_in_process_through_a_worker_restart(local_ray, shared_data, local_reference):
     """One student worker, fixed seeds, exact signal: the same losses and matched layers as in-process,
     even though the worker dies after step 5 and Ray Train (FailureConfig) restarts it from step 4."""
-
     cfg = load_config(None, interact_only(shared_data, "ray", "train.fail_at_step=5", "train.max_failures=1"))
     report = run_ray(cfg)
     ray_records = interact_records(cfg)
@@ -80,7 +79,6 @@ def test_resume_after_a_failure_continues_the_same_trajectory(local_ray, shared_
     """Steps 2 and 3 in one Train run; stop after step 4 of step 2 (a checkpoint), re-run the same
     command: steps 5..8 equal the uninterrupted run, then step 3 starts from its own beginning (the
     run's latest checkpoint belongs to step 2) and runs once."""
-
     name, chain = "resume", ["steps=[interact,sft]", "stages.sft.max_steps=3"]
 
     with pytest.raises(ray.train.TrainingFailedError):  # the injected failure, with no restart allowed

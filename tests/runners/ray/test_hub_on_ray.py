@@ -31,7 +31,6 @@ def test_bfloat16_pair_runs_every_stage_on_ray_and_its_teacher_cache_gives_the_s
     """Steps 1-3, the SFT-only baseline and every test pass on Ray from the released-layout pair; then the
     run's teacher cache (built with Ray Data from the same bfloat16 teacher) replays step 2 with the losses
     the live teacher actors gave."""
-
     world = hub_worlds(family)
     overrides = world.overrides(f"ray-bf16-{family}", "train.use_gpu=false", "signal.storage=float32")
     cfg = load_config(None, overrides)

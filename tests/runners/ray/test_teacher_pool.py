@@ -29,7 +29,6 @@ from tiny_config import make_tiny_overrides
 @pytest.fixture(scope="module")
 def teacher_dirs(tmp_path_factory, one_thread):
     """A tiny teacher and its (randomly initialised, non-zero) verbalizers saved to disk; some batches."""
-
     tmp = tmp_path_factory.mktemp("teacher")
     cfg = load_config(None, make_tiny_overrides(tmp, "pool") + ["verbalizer.zero_init=false"])
     rows = generate_rows("train", 48, seed=0)
@@ -93,7 +92,6 @@ def test_topk_wire_is_388_bytes_per_token_layer_and_only_rounds_the_kl(teacher_d
     """At k = 64 the wire holds 64·(2+4)+4 bytes per token and layer; decoding it gives the in-process
     top-k KL up to float16 rounding, never above the exact KL. (How close top-64 is to the exact KL
     on peaked distributions: tests/method/test_losses.py, within 3% at V = 4096.)"""
-
     model_dir, verb_dir, batches = teacher_dirs
     sparse = TeacherWorker(str(model_dir), str(verb_dir), topk=64, storage="float16", device="cpu")
     wire = {k: v for k, v in sparse.signal(encode_batch(batches[1])).items() if k not in ("ids", "seconds")}
@@ -197,7 +195,6 @@ def test_teacher_and_student_get_different_fake_gpus(local_ray, teacher_dirs):
 def test_worker_and_in_process_teacher_send_the_same_samples(teacher_dirs):
     """The Ray runner's teacher actor and the in-process runner build the same signal, samples included;
     a fresh worker (what Ray restarts) repeats them; another batch or seed draws others."""
-
     model_dir, verb_dir, batches = teacher_dirs
     teacher, verbs = Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir)
     reference = teacher_signal(teacher, verbs, batches[0], 8, tail_samples=5, seed=11)

@@ -74,7 +74,6 @@ class TeacherClient:
 
     def __call__(self, batch: dict) -> TeacherSignal:
         """The teacher signal of ``batch`` (waits for it if it is not ready; counts the wait)."""
-
         key = batch_key(batch)
         if key not in self._pending:
             self.submit(batch)

@@ -109,7 +109,6 @@ class DeepSpeedStepper:
 
     def wrap(self, objective: Callable) -> Callable:
         """``objective`` run as the engine's forward: ``batch -> StepOutput``."""
-
         self.container.objective = objective
 
         def run(batch: dict) -> StepOutput:

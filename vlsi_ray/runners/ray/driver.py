@@ -48,7 +48,6 @@ def ray_env(tune_malloc: bool = False) -> dict[str, str]:
     ``DS_ACCELERATOR`` goes along only when the user set it: otherwise each worker picks its own
     (cuda where it sees a GPU), whatever the driver's machine has.
     """
-
     env = {
         k: os.environ[k]
         for k in (
@@ -146,7 +145,6 @@ class RayRun(Run):
 
     def split(self):
         """The validated train split on Ray Data, read once per run (every stage orders it its own way)."""
-
         with self._split_lock:
             if self._split is None:
                 self._split = train_split(self.cfg.data.dir, self.cfg.data.on_error, self.cfg.data.sort_in_memory_mb)
@@ -171,7 +169,6 @@ class RayRun(Run):
     def fit(self, specs: list[StageSpec]) -> None:
         """Run the student ``specs`` in order as one Ray Train run (``<run_dir>/ray_train/student``),
         resuming from its last checkpoint; each finished stage leaves its marker."""
-
         _data_context()
         cfg = self.cfg
         workers = cfg.train.num_workers
@@ -261,7 +258,6 @@ class RayRun(Run):
 
     def accuracy(self) -> dict[str, dict]:
         """Wait for every test pass started by :meth:`evaluate`; return the accuracies by model name."""
-
         rows, results = self.test_rows(), {}
         for name in sorted(self._evals, key=EVAL_MODELS.index):  # the report's order
             predictions = [letter for part in ray.get(self._evals[name]) for letter in part]
@@ -444,7 +440,6 @@ def _pretrain_task(
 ) -> str:
     """:func:`vlsi_ray.runners.local.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``,
     saved to ``target`` (and ``cache``); returns ``target``."""
-
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
@@ -460,7 +455,6 @@ def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict], role: str 
     """The option letter the checkpoint at ``model_dir`` (loaded with ``role``'s settings) picks for each of
     ``rows`` (a Ray task), computed at idle CPU priority unless ``eval_priority=normal``: the pass runs
     beside later stages."""
-
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)

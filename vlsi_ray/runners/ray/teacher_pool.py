@@ -91,7 +91,6 @@ class TeacherWorker:
         ``after`` is ignored: pass the ObjectRef of another replica's :meth:`train_verbalizers` and
         Ray runs this call once that one has finished (and saved to ``path``).
         """
-
         verbalizers = Verbalizers.load(path, self.backbone.lm_head.weight.device)  # next to the heads they feed
         self.verbalizers = frozen_verbalizers(verbalizers, self.backbone)
         return self.verbalizers.layers
@@ -120,7 +119,6 @@ class TeacherWorker:
         tokens; top-k log-probs, int32 ids, tail mass, tail samples if any) plus ``ids`` and the
         forward's ``seconds``.
         """
-
         if self.verbalizers is None:
             raise RuntimeError("the teacher has no verbalizers yet; run step 1 (verbalize) before step 2.")
         started = time.perf_counter()
@@ -146,7 +144,6 @@ class TeacherWorker:
 
         ``rows`` are the stage's train rows; returns ``{"history": per-step metrics, "seconds": its duration}``.
         """
-
         started = time.perf_counter()
         cfg = config_from_yaml(cfg_yaml)
         verbs = new_verbalizers(cfg, "teacher", self.backbone, seed)
@@ -237,14 +234,12 @@ class TeacherPool:
     @property
     def infos(self) -> list[dict]:
         """Each replica's :meth:`TeacherWorker.info` (waits for the replicas to be up)."""
-
         if self._infos is None:
             self._infos = ray.get([a.info.remote() for a in self.actors])
         return self._infos
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group (once; later calls do nothing)."""
-
         if self._shut:
             return
         self._shut = True

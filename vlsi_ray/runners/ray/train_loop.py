@@ -161,7 +161,6 @@ def train_student(config: dict) -> None:
     A stage whose marker exists is skipped. The run's latest checkpoint resumes the stage that
     wrote it, so a restarted worker skips the finished stages and continues the interrupted one.
     """
-
     set_offline_defaults()
     checkpoint = ray.train.get_checkpoint()
     tag = None
@@ -186,7 +185,6 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
 
     ``fresh_run``: the Train run has no checkpoint at all (``train.fail_at_step`` fires only then).
     """
-
     started = time.perf_counter()
     name, layout = spec.stage.name, spec.layout
     rank, device = ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
@@ -228,7 +226,6 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
 
 def _resume(stage: StageObjective, stepper, checkpoint, rank: int, name: str) -> int:
     """Restore trainable weights, optimizer state and matching RNG from ``checkpoint``; return its step."""
-
     world = ray.train.get_context().get_world_size()
     with checkpoint.as_directory() as d:
         wanted = range(world) if stepper.needs_every_rank_state else [rank]
@@ -252,7 +249,6 @@ def _resume(stage: StageObjective, stepper, checkpoint, rank: int, name: str) ->
 def _stage_batches(spec: StageSpec, cfg, backbone, opt, start: int, rank: int) -> Iterator[dict]:
     """The stage's collated batches from its Ray Data shard, past the ``start`` steps already trained,
     pipelined through the teacher (step 2) and audited (``train.log_ids``)."""
-
     shard = ray.train.get_dataset_shard(dataset_name(spec.stage.name))
     batches = _batches(shard, make_collator(backbone, cfg), opt.batch_size, start * opt.grad_accum)
     batches = itertools.islice(batches, (spec.total_steps - start) * opt.grad_accum)  # no teacher request past the end
@@ -330,7 +326,6 @@ class _Reporter:
 
 def _write_placement(path: Path, device: torch.device) -> None:
     """Record where this worker runs (node, device, GPU ids, pid): placement checks and debugging."""
-
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {
         "node_id": ray.get_runtime_context().get_node_id(),

@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vlsi_ray.env import set_offline_defaults  # noqa: E402
+
+set_offline_defaults()
+
 from vlsi_ray.eval.benchmarks import BenchmarkError, mcq_benchmark, synthetic_benchmark, yes_no_benchmark  # noqa: E402
 from vlsi_ray.eval.fixtures import write_fixture_sets  # noqa: E402
 from vlsi_ray.eval.harness import evaluate_benchmark, write_summary  # noqa: E402
 from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, LocalPredictor  # noqa: E402
-
-set_offline_defaults()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

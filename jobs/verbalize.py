@@ -28,13 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from vlsi_ray.data.shards import read_rows  # noqa: E402
-from vlsi_ray.data.synthetic import messages_json  # noqa: E402
 from vlsi_ray.env import set_offline_defaults  # noqa: E402
-from vlsi_ray.eval.report import write_plots  # noqa: E402
-from vlsi_ray.eval.traces import TraceSource, export_source, run_sources, trace_source, write_traces  # noqa: E402
 
 set_offline_defaults()
+
+from vlsi_ray.data.shards import read_rows  # noqa: E402
+from vlsi_ray.data.synthetic import messages_json  # noqa: E402
+from vlsi_ray.eval.report import write_plots  # noqa: E402
+from vlsi_ray.eval.traces import TraceSource, export_source, run_sources, trace_source, write_traces  # noqa: E402
+from vlsi_ray.recipe.layout import RunLayout  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +72,7 @@ def trace_row(args) -> dict:
         return {"id": image.name, "image": image.read_bytes(), "messages": json.dumps(messages)}
     data = args.data
     if data is None and args.run_dir:
-        data = OmegaConf.load(Path(args.run_dir) / "config.yaml").data.dir
+        data = OmegaConf.load(RunLayout(args.run_dir).config).data.dir
     if data is None:
         raise FileNotFoundError("no row to trace: pass --image and --question, or --data DIR.")
     rows, _ = read_rows(data, split="test")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"[trace] {source.name} layer {layer['layer']}{' (final)' if layer['kind'] == 'final' else ''}: {layer['text']!r}"
                 )
-        json_path, html_path = write_traces(args.out or Path(args.run_dir) / "traces", row, traces)
+        json_path, html_path = write_traces(args.out or RunLayout(args.run_dir).traces, row, traces)
     except (FileNotFoundError, IndexError, ValueError) as err:
         print(f"verbalize error: {err}", file=sys.stderr)
         return 2

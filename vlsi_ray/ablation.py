@@ -30,6 +30,7 @@ import torch
 
 from vlsi_ray.config import load_config
 from vlsi_ray.data.synthetic import SCORED_TASKS
+from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.runners.local import run_local
 
 
@@ -145,7 +146,7 @@ def variant_overrides(root: Path, variant: Variant, seed: int, with_bases: bool 
 
 def finished_accuracy(run_dir: Path, models: Iterable[str]) -> dict | None:
     """``report.json``'s accuracies when the run finished and scored every model in ``models``, else None."""
-    path = run_dir / "report.json"
+    path = RunLayout(run_dir).report_json
     if not path.is_file():
         return None
     accuracy = json.loads(path.read_text()).get("accuracy", {})
@@ -228,9 +229,9 @@ def run_ablation(
     todo = []
     for s in seeds:
         for variant in others:
-            step1 = root / f"s{s}" / variant.name / "verbalize"
+            step1 = RunLayout(root / f"s{s}" / variant.name).stage_dir("verbalize")
             if not step1.exists():  # every variant of a seed shares the default run's step 1
-                shutil.copytree(root / f"s{s}" / default.name / "verbalize", step1)
+                shutil.copytree(RunLayout(root / f"s{s}" / default.name).stage_dir("verbalize"), step1)
             todo.append((f"s{s}/{variant.name}", variant_overrides(root, variant, s), variant.evaluates))
     phase(todo)
     return results

@@ -21,6 +21,7 @@ from vlsi_ray.method.loop import OptimConfig
 from vlsi_ray.method.matching import MatchingOptions
 from vlsi_ray.method.steps import LossOptions
 from vlsi_ray.models.families import FAMILIES, UnsupportedModelError, detect_family, get_family
+from vlsi_ray.recipe.layout import RunLayout
 
 STEPS = ("pretrain_teacher", "pretrain_student", "verbalize", "interact", "sft")
 EVAL_MODELS = ("teacher", "student_base", "student_sft_only", "vlsi_without_sft", "vlsi")
@@ -286,7 +287,7 @@ class RunConfig:
     @property
     def teacher_cache(self) -> Path:
         """Directory of the offline teacher signal (``teacher.cache_dir``, else ``<run_dir>/teacher_cache``)."""
-        return Path(self.teacher.cache_dir) if self.teacher.cache_dir else self.run_dir / "teacher_cache"
+        return Path(self.teacher.cache_dir) if self.teacher.cache_dir else RunLayout(self.run_dir).teacher_cache
 
 
 _CHOICES = {

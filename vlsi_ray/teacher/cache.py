@@ -25,6 +25,7 @@ from vlsi_ray.config import ConfigError, RunConfig, config_from_yaml, to_yaml
 from vlsi_ray.data.ray_dataset import train_split
 from vlsi_ray.data.shards import shard_files
 from vlsi_ray.method.steps import response_token_counts
+from vlsi_ray.models.verbalizer import CONFIG_FILE as VERBALIZERS_CONFIG
 from vlsi_ray.prepare import LoadSettings, check_pair_paths, make_collator, model_info
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import stage
@@ -142,7 +143,7 @@ def _manifest(cfg: RunConfig, inputs: dict[str, Path], vocab: int, spec: dict, o
     a cache without one is incomplete."""
     files = sorted(p.relative_to(out).as_posix() for p in (out / "shards").glob("*.parquet"))
     rows = sum(pq.ParquetFile(out / name).metadata.num_rows for name in files)
-    layers = len(json.loads((inputs["teacher_verbalizers"] / "verbalizers.json").read_text())["layers"]) + 1
+    layers = len(json.loads((inputs["teacher_verbalizers"] / VERBALIZERS_CONFIG).read_text())["layers"]) + 1
     manifest = {
         "format": FORMAT_VERSION, "spec": spec, "rows": rows, "files": files, "layers": layers, "k": min(cfg.signal.topk, vocab),
         "bytes": sum(os.path.getsize(out / name) for name in files), "seconds": round(seconds, 1),

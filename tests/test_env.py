@@ -35,7 +35,6 @@ def test_at_idle_priority_returns_the_value_and_raises_the_error():
 
 
 def test_workers_get_the_malloc_settings_unless_the_user_chose_their_own(monkeypatch):
-
     for key in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(key)
     assert {k: ray_env(tune_malloc=True)[k] for k in MALLOC_ENV} == {

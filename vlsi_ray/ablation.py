@@ -161,7 +161,6 @@ def collect_finished(root: Path, seeds: Sequence[int], chosen: Sequence[Variant]
 
 
 def _worker_init(threads: int) -> None:
-
     torch.set_num_threads(threads)
 
 

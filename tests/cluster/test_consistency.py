@@ -205,7 +205,6 @@ def test_every_pod_mounts_the_shared_volume_where_the_paths_point():
 
 
 def test_serve_app_matches_the_serving_contract():
-
     config = serve_config()
     ServeDeploySchema.model_validate(config)  # Ray Serve's own check of serveConfigV2 (KubeRay submits it as is)
     unknown = _unknown_keys(ServeDeploySchema, config)

@@ -51,7 +51,6 @@ def kuberay_like_cluster():
 
 
 def test_tiny_distillation_places_teacher_and_student_on_their_groups(kuberay_like_cluster, tmp_path):
-
     cluster, nodes, asks = kuberay_like_cluster
     overrides = make_tiny_overrides(tmp_path, "kuberay-rehearsal", {"interact": 4}) + [
         "steps=[interact]",

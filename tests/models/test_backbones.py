@@ -247,7 +247,6 @@ def test_check_compatible(setup, tmp_path):
 
 
 def test_weight_free_check_reads_what_the_backbones_give(setup, tmp_path):
-
     family, tok, teacher, student, _ = setup
     bigger = MODULES[family].build_tiny("student", tok, vocab_size=teacher.vocab_size + 128)
     low_res = MODULES[family].build_tiny("student", tok, image_size=56)

@@ -96,7 +96,6 @@ class TestEndToEnd:
             assert Verbalizers.exists(run / rel), rel
 
     def test_rerun_skips_training(self, e2e, capsys, tiny_overrides):
-
         cfg, report, _ = e2e
         metrics = cfg.run_dir / "metrics.jsonl"
         lines = metrics.read_text()

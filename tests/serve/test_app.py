@@ -76,7 +76,6 @@ def server(exported, released):
 
 @pytest.fixture(scope="module")
 def client(server):
-
     return OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
@@ -135,7 +134,6 @@ def test_stream_concatenates_to_the_plain_reply(client, row):
 
 
 def _png_b64(size) -> str:
-
     buf = io.BytesIO()
     Image.new("RGB", size, "blue").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
@@ -244,7 +242,6 @@ def test_32_concurrent_requests_all_succeed(client, row):
 
 
 def test_eval_harness_scores_the_endpoint_like_the_local_model(server, exported, fixture_sets):
-
     items = mcq_benchmark(fixture_sets.mcq).items[:4]
     endpoint = EndpointPredictor(server, NAME, api_key=KEY, workers=4, max_tokens=4)
     local = LocalPredictor(exported, batch_size=1, max_tokens=4)

@@ -88,7 +88,6 @@ def test_stop_strings_max_tokens_and_seeds(generator, rows):
 
 
 def _png(size=(8, 8)) -> str:
-
     buf = io.BytesIO()
     Image.new("RGB", size, "red").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -93,7 +93,6 @@ def test_a_cache_for_another_k_is_refused(base_run):
 
 
 def test_missing_cache_is_a_config_error_before_any_work(tmp_path, tiny_overrides):
-
     cfg = load_config(None, tiny_overrides(tmp_path, "nocache") + ["teacher.source=cache", "runner=local"])
     with pytest.raises(ConfigError, match="jobs/teacher_cache.py"):
         run_local(cfg)

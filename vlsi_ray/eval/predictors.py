@@ -46,7 +46,6 @@ class LocalPredictor:
     """Greedy answers from a local checkpoint, ``batch_size`` rows per ``generate`` call."""
 
     def __init__(self, model_dir: str | Path, batch_size: int = 8, max_tokens: int = 32, device: str = "cpu", generator=None):
-
         self.name = str(model_dir)
         self.generator = generator or ChatGenerator.from_pretrained(model_dir, device=device)
         self.params = SamplingParams(max_tokens=max_tokens)
@@ -79,7 +78,6 @@ class EndpointPredictor:
         retries: int = 4,
         backoff: float = 0.5,
     ):
-
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.api_key = api_key
         self.workers = workers

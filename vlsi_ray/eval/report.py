@@ -70,7 +70,6 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[
 
 
 def _target_layers(verbalizers_dir: Path) -> list[int] | None:
-
     path = verbalizers_dir / CONFIG_FILE
     return json.loads(path.read_text())["layers"] if path.is_file() else None
 

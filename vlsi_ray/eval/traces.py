@@ -93,7 +93,6 @@ def _base(layout: RunLayout, stage: str, configured: str | None) -> Path:
 
 
 def _configured_paths(layout: RunLayout) -> dict[str, str]:
-
     if not layout.config.is_file():
         return {}
     cfg = OmegaConf.load(layout.config)

@@ -81,7 +81,6 @@ class ChatModel:
     """One replica: the exported model on this replica's device, behind the OpenAI routes."""
 
     def __init__(self, config: dict[str, Any]):
-
         set_offline_defaults()
         self.cfg: ServeConfig = serve_config(config)
         self.name = self.cfg.served_name

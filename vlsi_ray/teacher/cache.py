@@ -61,7 +61,6 @@ class CacheSignals:
     """Ray Data actor: one teacher replica turning batches of train rows into per-sample cache rows."""
 
     def __init__(self, cfg_yaml: str, teacher_dir: str, verbalizer_dir: str, student_dir: str, vocab: int):
-
         cfg = config_from_yaml(cfg_yaml)
         self.collate = make_collator(model_info(student_dir, LoadSettings.of(cfg, "student")), cfg)
         self.worker = TeacherWorker(

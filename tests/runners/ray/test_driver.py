@@ -52,7 +52,6 @@ def shared_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_reference(shared_data, one_thread):
-
     cfg = load_config(None, interact_only(shared_data, "local"))
     run_local(cfg)
     return interact_records(cfg)
@@ -100,7 +99,6 @@ def test_resume_after_a_failure_continues_the_same_trajectory(local_ray, shared_
 
 
 def test_killed_teacher_is_restarted_and_every_row_is_consumed_once(local_ray, shared_data):
-
     cfg = load_config(None, interact_only(shared_data, "fault", "train.log_ids=true", "train.checkpoint_every=0"))
     metrics = cfg.run_dir / "metrics.jsonl"
     killed = {}

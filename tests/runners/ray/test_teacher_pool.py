@@ -229,7 +229,6 @@ def test_worker_and_in_process_teacher_send_the_same_samples(teacher_dirs):
 
 
 def test_teacher_signal_with_samples_needs_row_ids(teacher_dirs):
-
     model_dir, verb_dir, batches = teacher_dirs
     batch = {k: v for k, v in batches[0].items() if k != "ids"}
     teacher, verbs = Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir)

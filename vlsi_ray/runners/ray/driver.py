@@ -115,7 +115,6 @@ def connect(cfg: RunConfig) -> str:
 
 
 def _data_context() -> None:
-
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the seeded order is the batch order
     ctx.enable_progress_bars = False

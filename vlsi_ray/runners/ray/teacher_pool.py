@@ -191,7 +191,6 @@ class TeacherPool:
         step1_dir: str | Path | None = None,
         load=None,
     ):
-
         res = pool_cfg.resources
         bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.resources}
         self.placement_group = placement_group(

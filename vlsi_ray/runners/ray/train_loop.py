@@ -81,7 +81,6 @@ class StageObjective:
     """The objective of one stage plus the modules whose trainable weights a checkpoint holds."""
 
     def __init__(self, spec: StageSpec, cfg, backbone, device: torch.device):
-
         row, seed = spec.stage, spec.stage.seed(cfg.seed)
         self.backbone = backbone
         self.verbalizers = None
@@ -136,14 +135,12 @@ class StageObjective:
 
 
 def _make_stepper(parameters, opt, train_cfg, modules: dict[str, nn.Module], dtype: torch.dtype):
-
     if train_cfg.deepspeed_stage:
         return DeepSpeedStepper(parameters, opt, train_cfg.deepspeed_stage, modules, dtype=dtype)
     return Stepper(parameters, opt, dtype)
 
 
 def _batches(shard, collate, batch_size: int, skip: int) -> Iterator[dict]:
-
     it = iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=RayCollate(collate), drop_last=True))
     for _ in range(skip):  # resume: the batches the checkpoint already trained on
         next(it)
@@ -175,7 +172,6 @@ def train_student(config: dict) -> None:
 
 
 def _barrier() -> None:
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -265,7 +261,6 @@ class _Reporter:
     steps and a checkpoint every ``checkpoint_every`` (and at the end); per-step teacher metrics."""
 
     def __init__(self, spec: StageSpec, cfg, opt, stage: StageObjective, stepper, start: int, rank: int, fresh_run: bool):
-
         self.spec, self.cfg, self.opt, self.stage, self.stepper, self.rank, self.fresh_run = (
             spec,
             cfg,
@@ -295,7 +290,6 @@ class _Reporter:
         return out
 
     def after_step(self, step: int, record: dict) -> None:
-
         cfg = self.cfg.train
         self.tracker.log(record, step)
         if cfg.fail_at_step == step and self.fresh_run:

@@ -396,13 +396,6 @@ def _intermediate_ce(objective: InteractionObjective, step: _Step2) -> tuple[Ten
     return loss, metrics
 
 
-@loss_term(INTERMEDIATE_TERMS, "none")
-@loss_term(LAST_LAYER_TERMS, "none")
-def _no_term(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
-    """No term (final-layer-only KD when intermediate; Table 4(d) without the last-layer term)."""
-    return _zero(step), {}
-
-
 @loss_term(LAST_LAYER_TERMS, "kl")
 def _last_kl(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
     """The paper: the student's final distribution to the teacher's."""
@@ -415,3 +408,10 @@ def _last_ce(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dic
     """Table 4(d)'s ablation: the last layer's cross-entropy on the ground truth."""
     last = verbalized_ce(step.final, objective.student.lm_head, step.targets, objective.loss.chunk_size).mean()
     return last, {"ce/last": last.item()}
+
+
+@loss_term(INTERMEDIATE_TERMS, "none")
+@loss_term(LAST_LAYER_TERMS, "none")
+def _no_term(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
+    """No term (final-layer-only KD when intermediate; Table 4(d) without the last-layer term)."""
+    return _zero(step), {}

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 from vlsi_ray.env import set_offline_defaults
 
 set_offline_defaults()
+
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (a CI failure reproduces locally); derandomize=False
+# locally with HYPOTHESIS_PROFILE=explore to search new examples.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 from pathlib import Path  # noqa: E402

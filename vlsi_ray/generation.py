@@ -59,6 +59,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens)
+    batch_size: int = 1  # rows decoded together with this one, itself included
 
 
 @dataclass
@@ -222,6 +223,6 @@ class ChatGenerator:
         )
         prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
         return [
-            Completion(row.text if row.finish else row.sent, int(n), len(row.ids), row.finish or "length")
+            Completion(row.text if row.finish else row.sent, int(n), len(row.ids), row.finish or "length", len(state.rows))
             for row, n in zip(state.rows, prompt_lengths)
         ]

@@ -21,7 +21,7 @@ from vlsi_ray.eval.benchmarks import mcq_benchmark
 from vlsi_ray.eval.predictors import EndpointError, EndpointPredictor, LocalPredictor
 from vlsi_ray.generation import ChatGenerator, SamplingParams
 from vlsi_ray.runners.ray.driver import ray_env
-from vlsi_ray.serve.app import build_app
+from vlsi_ray.serve.app import BATCH_HEADER, build_app
 
 pytestmark = pytest.mark.integration
 KEY = "test-key-123"
@@ -228,17 +228,25 @@ def test_unknown_route_and_key_on_models(server):
     assert requests.get(f"{server}/v1/models", timeout=30).status_code == 401
 
 
-def test_32_concurrent_requests_all_succeed(client, row):
+def test_32_concurrent_requests_all_succeed_decoded_together(client, row):
+    """32 concurrent requests: all answered, several decodes serve more than one request (the response header
+    says how many, up to the app's max_batch_size of 8), and a seeded request's text does not depend on its batch."""
+
     def ask(i):
-        return client.chat.completions.create(model=NAME, messages=_messages(row), max_tokens=6, temperature=0.8, seed=i)
+        raw = client.chat.completions.with_raw_response.create(
+            model=NAME, messages=_messages(row), max_tokens=6, temperature=0.8, seed=i
+        )
+        return raw.parse(), int(raw.headers[BATCH_HEADER])
 
     with ThreadPoolExecutor(32) as pool:
-        replies = list(pool.map(ask, range(32)))
+        answers = list(pool.map(ask, range(32)))
+    replies, batches = [a for a, _ in answers], [b for _, b in answers]
     assert len(replies) == 32 and all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
     assert all(1 <= r.usage.completion_tokens <= 6 for r in replies)
+    assert all(1 <= b <= 8 for b in batches) and max(batches) > 1, batches
     # Same seed, same text, whatever batch a request landed in.
-    again = ask(3)
-    assert again.choices[0].message.content == replies[3].choices[0].message.content
+    again, alone = ask(3)
+    assert alone == 1 and again.choices[0].message.content == replies[3].choices[0].message.content
 
 
 def test_eval_harness_scores_the_endpoint_like_the_local_model(server, exported, fixture_sets):

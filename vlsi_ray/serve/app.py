@@ -75,6 +75,10 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+#: Response header of a non-streamed completion: how many requests its decode served together.
+BATCH_HEADER = "X-VLSI-Batch-Size"
+
+
 @serve.deployment(name="ChatModel")
 @serve.ingress(api)
 class ChatModel:
@@ -132,7 +136,8 @@ class ChatModel:
                 result = event
         if result is None:
             raise APIError(500, "generation ended without a result; retry the request.", type="server_error")
-        return completion_body(chat.row["id"], self.name, result)
+        # How many requests this one was decoded with (dynamic batching at work), for clients and tests.
+        return JSONResponse(completion_body(chat.row["id"], self.name, result), headers={BATCH_HEADER: str(result.batch_size)})
 
     # ----- helpers ------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:

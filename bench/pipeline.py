@@ -51,11 +51,12 @@ from vlsi_ray.method.loop import Stepper  # noqa: E402
 from vlsi_ray.method.steps import InteractionObjective  # noqa: E402
 from vlsi_ray.models.tokenizer import train_tokenizer  # noqa: E402
 from vlsi_ray.prepare import build_model, make_collator, new_verbalizers  # noqa: E402
+from vlsi_ray.recipe.stages import stage  # noqa: E402
 from vlsi_ray.runners.ray.client import TeacherClient  # noqa: E402
 from vlsi_ray.runners.ray.driver import ray_env  # noqa: E402
 from vlsi_ray.runners.ray.teacher_pool import TeacherPool  # noqa: E402
 from vlsi_ray.runners.ray.wire import encode_batch  # noqa: E402
-from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
+from vlsi_ray.teacher.sources import in_process  # noqa: E402
 
 
 def student_loop(objective, stepper, batches) -> float:
@@ -101,10 +102,7 @@ def main(argv=None) -> int:
     warm, timed = batches[:5], batches[5:]
     student.apply_lora(cfg.lora.rank, cfg.lora.alpha)
 
-    def local_teacher(batch):
-        return teacher_signal(
-            teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, tail_samples=cfg.signal.tail_samples, seed=cfg.seed
-        )
+    local_teacher = in_process(cfg, teacher, t_verbs)  # the in-process runner's teacher source
 
     def make_objective(teacher_fn):
         objective = InteractionObjective(
@@ -128,7 +126,7 @@ def main(argv=None) -> int:
         None,
         cfg.signal.storage,
         tail_samples=cfg.signal.tail_samples,
-        seed=cfg.seed,
+        seed=stage("interact").seed(cfg.seed),  # as the in-process source: the same tail samples per row
     )
     client = TeacherClient(pool.actors, args.lookahead)
     for b in warm:

@@ -39,8 +39,8 @@ from vlsi_ray.prepare import check_pair, make_collator  # noqa: E402
 from vlsi_ray.recipe.layout import RunLayout  # noqa: E402
 from vlsi_ray.runners.local import run_local  # noqa: E402
 from vlsi_ray.runners.ray.driver import connect  # noqa: E402
-from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
 from vlsi_ray.teacher.cache import build_cache, open_cache  # noqa: E402
+from vlsi_ray.teacher.sources import in_process  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -88,9 +88,7 @@ def main(argv=None) -> int:
     warm, timed = batches[:2], batches[2:]
     student.apply_lora(cfg.lora.rank, cfg.lora.alpha)
 
-    def live(batch):
-        with torch.no_grad():
-            return teacher_signal(teacher, t_verbs, batch, cfg.signal.topk, cfg.loss.kd_temperature, vocab)
+    live = in_process(cfg, teacher, t_verbs, vocab)  # the in-process runner's teacher source
 
     objectives = {}
     for name, source in (("live", live), ("cache", cache)):

@@ -62,7 +62,7 @@ def chat_bodies(data_dir: Path, model: str, max_tokens: int, n: int) -> list[byt
     for i in range(n):
         row = rows[i % len(rows)]
         question = next(p["text"] for p in json.loads(row["messages"])[0]["content"] if p["type"] == "text")
-        url = "data:image/png;base64," + base64.b64encode(row["image"]).decode()
+        url = "data:image/png;base64," + base64.b64encode(row["images"][0]).decode()
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
         bodies.append(
             json.dumps(

@@ -34,6 +34,7 @@ set_offline_defaults()
 
 from vlsi_ray.config import ConfigError, load_config  # noqa: E402
 from vlsi_ray.dry_run import dry_run  # noqa: E402
+from vlsi_ray.prepare import require_data  # noqa: E402
 from vlsi_ray.runners.local import run_local  # noqa: E402
 from vlsi_ray.runners.ray.driver import run_ray  # noqa: E402
 from vlsi_ray.teacher.cache import require_cache  # noqa: E402
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(cfg, args.dry_run_rows)
             return 0
 
+        require_data(cfg)  # shards, or the synthetic task asked for: before any work
         require_cache(cfg)  # teacher.source=cache: the cache must exist before any work
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

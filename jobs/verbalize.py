@@ -69,7 +69,7 @@ def trace_row(args) -> dict:
         if not image.is_file():
             raise FileNotFoundError(f"--image {image} does not exist; pass an image file.")
         messages = json.loads(messages_json(args.question, "-"))[:1]  # the user turn only
-        return {"id": image.name, "image": image.read_bytes(), "messages": json.dumps(messages)}
+        return {"id": image.name, "images": [image.read_bytes()], "messages": json.dumps(messages)}
     data = args.data
     if data is None and args.run_dir:
         data = OmegaConf.load(RunLayout(args.run_dir).config).data.dir

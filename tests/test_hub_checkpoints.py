@@ -117,7 +117,7 @@ def test_every_assistant_turn_is_labelled_and_nothing_else(world):
         {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": answers[2]}]},
     ]
-    row = {"id": "three-turns", "image": rows[0]["image"], "messages": json.dumps(messages)}
+    row = {"id": "three-turns", "images": rows[0]["images"], "messages": json.dumps(messages)}
     collator = ChatCollator(tok, backbone.image_processor, world.family)
     batch = collator([row])
     labels, ids = batch["labels"][0], batch["input_ids"][0]

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,38 @@ def head(tmp_path):
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+#: What Ray's job server answers while the head's job agent is still starting (it says to try again).
+AGENT_STARTING = "No available agent to submit job"
+
+
+def _submit(address: str, env: dict, overrides: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir <project> -- python jobs/distill.py <overrides>``, retried for up to
+    a minute while the head's job agent is still starting."""
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(
+            [
+                RAY,
+                "job",
+                "submit",
+                f"--address={address}",
+                f"--working-dir={ROOT}",
+                "--",
+                "python",
+                "jobs/distill.py",
+                *overrides,
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if AGENT_STARTING not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
+
+
 def test_job_submit_runs_the_pipeline_and_writes_the_report(head, tmp_path):
     """As the README's local-cluster commands do: a head started from the project's environment, the job
     submitted with --working-dir. A relative output path is refused (it would land in Ray's temporary copy
@@ -67,39 +100,14 @@ def test_job_submit_runs_the_pipeline_and_writes_the_report(head, tmp_path):
         "baseline_sft=false",
         "ray.logger=wandb",
     ]
-    refused = subprocess.run(
-        [
-            RAY,
-            "job",
-            "submit",
-            f"--address={address}",
-            f"--working-dir={ROOT}",
-            "--",
-            "python",
-            "jobs/distill.py",
-            *overrides,
-            "output_dir=runs-relative",
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    refused = _submit(address, env, [*overrides, "output_dir=runs-relative"], timeout=300)
     assert refused.returncode != 0
     assert (
         "output_dir=runs-relative is relative, and this Ray job runs in a temporary copy of its working directory"
         in refused.stdout + refused.stderr
     )
     assert "e.g. output_dir=$PWD/runs-relative" in refused.stdout + refused.stderr
-    done = subprocess.run(
-        [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--", "python", "jobs/distill.py", *overrides],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = _submit(address, env, overrides, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     assert "[ray] cluster at" in done.stdout  # the job joined the head instead of starting its own Ray

@@ -190,8 +190,11 @@ class StagesConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The synthetic shapes task generated offline when the data directory has no shards."""
+    """The synthetic shapes task, generated offline into ``data.dir`` when that has no shards of its own."""
 
+    # Whether a data.dir without shards gets the synthetic task: null = only when both models are tiny
+    # (a run on real checkpoints never trains on coloured shapes by accident).
+    generate: Optional[bool] = None
     train: int = 6000
     val: int = 500
     test: int = 1000
@@ -283,6 +286,12 @@ class RunConfig:
     def run_dir(self) -> Path:
         """Directory of this run's checkpoints, metrics and report."""
         return Path(self.output_dir) / self.name
+
+    @property
+    def generates_synthetic(self) -> bool:
+        """Whether a ``data.dir`` without shards gets the synthetic task (``data.synthetic.generate``)."""
+        generate = self.data.synthetic.generate
+        return generate if generate is not None else self.teacher.path is None and self.student.path is None
 
     @property
     def teacher_cache(self) -> Path:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from vlsi_ray.config import RunConfig
 from vlsi_ray.data.collate import ANSWER_CUT, FITS, NO_ANSWER, REFUSED, ChatCollator, RowError, length_verdict
-from vlsi_ray.data.shards import MANIFEST, validate_row
+from vlsi_ray.data.shards import validate_row
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.models.backbone import ModelInfo
 from vlsi_ray.prepare import LoadSettings, check_pair, model_info
@@ -148,7 +148,7 @@ def _data(cfg: RunConfig, student: ModelInfo | None, sample_rows: int) -> dict:
     tasks = Counter()
     for path in files["train"]:
         tasks.update(pq.read_table(path, columns=["task"]).column("task").to_pylist())
-    out = {"dir": str(data_dir), "synthetic": (data_dir / MANIFEST).is_file(), "rows": rows, "train_tasks": dict(tasks)}
+    out = {"dir": str(data_dir), "synthetic": False, "rows": rows, "train_tasks": dict(tasks)}
     print(
         f"[dry-run] data: {data_dir}: {rows['train']:,} train / {rows['val']:,} val / {rows['test']:,} test rows "
         f"in {sum(len(p) for p in files.values())} shards; train tasks {dict(tasks)}"

@@ -2,7 +2,7 @@
 
 One :class:`ChatGenerator` serves the Ray Serve app (many concurrent requests batched into one
 ``generate`` call), the evaluation harness and the command line. Requests are chat rows in the
-project's format (``{"id", "messages": HF chat JSON, "image": [PNG bytes]}``), collated by the same
+project's format (``{"id", "messages": HF chat JSON, "images": [PNG bytes]}``), collated by the same
 :class:`~vlsi_ray.data.collate.ChatCollator` as training (prompt-only, left-padded), so a served
 model sees exactly the token sequence it was trained on.
 

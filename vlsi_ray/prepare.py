@@ -17,7 +17,7 @@ import torch
 
 from vlsi_ray.config import ConfigError, ModelConfig, RunConfig
 from vlsi_ray.data.collate import ChatCollator
-from vlsi_ray.data.shards import MANIFEST, ReadStats, generate_dataset, read_rows
+from vlsi_ray.data.shards import ReadStats, generate_dataset, load_manifest, read_rows
 from vlsi_ray.data.synthetic import corpus_texts
 from vlsi_ray.models.backbone import Backbone, ModelInfo, check_compatible, saved_dtype
 from vlsi_ray.models.families import get_family
@@ -119,11 +119,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def has_own_shards(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds shards other than a generated synthetic task (whose manifest says so)."""
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    return any(data_dir.glob("*.parquet")) and (manifest is None or "generator_version" not in manifest)
+
+
+def require_data(cfg: RunConfig) -> None:
+    """Before any work: a ``data.dir`` without shards is refused unless the config asks for the synthetic task."""
+    if not has_own_shards(cfg.data.dir) and not cfg.generates_synthetic:
+        why = "teacher.path/student.path are set" if cfg.data.synthetic.generate is None else "data.synthetic.generate=false"
+        raise ConfigError(
+            f"data.dir={cfg.data.dir} has no Parquet shards of its own and the synthetic task is off ({why}); convert your data "
+            f"with `python jobs/prepare_data.py MIXTURE.yaml --out {cfg.data.dir}`, or set data.synthetic.generate=true."
+        )
+
+
 def prepare_data(cfg: RunConfig) -> Splits:
-    """Generate the synthetic shards if ``data.dir`` has none, then read and validate each split."""
+    """Generate the synthetic shards if ``data.dir`` has none and the config asks for them
+    (:func:`require_data`), then read and validate each split."""
+    require_data(cfg)
     data_dir = Path(cfg.data.dir)
-    user_shards = any(data_dir.glob("*.parquet")) and not (data_dir / MANIFEST).is_file()
-    if not user_shards:  # the synthetic task: (re)generated unless its manifest matches the config
+    if not has_own_shards(data_dir):  # the synthetic task: (re)generated unless its manifest matches the config
         syn = cfg.data.synthetic
         generate_dataset(
             data_dir,

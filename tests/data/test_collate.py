@@ -47,7 +47,7 @@ def row(i: int, answer: str, image: bytes | None = None, question: str = QUESTIO
     ]
     return {
         "id": f"row-{i}",
-        "image": image or png(i),
+        "images": [image or png(i)],
         "messages": json.dumps(messages),
         "answer": answer,
         "task": "colour",
@@ -139,7 +139,7 @@ def test_matches_the_transformers_processor(setup):
     for size in [(112, 112), (224, 168), (90, 300)]:
         sample = row(5, "A", image=png(5, size))
         ours = collator([sample])
-        image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
+        image = Image.open(io.BytesIO(sample["images"][0])).convert("RGB")
         theirs = processor(text=[as_trained(tok, json.loads(sample["messages"]), family)], images=[image], return_tensors="pt")
         assert torch.equal(ours["input_ids"], theirs["input_ids"]), size
         assert torch.equal(ours["pixel_values"], theirs["pixel_values"].float()), size
@@ -181,7 +181,7 @@ def test_image_cache_and_pickling(setup):
     collator = ChatCollator(tok, student.image_processor, student.family, cache_size=2)
     first = collator(rows)
     assert len(collator._cache) == 2  # LRU bound
-    second = collator(rows + [row(9, "A", image=rows[0]["image"])])
+    second = collator(rows + [row(9, "A", image=rows[0]["images"][0])])
     assert torch.equal(second["pixel_values"][: first["pixel_values"].shape[0]], first["pixel_values"])
     clone = pickle.loads(pickle.dumps(collator))
     assert len(clone._cache) == 0 and torch.equal(clone(rows)["input_ids"], first["input_ids"])
@@ -193,7 +193,7 @@ def test_text_memo_is_per_conversation_and_exact(setup):
     """The tokenized text is memoized by conversation: a repeat gives what a fresh collator gives."""
     _, tok, student, _, rows = setup
     collator = ChatCollator(tok, student.image_processor, student.family)
-    repeat = dict(rows[0], id="again", image=rows[1]["image"])  # the same conversation, another image
+    repeat = dict(rows[0], id="again", images=rows[1]["images"])  # the same conversation, another image
     batch = collator(rows + [repeat])
     assert len(collator._text) == len({r["messages"] for r in rows})
     fresh = ChatCollator(tok, student.image_processor, student.family)(rows + [repeat])
@@ -222,12 +222,15 @@ def test_bad_rows_name_their_id(setup):
     bad_json = dict(rows[0], id="broken", messages="{not json")
     with pytest.raises(RowError, match="^row broken: messages is not valid JSON"):
         collator([bad_json])
-    no_image = dict(rows[0], id="imageless", image=None)
+    no_image = dict(rows[0], id="imageless", images=[])
     with pytest.raises(RowError, match="^row imageless: messages have 1 image parts but the row has 0 images"):
         collator([no_image])
-    not_png = dict(rows[0], id="garbled", image=b"\x89PNG but not really")
+    not_png = dict(rows[0], id="garbled", images=[b"\x89PNG but not really"])
     with pytest.raises(RowError, match="^row garbled: its image bytes are not a readable image"):
         collator([not_png])
+    one_bytes_value = dict(rows[0], id="flat", images=rows[0]["images"][0])
+    with pytest.raises(RowError, match="^row flat: 'images' must be a list of encoded images"):
+        collator([one_bytes_value])
     unanswered = dict(rows[0], id="open", messages=json.dumps(json.loads(rows[0]["messages"])[:1]))
     with pytest.raises(RowError, match="^row open: messages have no assistant turn"):
         collator([unanswered])
@@ -240,7 +243,7 @@ def test_text_only_rows(setup):
         {"role": "user", "content": [{"type": "text", "text": "Say A."}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
     ]
-    batch = collator([{"id": "t", "image": None, "messages": json.dumps(messages)}])
+    batch = collator([{"id": "t", "images": [], "messages": json.dumps(messages)}])
     assert "pixel_values" not in batch
     assert batch["labels"][batch["labels"] != IGNORE_INDEX].tolist() == [
         tok.convert_tokens_to_ids("A"),

@@ -107,16 +107,20 @@ def test_same_seed_same_bytes_different_seed_different():
     c = syn.generate_rows("train", 60, seed=4, **kw)
     assert a == b
     assert [r["id"] for r in a] == [f"train-{i:06d}" for i in range(60)]
-    assert sum(x["image"] != y["image"] for x, y in zip(a, c)) >= 55
-    assert set(a[0]) == {"id", "image", "messages", "answer", "task", "split"}
-    assert all(r["image"].startswith(b"\x89PNG") and r["split"] == "train" for r in a)
+    assert sum(x["images"] != y["images"] for x, y in zip(a, c)) >= 55
+    assert (
+        set(a[0]) == {"id", "images", "messages", "answer", "task", "source", "split", "tokens"} and a[0]["source"] == "synthetic"
+    )
+    assert all(r["images"][0].startswith(b"\x89PNG") and r["split"] == "train" for r in a)
 
 
 def test_splits_are_disjoint_even_in_a_tiny_scene_space():
     # one object per scene: only 5 shapes x 4 colours x 16 cells x 2 dots = 640 possible images,
     # so independent streams alone would certainly collide.
     kw = dict(tasks=["colour"], distractors=False)
-    images = {s: {r["image"] for r in syn.generate_rows(s, n, 0, **kw)} for s, n in [("train", 300), ("val", 60), ("test", 60)]}
+    images = {
+        s: {r["images"][0] for r in syn.generate_rows(s, n, 0, **kw)} for s, n in [("train", 300), ("val", 60), ("test", 60)]
+    }
     ids = {s: {r["id"] for r in syn.generate_rows(s, 5, 0, **kw)} for s in images}
     for a in images:
         for b in images:
@@ -181,7 +185,7 @@ def test_rows_render_their_scene_and_use_the_chat_format():
     exs = syn.generate_examples("val", 24, seed=5, tasks=syn.ALL_TASKS)
     rows = syn.generate_rows("val", 24, seed=5, tasks=syn.ALL_TASKS)
     for ex, row in zip(exs, rows):
-        img = Image.open(io.BytesIO(row["image"]))
+        img = Image.open(io.BytesIO(row["images"][0]))
         assert img.format == "PNG" and img.mode == "RGB" and img.size == (112, 112)
         assert np.array_equal(pixels(img), pixels(syn.render(ex.scene)))
         msgs = json.loads(row["messages"])

@@ -53,7 +53,7 @@ def make_rows(n: int) -> list[dict]:
         rows.append(
             {
                 "id": f"row-{i}",
-                "image": buffer.getvalue(),
+                "images": [buffer.getvalue()],
                 "messages": json.dumps(messages),
                 "answer": answer,
                 "task": "colour",

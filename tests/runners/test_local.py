@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlsi_ray.config import load_config
+from vlsi_ray.config import ConfigError, load_config
 from vlsi_ray.data.shards import read_rows
 from vlsi_ray.data.synthetic import SCORED_TASKS
 from vlsi_ray.metrics import read_metrics
@@ -125,3 +125,22 @@ def test_bad_config_fails_before_writing_anything(tmp_path, capsys, bad):
     assert "config error" in capsys.readouterr().err
     assert not out_dir.exists() and not data_dir.exists()
     assert not any(tmp_path.iterdir())
+
+
+def test_real_checkpoints_without_shards_stop_before_any_work(hub_worlds, tmp_path):
+    """No silent fallback: with checkpoint paths and an empty data.dir the run refuses, naming the fix,
+    instead of training a real model on the synthetic shapes."""
+    world = hub_worlds("qwen2_vl")
+    overrides = world.overrides("no-data", f"data.dir={tmp_path / 'empty'}", f"output_dir={tmp_path / 'runs'}")
+    cfg = load_config(None, [o for o in overrides if not o.startswith("data.synthetic.generate")])
+    with pytest.raises(
+        ConfigError, match=r"has no Parquet shards of its own .*jobs/prepare_data.py .*data.synthetic.generate=true"
+    ):
+        run_local(cfg)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "empty").exists()
+    assert (
+        _distill_main()(
+            [f"--config={ROOT / 'conf' / 'tiny.yaml'}", *[o for o in overrides if not o.startswith("data.synthetic.generate")]]
+        )
+        == 2
+    )

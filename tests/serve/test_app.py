@@ -86,7 +86,7 @@ def row(tiny_run):
 
 def _messages(row) -> list[dict]:
     question = next(p["text"] for p in json.loads(row["messages"])[0]["content"] if p["type"] == "text")
-    url = "data:image/png;base64," + base64.b64encode(row["image"]).decode()
+    url = "data:image/png;base64," + base64.b64encode(row["images"][0]).decode()
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]
 
 

@@ -54,7 +54,7 @@ def test_plain_transformers_greedy_matches(exported, tiny_run, tmp_path):
     row = read_rows(tiny_run.data, split="test")[0][0]
     messages = json.loads(row["messages"])
     question = next(p["text"] for p in messages[0]["content"] if p["type"] == "text")
-    (tmp_path / "image.png").write_bytes(row["image"])
+    (tmp_path / "image.png").write_bytes(row["images"][0])
     n = 12
     ours = ChatGenerator.from_pretrained(tiny_run.run / "sft" / "student").generate([row], SamplingParams(max_tokens=n))[0]
     proc = subprocess.run(

@@ -106,7 +106,7 @@ def _body(**extra):
 def test_request_becomes_a_training_style_row():
     chat = parse_chat_request(_body(max_tokens=5, stop="\n", temperature=0.7, seed=3), "m", Limits(), 64)
     assert chat.row["messages"] == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
-    assert len(chat.row["image"]) == 1 and chat.row["image"][0][:4] == b"\x89PNG"
+    assert len(chat.row["images"]) == 1 and chat.row["images"][0][:4] == b"\x89PNG"
     assert chat.params == SamplingParams(max_tokens=5, temperature=0.7, top_p=1.0, stop=("\n",), seed=3)
     assert (
         parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "m", Limits(), 7).params.max_tokens

@@ -1,6 +1,7 @@
 """The one collate path: chat rows -> model batches, for training, evaluation, teacher and student.
 
-A row is ``{"id", "image": PNG bytes (or a list of them, or None), "messages": HF chat JSON, ...}``.
+A row is ``{"id", "images": [encoded image bytes, ...] (zero or more), "messages": HF chat JSON, ...}``
+(:data:`vlsi_ray.data.shards.SCHEMA`).
 The family's chat template renders the conversation; each image part becomes the family's
 placeholder token repeated as many times as the vision tower will produce features (Qwen2-VL: 16
 for a 112-px image, LLaVA-OneVision tiny: 36). Labels are -100 except the tokens of each assistant
@@ -302,9 +303,10 @@ def _messages(row: dict, row_id) -> list[dict]:
 
 
 def _image_bytes(row: dict) -> list[bytes]:
-    image = row.get("image")
-    if image is None:
+    """The row's images as bytes (a list; Ray Data hands a numpy array of them; None: no image)."""
+    images = row.get("images")
+    if images is None:
         return []
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return [bytes(image)]
-    return [bytes(x) for x in image]
+    if isinstance(images, (bytes, bytearray, memoryview)):
+        raise RowError(f"row {row.get('id')}: 'images' must be a list of encoded images, not one bytes value; wrap it in a list.")
+    return [bytes(x) for x in images]

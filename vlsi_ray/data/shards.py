@@ -1,11 +1,18 @@
-"""Parquet shards of the synthetic task: writer, cached dataset generation, validating reader.
+"""Parquet shards: the one row schema, the writer, the synthetic task's cached generation, the validating reader.
 
 Layout of a dataset directory::
 
-    manifest.json                 generator version, seed, sizes, kwargs, files and row counts
+    manifest.json                 how the shards were made (the synthetic generator's settings, or
+                                  jobs/prepare_data.py's sources, counts and skipped rows)
     train-00000.parquet ...       {split}-{i:05d}.parquet, fixed SCHEMA
 
-``validate_row`` is pure and cheap so that Ray Data can reuse it inside ``map_batches``.
+Every row, whatever its source, has one shape (:data:`SCHEMA`): an ``id``, zero or more ``images``
+(encoded bytes, in the order of the conversation's image parts), ``messages`` (the Hugging Face chat
+format as JSON: an optional system turn, then user and assistant turns; every assistant turn is
+trained on), a free-form ``task`` and ``source``, an optional scorable ``answer`` (the synthetic
+task's option letter, a multiple-choice letter), the ``split`` and, once measured, ``tokens`` (its
+length with the student's processor, image tokens included). ``validate_row`` is pure and cheap so
+that Ray Data can reuse it inside ``map_batches``.
 """
 
 from __future__ import annotations
@@ -23,28 +30,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from vlsi_ray.data.synthetic import ALL_TASKS, GENERATOR_VERSION, generate_rows
+from vlsi_ray.data.synthetic import GENERATOR_VERSION, generate_rows
 
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("image", pa.binary()),
+        ("images", pa.list_(pa.binary())),
         ("messages", pa.string()),
         ("answer", pa.string()),
         ("task", pa.string()),
+        ("source", pa.string()),
         ("split", pa.string()),
+        ("tokens", pa.int32()),
     ]
 )
+#: Required fields and their Python types as rows read back (``answer`` and ``tokens`` may be null).
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "id": (str,),
-    "image": (bytes, bytearray),
+    "images": (list, tuple),
     "messages": (str,),
-    "answer": (str,),
     "task": (str,),
+    "source": (str,),
     "split": (str,),
 }
+ROLES = ("system", "user", "assistant")
 MANIFEST = "manifest.json"
 GENERATE_HINT = "generate it with vlsi_ray.data.shards.generate_dataset(out_dir, sizes, seed)"
 SKIP_HINT = "set data.on_error=skip to skip and count such rows"
@@ -84,32 +95,53 @@ def _image_problem(data: bytes) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- validation
-def _messages_problem(text: str) -> str | None:
+def _parts(turn: dict) -> list[dict] | None:
+    """A turn's content as typed parts (a plain string is one text part), or None when malformed."""
+    content = turn.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content):
+        return content
+    return None
+
+
+def messages_problem(text: str, images: int) -> str | None:
+    """What is wrong with a row's ``messages`` JSON for ``images`` images, or None.
+
+    A non-empty list of turns with roles system (first only), user and assistant, each content a
+    string or typed parts; at least one assistant turn with text (what the row trains on); as many
+    image parts as the row has images.
+    """
     try:
         turns = json.loads(text)
     except ValueError:
         return "messages is not valid JSON"
     if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
         return "messages is not a non-empty list of turns"
-
-    def parts(turn: dict) -> list:
-        content = turn.get("content")
-        return [p for p in content if isinstance(p, dict)] if isinstance(content, list) else []
-
-    if not any(t.get("role") == "user" and any(p.get("type") == "image" for p in parts(t)) for t in turns):
-        return "messages has no user turn with an image part"
-    last = turns[-1]
-    text_out = "".join(p["text"] for p in parts(last) if p.get("type") == "text" and isinstance(p.get("text"), str))
-    if last.get("role") != "assistant" or not text_out.strip():
-        return "messages does not end with an assistant turn with non-empty text"
+    parts = [_parts(t) for t in turns]
+    for i, (turn, content) in enumerate(zip(turns, parts)):
+        if turn.get("role") not in ROLES or (turn["role"] == "system" and i > 0):
+            return f"turn {i} has role {turn.get('role')!r}; use system (first only), user or assistant"
+        if content is None:
+            return f"turn {i}'s content is neither a string nor a list of typed parts"
+    answered = any(
+        turn["role"] == "assistant" and "".join(p.get("text", "") for p in content if p["type"] == "text").strip()
+        for turn, content in zip(turns, parts)
+    )
+    if not answered:
+        return "messages has no assistant turn with text to learn from"
+    placeholders = sum(1 for content in parts for p in content if p["type"] == "image")
+    if placeholders != images:
+        return f"messages have {placeholders} image parts but the row has {images} images"
     return None
 
 
 def validate_row(row: Mapping) -> str | None:
     """Return a one-phrase description of what is wrong with ``row``, or None if it is usable.
 
-    Checks field presence and types, a non-empty id and answer, that the image decodes, that
-    messages is chat-format JSON (user turn with an image, final assistant text), and a known task.
+    Checks field presence and types, a non-empty id and task, the conversation
+    (:func:`messages_problem`: turns, an assistant answer, one image part per image) and that every
+    image decodes. Text-only rows (no images) and rows of several images are fine.
     """
     for name, types in FIELD_TYPES.items():
         if name not in row or row[name] is None:
@@ -118,11 +150,17 @@ def validate_row(row: Mapping) -> str | None:
             return f"field '{name}' is {type(row[name]).__name__}, expected {types[0].__name__}"
     if not row["id"].strip():
         return "empty id"
-    if not row["answer"].strip():
-        return "empty answer"
-    if row["task"] not in ALL_TASKS:
-        return f"unknown task {row['task']!r}"
-    return _messages_problem(row["messages"]) or _image_problem(bytes(row["image"]))
+    if not row["task"].strip():
+        return "empty task"
+    images = [bytes(image) for image in row["images"]]
+    problem = messages_problem(row["messages"], len(images))
+    for i, data in enumerate(images):
+        if problem is not None:
+            break
+        problem = _image_problem(data)
+        if problem is not None and len(images) > 1:
+            problem = f"image {i}: {problem}"
+    return problem
 
 
 # ----------------------------------------------------------------------------------------- writing

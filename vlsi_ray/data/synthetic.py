@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1  # bump whenever the rows for a given seed change
+GENERATOR_VERSION = 2  # bump whenever the rows for a given seed change (2: the schema with images, source, tokens)
+#: The ``source`` of the synthetic task's rows.
+SOURCE = "synthetic"
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -426,14 +428,17 @@ def messages_json(user_text: str, answer: str) -> str:
 
 
 def example_to_row(ex: Example, image_size: int = 112, grid: int = 4) -> dict:
-    """Render one example into a row: id, image (PNG bytes), messages (JSON), answer, task, split."""
+    """Render one example into a row of the shard schema: id, images ([PNG bytes]), messages (JSON),
+    answer, task, source, split."""
     return {
         "id": ex.id,
-        "image": to_png(render(ex.scene, image_size, grid)),
+        "images": [to_png(render(ex.scene, image_size, grid))],
         "messages": messages_json(ex.user_text, ex.answer),
         "answer": ex.answer,
         "task": ex.task,
+        "source": SOURCE,
         "split": ex.split,
+        "tokens": None,
     }
 
 

@@ -132,7 +132,7 @@ def synthetic_benchmark(data_dir: str | Path, split: str = "test", on_error: str
         items.append(
             Item(
                 row["id"],
-                [bytes(row["image"])],
+                [bytes(image) for image in row["images"]],
                 prompt,
                 row["answer"],
                 CHOICE,

@@ -39,7 +39,7 @@ class Predictor(Protocol):
 def chat_row(item: Item) -> dict:
     """The item as a chat row of the project's format: one user turn with its images, then its prompt."""
     content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": item.prompt}]
-    return {"id": item.index, "messages": json.dumps([{"role": "user", "content": content}]), "image": list(item.images)}
+    return {"id": item.index, "messages": json.dumps([{"role": "user", "content": content}]), "images": list(item.images)}
 
 
 class LocalPredictor:

@@ -192,17 +192,19 @@ def question_of(row: dict) -> str:
     """The user turn's text of a chat row."""
     messages = json.loads(row["messages"]) if isinstance(row["messages"], str) else row["messages"]
     user = next(m for m in messages if m["role"] == "user")
-    return "".join(p.get("text", "") for p in user["content"] if p.get("type") == "text")
+    content = user["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
 def write_traces(out_dir: str | Path, row: dict, traces: Sequence[dict]) -> tuple[Path, Path]:
-    """Write ``traces.json`` and ``traces.html`` (image as a data URI, question, one table row per layer); return both paths."""
+    """Write ``traces.json`` and ``traces.html`` (the images as data URIs, question, one table row per layer);
+    return both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image = bytes(row["image"][0] if isinstance(row["image"], (list, tuple)) else row["image"])
+    images = [bytes(image) for image in row.get("images") or []]
     record = {"row_id": row.get("id"), "question": question_of(row), "answer": row.get("answer"), "models": list(traces)}
     (out / "traces.json").write_text(json.dumps(record, indent=2))
-    (out / "traces.html").write_text(_html(record, image))
+    (out / "traces.html").write_text(_html(record, images))
     return out / "traces.json", out / "traces.html"
 
 
@@ -217,12 +219,15 @@ def _printable(text: str) -> str:
     return html.escape("".join(c if c.isprintable() or c == "\n" else f"\\x{ord(c):02x}" for c in text))
 
 
-def _html(record: dict, image: bytes) -> str:
-    data_uri = f"data:{image_mime(image)};base64," + base64.b64encode(image).decode()
+def _html(record: dict, images: Sequence[bytes]) -> str:
+    pictures = "".join(
+        f"<img src='data:{image_mime(image)};base64,{base64.b64encode(image).decode()}' width='224' style='image-rendering:pixelated'> "
+        for image in images
+    )
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>VLsI verbalization traces</title><style>{_CSS}</style></head><body>",
         "<h1>What each layer would say</h1>",
-        f"<p><img src='{data_uri}' width='224' style='image-rendering:pixelated'></p>",
+        f"<p>{pictures}</p>",
         f"<p><b>Question</b><br><span class='text'>{_printable(record['question']).replace(chr(10), '<br>')}</span></p>",
     ]
     if record.get("answer"):

@@ -27,6 +27,7 @@ from vlsi_ray.prepare import (
     load_model,
     make_collator,
     new_verbalizers,
+    require_data,
     resolve_device,
 )
 from vlsi_ray.recipe.stages import Stage, build_objective, pretraining, stage
@@ -189,6 +190,7 @@ class LocalRun(Run):
 def run_local(cfg: RunConfig) -> dict:
     """Run every stage in ``cfg.steps`` in this process, in the order of the stage table; return the report dict."""
     started = time.perf_counter()
+    require_data(cfg)
     require_cache(cfg)
     torch.manual_seed(cfg.seed)
     run = LocalRun(cfg)

@@ -98,7 +98,7 @@ def parse_chat_request(body: dict, model_name: str, limits: Limits, default_max_
     include_usage = bool(options.get("include_usage", False))
     messages, images = _messages(body.get("messages"), limits)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed)
-    row = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "messages": messages, "image": images}
+    row = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "messages": messages, "images": images}
     return ChatRequest(row, params, stream, include_usage)
 
 

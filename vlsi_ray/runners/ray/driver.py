@@ -31,7 +31,15 @@ from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.metrics import MetricsWriter, last_attempt, read_metrics, write_stage_summary
 from vlsi_ray.models.backbone import ModelInfo
-from vlsi_ray.prepare import LoadSettings, check_pair_paths, load_model, make_collator, new_verbalizers, resolve_device
+from vlsi_ray.prepare import (
+    LoadSettings,
+    check_pair_paths,
+    load_model,
+    make_collator,
+    new_verbalizers,
+    require_data,
+    resolve_device,
+)
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import pretraining, stage
 from vlsi_ray.runners.base import Run, pretrain_tiny
@@ -525,7 +533,8 @@ def run_ray(cfg: RunConfig) -> dict:
     until then.
     """
     started = time.perf_counter()
-    require_cache(cfg)  # before any Ray work
+    require_data(cfg)  # before any Ray work
+    require_cache(cfg)
     where = connect(cfg)
     print(f"[ray] {where}: {ray.cluster_resources()}", flush=True)
     run = RayRun(cfg)

@@ -64,8 +64,8 @@ AGENT_STARTING = "No available agent to submit job"
 
 def _submit(address: str, env: dict, overrides: list[str], timeout: int) -> subprocess.CompletedProcess:
     """``ray job submit --working-dir <project> -- python jobs/distill.py <overrides>``, retried for up to
-    a minute while the head's job agent is still starting."""
-    deadline = time.monotonic() + 60
+    three minutes while the head's job agent is still starting (slower on a loaded machine)."""
+    deadline = time.monotonic() + 180
     while True:
         done = subprocess.run(
             [

@@ -130,7 +130,12 @@ def variant_overrides(root: Path, variant: Variant, seed: int, with_bases: bool 
     ``with_bases=False`` leaves out the paths of the bases (to validate the overrides before they exist).
     """
     bases = root / BASES
-    paths = [f"teacher.path={bases / 'pretrain_teacher'}", f"student.path={bases / 'pretrain_student'}"]
+    # The bases were pretrained on the synthetic task: with their paths set, it is asked for by name.
+    paths = [
+        f"teacher.path={bases / 'pretrain_teacher'}",
+        f"student.path={bases / 'pretrain_student'}",
+        "data.synthetic.generate=true",
+    ]
     return [
         "runner=local",
         f"output_dir={root / f's{seed}'}",

@@ -23,9 +23,10 @@ import ray.train
 from ray.data import DataContext
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from vlsi_ray import env as vlsi_env
 from vlsi_ray.config import EVAL_MODELS, RunConfig, config_from_yaml, to_yaml
 from vlsi_ray.data.ray_dataset import train_dataset, train_split
-from vlsi_ray.env import DEFAULTED, at_idle_priority, malloc_env, set_offline_defaults
+from vlsi_ray.env import at_idle_priority, malloc_env, set_offline_defaults
 from vlsi_ray.eval.accuracy import accuracy_report, letter_token_ids, predict_letters
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
@@ -67,7 +68,7 @@ def ray_env(tune_malloc: bool = False) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM",
             "TRANSFORMERS_VERBOSITY",
         )
-        if k in os.environ and k not in DEFAULTED
+        if k in os.environ and k not in vlsi_env.DEFAULTED  # read at call time: set_offline_defaults() fills it
     }
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # worker progress lines once, not twice
     if tune_malloc:

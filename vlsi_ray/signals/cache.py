@@ -21,7 +21,6 @@ train shards and the tasks. A run refuses a cache whose spec differs from its ow
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -32,14 +31,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlsi_ray.data.fingerprint import fingerprint
 from vlsi_ray.method.steps import response_token_counts
 from vlsi_ray.signals.teacher_signal import STORAGE_DTYPES, TeacherSignal
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-#: Files up to this size are hashed whole; larger ones (a 72B checkpoint's shards) by size + first and last 8 MiB.
-WHOLE_HASH_BYTES = 64 * 2**20
-_EDGE_BYTES = 8 * 2**20
 #: Processor files of the student checkpoint: they decide how batches are collated.
 _COLLATE_FILES = (
     "tokenizer*",
@@ -60,33 +57,6 @@ class CacheMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- spec
-def fingerprint(
-    paths: Iterable[str | Path], patterns: Sequence[str] = ("*",), whole: int = WHOLE_HASH_BYTES, edge: int = _EDGE_BYTES
-) -> str:
-    """A SHA-256 over the files under ``paths`` (directories walked, names matching ``patterns``).
-
-    Each file adds its name (relative to its root), size and content hash: the whole file up to
-    ``whole`` bytes, else its first and last ``edge`` bytes (a 72B checkpoint is fingerprinted in
-    seconds; retrained weights change bytes everywhere, and a Parquet file's footer, at its end,
-    holds its row counts and column statistics).
-    """
-    digest = hashlib.sha256()
-    for root in paths:
-        root = Path(root)
-        files = [root] if root.is_file() else sorted({f for p in patterns for f in root.rglob(p) if f.is_file()})
-        for f in files:
-            size = f.stat().st_size
-            digest.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
-            with f.open("rb") as fh:
-                if size <= whole:
-                    digest.update(hashlib.sha256(fh.read()).digest())
-                else:
-                    head = fh.read(edge)
-                    fh.seek(size - edge)
-                    digest.update(hashlib.sha256(head + fh.read(edge)).digest())
-    return digest.hexdigest()[:16]
-
-
 def cache_spec(
     cfg,
     teacher_dir: str | Path,

@@ -49,8 +49,8 @@ def untrained_student(workdir: Path) -> tuple[Path, Path]:
         ROOT / "conf" / "tiny.yaml",
         [f"data.dir={workdir / 'data'}", "data.synthetic.train=500", "data.synthetic.val=10", "data.synthetic.test=64"],
     )
-    splits = prepare_data(cfg)
-    backbone = build_model(cfg, "student", tiny_tokenizer(cfg, splits.train), torch.device("cpu"))
+    prepare_data(cfg)
+    backbone = build_model(cfg, "student", tiny_tokenizer(cfg), torch.device("cpu"))
     backbone.save_pretrained(workdir / "model")
     return workdir / "model", workdir / "data"
 

@@ -32,6 +32,7 @@ set_offline_defaults()
 
 from vlsi_ray.config import ConfigError, RunConfig, load_config  # noqa: E402
 from vlsi_ray.data.collate import ChatCollator  # noqa: E402
+from vlsi_ray.data.fingerprint import processor_fingerprint  # noqa: E402
 from vlsi_ray.data.mixture import MixtureError, load_mixture, prepare  # noqa: E402
 from vlsi_ray.data.samples import write_samples  # noqa: E402
 from vlsi_ray.prepare import LoadSettings, model_info  # noqa: E402
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             on_error=cfg.data.on_error,
             command=command,
             student=cfg.student.path,
+            measured_with=processor_fingerprint(cfg.student.path, cfg.images.min_pixels, cfg.images.max_pixels)
+            if collator is not None
+            else None,
             concurrency=args.workers,
         )
     except MixtureError as err:

@@ -34,7 +34,8 @@ def make_hub_world(tmp: Path, family: str) -> SimpleNamespace:
     """
     base = make_tiny_overrides(tmp, "hub-build") + HUB_DATA + [f"teacher.family={family}", f"student.family={family}"]
     cfg = load_config(None, base)
-    tokenizer = tiny_tokenizer(cfg, prepare_data(cfg).train)
+    prepare_data(cfg)
+    tokenizer = tiny_tokenizer(cfg)
     dirs = {}
     for role in ("teacher", "student"):
         backbone = build_model(cfg, role, tokenizer, torch.device("cpu"))

@@ -45,6 +45,13 @@ def head(tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            # Free ports for the head's agents too: their fixed defaults (52365, ...) clash with any other Ray
+            # on the machine, and the job agent then never comes up ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
             "--disable-usage-stats",
         ],
         env=env,

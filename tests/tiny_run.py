@@ -24,8 +24,8 @@ from tiny_config import make_tiny_overrides
 def make_tiny_run(tmp: Path, name: str = "served") -> Path:
     """Write a finished tiny run under ``tmp`` and return its run directory."""
     cfg = load_config(None, make_tiny_overrides(tmp, name) + ["data.synthetic.train=200", "data.synthetic.test=40"])
-    splits = prepare_data(cfg)
-    tokenizer = tiny_tokenizer(cfg, splits.train)
+    prepare_data(cfg)
+    tokenizer = tiny_tokenizer(cfg)
     layout = RunLayout(cfg.run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config.write_text(to_yaml(cfg))

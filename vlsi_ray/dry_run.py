@@ -3,8 +3,9 @@
 :func:`dry_run` validates what a real run would meet first: both models' configs, tokenizers and
 processors (weight-free :class:`~vlsi_ray.models.backbone.ModelInfo`, with ``images.*`` applied), the
 teacher/student pair check, the data's metadata (row counts per split from the Parquet footers) and
-a sample of train rows collated with the student's collator, whose token lengths (image tokens
-included) give a histogram and how many rows ``data.max_length`` would cut or refuse, and why.
+the train rows' token lengths (image tokens included; the shards' own counts when jobs/prepare_data.py
+measured them with this student, else a sample collated with the student's collator), as a histogram
+with how many rows ``data.max_length`` would leave out and which rows are bad, and why.
 It then prints the stage plan (steps, rows, optimizer steps, samples, learning rates) and the
 placement (actors, Train workers, GPUs, custom resources), and returns all of it as a dict.
 """
@@ -20,8 +21,9 @@ import pyarrow.parquet as pq
 from safetensors import safe_open
 
 from vlsi_ray.config import RunConfig
-from vlsi_ray.data.collate import ANSWER_CUT, FITS, NO_ANSWER, REFUSED, ChatCollator, RowError, length_verdict
-from vlsi_ray.data.shards import validate_row
+from vlsi_ray.data.collate import ChatCollator
+from vlsi_ray.data.fingerprint import processor_fingerprint
+from vlsi_ray.data.index import measure_rows, needs_measuring
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.models.backbone import ModelInfo
 from vlsi_ray.prepare import LoadSettings, check_pair, model_info
@@ -174,56 +176,50 @@ def _sample(files: list[Path], wanted: int) -> list[dict]:
 
 
 def _lengths(cfg: RunConfig, student: ModelInfo, files: list[Path], total: int, sample_rows: int) -> dict:
-    """Token lengths (image tokens included) of a sample of train rows, and what ``data.max_length`` does to them."""
-    collator = ChatCollator(student.tokenizer, student.image_processor, student.family, max_length=None)
-    image_token = student.tokenizer.convert_tokens_to_ids(student.spec.image_token)
-    lengths: list[int] = []
-    verdicts: Counter = Counter()
+    """Token lengths (image tokens included) of the train rows and how many ``data.max_length`` leaves out: every
+    row's count from the shards when jobs/prepare_data.py measured them with this student's processor, else
+    those of a sample measured now (as the run will measure every row)."""
+    fingerprint = processor_fingerprint(cfg.student.path, cfg.images.min_pixels, cfg.images.max_pixels)
     problems: Counter = Counter()
-    sample = _sample(files, sample_rows)
-    for row in sample:
-        problem = validate_row(row)
-        if problem is None:
-            try:
-                ids, labels, _ = collator.encode(row)
-            except RowError as err:
-                problem = str(err).split(": ", 1)[-1]
-        if problem is not None:
-            problems[problem.split(";")[0]] += 1
-            continue
-        lengths.append(len(ids))
-        verdicts[length_verdict(ids, labels, cfg.data.max_length, image_token)] += 1
-    n = len(sample)
+    if cfg.student.path is not None and not needs_measuring(cfg.data.dir, fingerprint):
+        lengths = [
+            n for n in pq.read_table([str(f) for f in files], columns=["tokens"]).column("tokens").to_pylist() if n is not None
+        ]
+        what = f"all {len(lengths):,} train rows (counted by jobs/prepare_data.py)"
+    else:
+        collator = ChatCollator(student.tokenizer, student.image_processor, student.family, max_length=None)
+        lengths = []
+        for result in measure_rows(_sample(files, sample_rows), collator):
+            if result["problem"] is not None:
+                problems[result["problem"].split(";")[0]] += 1
+            else:
+                lengths.append(result["tokens"])
+        what = f"{len(lengths) + sum(problems.values())} sampled train rows"
+    n = len(lengths) + sum(problems.values())
     scale = total / max(1, n)
-    print(f"[dry-run] token lengths of {n} sampled train rows (image tokens included; data.max_length={cfg.data.max_length}):")
+    over = sum(1 for length in lengths if length > cfg.data.max_length)
+    print(f"[dry-run] token lengths of {what} (image tokens included; data.max_length={cfg.data.max_length}):")
     for line in histogram(lengths, cfg.data.max_length):
         print("    " + line)
-    effects = {
-        FITS: "kept whole",
-        ANSWER_CUT: "kept, the end of the answer cut off",
-        NO_ANSWER: "kept with no response token left",
-        REFUSED: f"bad rows: image tokens past the cut (data.on_error={cfg.data.on_error})",
-    }
-    for verdict in (ANSWER_CUT, NO_ANSWER, REFUSED):
-        if verdicts[verdict]:
-            print(
-                f"[dry-run]   {verdicts[verdict]} of {n} ({100 * verdicts[verdict] / n:.1f}%, ~{verdicts[verdict] * scale:,.0f} of "
-                f"{total:,} train rows) over max_length: {effects[verdict]}"
-            )
+    if over:
+        print(
+            f"[dry-run]   {over} of {n} ({100 * over / n:.1f}%, ~{over * scale:,.0f} of {total:,} train rows) are over max_length: "
+            f"bad rows, skipped and counted, or refused (data.on_error={cfg.data.on_error}); raise data.max_length to keep them"
+        )
     for problem, count in problems.most_common():
         print(
             f"[dry-run]   {count} of {n} rows are bad ({problem}): skipped and counted, or refused (data.on_error={cfg.data.on_error})"
         )
-    if not (problems or any(verdicts[v] for v in (ANSWER_CUT, NO_ANSWER, REFUSED))):
-        print(f"[dry-run]   every sampled row fits in max_length={cfg.data.max_length}")
+    if not (problems or over):
+        print(f"[dry-run]   every row fits in max_length={cfg.data.max_length}")
     return {
-        "sampled": n,
+        "measured": n,
         "min": min(lengths, default=0),
         "max": max(lengths, default=0),
         "mean": sum(lengths) / max(1, len(lengths)),
-        "verdicts": dict(verdicts),
+        "over_max_length": over,
         "bad": dict(problems),
-        "estimated_over_max_length": round((verdicts[ANSWER_CUT] + verdicts[NO_ANSWER] + verdicts[REFUSED]) * scale),
+        "estimated_over_max_length": round(over * scale),
     }
 
 

@@ -1,4 +1,4 @@
-"""Everything a run needs before training: the data splits, the tokenizer, the teacher and the student.
+"""Everything a run needs before training: the data and its index, the tokenizer, the teacher and the student.
 
 Shared by every runner. Tiny models (no ``path`` in the config) get a BPE tokenizer trained
 offline on the synthetic corpus and cached next to the shards; real checkpoints load from local
@@ -10,14 +10,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from vlsi_ray.config import ConfigError, ModelConfig, RunConfig
 from vlsi_ray.data.collate import ChatCollator
-from vlsi_ray.data.shards import ReadStats, generate_dataset, load_manifest, read_rows
+from vlsi_ray.data.fingerprint import processor_fingerprint
+from vlsi_ray.data.index import SplitIndex, needs_measuring, read_index
+from vlsi_ray.data.shards import generate_dataset, load_manifest, read_rows, shard_files
 from vlsi_ray.data.synthetic import corpus_texts
 from vlsi_ray.models.backbone import Backbone, ModelInfo, check_compatible, saved_dtype
 from vlsi_ray.models.families import get_family
@@ -26,6 +33,7 @@ from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
 
 TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -100,16 +108,6 @@ def attention_kernel(settings: LoadSettings) -> str:
     return settings.attn_implementation
 
 
-@dataclass
-class Splits:
-    """Validated rows of each split and what reading them skipped."""
-
-    train: list[dict]
-    val: list[dict]
-    test: list[dict]
-    stats: dict[str, ReadStats]
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; otherwise the named device."""
     if name == "auto":
@@ -136,9 +134,9 @@ def require_data(cfg: RunConfig) -> None:
         )
 
 
-def prepare_data(cfg: RunConfig) -> Splits:
-    """Generate the synthetic shards if ``data.dir`` has none and the config asks for them
-    (:func:`require_data`), then read and validate each split."""
+def prepare_data(cfg: RunConfig) -> Path:
+    """``data.dir``, with the synthetic task generated there if it has no shards of its own and the config
+    asks for it (:func:`require_data`). Nothing is read: see :func:`index_splits` and :func:`read_split_rows`."""
     require_data(cfg)
     data_dir = Path(cfg.data.dir)
     if not has_own_shards(data_dir):  # the synthetic task: (re)generated unless its manifest matches the config
@@ -149,19 +147,57 @@ def prepare_data(cfg: RunConfig) -> Splits:
             seed=syn.seed,
             **syn.generator_kwargs(),
         )
-    rows, stats = {}, {}
-    for split in ("train", "val", "test"):
-        rows[split], stats[split] = read_rows(data_dir, split=split, on_error=cfg.data.on_error)
-        skipped = f", skipped {stats[split].skipped} bad rows" if stats[split].skipped else ""
-        print(f"[data] {split}: {stats[split].kept} rows{skipped}", flush=True)
-    return Splits(rows["train"], rows["val"], rows["test"], stats)
+    return data_dir
 
 
-def tiny_tokenizer(cfg: RunConfig, train_rows: list[dict]):
-    """The offline-trained tokenizer for tiny models, cached in ``<data.dir>/tokenizer`` by corpus."""
+def index_splits(cfg: RunConfig, student_dir: str | Path, measure: Callable[[Sequence[str]], pa.Table]) -> dict[str, SplitIndex]:
+    """Each split's :func:`index_split`."""
+    return {split: index_split(cfg, student_dir, split, measure) for split in SPLITS}
+
+
+def index_split(cfg: RunConfig, student_dir: str | Path, split: str, measure: Callable[[Sequence[str]], pa.Table]) -> SplitIndex:
+    """The :class:`SplitIndex` of ``split`` for the student at ``student_dir``: its rows' metadata, over-long and
+    bad rows left out (``data.on_error``). The rows are measured with ``measure`` unless jobs/prepare_data.py
+    measured them with this student's processor and the run's image resolution."""
+    fingerprint = processor_fingerprint(student_dir, cfg.images.min_pixels, cfg.images.max_pixels)
+    trusted = not needs_measuring(cfg.data.dir, fingerprint)
+    started = time.perf_counter()
+    index = read_index(cfg.data.dir, split, cfg.data.max_length, cfg.data.on_error, None if trusted else measure)
+    how = "token counts from the shards" if trusted else f"measured in {time.perf_counter() - started:.1f}s"
+    skipped = f", skipped {index.stats.skipped} ({_reasons(index.stats.reasons)})" if index.stats.skipped else ""
+    print(f"[data] {split}: {len(index)} rows ({how}){skipped}", flush=True)
+    return index
+
+
+def _reasons(reasons: dict[str, str]) -> str:
+    """``{id: reason}`` -> ``"3 over-long, 1 missing field 'id'"``."""
+    kinds = Counter(reason.split(":", 1)[0] if reason.startswith("over-long") else reason for reason in reasons.values())
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(3)) + (", ..." if len(kinds) > 3 else "")
+
+
+def read_split_rows(cfg: RunConfig, split: str, ids: Iterable[str] | None = None, tasks: Sequence[str] = ()) -> list[dict]:
+    """The whole rows of ``split`` (validated; bad rows skipped per ``data.on_error``): those in ``ids`` when
+    given, of ``tasks`` when given. For the in-process runner and the tasks that use rows (a model's test
+    pass, a tiny model's pretraining); the Ray driver itself never reads rows."""
+    rows, _ = read_rows(cfg.data.dir, split=split, on_error=cfg.data.on_error)
+    if ids is not None:
+        wanted = set(ids)
+        rows = [r for r in rows if r["id"] in wanted]
+    return [r for r in rows if not tasks or r["task"] in tasks]
+
+
+def train_texts(data_dir: str | Path) -> list[str]:
+    """Every user and assistant text of the train split (the tiny tokenizer's corpus), from the shards'
+    ``messages`` column alone."""
+    files = [str(f) for f in shard_files(data_dir, "train")]
+    return corpus_texts([{"messages": m} for m in pq.read_table(files, columns=["messages"]).column("messages").to_pylist()])
+
+
+def tiny_tokenizer(cfg: RunConfig):
+    """The offline-trained tokenizer for tiny models, cached in ``<data.dir>/tokenizer`` by corpus (the train texts)."""
     from transformers import AutoTokenizer  # noqa: PLC0415 - transformers loads on use, after the offline defaults
 
-    texts = corpus_texts(train_rows)
+    texts = train_texts(cfg.data.dir)
     size = cfg.data.synthetic.tokenizer_vocab_size
     key = hashlib.sha256(json.dumps([sorted(set(texts)), size]).encode()).hexdigest()[:12]
     path = Path(cfg.data.dir) / TOKENIZER_DIR / f"{cfg.student.family}-{key}"
@@ -193,8 +229,9 @@ def model_key(model: ModelConfig, *parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def make_collator(backbone: Backbone, cfg: RunConfig) -> ChatCollator:
-    """The single collate path shared by teacher, student, training and evaluation."""
+def make_collator(backbone: Backbone | ModelInfo, cfg: RunConfig) -> ChatCollator:
+    """The single collate path shared by teacher, student, training and evaluation (a :class:`ModelInfo`
+    gives the same collator without loading weights)."""
     return ChatCollator(backbone.tokenizer, backbone.image_processor, backbone.family, cfg.data.max_length)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from vlsi_ray.config import load_config
 from vlsi_ray.data.collate import ChatCollator
+from vlsi_ray.data.fingerprint import processor_fingerprint
 from vlsi_ray.data.mixture import SPLITS, MixtureError, load_mixture, prepare
 from vlsi_ray.data.samples import BAD, write_samples
 from vlsi_ray.data.shards import read_rows
@@ -44,8 +45,9 @@ def prepared(local_ray, hub_worlds, mixture_file, tmp_path_factory):
             info = model_info(world.student, LoadSettings())
             collator = ChatCollator(info.tokenizer, info.image_processor, info.family)
             out = tmp_path_factory.mktemp(f"shards-{family}")
+            measured_with = processor_fingerprint(world.student, None, None)
             manifest = prepare(load_mixture(mixture_file), out, collator=collator, max_length=MAX_LENGTH,
-                               student=str(world.student), command="test")  # fmt: skip
+                               student=str(world.student), measured_with=measured_with, command="test")  # fmt: skip
             done[family] = SimpleNamespace(out=out, manifest=manifest, collator=collator, world=world)
         return done[family]
 

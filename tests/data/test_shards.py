@@ -3,12 +3,10 @@
 import json
 import logging
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from vlsi_ray.data import shards
-from vlsi_ray.data.ray_dataset import EpochRows, ValidRows
 from vlsi_ray.data.shards import CorruptRowError, read_rows, validate_row, write_shards
 from vlsi_ray.data.synthetic import ALL_TASKS, generate_rows
 
@@ -226,19 +224,3 @@ def test_decode_image(rows):
     img = shards.decode_image(rows[0]["images"][0])
     assert img.mode == "RGB" and img.size == (112, 112)
     assert img.getpixel((0, 0)) == (250, 250, 250)
-
-
-def test_ray_data_validation_drops_the_same_rows_as_the_reader(tmp_path, rows):
-    """The Ray Data path (ValidRows in map_batches) keeps exactly what read_rows keeps, or raises."""
-    good, bad = corrupt(rows)
-    mixed = good[:3] + list(bad.values()) + good[3:]
-    write_shards(mixed, tmp_path, "train", rows_per_shard=20)
-    table = pq.read_table(tmp_path / "train-00000.parquet")
-    kept = ValidRows("skip")(table)
-    assert kept.column("id").to_pylist() == [r["id"] for r in read_rows(tmp_path, "train")[0]]
-    assert kept.schema == table.schema
-    tasks = {good[0]["task"]}  # a stage's tasks are picked when its epochs are laid out
-    assert set(EpochRows(0, [2**63 - 1], 1, sorted(tasks))(kept).column("task").to_pylist()) == tasks
-    with pytest.raises(CorruptRowError, match="'truncated-png'"):
-        ValidRows("raise")(table)
-    assert isinstance(kept, pa.Table)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vlsi_ray.config import OptimConfig
-from vlsi_ray.method.loop import BatchOrder, cosine_lr, order_keys, total_optimizer_steps, train_stage
+from vlsi_ray.method.loop import BatchOrder, cosine_lr, order_keys, padding_fraction, total_optimizer_steps, train_stage
 from vlsi_ray.method.steps import StepOutput
 
 
@@ -83,3 +83,56 @@ def test_train_stage_fits_a_linear_model():
     assert history[-1]["loss"] < 1e-3 < history[0]["loss"]
     assert model.weight.item() == pytest.approx(3, abs=0.05) and model.bias.item() == pytest.approx(1, abs=0.05)
     assert not math.isnan(history[-1]["grad_norm"])
+
+
+def test_a_step_counts_its_micro_batches_without_response_tokens(capsys):
+    """A micro-batch with no label left (every row's answer cut) is counted in the step's record and trains
+    nothing; the others train as usual."""
+    model = nn.Linear(1, 1)
+    rows = [{"id": i, "x": float(i), "answered": i % 4 != 0} for i in range(8)]
+
+    def collate(batch):
+        labels = torch.tensor([[1 if r["answered"] else -100] for r in batch])
+        return {"x": torch.tensor([[r["x"]] for r in batch]), "labels": labels}
+
+    def objective(batch):
+        kept = batch["labels"][:, 0] != -100
+        loss = (model(batch["x"][kept]) ** 2).sum() / max(int(kept.sum()), 1)
+        return StepOutput(loss, {"loss": loss.item()})
+
+    history = train_stage(
+        "guard", objective, list(model.parameters()), rows, collate,
+        OptimConfig(lr=0.1, batch_size=1, grad_accum=4, max_steps=2, log_every=1), seed=0, device=torch.device("cpu"),
+    )  # fmt: skip
+    assert sum(record.get("empty_batches", 0) for record in history) == 2  # rows 0 and 4, one batch each
+    assert all(math.isfinite(record["loss"]) for record in history)
+    assert "micro-batch(es) without response tokens trained nothing" in capsys.readouterr().out
+
+
+def test_length_grouping_cuts_padding_and_keeps_epochs_whole_and_shuffled():
+    """A mixed-length set (text-only rows of 30-90 tokens, image rows of 150-700): grouped batches hold rows
+    of similar length, so far less of each padded batch is padding; each epoch still trains every row
+    once (whole batches) in a seeded order that changes with the seed."""
+    rng = np.random.default_rng(0)
+    n, batch = 1600, 16
+    lengths = np.where(rng.random(n) < 0.3, rng.integers(30, 90, n), rng.integers(150, 700, n)).tolist()
+    ids = [f"row-{i}" for i in range(n)]
+
+    def epoch(order: BatchOrder) -> list[list[int]]:
+        return [next(it) for it in [iter(order)] for _ in range(order.batches_per_epoch)]
+
+    shuffled = epoch(BatchOrder(ids, batch, seed=1))
+    grouped = epoch(BatchOrder(ids, batch, seed=1, lengths=lengths, group_rows=50 * batch))
+    before = padding_fraction([[lengths[i] for i in b] for b in shuffled])
+    after = padding_fraction([[lengths[i] for i in b] for b in grouped])
+    assert before > 0.3 and after < before / 5, (before, after)
+    assert sorted(i for b in grouped for i in b) == list(range(n))  # 1600 = 100 whole batches
+    other = epoch(BatchOrder(ids, batch, seed=2, lengths=lengths, group_rows=50 * batch))
+    assert other != grouped and sorted(i for b in other for i in b) == list(range(n))
+    second = [next(it) for it in [iter(BatchOrder(ids, batch, seed=1, lengths=lengths, group_rows=50 * batch, position=100))]]
+    assert second[0] != grouped[0]  # epoch 1 reshuffles the groups
+
+
+def test_padding_fraction_by_hand():
+    assert padding_fraction([[4, 2], [3]]) == pytest.approx(1 - 9 / 11)
+    assert padding_fraction([]) == 0.0

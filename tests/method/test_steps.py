@@ -115,6 +115,19 @@ def param_names(module: torch.nn.Module) -> set[str]:
     return {n for n, _ in module.named_parameters()}
 
 
+def top16_interaction(teacher: Backbone, t_verbs: Verbalizers, student: Backbone, s_verbs: Verbalizers) -> InteractionObjective:
+    """Step 2 with the teacher's top-16 signal over the shared vocabulary, default matching, seeded."""
+    vocab = teacher.vocab_size
+    return InteractionObjective(
+        student,
+        s_verbs,
+        lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
+        MatchingOptions(),
+        generator=torch.Generator().manual_seed(0),
+        vocab_size=vocab,
+    )
+
+
 # ------------------------------------------------------------------------------------------ response positions
 def test_response_positions_on_hand_made_labels():
     labels = torch.tensor([
@@ -221,18 +234,10 @@ def test_verbalization_trains_only_its_verb_ffns(setup, role):
 
 def test_interaction_trains_lora_and_student_verbalizers_only(setup, base):
     teacher, student, t_verbs, s_verbs, batch = setup
-    vocab = teacher.vocab_size
     pre_lora = snapshot(student.model)
     student.apply_lora(LORA_RANK, LORA_RANK)
     before = {m: snapshot(m) for m in (teacher.model, student.model, t_verbs, s_verbs)}
-    objective = InteractionObjective(
-        student,
-        s_verbs,
-        lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
-        MatchingOptions(),
-        generator=torch.Generator().manual_seed(0),
-        vocab_size=vocab,
-    )
+    objective = top16_interaction(teacher, t_verbs, student, s_verbs)
     trained = {id(p) for p in objective.parameters()}
     lora = {n: p for n, p in student.model.named_parameters() if "lora_" in n}
     assert lora and trained == {id(p) for p in lora.values()} | {id(p) for p in s_verbs.parameters()}
@@ -423,17 +428,9 @@ def test_interaction_loss_is_zero_for_identical_teacher_and_student(setup, strat
 
 def test_matched_indices_obey_search_range_and_order(setup):
     teacher, student, t_verbs, s_verbs, batch = setup
-    vocab = teacher.vocab_size
     t_s, t_l = len(STUDENT_LAYERS), len(TEACHER_LAYERS)
     student.apply_lora(LORA_RANK, LORA_RANK)  # B = 0: outputs unchanged
-    objective = InteractionObjective(
-        student,
-        s_verbs,
-        lambda b: teacher_signal(teacher, t_verbs, b, 16, vocab_size=vocab),
-        MatchingOptions(),
-        generator=torch.Generator().manual_seed(0),
-        vocab_size=vocab,
-    )
+    objective = top16_interaction(teacher, t_verbs, student, s_verbs)
     seen = set()
     with torch.no_grad():
         for _ in range(12):
@@ -446,3 +443,28 @@ def test_matched_indices_obey_search_range_and_order(setup):
             assert all(a < b for a, b in zip(picks, picks[1:]))  # order preservation
             seen.add(tuple(picks))
     assert len(seen) > 1  # the matching is sampled, not fixed
+
+
+# ------------------------------------------------------------------------------------------ empty batches
+def _no_response(batch: dict) -> dict:
+    """``batch`` with every label ignored, as when truncation cut each row's whole answer."""
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
+@pytest.mark.parametrize("step", ["sft", "verbalize", "interact"])
+def test_a_batch_without_response_tokens_trains_nothing_and_stays_finite(setup, step):
+    """The guard: a batch whose rows have no response token gives a zero loss (not NaN) whose backward runs
+    (so that every rank of a data-parallel step calls its collectives) and moves no weight."""
+    teacher, student, t_verbs, s_verbs, batch = setup
+    if step == "sft":
+        objective = SFTObjective(student)
+    elif step == "verbalize":
+        objective = VerbalizationObjective(student, s_verbs)
+    else:
+        student.apply_lora(LORA_RANK, LORA_RANK)
+        objective = top16_interaction(teacher, t_verbs, student, s_verbs)
+    out = objective(_no_response(batch))
+    assert out.loss.item() == 0.0 and all(v == 0.0 for k, v in out.metrics.items() if isinstance(v, float))
+    out.loss.backward()
+    grads = [p.grad for p in objective.parameters() if p.grad is not None]
+    assert all(torch.count_nonzero(g) == 0 for g in grads)

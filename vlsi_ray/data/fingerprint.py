@@ -9,6 +9,17 @@ from pathlib import Path
 #: Files up to this size are hashed whole; larger ones (a 72B checkpoint's shards) by size + first and last 8 MiB.
 WHOLE_HASH_BYTES = 64 * 2**20
 _EDGE_BYTES = 8 * 2**20
+#: The files of a checkpoint that decide how its rows are collated: tokenizer, chat template, processor.
+PROCESSOR_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "added_tokens.json",
+)
 
 
 def fingerprint(
@@ -43,3 +54,8 @@ def fingerprint(
                     fh.seek(size - edge)
                     digest.update(hashlib.sha256(head + fh.read(edge)).digest())
     return digest.hexdigest()[:16]
+
+
+def processor_fingerprint(model_dir: str | Path, min_pixels: int | None, max_pixels: int | None) -> str:
+    """What decides a row's token count: the checkpoint's :data:`PROCESSOR_FILES` and the run's image resolution."""
+    return f"{fingerprint([model_dir], PROCESSOR_FILES)}/{min_pixels}/{max_pixels}"

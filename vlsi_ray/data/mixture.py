@@ -319,6 +319,7 @@ def prepare(
     on_error: str = "skip",
     command: str = "",
     student: str | None = None,
+    measured_with: str | None = None,
     concurrency: int | None = None,
 ) -> dict:
     """Convert ``mixture`` into shards under ``out`` (its old shards and manifest replaced); return the manifest.
@@ -326,7 +327,9 @@ def prepare(
     ``collator``: the student's collator that measures each row's tokens (None: not measured, no
     length check); ``max_length``: rows longer than this are bad rows; ``on_error``: ``skip`` (count
     them) or ``raise`` (stop at the first, naming it); ``student``: the checkpoint path recorded in the
-    manifest; ``concurrency``: conversion workers (default: the cluster's CPUs). Needs a running Ray.
+    manifest; ``measured_with``: the collator's :func:`~vlsi_ray.data.fingerprint.processor_fingerprint`
+    (a run with the same student processor and resolution then trusts the counts and measures nothing);
+    ``concurrency``: conversion workers (default: the cluster's CPUs). Needs a running Ray.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; use one of {', '.join(ON_ERROR)}.")
@@ -361,9 +364,8 @@ def prepare(
     splits = {split: _finish_split(out, split, mixture.rows_per_shard) for split in SPLITS}
     shutil.rmtree(out / _TMP, ignore_errors=True)
     seconds = time.perf_counter() - started
-    manifest = _manifest(
-        out, mixture, the_plan, kept, skipped, splits, collator is not None, student, max_length, command, seconds
-    )
+    measured = {"tokens_measured": collator is not None, "measured_with": measured_with if collator is not None else None}
+    manifest = _manifest(out, mixture, the_plan, kept, skipped, splits, measured, student, max_length, command, seconds)
     for name, entry in manifest["sources"].items():
         counts_line = ", ".join(f"{entry['kept'][s]:,} {s}" for s in SPLITS)
         print(f"[prepare] {name}: kept {counts_line}; skipped {entry['skipped']:,}", flush=True)
@@ -443,7 +445,7 @@ def _finish_split(out: Path, split: str, rows_per_shard: int) -> dict:
     return {"files": [f.name for f in files], "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files)}
 
 
-def _manifest(out: Path, mixture: Mixture, the_plan: Plan, kept: dict, skipped: dict, splits: dict, measured: bool,
+def _manifest(out: Path, mixture: Mixture, the_plan: Plan, kept: dict, skipped: dict, splits: dict, measured: dict,
               student: str | None, max_length: int | None, command: str, seconds: float) -> dict:  # fmt: skip
     """The manifest (written atomically to ``manifest.json`` beside the shards): per source what was read,
     taken, kept per split and skipped (each row's id and reason), and a fingerprint of its input."""
@@ -469,7 +471,7 @@ def _manifest(out: Path, mixture: Mixture, the_plan: Plan, kept: dict, skipped: 
         "rows_per_shard": mixture.rows_per_shard,
         "student": student,
         "max_length": max_length,
-        "tokens_measured": measured,
+        **measured,
         "seconds": round(seconds, 1),
         "rows_per_second": rows / max(seconds, 1e-9),
         "sources": sources,

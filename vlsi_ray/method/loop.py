@@ -54,18 +54,56 @@ def order_keys(ids: Iterable, seed: int, epoch: int) -> np.ndarray:
     )
 
 
+def epoch_sort_keys(
+    ids: Sequence, seed: int, epoch: int, lengths: Sequence[int] | None = None, group_rows: int = 0, rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What orders the rows ``ids`` in epoch ``epoch``: ``(group, -length, key)``, three int64 arrays ``[n]``.
+
+    ``key``: :func:`order_keys`. Without ``lengths`` (token counts, one per id) or ``group_rows`` the group
+    and length are zero: the epoch is in key order. Otherwise the stage's ``rows`` (default: ``len(ids)``)
+    fall in ``rows // group_rows`` equal key ranges (at least one), each of about ``group_rows`` shuffled
+    rows, ordered longest first: consecutive rows have similar lengths. A row's three keys depend only on
+    its id, its length and ``rows``, so a Ray Data worker computes them from the row alone.
+    """
+    keys = order_keys(ids, seed, epoch)
+    zeros = np.zeros(len(keys), dtype=np.int64)
+    if lengths is None or group_rows <= 0:
+        return zeros, zeros, keys
+    count = max(1, (len(keys) if rows is None else rows) // group_rows)
+    groups = keys // np.int64(-(-(2**63) // count)) if count > 1 else zeros
+    return groups, -np.asarray(lengths, dtype=np.int64), keys
+
+
+def epoch_order(ids: Sequence, seed: int, epoch: int, lengths: Sequence[int] | None = None, group_rows: int = 0) -> np.ndarray:
+    """The rows of one epoch in training order, as indices ``[n]`` into ``ids`` (by :func:`epoch_sort_keys`)."""
+    groups, negative_lengths, keys = epoch_sort_keys(ids, seed, epoch, lengths, group_rows)
+    return np.lexsort((keys, negative_lengths, groups))
+
+
+def padding_fraction(batches: Iterable[Sequence[int]]) -> float:
+    """Share of a padded batch's positions that are padding, over ``batches`` of row lengths (each batch is
+    padded to its longest row)."""
+    padded = real = 0
+    for lengths in batches:
+        padded += max(lengths) * len(lengths)
+        real += sum(lengths)
+    return 1 - real / padded if padded else 0.0
+
+
 @dataclass
 class BatchOrder:
     """Seeded, epoch-wise shuffled batches of row indices; ``position`` counts batches handed out.
 
-    Epoch ``e`` orders the rows by :func:`order_keys` ``(ids, seed, e)`` and cuts them into full
-    batches (the remainder is dropped).
+    Epoch ``e`` orders the rows by :func:`epoch_order` (length-grouped when given ``lengths`` and
+    ``group_rows``) and cuts them into full batches (the remainder is dropped).
     """
 
     ids: Sequence
     batch_size: int
     seed: int
     position: int = 0
+    lengths: Sequence[int] | None = None
+    group_rows: int = 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -77,7 +115,7 @@ class BatchOrder:
         while True:
             epoch, index = divmod(self.position, self.batches_per_epoch)
             if epoch != cached_epoch:
-                order, cached_epoch = np.argsort(order_keys(self.ids, self.seed, epoch), kind="stable"), epoch
+                order, cached_epoch = epoch_order(self.ids, self.seed, epoch, self.lengths, self.group_rows), epoch
             start = index * self.batch_size
             self.position += 1
             yield order[start : start + self.batch_size].tolist()
@@ -223,12 +261,18 @@ def run_steps(
         lr = cosine_lr(step, total, opt)
         stepper.set_lr(lr)
         micro: list[dict] = []
+        empty = 0
         for _ in range(opt.grad_accum):
-            out = objective(to_device(next(batches), device))
+            batch = next(batches)
+            empty += int(not has_response_tokens(batch))
+            out = objective(to_device(batch, device))
             stepper.backward(out.loss, opt.grad_accum)
             micro.append(out.metrics)
         grad_norm = stepper.step()
         record = _reduce(micro)
+        if empty:  # cannot happen with indexed rows (each has a response token); a zero loss if it does
+            record["empty_batches"] = empty
+            print(f"[{name}] step {step + 1}: {empty} micro-batch(es) without response tokens trained nothing", flush=True)
         record.update(
             stage=name,
             step=step + 1,
@@ -257,6 +301,12 @@ def run_steps(
     return history
 
 
+def has_response_tokens(batch: dict) -> bool:
+    """Whether a collated batch has a label to learn from (``labels [B, T]``; batches without labels count as having)."""
+    labels = batch.get("labels")
+    return labels is None or bool((labels != -100).any())
+
+
 def train_stage(
     name: str,
     objective: Callable[[dict], object],
@@ -269,9 +319,12 @@ def train_stage(
     writer: MetricsWriter | None = None,
     modules: Sequence[nn.Module] = (),
     dtype: torch.dtype = torch.float32,
+    lengths: Sequence[int] | None = None,
+    group_rows: int = 0,
 ) -> list[dict]:
     """Train ``parameters`` on ``objective`` over ``rows`` in this process (AdamW, seeded order;
-    ``dtype``: the objective's compute dtype, see :class:`Stepper`).
+    ``dtype``: the objective's compute dtype, see :class:`Stepper`; ``lengths`` and ``group_rows``:
+    length-grouped batches, see :func:`epoch_order`).
 
     Returns one metrics dict per optimizer step.
     """
@@ -280,7 +333,7 @@ def train_stage(
     if not rows:
         raise ValueError(f"stage {name} has no training rows; check data.dir and stages.{name}.tasks.")
     total = total_optimizer_steps(opt, len(rows))
-    order = BatchOrder([r["id"] for r in rows], min(opt.batch_size, len(rows)), seed)
+    order = BatchOrder([r["id"] for r in rows], min(opt.batch_size, len(rows)), seed, lengths=lengths, group_rows=group_rows)
     batches = (collate([rows[i] for i in index]) for index in order)
     return run_steps(name, objective, Stepper(parameters, opt, dtype), batches, opt, total, device, writer, modules)
 

@@ -40,6 +40,12 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum().clamp(min=1).to(total.dtype)
 
 
+def token_mean(values: Tensor) -> Tensor:
+    """Mean of per-token ``values [N]``; zero (still in the graph, so every rank's backward runs alike) when
+    ``N == 0``: a batch without response tokens trains nothing instead of turning the loss into NaN."""
+    return values.sum() / max(values.numel(), 1)
+
+
 def select_positions(x: Tensor, mask: Tensor) -> Tensor:
     """Rows of ``x [B, T, ...]`` where ``mask [B, T]`` is true, as ``[N, ...]`` in row-major order."""
     if x.shape[: mask.dim()] != mask.shape or mask.dim() != 2:
@@ -176,8 +182,8 @@ def verbalized_kl(
     _check_direction(direction)
     if hidden.dim() != 2 or hidden.shape[0] != teacher.num_tokens:
         raise ValueError(f"hidden must be [N={teacher.num_tokens}, d] to match the teacher signal, got {list(hidden.shape)}.")
-    if hidden.shape[0] == 0:
-        return hidden.sum(-1).float()
+    if hidden.shape[0] == 0:  # through the head, so that a loss over no token still reaches its parameters
+        return head(hidden).sum(-1).float()
 
     def piece(sl: slice) -> Tensor:
         return per_token_kl(teacher.tokens(sl), head(hidden[sl]), direction, temperature)
@@ -197,8 +203,8 @@ def verbalized_ce(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Ten
         )
     if targets.is_floating_point():
         raise ValueError(f"verbalized_ce targets must be integer token ids, got {targets.dtype}.")
-    if hidden.shape[0] == 0:
-        return hidden.sum(-1).float()
+    if hidden.shape[0] == 0:  # through the head, so that a loss over no token still reaches its parameters
+        return head(hidden).sum(-1).float()
 
     def piece(sl: slice) -> Tensor:
         logits = head(hidden[sl])

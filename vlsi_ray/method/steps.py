@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from vlsi_ray.method.losses import DIRECTIONS, per_token_kl, verbalized_ce, verbalized_kl
+from vlsi_ray.method.losses import DIRECTIONS, per_token_kl, token_mean, verbalized_ce, verbalized_kl
 from vlsi_ray.method.matching import MatchingOptions, band_mask, match_layers
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.precision import keep_float32_masters
@@ -123,7 +123,7 @@ class SFTObjective:
             out = self.backbone.forward(model_inputs(batch), logits=False)
             mask, targets = response_positions(batch["labels"])
             h = out.hidden_states[-1][mask]  # already final-normed
-            loss = verbalized_ce(h, self.backbone.lm_head, targets, self.chunk_size).mean()
+            loss = token_mean(verbalized_ce(h, self.backbone.lm_head, targets, self.chunk_size))
         return StepOutput(loss, {"loss": loss.item()})
 
 
@@ -167,7 +167,9 @@ class VerbalizationObjective:
         with self.backbone.autocast():
             for layer in self.verbalizers.layers:
                 head = self.verbalizers.head(layer, self.backbone.final_norm, self.backbone.lm_head)
-                ce = verbalized_ce(at_positions(out.hidden_states[layer], mask, device), head, targets, self.chunk_size).mean()
+                ce = token_mean(
+                    verbalized_ce(at_positions(out.hidden_states[layer], mask, device), head, targets, self.chunk_size)
+                )
                 metrics[f"ce/{layer}"] = ce.item()
                 loss = loss + ce
         metrics["loss"] = loss.item()
@@ -299,7 +301,7 @@ class InteractionObjective:
     def kl(self, hidden: Tensor, head: Callable, signal: TeacherSignal) -> Tensor:
         """Mean KL over the ``N`` tokens between ``signal`` (one layer) and ``head(hidden [N, d])``."""
         loss = self.loss
-        return verbalized_kl(hidden, head, signal, loss.direction, loss.kd_temperature, loss.chunk_size).mean()
+        return token_mean(verbalized_kl(hidden, head, signal, loss.direction, loss.kd_temperature, loss.chunk_size))
 
     @torch.no_grad()
     def _candidate_distances(self, hidden: list[Tensor], heads: list[Callable], signal: TeacherSignal) -> Tensor:
@@ -390,7 +392,7 @@ def _intermediate_ce(objective: InteractionObjective, step: _Step2) -> tuple[Ten
     """Table 4(d)'s ablation: each verbalized layer's cross-entropy on the ground truth, no teacher."""
     loss, metrics = _zero(step), {}
     for hidden, head, layer in zip(step.hidden, step.heads, step.layers):
-        term = verbalized_ce(hidden, head, step.targets, objective.loss.chunk_size).mean()
+        term = token_mean(verbalized_ce(hidden, head, step.targets, objective.loss.chunk_size))
         metrics[f"ce/{layer}"] = term.item()
         loss = loss + term
     return loss, metrics
@@ -406,7 +408,7 @@ def _last_kl(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dic
 @loss_term(LAST_LAYER_TERMS, "ce")
 def _last_ce(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
     """Table 4(d)'s ablation: the last layer's cross-entropy on the ground truth."""
-    last = verbalized_ce(step.final, objective.student.lm_head, step.targets, objective.loss.chunk_size).mean()
+    last = token_mean(verbalized_ce(step.final, objective.student.lm_head, step.targets, objective.loss.chunk_size))
     return last, {"ce/last": last.item()}
 
 

@@ -13,16 +13,19 @@ import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 
 from vlsi_ray.config import RunConfig, to_yaml
+from vlsi_ray.data.index import SplitIndex
 from vlsi_ray.data.synthetic import SCORED_TASKS
 from vlsi_ray.method.loop import train_stage
 from vlsi_ray.metrics import MetricsWriter, write_stage_summary
 from vlsi_ray.models.backbone import Backbone
-from vlsi_ray.prepare import build_model, make_collator, model_key, prepare_data, tiny_tokenizer
+from vlsi_ray.prepare import build_model, index_splits, make_collator, model_key, prepare_data, read_split_rows, tiny_tokenizer
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import build_objective, pretraining, stage
 
@@ -41,9 +44,10 @@ class Run(ABC):
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.config.write_text(to_yaml(cfg))
         self.writer = MetricsWriter(self.layout.metrics)
-        self.splits = prepare_data(cfg)
+        self.data_dir = prepare_data(cfg)
         needs_tokenizer = cfg.teacher.path is None or cfg.student.path is None
-        self.tokenizer = tiny_tokenizer(cfg, self.splits.train) if needs_tokenizer else None
+        self.tokenizer = tiny_tokenizer(cfg) if needs_tokenizer else None
+        self.index: dict[str, SplitIndex] = {}  # each split's row metadata, once the student is known (index_data)
 
     def runs(self, name: str) -> bool:
         """Whether ``cfg`` runs stage ``name`` (the SFT-only baseline needs ``baseline_sft`` too)."""
@@ -52,13 +56,49 @@ class Run(ABC):
     def finish(self, name: str, history: list[dict], started: float) -> None:
         write_stage_summary(self.layout.marker(name), name, history, time.perf_counter() - started)
 
-    def train_rows(self, settings: str) -> list[dict]:
-        """The train rows a stage with optimizer settings ``stages.<settings>`` trains on (its ``tasks``)."""
-        tasks = getattr(self.cfg.stages, settings).tasks
-        return [r for r in self.splits.train if not tasks or r["task"] in tasks]
+    def index_data(self, student_dir: Path) -> None:
+        """Index the splits for the student at ``student_dir`` (:func:`index_splits`): the rows' metadata,
+        measured by :meth:`measure` unless the shards carry this processor's token counts."""
+        self.index = index_splits(self.cfg, student_dir, self.measure)
 
-    def test_rows(self) -> list[dict]:
-        return [r for r in self.splits.test if r["task"] in SCORED_TASKS]
+    @abstractmethod
+    def measure(self, files: Sequence[str]) -> pa.Table:
+        """Validate and measure the rows of shard ``files`` (:func:`vlsi_ray.data.index.measure_rows`)."""
+
+    def train_ids(self, settings: str) -> list[str]:
+        """Ids of the train rows a stage with optimizer settings ``stages.<settings>`` trains on (its ``tasks``)."""
+        return self.index["train"].ids(getattr(self.cfg.stages, settings).tasks)
+
+    def grouping(self, settings: str, workers: int = 1) -> dict:
+        """``train_stage``'s / ``train_dataset``'s length-grouping arguments for a stage with optimizer settings
+        ``stages.<settings>`` (``data.group_by_length``): the rows' ``lengths`` and ``group_rows``."""
+        if not self.cfg.data.group_by_length:
+            return {}
+        opt = getattr(self.cfg.stages, settings)
+        group_rows = self.cfg.data.length_group_batches * opt.batch_size * workers
+        return {"lengths": self.index["train"].lengths(opt.tasks), "group_rows": group_rows}
+
+    def pretraining_rows(self, name: str) -> list[dict]:
+        """A tiny model's pretraining rows (read whole: pretraining comes before the index, on tiny data)."""
+        return read_split_rows(self.cfg, "train", tasks=getattr(self.cfg.stages, name).tasks)
+
+    def test_ids(self) -> list[str]:
+        """Ids of the test rows the accuracy is scored on (the synthetic task's scored task types)."""
+        return self.index["test"].ids(SCORED_TASKS)
+
+    def test_answers(self) -> list[dict]:
+        """``{"task", "answer"}`` of each row of :meth:`test_ids` (what predictions are scored against)."""
+        table = self.index["test"].table
+        wanted = set(SCORED_TASKS)
+        return [
+            {"task": t, "answer": a}
+            for t, a in zip(table.column("task").to_pylist(), table.column("answer").to_pylist())
+            if t in wanted
+        ]
+
+    def skipped_rows(self) -> dict[str, int]:
+        """Bad and over-long rows left out of each split (the report's count)."""
+        return {split: index.stats.skipped for split, index in self.index.items()}
 
     # -- the teacher and the student base --------------------------------------------------------
     def pretrained(self, role: str) -> Path:

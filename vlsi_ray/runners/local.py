@@ -9,12 +9,14 @@ stages and loads what they wrote. The Ray runner follows the same table with the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 
 from vlsi_ray.config import RunConfig
+from vlsi_ray.data.index import measure_in_process
 from vlsi_ray.eval.accuracy import evaluate
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import train_stage
@@ -27,6 +29,7 @@ from vlsi_ray.prepare import (
     load_model,
     make_collator,
     new_verbalizers,
+    read_split_rows,
     require_data,
     resolve_device,
 )
@@ -44,6 +47,7 @@ class LocalRun(Run):
         self.device = resolve_device(cfg.device)
         self.collate: Callable | None = None
         self.results: dict[str, dict] = {}
+        self._rows: dict[str, dict[str, dict]] = {}  # split -> id -> row, read once
 
     def pretrain(self, role: str) -> Path:
         name = pretraining(role).name
@@ -51,12 +55,21 @@ class LocalRun(Run):
             self.cfg,
             role,
             self.init_model(role),
-            self.train_rows(name),
+            self.pretraining_rows(name),
             self.device,
             self.writer,
             self.layout.model(name),
             self.model_cache(role),
         )
+
+    def measure(self, files: Sequence[str]) -> pa.Table:
+        return measure_in_process(files, self.collate)
+
+    def rows(self, split: str, ids: Sequence[str]) -> list[dict]:
+        """The whole rows of ``ids`` (in their order), read from the ``split`` shards in this process once."""
+        if split not in self._rows:
+            self._rows[split] = {row["id"]: row for row in read_split_rows(self.cfg, split, ids=self.index[split].ids())}
+        return [self._rows[split][i] for i in ids]
 
     def load(self, path: Path, role: str = "student") -> Backbone:
         """The checkpoint at ``path`` with ``role``'s settings (dtype, attention, checkpointing, resolution)."""
@@ -69,7 +82,7 @@ class LocalRun(Run):
             spec.name,
             objective,
             objective.parameters(),
-            self.train_rows(spec.settings),
+            self.rows("train", self.train_ids(spec.settings)),
             self.collate,
             opt,
             spec.seed(self.cfg.seed),
@@ -77,13 +90,15 @@ class LocalRun(Run):
             self.writer,
             modules,
             dtype=objective.compute_dtype,
+            **self.grouping(spec.settings),
         )
 
     def score(self, name: str, backbone: Backbone) -> None:
         """Test accuracy of ``backbone`` under report name ``name`` (when ``eval_models`` lists it)."""
         if name not in self.cfg.eval_models:
             return
-        self.results[name] = evaluate(backbone, self.test_rows(), self.collate, self.cfg.eval_batch_size, self.device)
+        rows = self.rows("test", self.test_ids())
+        self.results[name] = evaluate(backbone, rows, self.collate, self.cfg.eval_batch_size, self.device)
         print(
             f"[eval] {name}: {100 * self.results[name]['overall']:.1f}% on {self.results[name]['n']} test questions", flush=True
         )
@@ -95,6 +110,7 @@ class LocalRun(Run):
         teacher, student = self.load(self.teacher_dir, "teacher"), self.load(self.student_dir)
         vocab = check_pair(teacher, student)
         self.collate = make_collator(student, self.cfg)
+        self.index_data(self.student_dir)
         return teacher, student, vocab
 
     def sft(self, name: str, source: Path) -> Backbone:
@@ -180,7 +196,7 @@ class LocalRun(Run):
             "run": self.cfg.name,
             "seconds": round(time.perf_counter() - started, 1),
             "accuracy": self.results,
-            "skipped_rows": {k: v.skipped for k, v in self.splits.stats.items()},
+            "skipped_rows": self.skipped_rows(),
         }
         write_report(self.layout.root, report)
         print(f"[done] report in {self.layout.report_md} ({report['seconds']:.0f}s)", flush=True)

@@ -31,23 +31,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlsi_ray.data.fingerprint import fingerprint
+from vlsi_ray.data.fingerprint import PROCESSOR_FILES, fingerprint
 from vlsi_ray.method.steps import response_token_counts
 from vlsi_ray.signals.teacher_signal import STORAGE_DTYPES, TeacherSignal
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-#: Processor files of the student checkpoint: they decide how batches are collated.
-_COLLATE_FILES = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template*",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "added_tokens.json",
-)
 _SIGNAL_ARRAYS = ("topk_logprobs", "topk_ids", "tail_logmass", "tail_sample_logprobs", "tail_sample_ids")
 _ID_DTYPE, _TAIL_DTYPE = np.int32, np.float32
 
@@ -78,7 +67,7 @@ def cache_spec(
         "format": FORMAT_VERSION,
         "teacher": fingerprint([teacher_dir], ("*.json", "*.safetensors", "*.bin")),
         "teacher_verbalizers": fingerprint([verbalizer_dir]),
-        "collator": fingerprint([student_dir], _COLLATE_FILES),
+        "collator": fingerprint([student_dir], PROCESSOR_FILES),
         "teacher.dtype": cfg.teacher.dtype,  # the signal is computed in it
         "images": [cfg.images.min_pixels, cfg.images.max_pixels],  # with the collator, what the image tokens are
         "signal.topk": signal.topk,

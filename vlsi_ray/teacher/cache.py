@@ -1,6 +1,6 @@
 """Build the offline teacher cache: Ray Data over the train shards, the teacher in Ray Data actors.
 
-:func:`build_cache` reads the validated train split (:func:`vlsi_ray.data.ray_dataset.train_split`),
+:func:`build_cache` reads the indexed train split (:func:`vlsi_ray.data.ray_dataset.train_split`),
 keeps step 2's tasks, and maps batches through :class:`CacheSignals`: an actor class holding a
 :class:`~vlsi_ray.runners.ray.teacher_pool.TeacherWorker` (the same teacher code as the live pool) placed
 with ``teacher_pool``'s resources, ``teacher_pool.replicas`` of them. Each batch is collated with
@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from vlsi_ray.config import ConfigError, RunConfig, config_from_yaml, to_yaml
+from vlsi_ray.data.index import measure_on_ray
 from vlsi_ray.data.ray_dataset import train_split
 from vlsi_ray.data.shards import shard_files
 from vlsi_ray.method.steps import response_token_counts
 from vlsi_ray.models.verbalizer import CONFIG_FILE as VERBALIZERS_CONFIG
-from vlsi_ray.prepare import LoadSettings, check_pair_paths, make_collator, model_info
+from vlsi_ray.prepare import LoadSettings, check_pair_paths, index_split, make_collator, model_info
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import stage
 from vlsi_ray.runners.ray.teacher_pool import TeacherWorker
@@ -117,7 +119,9 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
 
 def _write_signals(cfg: RunConfig, inputs: dict[str, Path], vocab: int, shards: Path) -> None:
     """Map step 2's train rows through ``teacher_pool.replicas`` :class:`CacheSignals` actors into Parquet at ``shards``."""
-    split = train_split(cfg.data.dir, cfg.data.on_error, cfg.data.sort_in_memory_mb)
+    collator = make_collator(model_info(inputs["student"], LoadSettings.of(cfg, "student")), cfg)
+    index = index_split(cfg, inputs["student"], "train", lambda files: measure_on_ray(files, collator))
+    split = train_split(cfg.data.dir, index.excluded(), cfg.data.sort_in_memory_mb)
     dataset = split.dataset
     tasks = set(cfg.stages.interact.tasks)
     if tasks:
@@ -127,7 +131,8 @@ def _write_signals(cfg: RunConfig, inputs: dict[str, Path], vocab: int, shards: 
     # Ray Data restarts a dead actor and retries its batches itself.
     signals = dataset.map_batches(
         CacheSignals, fn_constructor_args=args, batch_size=cfg.stages.interact.batch_size, batch_format="numpy",
-        concurrency=pool.replicas, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, resources=dict(res.resources) or None,
+        compute=ray.data.ActorPoolStrategy(size=pool.replicas), num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
+        resources=dict(res.resources) or None,
     )  # fmt: skip
     print(
         f"[teacher_cache] writing the teacher signal of {split.num_files} train shard(s) to {shards} "

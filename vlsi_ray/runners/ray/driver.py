@@ -15,9 +15,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import ray
 import ray.train
 from ray.data import DataContext
@@ -25,6 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from vlsi_ray import env as vlsi_env
 from vlsi_ray.config import EVAL_MODELS, RunConfig, config_from_yaml, to_yaml
+from vlsi_ray.data.index import measure_on_ray
 from vlsi_ray.data.ray_dataset import train_dataset, train_split
 from vlsi_ray.env import at_idle_priority, malloc_env, set_offline_defaults
 from vlsi_ray.eval.accuracy import accuracy_report, letter_token_ids, predict_letters
@@ -37,7 +39,9 @@ from vlsi_ray.prepare import (
     check_pair_paths,
     load_model,
     make_collator,
+    model_info,
     new_verbalizers,
+    read_split_rows,
     require_data,
     resolve_device,
 )
@@ -155,14 +159,14 @@ class RayRun(Run):
         """The validated train split on Ray Data, read once per run (every stage orders it its own way)."""
         with self._split_lock:
             if self._split is None:
-                self._split = train_split(self.cfg.data.dir, self.cfg.data.on_error, self.cfg.data.sort_in_memory_mb)
+                self._split = train_split(self.cfg.data.dir, self.index["train"].excluded(), self.cfg.data.sort_in_memory_mb)
         return self._split
 
     def spec(self, name: str, model_dir: Path, **kw) -> StageSpec:
         """The :class:`StageSpec` of student stage ``name`` (its row of the stage table) starting from ``model_dir``."""
         row = stage(name)
         opt = getattr(self.cfg.stages, row.settings)
-        total = total_optimizer_steps(opt, len(self.train_rows(row.settings)), self.cfg.train.num_workers)
+        total = total_optimizer_steps(opt, len(self.train_ids(row.settings)), self.cfg.train.num_workers)
         lora = row.lora or (row.objective == "sft" and self.cfg.stages.sft_lora)
         return StageSpec(
             stage=row,
@@ -189,7 +193,9 @@ class RayRun(Run):
                 spec.stage.seed(cfg.seed),
                 opt.batch_size * workers,
                 spec.total_steps * opt.grad_accum,
-                [r["id"] for r in self.train_rows(spec.stage.settings)],
+                self.train_ids(spec.stage.settings),
+                **self.grouping(spec.stage.settings, workers),
+                lengths_from_shards=not self.index["train"].measured,
             )
         res = cfg.train.resources_per_worker
         per_worker = {"CPU": res.num_cpus, **res.resources}
@@ -240,7 +246,6 @@ class RayRun(Run):
             self.cfg_yaml,
             role,
             str(init),
-            self.train_rows(name),
             str(self.layout.metrics),
             str(self.layout.model(name)),
             None if cache is None else str(cache),
@@ -255,18 +260,18 @@ class RayRun(Run):
         if not named_dirs:
             return
         if self._test_slices is None:
-            rows, n = self.test_rows(), self.cfg.eval_tasks
-            self._test_slices = [ray.put(rows[i * len(rows) // n : (i + 1) * len(rows) // n]) for i in range(n)]
+            ids, n = self.test_ids(), self.cfg.eval_tasks
+            self._test_slices = [ids[i * len(ids) // n : (i + 1) * len(ids) // n] for i in range(n)]
         res = self.cfg.train.resources_per_worker
         task = ray.remote(_predict_letters).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
         for name, path in named_dirs.items():
             path = path if isinstance(path, ray.ObjectRef) else str(path)
             role = "teacher" if name == "teacher" else "student"
-            self._evals[name] = [task.remote(path, self.cfg_yaml, rows, role) for rows in self._test_slices]
+            self._evals[name] = [task.remote(path, self.cfg_yaml, ids, role) for ids in self._test_slices]
 
     def accuracy(self) -> dict[str, dict]:
         """Wait for every test pass started by :meth:`evaluate`; return the accuracies by model name."""
-        rows, results = self.test_rows(), {}
+        rows, results = self.test_answers(), {}
         for name in sorted(self._evals, key=EVAL_MODELS.index):  # the report's order
             predictions = [letter for part in ray.get(self._evals[name]) for letter in part]
             results[name] = accuracy_report(rows, predictions)
@@ -287,7 +292,12 @@ class RayRun(Run):
             self.teacher_dir, teacher_config = self.start_pretraining("teacher")
         self.student_dir = self.pretrained("student")
         self.vocab = check_pair_paths(teacher_config, self.student_dir, cfg)
+        self.collator = make_collator(model_info(self.student_dir, LoadSettings.of(cfg, "student")), cfg)
+        self.index_data(self.student_dir)
         self.evaluate({"student_base": self.student_dir, "teacher": self.teacher_dir})
+
+    def measure(self, files: Sequence[str]) -> pa.Table:
+        return measure_on_ray(files, self.collator)
 
     def resolved_teacher(self) -> Path:
         """The teacher's directory (waiting for its pretraining task, if it is still running)."""
@@ -343,10 +353,15 @@ class RayRun(Run):
         marker and summary once both are done."""
         if not self.trains_step1:
             return
-        cfg, out = self.cfg, self.layout.verbalizers("teacher")
-        teacher_job = self.pool.actors[0].train_verbalizers.remote(
-            self.cfg_yaml, self.train_rows("verbalize"), str(out), stage("verbalize/teacher").seed(cfg.seed)
-        )
+        cfg, out, row = self.cfg, self.layout.verbalizers("teacher"), stage("verbalize/teacher")
+        opt, ids = cfg.stages.verbalize, self.train_ids("verbalize")
+        total = total_optimizer_steps(opt, len(ids))  # one replica: the in-process runner's steps
+        _data_context()
+        rows = train_dataset(
+            self.split(), opt.tasks, row.seed(cfg.seed), opt.batch_size, total * opt.grad_accum, ids,
+            **self.grouping("verbalize"), lengths_from_shards=not self.index["train"].measured,
+        )  # fmt: skip
+        teacher_job = self.pool.actors[0].train_verbalizers.remote(self.cfg_yaml, rows, total, str(out), row.seed(cfg.seed))
         self.step1_calls = [teacher_job] + [
             actor.load_verbalizers.remote(str(out), teacher_job) for actor in self.pool.actors[1:]
         ]
@@ -436,36 +451,35 @@ class RayRun(Run):
             "runner": "ray",
             "seconds": round(time.perf_counter() - started, 1),
             "accuracy": results,
-            "skipped_rows": {k: v.skipped for k, v in self.splits.stats.items()},
+            "skipped_rows": self.skipped_rows(),
         }
         write_report(self.layout.root, report)
         print(f"[done] report in {self.layout.report_md} ({report['seconds']:.0f}s)", flush=True)
         return report
 
 
-def _pretrain_task(
-    cfg_yaml: str, role: str, init_dir: str, rows: list[dict], metrics_path: str, target: str, cache: str | None
-) -> str:
-    """:func:`vlsi_ray.runners.local.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on ``rows``,
-    saved to ``target`` (and ``cache``); returns ``target``."""
+def _pretrain_task(cfg_yaml: str, role: str, init_dir: str, metrics_path: str, target: str, cache: str | None) -> str:
+    """:func:`vlsi_ray.runners.local.pretrain_tiny` as a Ray task: the model at ``init_dir`` trained on its
+    pretraining rows (read here), saved to ``target`` (and ``cache``); returns ``target``."""
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
     backbone = load_model(init_dir, LoadSettings.of(cfg, role), device)
-    return str(
-        pretrain_tiny(
-            cfg, role, backbone, rows, device, MetricsWriter(metrics_path), Path(target), None if cache is None else Path(cache)
-        )
-    )
+    name = pretraining(role).name
+    rows = read_split_rows(cfg, "train", tasks=getattr(cfg.stages, name).tasks)
+    writer = MetricsWriter(metrics_path)
+    return str(pretrain_tiny(cfg, role, backbone, rows, device, writer, Path(target), None if cache is None else Path(cache)))
 
 
-def _predict_letters(model_dir: str, cfg_yaml: str, rows: list[dict], role: str = "student") -> list[str]:
+def _predict_letters(model_dir: str, cfg_yaml: str, ids: list[str], role: str = "student") -> list[str]:
     """The option letter the checkpoint at ``model_dir`` (loaded with ``role``'s settings) picks for each of
-    ``rows`` (a Ray task), computed at idle CPU priority unless ``eval_priority=normal``: the pass runs
-    beside later stages."""
+    the test rows ``ids`` (a Ray task: the rows are read here), computed at idle CPU priority unless
+    ``eval_priority=normal``: the pass runs beside later stages."""
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
+    by_id = {row["id"]: row for row in read_split_rows(cfg, "test", ids=ids)}
+    rows = [by_id[i] for i in ids]
 
     def predict() -> list[str]:
         backbone = load_model(model_dir, LoadSettings.of(cfg, role), device)

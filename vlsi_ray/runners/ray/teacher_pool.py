@@ -19,8 +19,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from vlsi_ray.config import config_from_yaml
+from vlsi_ray.data.ray_dataset import RayCollate
 from vlsi_ray.env import set_offline_defaults
-from vlsi_ray.method.loop import to_device, train_stage
+from vlsi_ray.method.loop import Stepper, run_steps, to_device
 from vlsi_ray.method.steps import VerbalizationObjective
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import LoadSettings, frozen_verbalizers, load_model, make_collator, new_verbalizers, resolve_device
@@ -139,27 +140,22 @@ class TeacherWorker:
         out["seconds"] = np.array(time.perf_counter() - started)
         return out
 
-    def train_verbalizers(self, cfg_yaml: str, rows: list[dict], out_dir: str, seed: int) -> dict:
+    def train_verbalizers(self, cfg_yaml: str, dataset, total_steps: int, out_dir: str, seed: int) -> dict:
         """Step 1 on the teacher's side: train its verb-FFNs where the teacher lives; save to ``out_dir``.
 
-        ``rows`` are the stage's train rows; returns ``{"history": per-step metrics, "seconds": its duration}``.
+        ``dataset``: the stage's train rows as a Ray Dataset in training order (``train_dataset``, as a
+        Train worker reads its stage), read and collated here; ``total_steps`` optimizer steps. Returns
+        ``{"history": per-step metrics, "seconds": its duration}``.
         """
         started = time.perf_counter()
         cfg = config_from_yaml(cfg_yaml)
+        opt = cfg.stages.verbalize
         verbs = new_verbalizers(cfg, "teacher", self.backbone, seed)
         objective = VerbalizationObjective(self.backbone, verbs, cfg.loss.chunk_size)
-        history = train_stage(
-            "verbalize/teacher",
-            objective,
-            objective.parameters(),
-            rows,
-            make_collator(self.backbone, cfg),
-            cfg.stages.verbalize,
-            seed,
-            self.device,
-            modules=[verbs],
-            dtype=objective.compute_dtype,
-        )
+        collate = RayCollate(make_collator(self.backbone, cfg))
+        batches = iter(dataset.iter_torch_batches(batch_size=opt.batch_size, collate_fn=collate, drop_last=True))
+        stepper = Stepper(objective.parameters(), opt, objective.compute_dtype)
+        history = run_steps("verbalize/teacher", objective, stepper, batches, opt, total_steps, self.device, modules=[verbs])
         verbs.save(out_dir)
         self.verbalizers = frozen_verbalizers(verbs, self.backbone)
         return {"history": history, "seconds": time.perf_counter() - started}

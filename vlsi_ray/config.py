@@ -149,6 +149,8 @@ class TrainConfig:
     report_every: int = 50  # steps between ray.train.report calls (each costs about a second)
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: only at the end)
     max_failures: int = 2  # worker-group restarts from the last checkpoint (FailureConfig)
+    # seconds a Train worker waits in one collective (all-reduce, ZeRO gather) before its group fails (TorchConfig)
+    collective_timeout_s: int = 1800
     log_ids: bool = False  # write every consumed row id to <stage>/consumed_ids.*.jsonl (a data audit)
     fail_at_step: int = 0  # fault injection (tests, drills): a worker that started fresh raises after this step
 
@@ -273,6 +275,9 @@ class RunConfig:
     # Models whose test accuracy goes in the report (each is a full pass over the test split; at
     # 72B the teacher's pass is the expensive one).
     eval_models: list[str] = field(default_factory=lambda: list(EVAL_MODELS))
+    # Each evaluated model is scored on every test row (held-out loss per source; accuracy on rows whose
+    # answer is an option letter); eval_val_loss adds the val rows' loss (one more pass over val per model).
+    eval_val_loss: bool = False
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
@@ -524,6 +529,8 @@ def _validate_ray(cfg: RunConfig) -> None:
         raise ConfigError("teacher_pool.replicas and train.num_workers must be at least 1.")
     if pool.lookahead < 0 or pool.max_restarts < -1 or pool.max_task_retries < -1:
         raise ConfigError("teacher_pool.lookahead must be >= 0 and max_restarts/max_task_retries >= -1 (-1: unlimited).")
+    if train.collective_timeout_s < 1:
+        raise ConfigError(f"train.collective_timeout_s={train.collective_timeout_s} must be at least 1 second.")
     if train.report_every < 1 or train.checkpoint_every < 0 or train.max_failures < -1:
         raise ConfigError("train.report_every must be >= 1, train.checkpoint_every >= 0 and train.max_failures >= -1.")
 

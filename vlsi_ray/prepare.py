@@ -150,23 +150,29 @@ def prepare_data(cfg: RunConfig) -> Path:
     return data_dir
 
 
-def index_splits(cfg: RunConfig, student_dir: str | Path, measure: Callable[[Sequence[str]], pa.Table]) -> dict[str, SplitIndex]:
-    """Each split's :func:`index_split`."""
-    return {split: index_split(cfg, student_dir, split, measure) for split in SPLITS}
-
-
-def index_split(cfg: RunConfig, student_dir: str | Path, split: str, measure: Callable[[Sequence[str]], pa.Table]) -> SplitIndex:
-    """The :class:`SplitIndex` of ``split`` for the student at ``student_dir``: its rows' metadata, over-long and
-    bad rows left out (``data.on_error``). The rows are measured with ``measure`` unless jobs/prepare_data.py
-    measured them with this student's processor and the run's image resolution."""
+def index_splits(
+    cfg: RunConfig, student_dir: str | Path, measure: Callable[[Sequence[str]], pa.Table], splits: Sequence[str] = SPLITS
+) -> dict[str, SplitIndex]:
+    """The :class:`SplitIndex` of each of ``splits`` for the student at ``student_dir``: the rows' metadata,
+    over-long and bad rows left out (``data.on_error``). Their rows are measured with ``measure``, in one pass,
+    unless jobs/prepare_data.py measured them with this student's processor and the run's image resolution."""
     fingerprint = processor_fingerprint(student_dir, cfg.images.min_pixels, cfg.images.max_pixels)
-    trusted = not needs_measuring(cfg.data.dir, fingerprint)
-    started = time.perf_counter()
-    index = read_index(cfg.data.dir, split, cfg.data.max_length, cfg.data.on_error, None if trusted else measure)
-    how = "token counts from the shards" if trusted else f"measured in {time.perf_counter() - started:.1f}s"
-    skipped = f", skipped {index.stats.skipped} ({_reasons(index.stats.reasons)})" if index.stats.skipped else ""
-    print(f"[data] {split}: {len(index)} rows ({how}){skipped}", flush=True)
-    return index
+    measured = None
+    if needs_measuring(cfg.data.dir, fingerprint):
+        started = time.perf_counter()
+        measured = measure([str(f) for split in splits for f in shard_files(cfg.data.dir, split)])
+        print(f"[data] measured {measured.num_rows} rows with the student's processor in {time.perf_counter() - started:.1f}s",
+              flush=True)  # fmt: skip
+    out = {}
+    for split in splits:
+        index = read_index(
+            cfg.data.dir, split, cfg.data.max_length, cfg.data.on_error, None if measured is None else lambda _: measured
+        )
+        how = "token counts from the shards" if measured is None else "measured"
+        skipped = f", skipped {index.stats.skipped} ({_reasons(index.stats.reasons)})" if index.stats.skipped else ""
+        print(f"[data] {split}: {len(index)} rows ({how}){skipped}", flush=True)
+        out[split] = index
+    return out
 
 
 def _reasons(reasons: dict[str, str]) -> str:
@@ -229,10 +235,13 @@ def model_key(model: ModelConfig, *parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def make_collator(backbone: Backbone | ModelInfo, cfg: RunConfig) -> ChatCollator:
+def make_collator(backbone: Backbone | ModelInfo, cfg: RunConfig, vision_filler: bool = False) -> ChatCollator:
     """The single collate path shared by teacher, student, training and evaluation (a :class:`ModelInfo`
-    gives the same collator without loading weights)."""
-    return ChatCollator(backbone.tokenizer, backbone.image_processor, backbone.family, cfg.data.max_length)
+    gives the same collator without loading weights). ``vision_filler``: a blank, masked image in batches
+    without images (ZeRO ranks must all run the vision tower; :class:`ChatCollator`)."""
+    return ChatCollator(
+        backbone.tokenizer, backbone.image_processor, backbone.family, cfg.data.max_length, vision_filler=vision_filler
+    )
 
 
 def check_pair(teacher: Backbone | ModelInfo, student: Backbone | ModelInfo) -> int:

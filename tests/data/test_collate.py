@@ -251,3 +251,56 @@ def test_text_only_rows(setup):
     ]
     with torch.no_grad():
         assert student.forward(batch).logits.shape[:2] == batch["input_ids"].shape
+
+
+def _vision_grads(student, batch) -> dict[str, float]:
+    """Backward from the real positions' log-normalisers; ``name -> max |grad|`` of every vision and
+    projector parameter that took part (parameters the model never reads, such as a post-norm the
+    feature layer skips, have no gradient)."""
+    student.model.zero_grad(set_to_none=True)
+    out = student.forward(batch).logits
+    out[batch["attention_mask"].bool()].float().logsumexp(-1).sum().backward()
+    groups = student.parameter_groups()
+    return {n: float(p.grad.abs().max()) for g in ("vision", "projector") for n, p in groups[g] if p.grad is not None}
+
+
+def test_vision_filler_runs_the_tower_without_changing_the_text_rows(setup):
+    """A text-only batch from a ``vision_filler`` collator carries one masked blank image: the real
+    positions' inputs, labels and outputs equal the plain batch's, and every vision parameter an image
+    batch uses takes part in the graph (zero gradient), which keeps ZeRO ranks in step."""
+    family, tok, student, collator, image_rows = setup
+    filler = ChatCollator(tok, student.image_processor, family, vision_filler=True)
+    rows = [
+        {
+            "id": f"t{i}",
+            "images": [],
+            "messages": json.dumps(
+                [
+                    {"role": "user", "content": [{"type": "text", "text": text}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ]
+            ),
+        }
+        for i, (text, answer) in enumerate([("Say A.", "A"), (CAPTION + " " + QUESTION, "B")])
+    ]
+    plain, filled = collator(rows), filler(rows)
+    assert "pixel_values" not in plain and "pixel_values" in filled
+    width, real = plain["input_ids"].shape[1], plain["attention_mask"].bool()
+    image_id = tok.convert_tokens_to_ids(student.spec.image_token)
+    placeholders = filled["input_ids"] == image_id
+    assert placeholders[0].sum() == IMAGE_TOKENS[family] if family == "qwen2_vl" else placeholders[0].sum() > 0
+    assert placeholders[1:].sum() == 0 and not (placeholders & filled["attention_mask"].bool()).any()
+    assert (
+        torch.equal(filled["attention_mask"][:, :width], plain["attention_mask"])
+        and filled["attention_mask"][:, width:].sum() == 0
+    )
+    assert torch.equal(filled["labels"][:, :width], plain["labels"]) and (filled["labels"][:, width:] == IGNORE_INDEX).all()
+    assert torch.equal(filled["input_ids"][real], plain["input_ids"][real])
+    assert torch.equal(filler(image_rows)["input_ids"], collator(image_rows)["input_ids"])  # batches with images: unchanged
+
+    with torch.no_grad():
+        torch.testing.assert_close(student.forward(filled).logits[:, :width][real], student.forward(plain).logits[real])
+    used = _vision_grads(student, collator(image_rows))
+    filled_grads = _vision_grads(student, filled)
+    assert used and filled_grads.keys() == used.keys() and not any(filled_grads.values())
+    assert not _vision_grads(student, plain)

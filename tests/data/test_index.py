@@ -52,7 +52,7 @@ def test_bad_rows_are_left_out_as_the_reader_leaves_them_out(tmp_path, rows, col
     streamed = KnownRows(index.excluded())(table)  # what the Ray Data train stream keeps
     assert streamed.column("id").to_pylist() == index.ids() and streamed.schema == table.schema
     tasks = {good[0]["task"]}  # a stage's tasks are picked when its epochs are laid out
-    assert set(EpochRows(0, [2**63 - 1], 1, sorted(tasks))(streamed).column("task").to_pylist()) == tasks
+    assert set(EpochRows(0, [(0, 0, 2**63 - 1)], 1, sorted(tasks))(streamed).column("task").to_pylist()) == tasks
     with pytest.raises(CorruptRowError, match="train row 'truncated-png' cannot train .*set data.on_error=skip"):
         read_index(tmp_path, "train", max_length=None, on_error="raise", measure=measure(collator))
 

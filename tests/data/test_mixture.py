@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from vlsi_ray.config import load_config
 from vlsi_ray.data.collate import ChatCollator
@@ -19,8 +20,13 @@ from vlsi_ray.data.fingerprint import processor_fingerprint
 from vlsi_ray.data.mixture import SPLITS, MixtureError, load_mixture, prepare
 from vlsi_ray.data.samples import BAD, write_samples
 from vlsi_ray.data.shards import read_rows
+from vlsi_ray.eval.heldout import is_letter
+from vlsi_ray.metrics import read_metrics
+from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.prepare import LoadSettings, model_info
+from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.runners.local import run_local
+from vlsi_ray.runners.ray.driver import run_ray
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Rows per source besides the named cases; the over-long sample row is far above this max_length, the rest far below.
@@ -142,7 +148,74 @@ def test_steps_1_to_3_train_on_the_mixture(prepared, tmp_path, family):
     for stage in ("verbalize/teacher", "verbalize/student", "interact", "sft"):
         losses = [r["loss"] for r in records if r.get("stage") == stage]
         assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses), stage
-    assert (tmp_path / "runs" / "mixture" / "report.md").is_file()
+    report = json.loads((tmp_path / "runs" / "mixture" / "report.json").read_text())
+    test_rows = read_rows(run.out, "test")[0]
+    with_letters = {row["source"] for row in test_rows if is_letter(row["answer"])}
+    assert with_letters and with_letters < {row["source"] for row in test_rows}  # some sources are scored by loss only
+    tokens = {"all": 0}
+    for row in test_rows:  # response tokens per source, as the collator labels them
+        n = sum(1 for label in run.collator.encode(row)[1] if label != -100)
+        tokens["all"] += n
+        tokens[row["source"]] = tokens.get(row["source"], 0) + n
+    for name, result in report["accuracy"].items():  # every evaluated model: loss on every source, accuracy where scorable
+        assert result["tokens"]["test"] == tokens, name
+        assert all(0 < loss < 20 for loss in result["loss"]["test"].values()), name
+        assert set(result["per_source"]) == with_letters and result["n"] == sum(is_letter(r["answer"]) for r in test_rows)
+    markdown = (tmp_path / "runs" / "mixture" / "report.md").read_text()
+    assert "## Test accuracy per source" in markdown and "## Held-out loss on the test split" in markdown
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_ranks_with_text_only_micro_batches_do_not_hang(prepared, tmp_path, zero):
+    """Two DeepSpeed workers (bfloat16 Hub checkpoints), one row each per micro-batch, over the mixture: steps
+    where one rank's row is text-only and the other's has images run (every rank runs the vision tower),
+    every step of the three stages is logged with a finite loss, the workers train on disjoint rows, and the
+    whole student is saved (gathered under ZeRO-3) in bfloat16. Without the vision filler ZeRO-3 waits
+    forever here: the collective timeout turns that into a failure."""
+    run = prepared("qwen2_vl")
+    name = f"zero{zero}-mixed"
+    steps = {"verbalize": 4, "interact": 4, "sft": 4}  # stages.<settings key>.max_steps
+    trained = {"verbalize/student": 4, "interact": 4, "sft": 4}  # the stages the two Train workers run
+    overrides = run.world.overrides(
+        name,
+        f"data.dir={run.out}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"data.max_length={MAX_LENGTH}",
+        "baseline_sft=false",
+        "eval_models=[]",
+        "train.num_workers=2",
+        "train.use_gpu=false",
+        f"train.deepspeed_stage={zero}",
+        "train.log_ids=true",
+        "train.checkpoint_every=0",
+        "train.collective_timeout_s=120",  # a rank left waiting in a ZeRO collective fails the run instead of hanging
+        "train.max_failures=0",
+        *(f"stages.{stage}.{key}" for stage, n in steps.items() for key in (f"max_steps={n}", "batch_size=1", "grad_accum=1")),
+    )
+    cfg = load_config(None, [o for o in overrides if not o.startswith("data.synthetic.")])
+    run_ray(cfg)
+    images = {row["id"]: len(row["images"]) for row in read_rows(run.out, "train")[0]}
+    layout = RunLayout(cfg.run_dir)
+    for stage, n in trained.items():
+        records = list(read_metrics(layout.metrics, stage))
+        assert [r["step"] for r in records] == list(range(1, n + 1)) and all(math.isfinite(r["loss"]) for r in records)
+    consumed = [
+        [json.loads(line) for line in layout.consumed_ids(stage, rank).read_text().splitlines()]
+        for stage in trained
+        for rank in (0, 1)
+    ]
+    per_step = [(a, b) for r0, r1 in zip(consumed[::2], consumed[1::2]) for a, b in zip(r0, r1)]
+    assert len(per_step) == sum(trained.values())
+    assert any((images[a[0]] == 0) != (images[b[0]] == 0) for a, b in per_step), "no step mixed a text-only and an image rank"
+    for stage in range(len(trained)):  # each worker trains on its own shard of every global batch
+        assert not {i for ids in consumed[2 * stage] for i in ids} & {i for ids in consumed[2 * stage + 1] for i in ids}
+
+    saved = Backbone.from_pretrained(layout.model("sft"))  # whole tensors (gathered under ZeRO-3), LoRA merged
+    base = Backbone.from_pretrained(run.world.student)
+    assert saved.compute_dtype == torch.bfloat16  # the base checkpoint's dtype
+    trained_weights = dict(saved.model.named_parameters())
+    assert {n: p.shape for n, p in trained_weights.items()} == {n: p.shape for n, p in base.model.named_parameters()}
+    assert any(not torch.equal(trained_weights[n], p) for n, p in base.model.named_parameters())
 
 
 def test_prepare_job_errors_are_one_sentence(tmp_path, capsys):

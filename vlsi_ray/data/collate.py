@@ -7,6 +7,13 @@ placeholder token repeated as many times as the vision tower will produce featur
 for a 112-px image, LLaVA-OneVision tiny: 36). Labels are -100 except the tokens of each assistant
 turn up to and including its end-of-turn token (the newline after ``<|im_end|>`` is not a label).
 
+Under ZeRO-3 (and ZeRO-2 with a trained projector) every rank must run the vision tower on every
+micro-batch: its parameters are gathered (and its gradients reduced) by collectives that all ranks
+enter together, so a rank whose micro-batch is text-only would wait forever. With ``vision_filler``
+a batch without images gets one blank image whose placeholder tokens are appended to its first row
+with attention mask 0 and labels -100: the tower runs, no real token attends to it, and no loss
+position sees it (LLaMA-Factory's "fake image" for the same hang).
+
 Training/eval batches are right-padded; ``prompt_only`` batches (for ``generate``) drop the
 assistant turns, end with the generation prompt (``<|im_start|>assistant\\n``), are left-padded and
 carry no labels. Processed images are cached per image bytes because every epoch sees them again.
@@ -33,6 +40,8 @@ IGNORE_INDEX = -100
 FITS, ANSWER_CUT, NO_ANSWER, REFUSED = "fits", "answer cut", "no answer left", "refused"
 #: Stands in for an assistant turn's text to find where a template puts it (see ChatCollator._segments).
 _SENTINEL = "\u2063vlsi-response\u2063"
+#: Side in pixels of the blank image a ``vision_filler`` collator adds to a batch without images.
+FILLER_SIZE = 28
 
 
 class RowError(ValueError):
@@ -46,6 +55,7 @@ class ChatCollator:
     mode), ``ids`` (list of row ids) and the family's vision inputs: Qwen2-VL ``pixel_values
     [Σ patches, 1176]``, ``image_grid_thw [N, 3]``, ``mm_token_type_ids [B, T]``; LLaVA-OneVision
     ``pixel_values [N, crops, 3, S, S]``, ``image_sizes [N, 2]`` (``N`` = images in the batch).
+    ``vision_filler``: a batch without images gets a blank image, masked out (see the module docstring).
     """
 
     def __init__(
@@ -56,6 +66,7 @@ class ChatCollator:
         max_length: int | None = None,
         prompt_only: bool = False,
         cache_size: int = 2048,
+        vision_filler: bool = False,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -63,6 +74,7 @@ class ChatCollator:
         self.max_length = max_length
         self.prompt_only = prompt_only
         self.cache_size = cache_size
+        self.vision_filler = vision_filler
         spec = get_family(family)
         self.image_token_id = tokenizer.convert_tokens_to_ids(spec.image_token)
         self.eos_token_id = tokenizer.convert_tokens_to_ids(spec.eos_token)
@@ -91,7 +103,11 @@ class ChatCollator:
             raise ValueError("ChatCollator got an empty batch; pass at least one row.")
         prompt_only = self.prompt_only if prompt_only is None else prompt_only
         encoded = [self.encode(row, prompt_only) for row in rows]
+        images = [image for _, _, row_images in encoded for image in row_images]
+        filler = self._filler() if self.vision_filler and not prompt_only and not images else None
         width = max(len(ids) for ids, _, _ in encoded)
+        if filler is not None:
+            width = max(width, len(encoded[0][0]) + filler[1])
         batch_size = len(rows)
         input_ids = torch.full((batch_size, width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
@@ -101,10 +117,13 @@ class ChatCollator:
             input_ids[i, span] = torch.tensor(ids)
             attention_mask[i, span] = 1
             labels[i, span] = torch.tensor(labs)
+        if filler is not None:  # masked placeholders after row 0's tokens: attention mask 0, labels -100
+            start = len(encoded[0][0])
+            input_ids[0, start : start + filler[1]] = self.image_token_id
+            images = [filler[0]]
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if not prompt_only:
             batch["labels"] = labels
-        images = [image for _, _, row_images in encoded for image in row_images]
         if images:
             batch.update(self.spec.batch_vision(images))
             if self.spec.uses_mm_token_type_ids:
@@ -229,6 +248,11 @@ class ChatCollator:
             out_labels += labels[start:slot] + [IGNORE_INDEX] * count
             start = slot + 1
         return out_ids + ids[start:], out_labels + labels[start:]
+
+    def _filler(self) -> tuple[dict[str, Tensor], int]:
+        """The blank image a ``vision_filler`` batch carries: ``(processed image, placeholder tokens)``."""
+        image = self.spec.process_image(self.image_processor, Image.new("RGB", (FILLER_SIZE, FILLER_SIZE), (255, 255, 255)))
+        return image, self.spec.count_image_tokens(self.image_processor, image)
 
     def _truncate(self, ids: list[int], labels: list[int], prompt_only: bool, row_id) -> tuple[list[int], list[int]]:
         cut = self.max_length

@@ -139,9 +139,9 @@ def read_index(
 ) -> SplitIndex:
     """The :class:`SplitIndex` of ``split`` in ``data_dir``.
 
-    ``measure(files)`` measures the rows (:func:`measure_in_process`, :func:`measure_on_ray`); None
-    trusts the shards' ``tokens`` column (shards prepared with the run's processor: validated and
-    measured then). Rows that are bad or longer than ``max_length`` are skipped and counted
+    ``measure(files)`` measures the rows (:func:`measure_in_process`, :func:`measure_on_ray`; its table
+    may hold other splits' rows too: they are looked up by id); None trusts the shards' ``tokens`` column
+    (shards prepared with the run's processor: validated and measured then). Rows that are bad or longer than ``max_length`` are skipped and counted
     (``on_error="skip"``) or raise :class:`CorruptRowError` naming the first (``"raise"``).
     """
     files = [str(f) for f in shard_files(data_dir, split)]
@@ -155,10 +155,13 @@ def read_index(
     table = pq.read_table(files, columns=list(META))
     problems: dict[str, str] = {}
     if measure is not None:
-        measured = measure(files)
+        measured, ids = measure(files), table.column("id").to_pylist()
         lengths = dict(zip(measured.column("id").to_pylist(), measured.column("tokens").to_pylist()))
-        problems = {i: p for i, p in zip(measured.column("id").to_pylist(), measured.column("problem").to_pylist()) if p}
-        tokens = pa.array([lengths.get(i) for i in table.column("id").to_pylist()], type=pa.int32())
+        mine = set(ids)
+        problems = {
+            i: p for i, p in zip(measured.column("id").to_pylist(), measured.column("problem").to_pylist()) if p and i in mine
+        }
+        tokens = pa.array([lengths.get(i) for i in ids], type=pa.int32())
         table = table.set_column(table.schema.get_field_index("tokens"), "tokens", tokens)
     if max_length is not None:
         for row_id, n in zip(table.column("id").to_pylist(), table.column("tokens").to_pylist()):

@@ -75,19 +75,26 @@ def _target_layers(verbalizers_dir: Path) -> list[int] | None:
 
 
 def render_markdown(report: dict, run_dir: Path) -> str:
-    """Markdown summary: accuracy table (overall and per task), stage times, plots."""
+    """Markdown summary: accuracy (overall, per task, per source), held-out loss per source, stage times, plots."""
     acc = report.get("accuracy", {})
-    tasks = sorted({t for r in acc.values() for t in r.get("per_task", {})})
-    lines = [f"# VLsI run `{report.get('run')}`", "", "## Test accuracy (multiple choice, chance 25%)", ""]
-    lines.append("| model | overall | " + " | ".join(tasks) + " |")
-    lines.append("|---|---|" + "---|" * len(tasks))
-    for name, r in acc.items():
-        cells = [f"{100 * r['per_task'].get(t, float('nan')):.1f}" for t in tasks]
-        lines.append(f"| {MODEL_LABELS.get(name, name)} | **{100 * r['overall']:.1f}** | " + " | ".join(cells) + " |")
-    n = next(iter(acc.values()), {}).get("n", 0)
+    lines = [f"# VLsI run `{report.get('run')}`", ""]
+    n = max((r.get("n", 0) for r in acc.values()), default=0)
+    if acc and n:
+        lines += _accuracy_table(acc, "per_task", "Test accuracy (rows with an option-letter answer)")
+        lines.append(f"{n} test questions.")
+        if len({s for r in acc.values() for s in r.get("per_source", {})}) > 1:
+            lines += ["", *_accuracy_table(acc, "per_source", "Test accuracy per source")]
+    elif acc:
+        lines += ["No test row has an option-letter answer: the held-out loss below is the score.", ""]
+    for split in sorted({split for r in acc.values() for split in r.get("loss", {})}, key=lambda s: s != "test"):
+        sources = list(next(r["loss"][split] for r in acc.values() if split in r.get("loss", {})))
+        lines += ["", f"## Held-out loss on the {split} split (nats per response token)", ""]
+        lines.append("| model | " + " | ".join(sources) + " |")
+        lines.append("|---|" + "---|" * len(sources))
+        for name, r in acc.items():
+            cells = [f"{r['loss'][split][s]:.4f}" if s in r["loss"].get(split, {}) else "–" for s in sources]
+            lines.append(f"| {MODEL_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     lines += [
-        "",
-        f"{n} test questions.",
         "",
         "## Stages",
         "",
@@ -105,6 +112,16 @@ def render_markdown(report: dict, run_dir: Path) -> str:
         lines += ["", f"![{name}]({path})"]
     lines += ["", f"Total time {report.get('seconds', 0):.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _accuracy_table(acc: dict, key: str, title: str) -> list[str]:
+    """A Markdown table of accuracy (%) per model: overall, then one column per entry of ``result[key]``."""
+    columns = sorted({c for r in acc.values() for c in r.get(key, {})})
+    lines = [f"## {title}", "", "| model | overall | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for name, r in acc.items():
+        cells = [f"{100 * r[key][c]:.1f}" if c in r.get(key, {}) else "–" for c in columns]
+        lines.append(f"| {MODEL_LABELS.get(name, name)} | **{100 * r['overall']:.1f}** | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot_losses(metrics: list[dict], path: Path) -> Path:

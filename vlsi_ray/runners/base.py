@@ -21,7 +21,7 @@ import torch
 
 from vlsi_ray.config import RunConfig, to_yaml
 from vlsi_ray.data.index import SplitIndex
-from vlsi_ray.data.synthetic import SCORED_TASKS
+from vlsi_ray.eval.heldout import option_letters
 from vlsi_ray.method.loop import train_stage
 from vlsi_ray.metrics import MetricsWriter, write_stage_summary
 from vlsi_ray.models.backbone import Backbone
@@ -82,19 +82,15 @@ class Run(ABC):
         """A tiny model's pretraining rows (read whole: pretraining comes before the index, on tiny data)."""
         return read_split_rows(self.cfg, "train", tasks=getattr(self.cfg.stages, name).tasks)
 
-    def test_ids(self) -> list[str]:
-        """Ids of the test rows the accuracy is scored on (the synthetic task's scored task types)."""
-        return self.index["test"].ids(SCORED_TASKS)
+    def eval_ids(self) -> list[tuple[str, list[str]]]:
+        """``(split, ids)`` of the held-out rows every evaluated model is scored on: all test rows (the loss
+        per source; accuracy on rows with an option-letter answer), then the val rows with ``eval_val_loss``."""
+        splits = ["test"] + (["val"] if self.cfg.eval_val_loss else [])
+        return [(split, self.index[split].ids()) for split in splits]
 
-    def test_answers(self) -> list[dict]:
-        """``{"task", "answer"}`` of each row of :meth:`test_ids` (what predictions are scored against)."""
-        table = self.index["test"].table
-        wanted = set(SCORED_TASKS)
-        return [
-            {"task": t, "answer": a}
-            for t, a in zip(table.column("task").to_pylist(), table.column("answer").to_pylist())
-            if t in wanted
-        ]
+    def option_letters(self) -> str:
+        """The options scorable test rows are answered among (:func:`vlsi_ray.eval.heldout.option_letters`)."""
+        return option_letters(self.index["test"].column("answer"))
 
     def skipped_rows(self) -> dict[str, int]:
         """Bad and over-long rows left out of each split (the report's count)."""

@@ -17,7 +17,7 @@ import torch
 
 from vlsi_ray.config import RunConfig
 from vlsi_ray.data.index import measure_in_process
-from vlsi_ray.eval.accuracy import evaluate
+from vlsi_ray.eval.heldout import heldout_report, score_rows, summary_line
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import train_stage
 from vlsi_ray.models.backbone import Backbone
@@ -94,14 +94,13 @@ class LocalRun(Run):
         )
 
     def score(self, name: str, backbone: Backbone) -> None:
-        """Test accuracy of ``backbone`` under report name ``name`` (when ``eval_models`` lists it)."""
+        """Held-out loss and test accuracy of ``backbone`` under report name ``name`` (when ``eval_models`` lists it)."""
         if name not in self.cfg.eval_models:
             return
-        rows = self.rows("test", self.test_ids())
-        self.results[name] = evaluate(backbone, rows, self.collate, self.cfg.eval_batch_size, self.device)
-        print(
-            f"[eval] {name}: {100 * self.results[name]['overall']:.1f}% on {self.results[name]['n']} test questions", flush=True
-        )
+        rows = [row for split, ids in self.eval_ids() for row in self.rows(split, ids)]
+        records = score_rows(backbone, rows, self.collate, self.cfg.eval_batch_size, self.device, self.option_letters())
+        self.results[name] = heldout_report(records)
+        print(summary_line(name, self.results[name]), flush=True)
 
     # -- phases ------------------------------------------------------------------------------------
     def models(self) -> tuple[Backbone, Backbone, int]:

@@ -28,7 +28,7 @@ from vlsi_ray.data.ray_dataset import train_split
 from vlsi_ray.data.shards import shard_files
 from vlsi_ray.method.steps import response_token_counts
 from vlsi_ray.models.verbalizer import CONFIG_FILE as VERBALIZERS_CONFIG
-from vlsi_ray.prepare import LoadSettings, check_pair_paths, index_split, make_collator, model_info
+from vlsi_ray.prepare import LoadSettings, check_pair_paths, index_splits, make_collator, model_info
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import stage
 from vlsi_ray.runners.ray.teacher_pool import TeacherWorker
@@ -120,7 +120,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
 def _write_signals(cfg: RunConfig, inputs: dict[str, Path], vocab: int, shards: Path) -> None:
     """Map step 2's train rows through ``teacher_pool.replicas`` :class:`CacheSignals` actors into Parquet at ``shards``."""
     collator = make_collator(model_info(inputs["student"], LoadSettings.of(cfg, "student")), cfg)
-    index = index_split(cfg, inputs["student"], "train", lambda files: measure_on_ray(files, collator))
+    index = index_splits(cfg, inputs["student"], lambda files: measure_on_ray(files, collator), splits=("train",))["train"]
     split = train_split(cfg.data.dir, index.excluded(), cfg.data.sort_in_memory_mb)
     dataset = split.dataset
     tasks = set(cfg.stages.interact.tasks)

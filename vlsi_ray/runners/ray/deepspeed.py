@@ -27,6 +27,13 @@ ZERO_STAGES = (2, 3)
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 
+def needs_vision_filler(stage: int, world_size: int) -> bool:
+    """Whether a Train worker's batches must always run the vision tower: under ZeRO with more than one
+    rank, where parameter gathers (ZeRO-3) and gradient buckets (ZeRO-2, a trained projector) are
+    collectives that a rank with a text-only micro-batch would leave the others waiting in."""
+    return stage in ZERO_STAGES and world_size > 1
+
+
 def skip_shm_comm_build() -> None:
     """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce on the CPU accelerator.
 

@@ -29,7 +29,7 @@ from vlsi_ray.config import EVAL_MODELS, RunConfig, config_from_yaml, to_yaml
 from vlsi_ray.data.index import measure_on_ray
 from vlsi_ray.data.ray_dataset import train_dataset, train_split
 from vlsi_ray.env import at_idle_priority, malloc_env, set_offline_defaults
-from vlsi_ray.eval.accuracy import accuracy_report, letter_token_ids, predict_letters
+from vlsi_ray.eval.heldout import heldout_report, score_rows, summary_line
 from vlsi_ray.eval.report import write_report
 from vlsi_ray.method.loop import total_optimizer_steps
 from vlsi_ray.metrics import MetricsWriter, last_attempt, read_metrics, write_stage_summary
@@ -143,7 +143,7 @@ class RayRun(Run):
         self.layout = RunLayout(self.layout.root.resolve())  # workers and tasks may run anywhere in the cluster
         self._split = None
         self._evals: dict[str, list] = {}  # model name -> ObjectRefs of its test pass, one per slice
-        self._test_slices = None
+        self._eval_slices = None
         self._split_lock = threading.Lock()  # the teacher's and the student's pretraining start together
         self.use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         # What this invocation still has to run, decided once before anything runs (stages finish meanwhile).
@@ -205,7 +205,7 @@ class RayRun(Run):
             train_student,
             train_loop_config={"specs": specs},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=self.use_gpu, resources_per_worker=per_worker),
-            torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s),
             datasets=datasets,
             # One worker reads whole datasets: no split coordinator (one actor process fewer per stage).
             dataset_config=ray.train.DataConfig(datasets_to_split="all" if workers > 1 else []),
@@ -259,23 +259,25 @@ class RayRun(Run):
         named_dirs = {name: path for name, path in named_dirs.items() if name in self.cfg.eval_models}
         if not named_dirs:
             return
-        if self._test_slices is None:
-            ids, n = self.test_ids(), self.cfg.eval_tasks
-            self._test_slices = [ids[i * len(ids) // n : (i + 1) * len(ids) // n] for i in range(n)]
+        if self._eval_slices is None:
+            n = self.cfg.eval_tasks
+            self._eval_slices = [
+                [(split, ids[i * len(ids) // n : (i + 1) * len(ids) // n]) for split, ids in self.eval_ids()] for i in range(n)
+            ]
         res = self.cfg.train.resources_per_worker
-        task = ray.remote(_predict_letters).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
+        task = ray.remote(_score_rows).options(num_cpus=res.num_cpus, num_gpus=(res.num_gpus or 1) if self.use_gpu else 0)
+        letters = self.option_letters()
         for name, path in named_dirs.items():
             path = path if isinstance(path, ray.ObjectRef) else str(path)
             role = "teacher" if name == "teacher" else "student"
-            self._evals[name] = [task.remote(path, self.cfg_yaml, ids, role) for ids in self._test_slices]
+            self._evals[name] = [task.remote(path, self.cfg_yaml, part, letters, role) for part in self._eval_slices]
 
     def accuracy(self) -> dict[str, dict]:
-        """Wait for every test pass started by :meth:`evaluate`; return the accuracies by model name."""
-        rows, results = self.test_answers(), {}
+        """Wait for every pass started by :meth:`evaluate`; return each model's held-out loss and accuracy."""
+        results = {}
         for name in sorted(self._evals, key=EVAL_MODELS.index):  # the report's order
-            predictions = [letter for part in ray.get(self._evals[name]) for letter in part]
-            results[name] = accuracy_report(rows, predictions)
-            print(f"[eval] {name}: {100 * results[name]['overall']:.1f}% on {results[name]['n']} test questions", flush=True)
+            results[name] = heldout_report([record for part in ray.get(self._evals[name]) for record in part])
+            print(summary_line(name, results[name]), flush=True)
         return results
 
     # -- phases ------------------------------------------------------------------------------------
@@ -471,23 +473,25 @@ def _pretrain_task(cfg_yaml: str, role: str, init_dir: str, metrics_path: str, t
     return str(pretrain_tiny(cfg, role, backbone, rows, device, writer, Path(target), None if cache is None else Path(cache)))
 
 
-def _predict_letters(model_dir: str, cfg_yaml: str, ids: list[str], role: str = "student") -> list[str]:
-    """The option letter the checkpoint at ``model_dir`` (loaded with ``role``'s settings) picks for each of
-    the test rows ``ids`` (a Ray task: the rows are read here), computed at idle CPU priority unless
-    ``eval_priority=normal``: the pass runs beside later stages."""
+def _score_rows(
+    model_dir: str, cfg_yaml: str, part: list[tuple[str, list[str]]], letters: str, role: str = "student"
+) -> list[dict]:
+    """:func:`~vlsi_ray.eval.heldout.score_rows` records of the checkpoint at ``model_dir`` (loaded with
+    ``role``'s settings) on the held-out rows ``part`` (``(split, ids)`` pairs; a Ray task: the rows are
+    read here), computed at idle CPU priority unless ``eval_priority=normal``: the pass runs beside later stages."""
     set_offline_defaults()
     cfg = config_from_yaml(cfg_yaml)
     device = resolve_device(cfg.device)
-    by_id = {row["id"]: row for row in read_split_rows(cfg, "test", ids=ids)}
-    rows = [by_id[i] for i in ids]
+    rows = []
+    for split, ids in part:
+        by_id = {row["id"]: row for row in read_split_rows(cfg, split, ids=ids)}
+        rows += [by_id[i] for i in ids]
 
-    def predict() -> list[str]:
+    def score() -> list[dict]:
         backbone = load_model(model_dir, LoadSettings.of(cfg, role), device)
-        return predict_letters(
-            backbone, rows, make_collator(backbone, cfg), letter_token_ids(backbone.tokenizer), cfg.eval_batch_size, device
-        )
+        return score_rows(backbone, rows, make_collator(backbone, cfg), cfg.eval_batch_size, device, letters)
 
-    return at_idle_priority(predict) if cfg.eval_priority == "idle" else predict()
+    return at_idle_priority(score) if cfg.eval_priority == "idle" else score()
 
 
 class StageWatcher:

@@ -40,7 +40,7 @@ from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import LoadSettings, load_model, make_collator, new_verbalizers
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import Stage, build_objective
-from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper
+from vlsi_ray.runners.ray.deepspeed import DeepSpeedStepper, needs_vision_filler
 from vlsi_ray.tracking import Tracker
 
 STATE_FILE = "train_state.rank{rank}.pt"  # one per rank: ZeRO optimizer state is partitioned
@@ -246,7 +246,8 @@ def _stage_batches(spec: StageSpec, cfg, backbone, opt, start: int, rank: int) -
     """The stage's collated batches from its Ray Data shard, past the ``start`` steps already trained,
     pipelined through the teacher (step 2) and audited (``train.log_ids``)."""
     shard = ray.train.get_dataset_shard(dataset_name(spec.stage.name))
-    batches = _batches(shard, make_collator(backbone, cfg), opt.batch_size, start * opt.grad_accum)
+    filler = needs_vision_filler(cfg.train.deepspeed_stage, ray.train.get_context().get_world_size())
+    batches = _batches(shard, make_collator(backbone, cfg, vision_filler=filler), opt.batch_size, start * opt.grad_accum)
     batches = itertools.islice(batches, (spec.total_steps - start) * opt.grad_accum)  # no teacher request past the end
     if spec.teacher is not None:
         spec.teacher.start_at(rank)

@@ -183,12 +183,9 @@ def _reasons(reasons: dict[str, str]) -> str:
 
 def read_split_rows(cfg: RunConfig, split: str, ids: Iterable[str] | None = None, tasks: Sequence[str] = ()) -> list[dict]:
     """The whole rows of ``split`` (validated; bad rows skipped per ``data.on_error``): those in ``ids`` when
-    given, of ``tasks`` when given. For the in-process runner and the tasks that use rows (a model's test
+    given (the other rows are never read whole), of ``tasks`` when given. For the in-process runner and the tasks that use rows (a model's test
     pass, a tiny model's pretraining); the Ray driver itself never reads rows."""
-    rows, _ = read_rows(cfg.data.dir, split=split, on_error=cfg.data.on_error)
-    if ids is not None:
-        wanted = set(ids)
-        rows = [r for r in rows if r["id"] in wanted]
+    rows, _ = read_rows(cfg.data.dir, split=split, on_error=cfg.data.on_error, ids=None if ids is None else set(ids))
     return [r for r in rows if not tasks or r["task"] in tasks]
 
 

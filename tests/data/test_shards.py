@@ -26,6 +26,9 @@ def test_round_trip(tmp_path, rows):
     assert (stats.read, stats.kept, stats.skipped, stats.skipped_ids) == (25, 25, 0, [])
     back2, _ = read_rows([str(p) for p in paths])  # a list of files works too
     assert back2 == rows
+    wanted = {rows[3]["id"], rows[17]["id"], "not-there"}  # filtered as each shard is read, in shard order
+    some, stats = read_rows(tmp_path, "train", ids=wanted)
+    assert some == [rows[3], rows[17]] and stats.read == 2
 
 
 def test_rewrite_removes_stale_shards(tmp_path, rows):

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,13 +272,17 @@ def shard_files(source: str | os.PathLike | Iterable[str | os.PathLike], split: 
 
 
 def read_rows(
-    source: str | os.PathLike | Iterable[str | os.PathLike], split: str | None = None, on_error: str = "skip"
+    source: str | os.PathLike | Iterable[str | os.PathLike],
+    split: str | None = None,
+    on_error: str = "skip",
+    ids: Collection[str] | None = None,
 ) -> tuple[list[dict], ReadStats]:
     """Read and validate rows from a dataset directory or a list of Parquet files.
 
     With a directory, ``split`` selects its ``{split}-*.parquet`` shards; with a list of files it
-    keeps rows whose ``split`` field matches. Bad rows are logged and counted (``on_error="skip"``)
-    or raise ``CorruptRowError`` (``on_error="raise"``).
+    keeps rows whose ``split`` field matches. ``ids``: only those rows are read (filtered as each shard
+    is read, so the others' images never reach memory). Bad rows are logged and counted
+    (``on_error="skip"``) or raise ``CorruptRowError`` (``on_error="raise"``).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error={on_error!r} must be 'skip' or 'raise'.")
@@ -288,7 +292,7 @@ def read_rows(
     for path in shard_files(source, split):
         stats.files.append(str(path))
         try:
-            rows = pq.read_table(path).to_pylist()
+            rows = pq.read_table(path, filters=None if ids is None else [("id", "in", list(ids))]).to_pylist()
         except (OSError, pa.ArrowException) as e:
             raise ValueError(f"File {path} is not a readable Parquet shard ({e}); delete it and regenerate the data.") from e
         for i, row in enumerate(rows):

@@ -27,7 +27,7 @@ SIZES = (2_000, 20_000)
 #: end chunk (which decoders ignore), so no row shares its bytes with another.
 DISTINCT_IMAGES = 64
 SHARD_ROWS = 1000
-#: The driver may grow by this much from the small to the large set: far below the 1 GB of images it adds.
+#: The driver may grow by this much from the small to the large set: far below the ~1 GB of images it adds.
 DRIVER_GROWTH_MB = 100
 #: The driver's program. Its peak is the kernel's VmHWM of the new process image: ``ru_maxrss`` would carry
 #: over the peak of the (large) test process it was forked from across ``exec``.
@@ -42,11 +42,11 @@ print("DRIVER_PEAK_KB", peak.split()[1], flush=True)
 
 
 def _noise_pngs(n: int, seed: int = 0) -> list[bytes]:
-    """``n`` PNGs of uniform noise, 130–180 px a side: 50–100 KB each (noise does not compress)."""
+    """``n`` PNGs of uniform noise, 130–150 px a side: 50–70 KB each (noise does not compress)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        side = 130 + (i * 50) // n
+        side = 130 + (i * 20) // n
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=1)
         out.append(buffer.getvalue())
@@ -112,8 +112,8 @@ def test_driver_memory_is_flat_from_2k_to_20k_rows(local_ray, hub_worlds, tmp_pa
             "steps=[verbalize]",
             "baseline_sft=false",
             "eval_models=[]",
-            "stages.verbalize.max_steps=2",
-            "stages.verbalize.batch_size=4",
+            "stages.verbalize.max_steps=1",
+            "stages.verbalize.batch_size=2",
             "train.use_gpu=false",
             f"ray.address={local_ray.get_runtime_context().gcs_address}",  # the driver joins this module's Ray
         )
@@ -122,5 +122,5 @@ def test_driver_memory_is_flat_from_2k_to_20k_rows(local_ray, hub_worlds, tmp_pa
     small, large = SIZES
     print(f"driver peak RSS: {peaks[small]:.0f} MB at {small:,} rows ({sizes[small] / 2**20:.0f} MB of train shards), "
           f"{peaks[large]:.0f} MB at {large:,} rows ({sizes[large] / 2**20:.0f} MB)")  # fmt: skip
-    assert sizes[large] - sizes[small] > 900 * 2**20
+    assert sizes[large] - sizes[small] > 800 * 2**20  # the driver would hold about this much more if it read the rows
     assert peaks[large] - peaks[small] < DRIVER_GROWTH_MB, peaks

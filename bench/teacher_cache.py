@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     samples = args.blocks * len(timed) * bs
     live_rate, cache_rate = samples / seconds["live"], samples / seconds["cache"]
     print(
-        f"cache build: {manifest['rows']} rows in {build_s:.0f}s ({manifest['rows'] / build_s:.0f} rows/s incl. Ray start), "
+        f"cache build: {manifest['rows']} rows in {build_s:.0f}s ({manifest['rows'] / build_s:.0f} rows/s; Ray already started, the teacher actors' start included), "
         f"{manifest['bytes'] / 2**20:.1f} MiB on disk, {manifest['bytes'] / manifest['rows'] / 1024:.1f} KiB per sample"
     )
     print(f"step 2, live teacher:  {live_rate:.1f} samples/s")

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=30, help="timed batches of the input stream and of step 2")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, [])
+    cfg = load_config(args.config, [f"data.max_length={MAX_LENGTH}"])  # the mixture's longest rows fit
     tmp = tempfile.TemporaryDirectory()
     synthetic = {"train": 4 * args.rows, "val": 8, "test": 8}
     mixture_file = write_samples(Path(tmp.name) / "samples", rows=args.rows, synthetic=synthetic)
@@ -90,7 +90,6 @@ def main(argv=None) -> int:
     student = build_model(cfg, "student", tokenizer, torch.device("cpu"))
     teacher = build_model(cfg, "teacher", tokenizer, torch.device("cpu"))
     collator = make_collator(student, cfg)
-    collator.max_length = MAX_LENGTH
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rates = {}

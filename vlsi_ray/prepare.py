@@ -24,7 +24,7 @@ from vlsi_ray.config import ConfigError, ModelConfig, RunConfig
 from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.fingerprint import processor_fingerprint
 from vlsi_ray.data.index import SplitIndex, needs_measuring, read_index
-from vlsi_ray.data.shards import generate_dataset, load_manifest, read_rows, shard_files
+from vlsi_ray.data.shards import SPLITS, generate_dataset, load_manifest, read_rows, shard_files
 from vlsi_ray.data.synthetic import corpus_texts
 from vlsi_ray.models.backbone import Backbone, ModelInfo, check_compatible, saved_dtype
 from vlsi_ray.models.families import get_family
@@ -33,7 +33,6 @@ from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
 
 TOKENIZER_DIR = "tokenizer"
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -183,8 +182,8 @@ def _reasons(reasons: dict[str, str]) -> str:
 
 def read_split_rows(cfg: RunConfig, split: str, ids: Iterable[str] | None = None, tasks: Sequence[str] = ()) -> list[dict]:
     """The whole rows of ``split`` (validated; bad rows skipped per ``data.on_error``): those in ``ids`` when
-    given (the other rows are never read whole), of ``tasks`` when given. For the in-process runner and the tasks that use rows (a model's test
-    pass, a tiny model's pretraining); the Ray driver itself never reads rows."""
+    given (the other rows are never read whole), of ``tasks`` when given. For the in-process runner and the
+    tasks that use rows (a model's test pass, a tiny model's pretraining); the Ray driver never reads rows."""
     rows, _ = read_rows(cfg.data.dir, split=split, on_error=cfg.data.on_error, ids=None if ids is None else set(ids))
     return [r for r in rows if not tasks or r["task"] in tasks]
 

@@ -17,9 +17,9 @@ import torch
 from vlsi_ray.config import load_config
 from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.fingerprint import processor_fingerprint
-from vlsi_ray.data.mixture import SPLITS, MixtureError, load_mixture, prepare
+from vlsi_ray.data.mixture import MixtureError, load_mixture, prepare
 from vlsi_ray.data.samples import BAD, write_samples
-from vlsi_ray.data.shards import read_rows
+from vlsi_ray.data.shards import SPLITS, read_rows
 from vlsi_ray.eval.heldout import is_letter
 from vlsi_ray.metrics import read_metrics
 from vlsi_ray.models.backbone import Backbone

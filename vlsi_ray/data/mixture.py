@@ -51,9 +51,8 @@ from ray.data import DataContext
 from vlsi_ray.data.collate import IGNORE_INDEX, ChatCollator
 from vlsi_ray.data.fingerprint import fingerprint
 from vlsi_ray.data.formats import FORMATS, BadRecord, Source, get_format
-from vlsi_ray.data.shards import MANIFEST, SCHEMA, SKIP_HINT, validate_row
+from vlsi_ray.data.shards import MANIFEST, SCHEMA, SKIP_HINT, SPLITS, validate_row
 
-SPLITS = ("train", "val", "test")
 HELD_OUT = ("val", "test")
 #: The manifest's ``kind`` for prepared data (the synthetic generator's manifest has a ``generator_version``).
 KIND = "prepared"

@@ -56,6 +56,8 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "split": (str,),
 }
 ROLES = ("system", "user", "assistant")
+#: The splits a dataset directory holds, each as ``{split}-*.parquet`` shards.
+SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 GENERATE_HINT = "generate it with vlsi_ray.data.shards.generate_dataset(out_dir, sizes, seed)"
 SKIP_HINT = "set data.on_error=skip to skip and count such rows"

@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlsi_ray.data.formats import Format, Source
+from vlsi_ray.data.shards import SPLITS
 from vlsi_ray.data.synthetic import generate_rows
-
-SPLITS = ("train", "val", "test")
 
 
 def files(source: Source) -> list[Path]:

@@ -136,6 +136,7 @@ class TeacherPoolConfig:
     max_restarts: int = 3  # Ray restarts a dead teacher actor this often (it reloads from disk)
     max_task_retries: int = 3  # a request to a dead actor is retried on its restart
     placement_timeout_s: float = 600.0  # how long to wait for the pool's resources (an autoscaler adds GPU nodes in minutes)
+    kill_at_request: int = 0  # fault injection (tests, drills): a replica never restarted SIGKILLs itself at this request
 
 
 @dataclass
@@ -152,7 +153,7 @@ class TrainConfig:
     # seconds a Train worker waits in one collective (all-reduce, ZeRO gather) before its group fails (TorchConfig)
     collective_timeout_s: int = 1800
     log_ids: bool = False  # write every consumed row id to <stage>/consumed_ids.*.jsonl (a data audit)
-    fail_at_step: int = 0  # fault injection (tests, drills): a worker that started fresh raises after this step
+    fail_at_step: int = 0  # fault injection (tests, drills): a worker that started fresh SIGKILLs itself after this step
 
 
 @dataclass

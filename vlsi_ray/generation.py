@@ -60,6 +60,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens)
     batch_size: int = 1  # rows decoded together with this one, itself included
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens, the end-of-turn token excluded
 
 
 @dataclass
@@ -223,6 +224,8 @@ class ChatGenerator:
         )
         prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
         return [
-            Completion(row.text if row.finish else row.sent, int(n), len(row.ids), row.finish or "length", len(state.rows))
+            Completion(
+                row.text if row.finish else row.sent, int(n), len(row.ids), row.finish or "length", len(state.rows), list(row.ids)
+            )
             for row, n in zip(state.rows, prompt_lengths)
         ]

@@ -9,6 +9,7 @@ Plots (matplotlib, Agg backend) are drawn from ``metrics.jsonl`` by :func:`write
 - ``matching.png``: how often each student target layer matched each teacher target layer in the
   first and second halves of step 2 (the paper's Fig. 5). ``matched`` holds 0-based positions in
   the teacher's target-layer list; ticks show the block numbers when the run's verbalizers are saved.
+  The counts behind it are in ``matching.json``.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def plot_matching(
 
     Each row is normalised to the share of its student layer's draws; ticks are block numbers when
     ``teacher_layers`` / ``student_layers`` (the target layers) are given, else 0-based positions.
+    The counts drawn go beside the picture (``path`` with ``.json``: per half, its steps and ``[t_s, t_l]`` counts).
     """
     import matplotlib  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
@@ -222,6 +224,13 @@ def plot_matching(
     steps = [m["step"] for m in matched]
     halves = (steps[: (len(steps) + 1) // 2], steps[(len(steps) + 1) // 2 :])  # the split of matching_counts
     titles = [f"steps {h[0]}–{h[-1]}" if h else "no steps" for h in halves]
+    drawn = {
+        "teacher_layers": teacher_layers,
+        "student_layers": student_layers,
+        "halves": [{"steps": h, "counts": c.astype(int).tolist()} for h, c in zip(halves, (early, late))],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(drawn))
     fig, axes = plt.subplots(1, 2, figsize=(7.6, 2.9))
     for ax, counts, title in zip(axes, (early, late), titles):
         freq = counts / np.maximum(1, counts.sum(axis=1, keepdims=True))

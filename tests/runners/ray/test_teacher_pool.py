@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -18,7 +19,7 @@ from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import make_collator, new_verbalizers
 from vlsi_ray.runners.ray.client import TeacherClient
-from vlsi_ray.runners.ray.teacher_pool import TeacherPool, TeacherWorker
+from vlsi_ray.runners.ray.teacher_pool import ENVELOPE, TeacherPool, TeacherWorker
 from vlsi_ray.runners.ray.wire import decode_batch, encode_batch
 from vlsi_ray.signals.produce import teacher_signal
 from vlsi_ray.signals.teacher_signal import TeacherSignal
@@ -65,7 +66,7 @@ def test_worker_signal_equals_in_process_teacher_signal(teacher_dirs):
     model_dir, verb_dir, batches = teacher_dirs
     worker = TeacherWorker(str(model_dir), str(verb_dir), topk=None, storage="float32", device="cpu")
     out = worker.signal(encode_batch(batches[0]))
-    assert out["ids"] == batches[0]["ids"] and float(out["seconds"]) > 0
+    assert out["ids"] == batches[0]["ids"] and float(out["seconds"]) > 0 and out["pid"] == os.getpid()
     reference = teacher_signal(Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir), batches[0], None)
     assert out["logprobs"].dtype == np.float32
     np.testing.assert_array_equal(out["logprobs"], reference.logprobs.numpy())
@@ -94,7 +95,7 @@ def test_topk_wire_is_388_bytes_per_token_layer_and_only_rounds_the_kl(teacher_d
     on peaked distributions: tests/method/test_losses.py, within 3% at V = 4096.)"""
     model_dir, verb_dir, batches = teacher_dirs
     sparse = TeacherWorker(str(model_dir), str(verb_dir), topk=64, storage="float16", device="cpu")
-    wire = {k: v for k, v in sparse.signal(encode_batch(batches[1])).items() if k not in ("ids", "seconds")}
+    wire = {k: v for k, v in sparse.signal(encode_batch(batches[1])).items() if k not in ENVELOPE}
     compact = TeacherSignal.from_numpy(wire)
     teacher, verbs = Backbone.from_pretrained(model_dir), Verbalizers.load(verb_dir)
     in_process = teacher_signal(teacher, verbs, batches[1], 64)
@@ -201,7 +202,7 @@ def test_worker_and_in_process_teacher_send_the_same_samples(teacher_dirs):
     assert reference.tail_samples == 5 and reference.num_layers == len(verbs.layers) + 1
 
     def answer(worker, batch):
-        return {k: v for k, v in worker.signal(encode_batch(batch)).items() if k not in ("ids", "seconds")}
+        return {k: v for k, v in worker.signal(encode_batch(batch)).items() if k not in ENVELOPE}
 
     worker = TeacherWorker(str(model_dir), str(verb_dir), topk=8, storage="float32", device="cpu", tail_samples=5, seed=11)
     out = answer(worker, batches[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from signal import SIGKILL
 
 import numpy as np
 import ray
@@ -28,6 +29,9 @@ from vlsi_ray.prepare import LoadSettings, frozen_verbalizers, load_model, make_
 from vlsi_ray.runners.ray.wire import decode_batch
 from vlsi_ray.signals.produce import teacher_signal
 
+#: What :meth:`TeacherWorker.signal` adds to the signal's arrays: the rows, the forward's seconds, the answering pid.
+ENVELOPE = ("ids", "seconds", "pid")
+
 
 class TeacherWorker:
     """One teacher replica: the frozen teacher and its verbalizers on this process's device.
@@ -43,6 +47,8 @@ class TeacherWorker:
     waits for them (:meth:`train_verbalizers`, :meth:`load_verbalizers`): a replica restarted after
     that loads them from there. ``load``: the run's :class:`~vlsi_ray.prepare.LoadSettings` for the
     teacher (compute dtype, attention kernel, image resolution); default: the checkpoint as saved.
+    ``kill_at_request`` (fault injection, ``teacher_pool.kill_at_request``): a replica that Ray never
+    restarted kills its own process (SIGKILL) when this request arrives, before answering it.
     """
 
     def __init__(
@@ -59,8 +65,10 @@ class TeacherWorker:
         seed: int = 0,
         step1_dir: str | None = None,
         load=None,
+        kill_at_request: int = 0,
     ):
         set_offline_defaults()
+        self.kill_at_request = kill_at_request
 
         self.device = resolve_device(device)
         if isinstance(model_dir, list):
@@ -117,11 +125,14 @@ class TeacherWorker:
         """The teacher signal of one encoded batch (see :mod:`vlsi_ray.runners.ray.wire`).
 
         Returns :meth:`TeacherSignal.to_numpy`'s arrays (``t_l + 1`` layers × ``N`` response
-        tokens; top-k log-probs, int32 ids, tail mass, tail samples if any) plus ``ids`` and the
-        forward's ``seconds``.
+        tokens; top-k log-probs, int32 ids, tail mass, tail samples if any) plus ``ids``, the
+        forward's ``seconds`` and the answering process's ``pid`` (logged per step: a restart shows).
         """
         if self.verbalizers is None:
             raise RuntimeError("the teacher has no verbalizers yet; run step 1 (verbalize) before step 2.")
+        if self.requests + 1 == self.kill_at_request and not _restarted():
+            print(f"teacher_pool.kill_at_request={self.kill_at_request}: killing this replica (pid {os.getpid()})", flush=True)
+            os.kill(os.getpid(), SIGKILL)
         started = time.perf_counter()
         tensors = to_device(decode_batch(batch), self.device)
         signal = teacher_signal(
@@ -138,6 +149,7 @@ class TeacherWorker:
         self.requests += 1
         out["ids"] = list(batch["ids"])
         out["seconds"] = np.array(time.perf_counter() - started)
+        out["pid"] = os.getpid()
         return out
 
     def train_verbalizers(self, cfg_yaml: str, dataset, total_steps: int, out_dir: str, seed: int) -> dict:
@@ -159,6 +171,14 @@ class TeacherWorker:
         verbs.save(out_dir)
         self.verbalizers = frozen_verbalizers(verbs, self.backbone)
         return {"history": history, "seconds": time.perf_counter() - started}
+
+
+def _restarted() -> bool:
+    """Whether Ray restarted this actor (False outside Ray)."""
+    try:
+        return ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not inside a Ray actor
+        return False
 
 
 class TeacherPool:
@@ -220,6 +240,7 @@ class TeacherPool:
                 seed=seed,
                 step1_dir=None if step1_dir is None else str(step1_dir),
                 load=load,
+                kill_at_request=pool_cfg.kill_at_request,
             )
             for i in range(pool_cfg.replicas)
         ]

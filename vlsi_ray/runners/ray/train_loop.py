@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from signal import SIGKILL
 
 import ray
 import ray.train
@@ -215,7 +216,11 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
             stage.save_outputs(spec)
     if rank == 0:
         if spec.teacher is not None:
-            print(f"[{name}] teacher: {json.dumps({k: round(v, 3) for k, v in spec.teacher.counters().items()})}", flush=True)
+            counters = spec.teacher.counters()
+            summary = {k: round(v, 3) for k, v in counters.items() if k != "teacher_pids"}
+            if "teacher_pids" in counters:  # a replica restarted after a failure answers from a new process
+                summary["teacher_processes"] = len(set(counters["teacher_pids"]))
+            print(f"[{name}] teacher: {json.dumps(summary)}", flush=True)
         history = last_attempt(read_metrics(layout.metrics, name))
         write_stage_summary(spec.done_path, name, history, time.perf_counter() - started)
 
@@ -257,6 +262,17 @@ def _stage_batches(spec: StageSpec, cfg, backbone, opt, start: int, rank: int) -
     return batches
 
 
+def _kill_this_worker(stage: str, step: int) -> None:
+    """``train.fail_at_step``: a process death, as the OOM killer or a lost node causes. Ray Train's
+    controller collects reported checkpoints at each health check, so a worker killed sooner than that
+    after a report restarts from the checkpoint before; the drill waits two checks, which makes the
+    restart point (the last checkpoint) deterministic."""
+    interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))  # Ray Train's default: 2 s
+    time.sleep(2 * interval + 0.5)
+    print(f"[{stage}] train.fail_at_step={step}: killing this worker (pid {os.getpid()})", flush=True)
+    os.kill(os.getpid(), SIGKILL)
+
+
 class _Reporter:
     """After each step: tracking, the injected failure, ``ray.train.report`` every ``report_every``
     steps and a checkpoint every ``checkpoint_every`` (and at the end); per-step teacher metrics."""
@@ -282,19 +298,24 @@ class _Reporter:
         )
         self.window_started, self.window_step = time.perf_counter(), start
         self.teacher_seen = {"teacher_wait_s": 0.0, "signal_bytes": 0}
+        self.answers_seen = 0
 
     def teacher_metrics(self) -> dict:
-        """The teacher wait and signal bytes of the step just done (the teacher source counts cumulatively)."""
+        """The teacher wait and signal bytes of the step just done (the teacher source counts cumulatively),
+        and from the teacher actors the pids of the replica processes that answered it (``teacher_pids``)."""
         counters = self.spec.teacher.counters()
         out = {key: counters[key] - seen for key, seen in self.teacher_seen.items()}
         self.teacher_seen = {key: counters[key] for key in self.teacher_seen}
+        if "teacher_pids" in counters:
+            out["teacher_pids"] = sorted(set(counters["teacher_pids"][self.answers_seen :]))
+            self.answers_seen = len(counters["teacher_pids"])
         return out
 
     def after_step(self, step: int, record: dict) -> None:
         cfg = self.cfg.train
         self.tracker.log(record, step)
         if cfg.fail_at_step == step and self.fresh_run:
-            raise RuntimeError(f"injected failure after step {step} (train.fail_at_step={step})")
+            _kill_this_worker(self.spec.stage.name, step)
         save = step == self.spec.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         if not (save or step % cfg.report_every == 0):
             return

@@ -30,7 +30,7 @@ from vlsi_ray.runners.ray.driver import local_runtime_env  # noqa: E402
 
 from hub_world import make_hub_world  # noqa: E402
 from tiny_config import make_tiny_overrides  # noqa: E402
-from tiny_run import make_tiny_run  # noqa: E402
+from tiny_run import make_e2e_run, make_tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +59,18 @@ def tiny_run(tmp_path_factory) -> SimpleNamespace:
     finally:
         torch.set_num_threads(threads)
     return SimpleNamespace(run=run, data=tmp / "data")
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory) -> SimpleNamespace:
+    """A trained run: every step and the SFT-only baseline on the default matching, with bad rows planted
+    (:func:`tiny_run.make_e2e_run`: ``cfg``, ``report``, ``seconds``); end-to-end and export tests read it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_e2e_run(tmp_path_factory.mktemp("e2e"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -34,13 +34,15 @@ StepCallback = Callable[[list[tuple[str, str | None] | None]], None]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one row is decoded (OpenAI semantics): ``temperature == 0`` is greedy."""
+    """How one row is decoded (OpenAI semantics): ``temperature == 0`` is greedy. ``min_tokens`` (as vLLM's):
+    the end-of-turn token is not chosen before that many tokens (stop strings still apply)."""
 
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -49,6 +51,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}.")
 
 
 @dataclass
@@ -96,7 +100,11 @@ class _BatchState:
     # ---- LogitsProcessor: (input_ids [B, t], scores [B, V]) -> scores [B, V] ----------------------
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         for i, row in enumerate(self.rows):
-            if row.generator is None or row.finish is not None:
+            if row.finish is not None:
+                continue
+            if len(row.ids) < row.params.min_tokens:
+                scores[i, self.eos_token_id] = float("-inf")
+            if row.generator is None:
                 continue
             token = sample_token(scores[i], row.params.temperature, row.params.top_p, row.generator)
             forced = torch.full_like(scores[i], float("-inf"))

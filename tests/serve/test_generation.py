@@ -87,6 +87,24 @@ def test_stop_strings_max_tokens_and_seeds(generator, rows):
     )
 
 
+def test_min_tokens_holds_back_the_end_of_turn(e2e_run):
+    """The trained tiny student ends its turn at once on greedy decoding; with min_tokens=3 it answers with
+    at least 3 tokens, the first being its best token other than the end of turn."""
+    generator = ChatGenerator.from_pretrained(e2e_run.cfg.run_dir / "sft" / "student")
+    row = read_rows(e2e_run.cfg.data.dir, split="test")[0][:1]
+    plain = generator.generate(row, SamplingParams(max_tokens=5))[0]
+    held = generator.generate(row, SamplingParams(max_tokens=5, min_tokens=3))[0]
+    assert (plain.completion_tokens, plain.finish_reason) == (0, "stop")
+    assert held.completion_tokens >= 3 and len(held.token_ids) == held.completion_tokens
+    b = generator.backbone
+    with torch.no_grad():
+        logits = b.model(**b.model_inputs(generator.collator(row))).logits[0, -1].float()
+    logits[b.eos_token_id] = float("-inf")
+    assert held.token_ids[0] == int(logits.argmax())
+    with pytest.raises(ValueError, match=r"min_tokens must be in \[0, max_tokens=5\], got 6"):
+        SamplingParams(max_tokens=5, min_tokens=6)
+
+
 def _png(size=(8, 8)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", size, "red").save(buf, format="PNG")

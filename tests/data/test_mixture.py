@@ -21,12 +21,16 @@ from vlsi_ray.data.mixture import MixtureError, load_mixture, prepare
 from vlsi_ray.data.samples import BAD, write_samples
 from vlsi_ray.data.shards import SPLITS, read_rows
 from vlsi_ray.eval.heldout import is_letter
+from vlsi_ray.export import export_student
+from vlsi_ray.generation import ChatGenerator, SamplingParams
 from vlsi_ray.metrics import read_metrics
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.prepare import LoadSettings, model_info
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.runners.local import run_local
 from vlsi_ray.runners.ray.driver import run_ray
+
+from plain_transformers import plain_generate
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Rows per source besides the named cases; the over-long sample row is far above this max_length, the rest far below.
@@ -216,6 +220,13 @@ def test_zero_ranks_with_text_only_micro_batches_do_not_hang(prepared, tmp_path,
     trained_weights = dict(saved.model.named_parameters())
     assert {n: p.shape for n, p in trained_weights.items()} == {n: p.shape for n, p in base.model.named_parameters()}
     assert any(not torch.equal(trained_weights[n], p) for n, p in base.model.named_parameters())
+    if zero == 3:  # the gathered student, exported, generates in stock transformers as in the project
+        rows = read_rows(run.out, "test")[0][:8]
+        exported = export_student(cfg.run_dir, tmp_path / "export", stage="sft")
+        ours = ChatGenerator.from_pretrained(layout.model("sft")).generate(rows, SamplingParams(max_tokens=6, min_tokens=6))
+        plain = plain_generate(exported, rows, 6, tmp_path / "plain")
+        assert len(rows) == 8 and {len(r["images"]) for r in rows} >= {0, 1}
+        assert plain["dtype"] == "torch.bfloat16" and plain["token_ids"] == [c.token_ids for c in ours]
 
 
 def test_prepare_job_errors_are_one_sentence(tmp_path, capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlsi_ray.config import ConfigError, load_config
 from vlsi_ray.data.collate import IGNORE_INDEX
@@ -63,22 +64,32 @@ def e2e(e2e_run):
     return e2e_run.cfg, e2e_run.report, e2e_run.seconds
 
 
-def rescored_accuracy(cfg, model_dir: Path, rows: list[dict], letters: str) -> dict:
-    """Option-letter accuracy of the checkpoint in ``model_dir``, one row at a time: the letter whose token the
-    model ranks highest at the first response position (the run scores batches through eval/heldout.py)."""
+def rescored(cfg, model_dir: Path, rows: list[dict], letters: str) -> dict:
+    """The checkpoint in ``model_dir`` scored again, one row at a time from its full logits (the run scores
+    batches through eval/heldout.py): option-letter accuracy (the letter whose token ranks highest at the
+    first response position) overall and per task, and the loss in nats per response token."""
     backbone = Backbone.from_pretrained(model_dir)
     collate = make_collator(backbone, cfg)
     ids = [backbone.tokenizer.convert_tokens_to_ids(c) for c in letters]
-    right, per_task = 0, {}
+    right, per_task, nll, tokens = 0, {}, 0.0, 0
     with torch.no_grad():
         for row in rows:
             batch = collate([row])
-            first = int((batch["labels"][0, 1:] != IGNORE_INDEX).nonzero()[0])  # predicts the first response token
-            logits = backbone.forward(batch).logits[0, first]
-            hit = letters[int(logits[ids].argmax())] == row["answer"]
+            labels = batch["labels"][0]
+            positions = (labels[1:] != IGNORE_INDEX).nonzero().flatten()  # each predicts the next response token
+            logits = backbone.forward(batch).logits[0].float()
+            nll += float(F.cross_entropy(logits[positions], labels[positions + 1], reduction="sum"))
+            tokens += len(positions)
+            hit = letters[int(logits[positions[0], ids].argmax())] == row["answer"]
             right += hit
             per_task.setdefault(row["task"], []).append(hit)
-    return {"overall": right / len(rows), "n": len(rows), "per_task": {t: sum(h) / len(h) for t, h in per_task.items()}}
+    return {
+        "overall": right / len(rows),
+        "n": len(rows),
+        "per_task": {t: sum(h) / len(h) for t, h in per_task.items()},
+        "loss": nll / tokens,
+        "tokens": tokens,
+    }
 
 
 @pytest.mark.integration
@@ -98,7 +109,7 @@ class TestEndToEnd:
         interact = [r for r in records if r["stage"] == "interact"]
         assert all("matched" in r and "kl/last" in r for r in interact)
 
-    def test_report_accuracies_are_the_saved_checkpoints(self, e2e):
+    def test_report_is_a_rescoring_of_the_saved_checkpoints(self, e2e):
         cfg, report, _ = e2e
         test_rows, _ = read_rows(Path(cfg.data.dir), split="test")
         scored = [r for r in test_rows if is_letter(r["answer"])]
@@ -106,12 +117,17 @@ class TestEndToEnd:
         saved = json.loads((cfg.run_dir / "report.json").read_text())
         assert saved["accuracy"] == report["accuracy"] and set(saved["accuracy"]) == set(MODELS)
         letters = option_letters(r["answer"] for r in test_rows)
+        assert len(scored) == len(test_rows)  # every test row has a letter answer: the loss is over the same rows
         for name, rel in CHECKPOINTS.items():
-            again = rescored_accuracy(cfg, cfg.run_dir / rel, scored, letters)
+            again = rescored(cfg, cfg.run_dir / rel, test_rows, letters)
             result = saved["accuracy"][name]
             assert result["n"] == again["n"] == 100, name
             assert result["overall"] == pytest.approx(again["overall"], abs=1e-12), name
             assert result["per_task"] == pytest.approx(again["per_task"], abs=1e-12), name
+            assert result["tokens"]["test"]["all"] == again["tokens"], name
+            assert result["loss"]["test"]["all"] == pytest.approx(again["loss"], rel=1e-5), name
+        losses = [saved["accuracy"][name]["loss"]["test"]["all"] for name in CHECKPOINTS]
+        assert len(set(losses)) == len(losses)  # five different models were scored, not one five times
         assert (cfg.run_dir / "report.md").stat().st_size > 0
 
     def test_matching_plot_counts_are_the_logged_matches(self, e2e):

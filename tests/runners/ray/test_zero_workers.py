@@ -78,6 +78,6 @@ def test_two_zero_workers_equal_one_process_at_the_same_global_batch(local_ray, 
         # Elementwise to 1e-5: Adam's normalised step turns last-bit differences of the summation order (two
         # ranks vs two micro-batches) into ~1e-6 on weights with near-zero gradients; the update as a whole, 1e-4.
         torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
-        diff += float((trained[n] - p).double().pow(2).sum())
+        diff += float((trained[n].detach() - p).double().pow(2).sum())
         update += float((p - base[n]).double().pow(2).sum())
     assert update > 0 and (diff / update) ** 0.5 < 1e-4

@@ -30,7 +30,7 @@ from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.runners.local import run_local
 from vlsi_ray.runners.ray.driver import run_ray
 
-from plain_transformers import plain_generate
+from plain_transformers import assert_same_top_logits, plain_generate, project_top_logits
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Rows per source besides the named cases; the over-long sample row is far above this max_length, the rest far below.
@@ -223,10 +223,12 @@ def test_zero_ranks_with_text_only_micro_batches_do_not_hang(prepared, tmp_path,
     if zero == 3:  # the gathered student, exported, generates in stock transformers as in the project
         rows = read_rows(run.out, "test")[0][:8]
         exported = export_student(cfg.run_dir, tmp_path / "export", stage="sft")
-        ours = ChatGenerator.from_pretrained(layout.model("sft")).generate(rows, SamplingParams(max_tokens=6, min_tokens=6))
+        generator = ChatGenerator.from_pretrained(layout.model("sft"))
+        ours = generator.generate(rows, SamplingParams(max_tokens=6, min_tokens=6))
         plain = plain_generate(exported, rows, 6, tmp_path / "plain")
         assert len(rows) == 8 and {len(r["images"]) for r in rows} >= {0, 1}
         assert plain["dtype"] == "torch.bfloat16" and plain["token_ids"] == [c.token_ids for c in ours]
+        assert_same_top_logits(plain["top"], project_top_logits(generator, rows, 6), rel=1e-2)  # bfloat16 logits
 
 
 def test_prepare_job_errors_are_one_sentence(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2/3 as the student's stepper: the same updates as plain AdamW, exact resume, bfloat16 masters (two Ray Train
-workers under ZeRO-2/3 on mixed text-only and image rows: tests/data/test_mixture.py)."""
+workers under ZeRO-2/3 against one process at the same global batch: test_zero_workers.py; on mixed text-only and image
+rows: tests/data/test_mixture.py)."""
 
 from __future__ import annotations
 

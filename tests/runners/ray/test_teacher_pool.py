@@ -132,6 +132,7 @@ def test_pool_pipelines_with_bounded_in_flight_requests(local_ray, teacher_dirs)
         assert counters["teacher_requests"] == len(batches) and counters["signal_bytes"] > 0
         infos = local_ray.get([a.info.remote() for a in pool.actors])
         assert sum(i["requests"] for i in infos) == len(batches) and all(i["requests"] == 3 for i in infos)  # round robin
+        assert counters["teacher_pids"] == {i["pid"]: 3 for i in infos}  # who answered, as the replicas count it
     finally:
         pool.shutdown()
 

@@ -43,7 +43,7 @@ class TeacherClient:
         self.bytes_received = 0
         self.requests = 0
         self.resubmissions = 0
-        self.answered_by: list[int] = []  # the replica process (pid) that answered each request, in order
+        self.answers_by_pid: dict[int, int] = {}  # replica process (pid) -> requests it answered
 
     def __getstate__(self) -> dict:  # handed to Ray Train workers: actor handles travel, refs do not
         state = dict(self.__dict__)
@@ -95,7 +95,8 @@ class TeacherClient:
         if tuple(str(i) for i in out.pop("ids")) != key:
             raise RuntimeError("the teacher answered for different rows than asked; teacher and student batches diverged.")
         self.teacher_seconds += float(out.pop("seconds"))
-        self.answered_by.append(int(out.pop("pid")))
+        pid = int(out.pop("pid"))
+        self.answers_by_pid[pid] = self.answers_by_pid.get(pid, 0) + 1
         self.bytes_received += sum(a.nbytes for a in out.values())
         device = batch["input_ids"].device if "input_ids" in batch else "cpu"
         return TeacherSignal.from_numpy(out).to(device)
@@ -117,12 +118,13 @@ class TeacherClient:
         return len(self._pending)
 
     def counters(self) -> dict:
-        """Cumulative wait/teacher seconds, bytes received, request counts and the pid of each answer (for the logs)."""
+        """Cumulative wait/teacher seconds, bytes received, request counts and answers per replica process
+        (``teacher_pids``: pid -> count; a restarted replica answers from a new pid) for the logs."""
         return {
             "teacher_wait_s": self.wait_seconds,
             "teacher_forward_s": self.teacher_seconds,
             "signal_bytes": self.bytes_received,
             "teacher_requests": self.requests,
             "teacher_resubmissions": self.resubmissions,
-            "teacher_pids": self.answered_by,
+            "teacher_pids": dict(self.answers_by_pid),
         }

@@ -219,7 +219,7 @@ def _train_stage(spec: StageSpec, checkpoint, fresh_run: bool) -> None:
             counters = spec.teacher.counters()
             summary = {k: round(v, 3) for k, v in counters.items() if k != "teacher_pids"}
             if "teacher_pids" in counters:  # a replica restarted after a failure answers from a new process
-                summary["teacher_processes"] = len(set(counters["teacher_pids"]))
+                summary["teacher_processes"] = len(counters["teacher_pids"])
             print(f"[{name}] teacher: {json.dumps(summary)}", flush=True)
         history = last_attempt(read_metrics(layout.metrics, name))
         write_stage_summary(spec.done_path, name, history, time.perf_counter() - started)
@@ -298,7 +298,7 @@ class _Reporter:
         )
         self.window_started, self.window_step = time.perf_counter(), start
         self.teacher_seen = {"teacher_wait_s": 0.0, "signal_bytes": 0}
-        self.answers_seen = 0
+        self.answers_seen: dict[int, int] = {}
 
     def teacher_metrics(self) -> dict:
         """The teacher wait and signal bytes of the step just done (the teacher source counts cumulatively),
@@ -307,8 +307,9 @@ class _Reporter:
         out = {key: counters[key] - seen for key, seen in self.teacher_seen.items()}
         self.teacher_seen = {key: counters[key] for key in self.teacher_seen}
         if "teacher_pids" in counters:
-            out["teacher_pids"] = sorted(set(counters["teacher_pids"][self.answers_seen :]))
-            self.answers_seen = len(counters["teacher_pids"])
+            answers = counters["teacher_pids"]
+            out["teacher_pids"] = sorted(p for p, n in answers.items() if n > self.answers_seen.get(p, 0))
+            self.answers_seen = answers
         return out
 
     def after_step(self, step: int, record: dict) -> None:

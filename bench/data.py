@@ -42,9 +42,10 @@ from bench.pipeline import student_loop  # noqa: E402
 from vlsi_ray.config import load_config  # noqa: E402
 from vlsi_ray.data.index import read_index  # noqa: E402
 from vlsi_ray.data.mixture import load_mixture, prepare  # noqa: E402
+from vlsi_ray.data.order import BatchOrder, padding_fraction  # noqa: E402
 from vlsi_ray.data.ray_dataset import RayCollate, train_dataset, train_split  # noqa: E402
 from vlsi_ray.data.samples import write_samples  # noqa: E402
-from vlsi_ray.method.loop import BatchOrder, Stepper, padding_fraction  # noqa: E402
+from vlsi_ray.method.loop import Stepper  # noqa: E402
 from vlsi_ray.method.steps import InteractionObjective  # noqa: E402
 from vlsi_ray.models.tokenizer import train_tokenizer  # noqa: E402
 from vlsi_ray.prepare import build_model, make_collator, new_verbalizers  # noqa: E402

@@ -248,6 +248,10 @@ class DataConfig:
     # kept in the object store and sorted per epoch in one task; larger ones stream from the files
     # through Ray Data's distributed sort (same order either way).
     sort_in_memory_mb: float = 512
+    # Ray runner: shards (every split) totalling at most this many MB are measured (validated, token counts) by
+    # the driver itself, in seconds; larger ones by a pool of Ray Data actors, which costs about 20 s to start
+    # (each loads torch, transformers and the processor) and then scales with the cluster. 0: always Ray Data.
+    measure_in_driver_mb: float = 64
     # Length-grouped batches (not in the paper; LLaVA's group_by_modality_length does the like): each epoch's
     # shuffled rows fall in groups of length_group_batches global batches, each group ordered longest first,
     # so a batch holds rows of similar token counts and little padding.
@@ -446,6 +450,10 @@ def _validate_data(cfg: RunConfig, family: str) -> None:
     """The data section, the synthetic task's settings and the image resolution (``family``: the models')."""
     if cfg.data.sort_in_memory_mb < 0:
         raise ConfigError(f"data.sort_in_memory_mb={cfg.data.sort_in_memory_mb} must be 0 (always the distributed sort) or more.")
+    if cfg.data.measure_in_driver_mb < 0:
+        raise ConfigError(
+            f"data.measure_in_driver_mb={cfg.data.measure_in_driver_mb} must be 0 (always Ray Data workers) or more."
+        )
     if cfg.data.length_group_batches < 1:
         raise ConfigError(f"data.length_group_batches={cfg.data.length_group_batches} must be at least 1 batch per group.")
     syn = cfg.data.synthetic

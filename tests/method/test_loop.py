@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from vlsi_ray.config import OptimConfig
-from vlsi_ray.method.loop import BatchOrder, cosine_lr, order_keys, padding_fraction, total_optimizer_steps, train_stage
+from vlsi_ray.data.order import BatchOrder, order_keys, padding_fraction
+from vlsi_ray.method.loop import cosine_lr, total_optimizer_steps, train_stage
 from vlsi_ray.method.steps import StepOutput
 
 

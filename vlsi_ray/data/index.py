@@ -12,12 +12,14 @@ rows that do not validate or collate and rows whose chat template leaves no resp
 written by ``jobs/prepare_data.py`` with the run's own student processor carry their rows' token
 counts (:func:`measured_by`): nothing is read but the small columns. Other shards (the synthetic
 task, data prepared without a student or with another one) are measured once per run by
-:func:`measure_rows` — in this process or, on Ray, in Ray Data workers (:func:`measure_on_ray`).
+:func:`measure_rows` — in this process or, on Ray, in Ray Data workers (:func:`measure_on_ray`) unless the
+shards are small enough for the driver to measure them sooner than a worker pool starts (:func:`measure_on_ray_or_here`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +130,14 @@ def measure_on_ray(files: Sequence[str], collator: ChatCollator) -> pa.Table:
                                                              batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1))  # fmt: skip
     parts = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     return pa.concat_tables(parts) if parts else MEASURED.empty_table()
+
+
+def measure_on_ray_or_here(files: Sequence[str], collator: ChatCollator, in_driver_mb: float) -> pa.Table:
+    """:func:`measure_in_process` when the shard ``files`` total at most ``in_driver_mb`` MB
+    (``data.measure_in_driver_mb``), else :func:`measure_on_ray`: the same table either way."""
+    if sum(os.path.getsize(f) for f in files) <= in_driver_mb * 2**20:
+        return measure_in_process(files, collator)
+    return measure_on_ray(files, collator)
 
 
 def read_index(

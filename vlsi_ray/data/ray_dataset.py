@@ -1,6 +1,6 @@
 """The train split as a Ray Data pipeline: Parquet shards → the indexed rows → seeded epochs → workers.
 
-The order is the one :class:`vlsi_ray.method.loop.BatchOrder` gives in-process: epoch ``e`` sorts
+The order is the one :class:`vlsi_ray.data.order.BatchOrder` gives in-process: epoch ``e`` sorts
 the rows by :func:`order_keys` ``(id, seed, e)`` and keeps whole global batches. The epochs are
 concatenated into one stream, so a Ray Train worker simply reads batches until the stage has its
 steps, and a resumed worker skips the batches its checkpoint already consumed.
@@ -21,8 +21,8 @@ import pyarrow as pa
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from vlsi_ray.data.order import epoch_sort_keys
 from vlsi_ray.data.shards import shard_files
-from vlsi_ray.method.loop import epoch_sort_keys
 
 ORDER_COLUMN = "_order"
 BUCKET_COLUMN = "_bucket"
@@ -47,7 +47,7 @@ class KnownRows:
 
 @dataclass(frozen=True)
 class Grouping:
-    """Length-grouped epochs (:func:`~vlsi_ray.method.loop.epoch_sort_keys`): ``rows`` the stage's row count,
+    """Length-grouped epochs (:func:`~vlsi_ray.data.order.epoch_sort_keys`): ``rows`` the stage's row count,
     ``group_rows`` rows per group; ``lengths`` ``{id: tokens}`` when the run measured the rows itself (the
     shards' ``tokens`` column is then not its own), else None (the column is read)."""
 
@@ -145,7 +145,7 @@ def train_dataset(
     ``total_batches`` counts global batches (optimizer steps × grad_accum); ``ids`` are the usable
     rows of ``tasks`` (from the run's index): from them the driver finds where each epoch's whole
     batches end. ``lengths`` (one per id) and ``group_rows``: length-grouped epochs, as in process
-    (:func:`~vlsi_ray.method.loop.epoch_order`); ``lengths_from_shards``: the workers read the rows'
+    (:func:`~vlsi_ray.data.order.epoch_order`); ``lengths_from_shards``: the workers read the rows'
     lengths from the shards' ``tokens`` column (prepared with the run's processor) instead of being
     sent them. All epochs are ordered by one sort on (epoch bucket, group, -length, key): in one task
     for an in-memory split, else as Ray Data's distributed sort with a partition per bucket (the keys

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from vlsi_ray.config import ConfigError, RunConfig, config_from_yaml, to_yaml
-from vlsi_ray.data.index import measure_on_ray
+from vlsi_ray.data.index import measure_on_ray_or_here
 from vlsi_ray.data.ray_dataset import train_split
 from vlsi_ray.data.shards import shard_files
 from vlsi_ray.method.steps import response_token_counts
@@ -120,7 +120,12 @@ def build_cache(cfg: RunConfig, overwrite: bool = False) -> dict:
 def _write_signals(cfg: RunConfig, inputs: dict[str, Path], vocab: int, shards: Path) -> None:
     """Map step 2's train rows through ``teacher_pool.replicas`` :class:`CacheSignals` actors into Parquet at ``shards``."""
     collator = make_collator(model_info(inputs["student"], LoadSettings.of(cfg, "student")), cfg)
-    index = index_splits(cfg, inputs["student"], lambda files: measure_on_ray(files, collator), splits=("train",))["train"]
+    index = index_splits(
+        cfg,
+        inputs["student"],
+        lambda files: measure_on_ray_or_here(files, collator, cfg.data.measure_in_driver_mb),
+        splits=("train",),
+    )["train"]
     split = train_split(cfg.data.dir, index.excluded(), cfg.data.sort_in_memory_mb)
     dataset = split.dataset
     tasks = set(cfg.stages.interact.tasks)

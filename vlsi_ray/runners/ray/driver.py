@@ -26,7 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from vlsi_ray import env as vlsi_env
 from vlsi_ray.config import EVAL_MODELS, RunConfig, config_from_yaml, to_yaml
-from vlsi_ray.data.index import measure_on_ray
+from vlsi_ray.data.index import measure_on_ray_or_here
 from vlsi_ray.data.ray_dataset import train_dataset, train_split
 from vlsi_ray.env import at_idle_priority, malloc_env, set_offline_defaults
 from vlsi_ray.eval.heldout import heldout_report, score_rows, summary_line
@@ -299,7 +299,7 @@ class RayRun(Run):
         self.evaluate({"student_base": self.student_dir, "teacher": self.teacher_dir})
 
     def measure(self, files: Sequence[str]) -> pa.Table:
-        return measure_on_ray(files, self.collator)
+        return measure_on_ray_or_here(files, self.collator, self.cfg.data.measure_in_driver_mb)
 
     def resolved_teacher(self) -> Path:
         """The teacher's directory (waiting for its pretraining task, if it is still running)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from vlsi_ray.env import set_offline_defaults
 
@@ -93,19 +94,53 @@ def hub_worlds(tmp_path_factory):
     return world
 
 
+#: The local Ray the integration tests share: room for a teacher actor, a Train worker and Ray Data tasks at
+#: once (4 logical CPUs), and 2 fake GPUs (placement tests ask for ``num_gpus``; CUDA stays unavailable, so the
+#: actors still compute on CPU).
+LOCAL_RAY_RESOURCES = {"CPU": 4.0, "GPU": 2.0}
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Stops the shared local Ray (if one runs) when the session ends."""
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray with room for a teacher actor, a Train worker and Ray Data tasks at once, one per test
-    module (4 logical CPUs, 2 fake GPUs: placement tests ask for ``num_gpus``; CUDA stays unavailable,
-    so the actors still compute on CPU)."""
+def local_ray(_ray_session):
+    """The shared local Ray (:data:`LOCAL_RAY_RESOURCES`), started by the first module that asks for it and kept
+    for the next ones: a Ray start and Ray Data's first use cost ~20 s on 2 cores. A module that needs a Ray of
+    its own (a multi-node cluster, a head with a dashboard) shuts this one down first; the next module to ask
+    for it starts it again."""
+    if ray.is_initialized():
+        resources = ray.cluster_resources()
+        if {k: resources.get(k) for k in LOCAL_RAY_RESOURCES} == LOCAL_RAY_RESOURCES and len(ray.nodes()) == 1:
+            yield ray
+            _release_or_stop()
+            return
+        ray.shutdown()  # another module's Ray
     # As the runner starts a local Ray for tiny.yaml: no dashboard, workers with tuned malloc.
     ray.init(
         address="local",
-        num_cpus=4,
-        num_gpus=2,
+        num_cpus=int(LOCAL_RAY_RESOURCES["CPU"]),
+        num_gpus=int(LOCAL_RAY_RESOURCES["GPU"]),
         include_dashboard=False,
         runtime_env=local_runtime_env(tune_malloc=True, include_dashboard=False),
     )
     DataContext.get_current().enable_progress_bars = False
     yield ray
+    _release_or_stop()
+
+
+def _release_or_stop(wait_s: float = 20.0) -> None:
+    """After a module: the shared Ray is kept only once every CPU and GPU is free again (the module's actors
+    and tasks are gone); else it is stopped, so that nothing a module left running holds the next one up."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(k, 0.0) >= v for k, v in LOCAL_RAY_RESOURCES.items()):
+            return
+        time.sleep(0.5)
     ray.shutdown()

@@ -47,6 +47,8 @@ def released(hub_worlds):
 def server(exported, released):
     """``serve.run`` of the app for the exported tiny student, with an API key, and of a released-layout
     bfloat16 checkpoint at ``/released`` (no key); yields the base URL."""
+    if ray.is_initialized():  # the integration tests' shared Ray: this app needs its own (the key in its env)
+        ray.shutdown()
     ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {**ray_env(), "VLSI_TEST_KEY": KEY}}, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

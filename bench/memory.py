@@ -1,8 +1,9 @@
-"""Student peak memory: step 2 vs the number of candidates, and gradient checkpointing on vs off.
+"""Student peak memory and step time: step 2 vs the number of candidates, and gradient checkpointing on vs off.
 
-    python bench/memory.py                         # vocabulary 152,064, 1,024 response tokens, C = 1 4 14 20
+    python bench/memory.py --candidates 1 20       # vocabulary 152,064, 1,024 response tokens; shared vs per-pair KLs
+    python bench/memory.py                         # C = 1 4 14 20
     python bench/memory.py --student-layers 2      # t_s = 2: the band of each of 2 student layers has C entries
-    python bench/memory.py --candidates 1 20 --chunk-size 256
+    python bench/memory.py --candidates 1 20 --chunk-size 256 --candidate-kls shared
     python bench/memory.py --checkpointing         # step 3 (full LLM) at 512 and 2,048 tokens, checkpointing off vs on
 
 One :class:`InteractionObjective` step (candidate KLs without grad over the matching band, then the
@@ -11,16 +12,24 @@ Qwen2-VL student whose LM head has the real 152,064 rows, with LoRA and real ver
 synthetic top-64 + tail teacher signal with ``t_l = t_s + C - 1`` target layers, so that with the
 paper's search range every student target layer has exactly ``C`` candidate teacher layers.
 
-Each ``C`` runs in a fresh subprocess, so peaks do not mix. Peak = the highest resident set size
-during the step minus the resident set size just before it (models, batch and signal already
+The candidate KLs run two ways, side by side: ``shared`` is the objective's own
+:func:`~vlsi_ray.method.losses.candidate_kls` (the vocabulary normalised once per student layer and
+chunk, each top-k candidate then ``O(k)``); ``per-pair`` calls
+:func:`~vlsi_ray.method.losses.per_token_kl` once per candidate (a log-softmax and a log-sum-exp over
+the vocabulary each time: the implementation before ``candidate_kls``).
+
+Each (mode, C) runs ``--repeats`` times (default 3), each in a fresh subprocess, so peaks do not
+mix; the table gives medians, the step time with its min and max. Peak = the highest resident set
+size during the step minus the resident set size just before it (models, batch and signal already
 built): the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``), checked
 against a thread sampling ``/proc/self/statm`` every millisecond. On a GPU (picked when CUDA is
 available, or with ``--device``) it is ``torch.cuda.max_memory_allocated`` over the allocated
-baseline. Goal: peak(C) <= 1.2 × peak(1) for every C.
+baseline. Goals: peak(C) <= 1.2 × peak(1) for every C, and the step time at the largest C <= 1.2 ×
+the step time at C = 1 (medians).
 
-The table also gives the peak reached by the end of the candidate KLs and by the end of the loss
-forward (before ``backward``), and the number of candidate KLs the objective evaluated (calls of
-``per_token_kl`` in :mod:`vlsi_ray.method.steps`, divided by the chunks per layer).
+The table also gives the peak reached by the end of the candidate KLs and the number of candidate
+KLs the objective evaluated (the signals passed to ``candidate_kls`` in :mod:`vlsi_ray.method.steps`,
+divided by the chunks per layer).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,6 +57,7 @@ import torch  # noqa: E402
 
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows  # noqa: E402
 from vlsi_ray.method import steps  # noqa: E402
+from vlsi_ray.method.losses import per_token_kl  # noqa: E402
 from vlsi_ray.method.matching import MatchingOptions, band_mask  # noqa: E402
 from vlsi_ray.method.steps import SFT_GROUPS, SFTObjective  # noqa: E402
 from vlsi_ray.models.qwen2_vl import build_tiny  # noqa: E402
@@ -56,6 +67,7 @@ from vlsi_ray.signals.teacher_signal import TeacherSignal  # noqa: E402
 
 MB = 1e6  # decimal megabytes, as the table prints them
 GOAL = 1.2  # peak(C) / peak(1) must stay at or below this
+TIME_GOAL = 1.2  # step time at the most candidates / at C = 1 (candidate KLs shared)
 FAMILY = "qwen2_vl"
 PROMPT_TOKENS = 16  # non-response tokens before the response
 
@@ -207,6 +219,13 @@ class PeakCUDA:
 
 
 # ------------------------------------------------------------------------------------------ one C
+def per_pair_kls(signals, student_logits, direction="forward", temperature=1.0) -> torch.Tensor:
+    """The matching's candidate KLs one :func:`per_token_kl` per candidate (each normalising the whole
+    vocabulary again): what ``--candidate-kls per-pair`` times against :func:`candidate_kls`."""
+    with torch.no_grad():
+        return torch.stack([per_token_kl(s, student_logits, direction, temperature).float() for s in signals])
+
+
 def measure(candidates: int, args: argparse.Namespace) -> dict:
     """Build everything for ``candidates`` teacher layers per student layer, then measure one step.
 
@@ -245,13 +264,13 @@ def measure(candidates: int, args: argparse.Namespace) -> dict:
 
     # Count the candidate KLs the objective evaluates (per chunk) and mark the peak when they end.
     evaluated = [0]
-    kl = steps.per_token_kl
+    kls = steps.candidate_kls if args.candidate_kls == "shared" else per_pair_kls
 
-    def counting_kl(*a, **kw):
-        evaluated[0] += 1
-        return kl(*a, **kw)
+    def counting_kls(signals, *a, **kw):
+        evaluated[0] += len(signals)
+        return kls(signals, *a, **kw)
 
-    steps.per_token_kl = counting_kl
+    steps.candidate_kls = counting_kls
     meter = PeakCUDA(device) if device.type == "cuda" else PeakRSS()
     distances = objective._candidate_distances
 
@@ -363,9 +382,9 @@ def checkpointing_table(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def _child_argv(candidates: int, args: argparse.Namespace) -> list[str]:
+def _child_argv(candidates: int, args: argparse.Namespace, mode: str) -> list[str]:
     return [
-        sys.executable, str(Path(__file__).resolve()), "--child", str(candidates), "--tokens", str(args.tokens),
+        sys.executable, str(Path(__file__).resolve()), "--child", str(candidates), "--candidate-kls", mode, "--tokens", str(args.tokens),
         "--vocab", str(args.vocab), "--topk", str(args.topk), "--hidden", str(args.hidden),
         "--student-layers", str(args.student_layers), "--chunk-size", str(args.chunk_size),
         "--lora-rank", str(args.lora_rank), "--device", args.device,
@@ -384,6 +403,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--candidate-kls", choices=["shared", "per-pair", "both"], default="both",
+                        help="the objective's candidate_kls (shared: one normalisation per chunk), the per_token_kl-per-candidate "
+                        "reference, or both side by side")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every (mode, C); the table gives medians")
     parser.add_argument("--checkpointing", action="store_true", help="measure gradient checkpointing off vs on instead")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="--checkpointing: tokens per row")
     parser.add_argument("--ckpt-hidden", type=int, default=256, help="--checkpointing: student width")
@@ -404,38 +427,63 @@ def main(argv=None) -> int:
         return checkpointing_table(args)
 
     dense = args.tokens * args.vocab * 4
+    modes = ["per-pair", "shared"] if args.candidate_kls == "both" else [args.candidate_kls]
     print(
         f"vocabulary {args.vocab:,}, {args.tokens:,} response tokens, top-{args.topk} + tail signal, "
-        f"t_s = {args.student_layers} student target layers, chunk_size {args.chunk_size}, device {args.device}"
+        f"t_s = {args.student_layers} student target layers, chunk_size {args.chunk_size}, device {args.device}, "
+        f"candidate KLs {' vs '.join(modes)}, {args.repeats} run(s) per row"
     )
     print(f"one dense [{args.tokens}, {args.vocab}] fp32 logits tensor: {dense / MB:.1f} MB")
-    results = []
-    for c in args.candidates:
-        proc = subprocess.run(_child_argv(c, args), check=False, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"the C={c} measurement failed (exit {proc.returncode}).")
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
-    base = next((r["peak"] for r in results if r["C"] == 1), results[0]["peak"])
-    base_c = next((r["C"] for r in results if r["peak"] == base), results[0]["C"])
-    print(f"peak = {results[0]['source']} above the pre-step baseline; MB = 10^6 bytes\n")
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for repeat in range(args.repeats):  # rounds of every (mode, C): a slow spell of the machine hits them all
+        for mode in modes:
+            for c in args.candidates:
+                proc = subprocess.run(_child_argv(c, args, mode), check=False, capture_output=True, text=True)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.stderr.write(proc.stdout + proc.stderr)
+                    raise SystemExit(f"the C={c} ({mode}) measurement failed (exit {proc.returncode}).")
+                runs.setdefault((mode, c), []).append(json.loads(lines[-1][len("RESULT ") :]))
+                print(f"  round {repeat + 1}/{args.repeats} {mode} C={c}: {runs[mode, c][-1]['seconds']:.1f} s", flush=True)
+    first = runs[modes[0], args.candidates[0]][0]
+    base_c = 1 if 1 in args.candidates else args.candidates[0]
+    print(f"\npeak = {first['source']} above the pre-step baseline; MB = 10^6 bytes; medians of {args.repeats} run(s), "
+          "(min-max) beside the step time\n")  # fmt: skip
     print(
-        f"| C | t_l | candidates per student layer | candidate KLs evaluated | peak MB | peak ÷ dense | "
-        f"by end of candidate KLs MB | by end of loss forward MB | sampled MB | ratio vs C={base_c} | step s |"
+        f"| candidate KLs | C | t_l | candidates per student layer | candidate KLs evaluated | peak MB | peak ÷ dense | "
+        f"by end of candidate KLs MB | peak vs C={base_c} | step s | step s vs C={base_c} |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    worst = 0.0
-    for r in results:
-        ratio = r["peak"] / base
-        worst = max(worst, ratio)
-        cand, fwd = ("-" if r[key] is None else f"{r[key] / MB:.0f}" for key in ("candidates_peak", "loss_peak"))
+    worst_peak, time_ratio = {}, {}
+    for mode in modes:
+        base = runs[mode, base_c]
+        for c in args.candidates:
+            rs = runs[mode, c]
+            peak, seconds = median(r["peak"] for r in rs), median(r["seconds"] for r in rs)
+            cand = [r["candidates_peak"] for r in rs if r["candidates_peak"] is not None]
+            peak_ratio = peak / median(r["peak"] for r in base)
+            step_ratio = seconds / median(r["seconds"] for r in base)
+            worst_peak[mode] = max(worst_peak.get(mode, 0.0), peak_ratio)
+            time_ratio[mode] = step_ratio  # the last C's: the most candidates
+            spread = f"{min(r['seconds'] for r in rs):.1f}-{max(r['seconds'] for r in rs):.1f}"
+            print(
+                f"| {mode} | {c} | {rs[0]['t_l']} | {'/'.join(map(str, rs[0]['band']))} | {rs[0]['evaluated']} | "
+                f"{peak / MB:.0f} | {peak / dense:.2f} | {median(cand) / MB if cand else float('nan'):.0f} | "
+                f"{peak_ratio:.2f} | {seconds:.1f} ({spread}) | {step_ratio:.2f} |"
+            )
+    last = args.candidates[-1]
+    print()
+    for mode in modes:
+        verdict = "MET" if worst_peak[mode] <= GOAL else "MISSED"
         print(
-            f"| {r['C']} | {r['t_l']} | {'/'.join(map(str, r['band']))} | {r['evaluated']} | {r['peak'] / MB:.0f} | "
-            f"{r['peak'] / dense:.2f} | {cand} | {fwd} | {r['sampled'] / MB:.0f} | {ratio:.2f} | {r['seconds']:.1f} |"
+            f"memory goal ({mode}): peak <= {GOAL} x the C={base_c} peak for every C -> worst {worst_peak[mode]:.2f}: {verdict}"
         )
-    verdict = "MET" if worst <= GOAL else "MISSED"
-    print(f"\ngoal: peak <= {GOAL} x the C={base_c} peak for every C -> worst ratio {worst:.2f}: {verdict}")
+    for mode in modes:
+        verdict = "MET" if time_ratio[mode] <= TIME_GOAL else "MISSED"
+        print(f"time goal ({mode}): step time at C={last} <= {TIME_GOAL} x at C={base_c} -> {time_ratio[mode]:.2f}: {verdict}")
+    if len(modes) == 2:
+        print(f"shared vs per-pair at C={last}: step time ratio per-pair / shared = "
+              f"{median(r['seconds'] for r in runs['per-pair', last]) / median(r['seconds'] for r in runs['shared', last]):.2f}")  # fmt: skip
     return 0
 
 

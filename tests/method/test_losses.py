@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from vlsi_ray.method.losses import _kl, masked_mean, per_token_kl, select_positions, verbalized_ce, verbalized_kl
+from vlsi_ray.method.losses import (
+    _kl,
+    candidate_kls,
+    masked_mean,
+    per_token_kl,
+    select_positions,
+    verbalized_ce,
+    verbalized_kl,
+)
 from vlsi_ray.signals import TeacherSignal
 
 
@@ -362,3 +370,41 @@ def test_verbalized_kl_with_tail_samples_chunked_equals_unchunked(direction):
         np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-7)
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_candidate_kls_equal_per_token_kl_per_candidate(direction, temperature):
+    """The matching's shared normalisation gives each candidate's per_token_kl (1e-6): dense, top-k, top-k with
+    tail draws and k = V candidates against one student's logits, float32 and bfloat16."""
+    n, v = 12, 300
+    t = [_zipf_logits(n, v, seed)[None].float() for seed in range(5)]
+    tails = torch.Generator().manual_seed(3)
+    signals = [
+        TeacherSignal.from_logits(t[0], None, temperature),
+        TeacherSignal.from_logits(t[1], 8, temperature),
+        TeacherSignal.from_logits(t[2], 32, temperature),
+        TeacherSignal.from_logits(t[3], 8, temperature, tail_samples=4, generator=tails),
+        TeacherSignal.from_logits(t[4], v, temperature),
+    ]
+    for dtype in (torch.float32, torch.bfloat16):
+        student = (_zipf_logits(n, v, 8) * 1.5).to(dtype)
+        shared = candidate_kls(signals, student, direction, temperature)
+        each = torch.stack([per_token_kl(sig, student, direction, temperature) for sig in signals])
+        assert shared.shape == (len(signals), n) and shared.dtype == torch.float32
+        torch.testing.assert_close(shared, each, rtol=1e-6, atol=1e-6)
+    assert candidate_kls([], student).shape == (0, n)
+
+
+def test_candidate_kls_tail_mass_is_exact_when_the_student_is_sure():
+    """A student that puts all but ~1e-9 of its mass on the teacher's top-k: the tail bin still costs what the
+    float64 reference says (the complement of the top-k mass is taken in float64)."""
+    v, k = 200, 10
+    t = _zipf_logits(4, v, 1, exponent=1.0)
+    sig64 = TeacherSignal.from_logits(t[None], k)
+    student = torch.full((4, v), -25.0, dtype=torch.float64)
+    student.scatter_(-1, sig64.topk_ids[0], 0.0)  # top-k mass 1 - 190·e^-25/(10 + ...) ~ 1 - 2.6e-10
+    for direction in ("forward", "reverse"):
+        ref = per_token_kl(sig64, student, direction)  # float64 end to end
+        got = candidate_kls([TeacherSignal.from_logits(t[None].float(), k)], student.float(), direction)[0]
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ the interaction loss against a hand reference, and the matching constraints."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows
-from vlsi_ray.method.matching import MatchingOptions
+from vlsi_ray.method.losses import per_token_kl
+from vlsi_ray.method.matching import MatchingOptions, band_mask
 from vlsi_ray.method.steps import (
     SFT_GROUPS,
     InteractionObjective,
@@ -230,6 +232,29 @@ def test_verbalization_trains_only_its_verb_ffns(setup, role):
     for m in others:
         assert not changed(before[m], m)
     assert set(changed(before[verbs], verbs)) == set(before[verbs])  # gate, up and down of every verb-FFN
+
+
+def test_candidate_distances_equal_a_kl_per_pair(setup):
+    """The matching's distance matrix (one vocabulary normalisation per student layer and chunk, shared by the
+    candidates) equals one per_token_kl per (student layer, teacher layer) pair of the band, to 1e-6; inf outside."""
+    teacher, student, t_verbs, s_verbs, batch = setup
+    student.apply_lora(LORA_RANK, LORA_RANK)
+    objective = top16_interaction(teacher, t_verbs, student, s_verbs)
+    objective.loss = dataclasses.replace(objective.loss, chunk_size=5)  # several chunks per layer
+    signal = objective.teacher(batch)
+    with torch.no_grad():
+        step = objective._student_side(batch, signal)
+        distances = objective._candidate_distances(step.hidden, step.heads, signal)
+        band = band_mask(len(step.hidden), signal.num_layers - 1, objective.options)
+        for i, (hidden, head) in enumerate(zip(step.hidden, step.heads)):
+            logits = head(hidden)
+            for j in range(signal.num_layers - 1):
+                if band[i, j]:
+                    expected = per_token_kl(signal.layer(j), logits).mean().item()
+                    assert distances[i, j].item() == pytest.approx(expected, abs=1e-6), (i, j)
+                else:
+                    assert distances[i, j].item() == float("inf")
+    assert band.sum() > len(step.hidden)  # some student layer had several candidates
 
 
 def test_interaction_trains_lora_and_student_verbalizers_only(setup, base):

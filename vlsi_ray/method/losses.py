@@ -11,7 +11,7 @@ only one chunk's ``[n, V]`` logits is alive at a time, in forward and in backwar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,22 @@ def _check_direction(direction: str) -> None:
         raise ValueError(f"KL direction must be one of {DIRECTIONS}, got {direction!r}.")
 
 
+def _check_signal(teacher: TeacherSignal, student_logits: Tensor, temperature: float, what: str) -> None:
+    if teacher.num_layers != 1:
+        raise ValueError(f"{what} takes a single-layer signal, got {teacher.num_layers} layers; use signal.layer(j).")
+    if student_logits.dim() != 2 or student_logits.shape[0] != teacher.num_tokens:
+        raise ValueError(f"student_logits must be [N={teacher.num_tokens}, V], got {list(student_logits.shape)}.")
+    if student_logits.shape[1] != teacher.vocab_size:
+        raise ValueError(
+            f"student vocabulary ({student_logits.shape[1]}) differs from the teacher signal's ({teacher.vocab_size}); "
+            "slice both to the shared prefix."
+        )
+    if not math.isclose(temperature, teacher.temperature):
+        raise ValueError(
+            f"KD temperature {temperature} differs from the teacher signal's {teacher.temperature}; use the same for both."
+        )
+
+
 def per_token_kl(teacher: TeacherSignal, student_logits: Tensor, direction: str = "forward", temperature: float = 1.0) -> Tensor:
     """Per-token KL between a single-layer teacher signal (``N`` tokens) and ``student_logits [N, V]``; ``-> [N]``.
 
@@ -88,54 +104,119 @@ def per_token_kl(teacher: TeacherSignal, student_logits: Tensor, direction: str 
 
     Student logits are divided by ``temperature``, which must be the signal's own temperature.
     Computed in float32 (float64 if the logits are float64); gradients flow to the student only.
+    See :func:`candidate_kls` for many signals against one student's logits, without gradients.
     """
     _check_direction(direction)
-    if teacher.num_layers != 1:
-        raise ValueError(f"per_token_kl takes a single-layer signal, got {teacher.num_layers} layers; use signal.layer(j).")
-    if student_logits.dim() != 2 or student_logits.shape[0] != teacher.num_tokens:
-        raise ValueError(f"student_logits must be [N={teacher.num_tokens}, V], got {list(student_logits.shape)}.")
-    if student_logits.shape[1] != teacher.vocab_size:
-        raise ValueError(
-            f"student vocabulary ({student_logits.shape[1]}) differs from the teacher signal's ({teacher.vocab_size}); "
-            "slice both to the shared prefix."
-        )
-    if not math.isclose(temperature, teacher.temperature):
-        raise ValueError(
-            f"KD temperature {temperature} differs from the teacher signal's {teacher.temperature}; use the same for both."
-        )
+    _check_signal(teacher, student_logits, temperature, "per_token_kl")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s_full = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     if teacher.is_dense:
-        t_log, s_log = teacher.logprobs[0].to(device=s_full.device, dtype=dtype), s_full
+        return _dense_kl(teacher, s_full, direction)
+    ids = teacher.topk_ids[0].to(s_full.device)
+    if teacher.k >= s_full.shape[-1]:  # the ids cover the vocabulary: nothing is left over
+        s_tail = torch.full(ids.shape[:1], float("-inf"), dtype=dtype, device=s_full.device)
     else:
-        ids = teacher.topk_ids[0].to(s_full.device)
-        t_tail = teacher.tail_logmass[0].to(device=s_full.device, dtype=dtype).detach()
-        t_log = torch.cat([teacher.topk_logprobs[0].to(device=s_full.device, dtype=dtype), t_tail[:, None]], dim=-1)
-        if teacher.k >= s_full.shape[-1]:  # the ids cover the vocabulary: nothing is left over
-            s_tail = torch.full_like(t_tail, float("-inf"))
-        else:
-            s_tail = torch.logsumexp(s_full.scatter(-1, ids, float("-inf")), dim=-1)
-        s_log = torch.cat([s_full.gather(-1, ids), s_tail[:, None]], dim=-1)
-    t_log = t_log.detach()
+        s_tail = torch.logsumexp(s_full.scatter(-1, ids, float("-inf")), dim=-1)
+    return _binned_kl(teacher, s_full.gather(-1, ids), s_tail, s_full.gather, direction, s_full.shape[-1])
+
+
+@torch.no_grad()
+def candidate_kls(
+    signals: Sequence[TeacherSignal], student_logits: Tensor, direction: str = "forward", temperature: float = 1.0
+) -> Tensor:
+    """Per-token KLs ``[C, N]`` of one student's logits ``[N, V]`` against ``C`` single-layer signals, without grad.
+
+    The values of ``per_token_kl(signals[c], student_logits, direction, temperature)`` (to float32's
+    rounding), for the matching's candidate teacher layers: the vocabulary is normalised once, in a
+    float64 log-sum-exp taken a slice of the vocabulary at a time, and each top-k candidate then costs
+    ``O(k)`` (plus its tail draws): its student log-probs are gathered at its ids and the student's tail
+    mass is the complement of their sum, exact to float64's rounding (``1e-16``) however small it is.
+    A dense signal costs ``O(V)`` per candidate (its KL sums over the vocabulary).
+    """
+    _check_direction(direction)
+    if not signals:
+        return student_logits.new_zeros(0, student_logits.shape[0], dtype=torch.float32)
+    for signal in signals:
+        _check_signal(signal, student_logits, temperature, "candidate_kls")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    scaled = student_logits.to(dtype)  # as per_token_kl rounds them (no copy of float32 logits at temperature 1)
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    lse = _logsumexp64(scaled)  # [N] float64
+    s_full = torch.log_softmax(scaled.to(dtype), dim=-1) if any(s.is_dense for s in signals) else None
+    vocab, out = scaled.shape[-1], []
+
+    def student_at(dim: int, ids: Tensor) -> Tensor:
+        return (scaled.gather(dim, ids).double() - lse[:, None]).to(dtype)
+
+    for signal in signals:
+        if signal.is_dense:
+            out.append(_dense_kl(signal, s_full, direction))
+            continue
+        ids = signal.topk_ids[0].to(scaled.device)
+        top = scaled.gather(-1, ids).double() - lse[:, None]
+        if signal.k >= vocab:
+            s_tail = torch.full_like(lse, float("-inf"))
+        else:  # log(1 - S), S = the top-k mass (float64: the complement is exact however small it is)
+            s_tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0))
+        out.append(_binned_kl(signal, top.to(dtype), s_tail.to(dtype), student_at, direction, vocab))
+    return torch.stack([kl.float() for kl in out])
+
+
+def _logsumexp64(logits: Tensor, slice_size: int = 16_384) -> Tensor:
+    """``logsumexp(logits [N, V], -1)`` in float64 ``-> [N]``, a slice of ``slice_size`` vocabulary entries at a
+    time (never a float64 copy of the whole ``[N, V]``)."""
+    peak = logits.max(dim=-1).values.double()  # [N]
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.zeros_like(peak)
+    for start in range(0, logits.shape[-1], slice_size):
+        total += (logits[:, start : start + slice_size].double() - peak[:, None]).exp().sum(-1)
+    return peak + total.log()
+
+
+def _dense_kl(teacher: TeacherSignal, s_full: Tensor, direction: str) -> Tensor:
+    """Exact per-token KL of a dense single-layer signal and the student's log-probs ``s_full [N, V]``; ``-> [N]``."""
+    t_log = teacher.logprobs[0].to(device=s_full.device, dtype=s_full.dtype).detach()
+    return _kl(t_log, s_full) if direction == "forward" else _kl(s_full, t_log)
+
+
+def _binned_kl(
+    teacher: TeacherSignal,
+    s_top: Tensor,
+    s_tail: Tensor,
+    student_at: Callable[[int, Tensor], Tensor],
+    direction: str,
+    vocab: int,
+) -> Tensor:
+    """The (k+1)-bin KL of a top-k signal (plus its sampled tail term) ``-> [N]``, given the student's log-probs at
+    the signal's ids ``s_top [N, k]``, its log tail mass ``s_tail [N]`` and ``student_at(-1, ids)``: its log-probs
+    at other ids (the tail draws), as ``Tensor.gather`` of its full log-probs would give them."""
+    dtype, device = s_top.dtype, s_top.device
+    t_tail = teacher.tail_logmass[0].to(device=device, dtype=dtype).detach()
+    t_log = torch.cat([teacher.topk_logprobs[0].to(device=device, dtype=dtype), t_tail[:, None]], dim=-1).detach()
+    s_log = torch.cat([s_top, s_tail[:, None]], dim=-1)
     kl = _kl(t_log, s_log) if direction == "forward" else _kl(s_log, t_log)
-    if teacher.is_dense or not teacher.tail_samples or teacher.k >= s_full.shape[-1]:
+    if not teacher.tail_samples or teacher.k >= vocab:
         return kl
-    return kl + _sampled_tail_kl(teacher, s_full, t_tail, s_tail, direction)
+    return kl + _sampled_tail_kl(teacher, student_at, t_tail, s_tail, direction)
 
 
-def _sampled_tail_kl(teacher: TeacherSignal, s_full: Tensor, t_tail: Tensor, s_tail: Tensor, direction: str) -> Tensor:
+def _sampled_tail_kl(
+    teacher: TeacherSignal, student_at: Callable[[int, Tensor], Tensor], t_tail: Tensor, s_tail: Tensor, direction: str
+) -> Tensor:
     """Monte Carlo estimate of the KL inside the tail (see :func:`per_token_kl`); ``-> [N]``.
 
-    ``s_full [N, V]`` student log-probs, ``t_tail``, ``s_tail [N]`` the teacher's and the student's
-    log tail masses; the teacher's draws are ``teacher.tail_sample_ids``/``_logprobs [1, N, m]``.
+    ``student_at(-1, ids)`` gives the student's log-probs at ``ids [N, m]``; ``t_tail``, ``s_tail [N]`` are the
+    teacher's and the student's log tail masses; the teacher's draws are ``teacher.tail_sample_ids``/``_logprobs
+    [1, N, m]``.
     """
-    draw = teacher.tail_sample_ids[0].to(s_full.device)
-    t_draw = teacher.tail_sample_logprobs[0].to(device=s_full.device, dtype=s_full.dtype).detach()
+    draw = teacher.tail_sample_ids[0].to(s_tail.device)
+    t_draw = teacher.tail_sample_logprobs[0].to(device=s_tail.device, dtype=s_tail.dtype).detach()
     # A student with no tail mass has no q' (and Q·KL(q'‖p') = 0): its draws count as empty too.
     empty = torch.isneginf(t_draw) | (torch.isneginf(t_tail) | torch.isneginf(s_tail))[:, None]
     # A zero student probability at a drawn id stands at LOG_FLOOR: forward, as on the q side of _kl;
     # reverse, w ~ 0 then gives the w -> 0 limit of its term (1) without the nan of 0·log 0.
-    s_draw = s_full.gather(-1, draw)
+    s_draw = student_at(-1, draw)
     s_draw = s_draw.masked_fill(torch.isneginf(s_draw), LOG_FLOOR)
     # log w = log q'_i - log p'_i; filling empty draws before exp keeps values and gradients finite.
     log_w = (s_draw - s_tail[:, None]) - (t_draw - t_tail[:, None])

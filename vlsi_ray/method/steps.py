@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from vlsi_ray.method.losses import DIRECTIONS, per_token_kl, token_mean, verbalized_ce, verbalized_kl
+from vlsi_ray.method.losses import DIRECTIONS, candidate_kls, token_mean, verbalized_ce, verbalized_kl
 from vlsi_ray.method.matching import MatchingOptions, band_mask, match_layers
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.precision import keep_float32_masters
@@ -308,7 +308,9 @@ class InteractionObjective:
         """Mean KL ``[t_s, t_l]`` for every pair in the matching band (inf elsewhere), without grad.
 
         Logits of one student layer are computed ``chunk_size`` tokens at a time and compared with
-        every candidate teacher layer, so memory holds one chunk of ``[chunk, V]`` logits at once.
+        every candidate teacher layer by :func:`candidate_kls` (the vocabulary normalised once per
+        chunk, each top-k candidate then ``O(k)``), so memory holds one chunk of ``[chunk, V]`` logits
+        at once and time grows little with the number of candidates.
         """
         t_s, t_l = len(hidden), signal.num_layers - 1
         band = band_mask(t_s, t_l, self.options)
@@ -318,10 +320,9 @@ class InteractionObjective:
             candidates = torch.nonzero(band[i]).flatten().tolist()
             for start in range(0, n, chunk_size):
                 chunk = slice(start, min(n, start + chunk_size))
-                logits = heads[i](hidden[i][chunk])
-                for j in candidates:
-                    part = signal.layer(j).tokens(chunk)
-                    sums[i, j] += per_token_kl(part, logits, self.loss.direction, self.loss.kd_temperature).sum()
+                parts = [signal.layer(j).tokens(chunk) for j in candidates]
+                kls = candidate_kls(parts, heads[i](hidden[i][chunk]), self.loss.direction, self.loss.kd_temperature)
+                sums[i, candidates] += kls.sum(-1).to(sums)
         distances = (sums / max(1, n)).float().cpu()
         distances[~band] = float("inf")
         return distances

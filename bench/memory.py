@@ -5,6 +5,7 @@
     python bench/memory.py --student-layers 2      # t_s = 2: the band of each of 2 student layers has C entries
     python bench/memory.py --candidates 1 20 --chunk-size 256 --candidate-kls shared
     python bench/memory.py --checkpointing         # step 3 (full LLM) at 512 and 2,048 tokens, checkpointing off vs on
+    python bench/memory.py --teacher               # the teacher's signal at 4, 10 and 20 target layers (V = 152,064)
 
 One :class:`InteractionObjective` step (candidate KLs without grad over the matching band, then the
 chosen pairs and the last layer recomputed with grad, then ``loss.backward()``) on a real tiny
@@ -26,6 +27,11 @@ against a thread sampling ``/proc/self/statm`` every millisecond. On a GPU (pick
 available, or with ``--device``) it is ``torch.cuda.max_memory_allocated`` over the allocated
 baseline. Goals: peak(C) <= 1.2 × peak(1) for every C, and the step time at the largest C <= 1.2 ×
 the step time at C = 1 (medians).
+
+``--teacher`` measures the teacher's side instead: the peak of :func:`teacher_signal` for one batch
+(256 response tokens) at 4, 10 and 20 target layers, layer by layer (each head's logits reduced to
+top-k before the next head runs) beside all layers' logits stacked first (the implementation before);
+goal: peak(20) <= 1.1 × peak(4), layer by layer.
 
 The table also gives the peak reached by the end of the candidate KLs and the number of candidate
 KLs the objective evaluated (the signals passed to ``candidate_kls`` in :mod:`vlsi_ray.method.steps`,
@@ -63,10 +69,12 @@ from vlsi_ray.method.steps import SFT_GROUPS, SFTObjective  # noqa: E402
 from vlsi_ray.models.qwen2_vl import build_tiny  # noqa: E402
 from vlsi_ray.models.tokenizer import train_tokenizer  # noqa: E402
 from vlsi_ray.models.verbalizer import Verbalizers  # noqa: E402
+from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
 from vlsi_ray.signals.teacher_signal import TeacherSignal  # noqa: E402
 
 MB = 1e6  # decimal megabytes, as the table prints them
 GOAL = 1.2  # peak(C) / peak(1) must stay at or below this
+TEACHER_GOAL = 1.1  # teacher signal peak at the most target layers / at the fewest
 TIME_GOAL = 1.2  # step time at the most candidates / at C = 1 (candidate KLs shared)
 FAMILY = "qwen2_vl"
 PROMPT_TOKENS = 16  # non-response tokens before the response
@@ -341,6 +349,102 @@ def measure_checkpointing(length: int, enabled: bool, args: argparse.Namespace) 
     }
 
 
+# ------------------------------------------------------------------------------------------ teacher signal
+def all_layers_at_once(teacher, verbalizers, batch: dict, topk: int) -> TeacherSignal:
+    """The teacher's signal built from every layer's logits stacked first (``[t_l + 1, N, V]``, then a copy by
+    ``torch.stack``): how :func:`teacher_signal` worked before it took each layer's top-k as the head ran."""
+    out = teacher.forward(steps.model_inputs(batch), logits=False)
+    mask, _ = steps.response_positions(batch["labels"])
+    layers = [verbalizers.head(layer, teacher.final_norm, teacher.lm_head)(out.hidden_states[layer][mask]).float()
+              for layer in verbalizers.layers]  # fmt: skip
+    layers.append(teacher.lm_head(out.hidden_states[-1][mask]).float())
+    return TeacherSignal.from_logits(torch.stack(layers), topk)
+
+
+def measure_teacher(layers: int, mode: str, args: argparse.Namespace) -> dict:
+    """Peak memory of the teacher's side of one step-2 batch with ``layers`` target layers (``mode``:
+    ``layer-by-layer`` = :func:`teacher_signal`, ``all-at-once`` = :func:`all_layers_at_once`).
+
+    Teacher: tiny Qwen2-VL LM (``args.hidden`` wide, ``layers + 1`` blocks, target blocks ``1..layers``)
+    with a ``[V, d]`` LM head, ``V = args.vocab``, residual verbalizers; one row of ``args.teacher_tokens``
+    response tokens; top-``args.topk`` + tail. Returns the peak above the pre-step baseline and the time.
+    """
+    device = torch.device(args.device)
+    tokenizer = train_tokenizer(corpus_texts(generate_rows("train", 8, seed=0)), FAMILY)
+    teacher = build_tiny(
+        "teacher", tokenizer, hidden_size=args.hidden, num_layers=layers + 1, num_heads=4, intermediate_size=2 * args.hidden,
+        vision_embed_dim=32, vision_depth=1, vocab_size=args.vocab, seed=1,
+    )  # fmt: skip
+    teacher.model.to(device).eval()
+    torch.manual_seed(3)
+    verbalizers = Verbalizers(teacher.hidden_size, list(range(1, layers + 1))).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    batch = {k: v.to(device) for k, v in response_batch(args.teacher_tokens, PROMPT_TOKENS, len(tokenizer), generator).items()}
+    meter = PeakCUDA(device) if device.type == "cuda" else PeakRSS()
+    started = time.perf_counter()
+    with meter, torch.no_grad():
+        if mode == "layer-by-layer":
+            signal = teacher_signal(teacher, verbalizers, batch, args.topk)
+        else:
+            signal = all_layers_at_once(teacher, verbalizers, batch, args.topk)
+    return {
+        "layers": layers,
+        "mode": mode,
+        "peak": meter.peak,
+        "seconds": time.perf_counter() - started,
+        "source": meter.source,
+        "checksum": float(signal.topk_logprobs.double().sum()),
+    }
+
+
+def teacher_table(args: argparse.Namespace) -> int:
+    """Run :func:`measure_teacher` for each mode and layer count (fresh subprocesses, ``--repeats`` rounds)."""
+    dense = args.teacher_tokens * args.vocab * 4
+    print(
+        f"teacher signal of one batch: vocabulary {args.vocab:,}, {args.teacher_tokens:,} response tokens, top-{args.topk} "
+        f"+ tail, teacher {args.hidden} wide, device {args.device}; MB = 10^6 bytes above the pre-step baseline; "
+        f"one [{args.teacher_tokens}, {args.vocab}] fp32 logits tensor = {dense / MB:.1f} MB; medians of {args.repeats} run(s)\n"
+    )
+    modes = ("all-at-once", "layer-by-layer")
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.repeats):
+        for mode in modes:
+            for layers in args.teacher_layers:
+                argv = [sys.executable, str(Path(__file__).resolve()), "--child-teacher", str(layers), mode,
+                        "--teacher-tokens", str(args.teacher_tokens), "--vocab", str(args.vocab), "--topk", str(args.topk),
+                        "--hidden", str(args.hidden), "--device", args.device]  # fmt: skip
+                proc = subprocess.run(
+                    argv + (["--threads", str(args.threads)] if args.threads else []), check=False, capture_output=True, text=True
+                )
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.stderr.write(proc.stdout + proc.stderr)
+                    raise SystemExit(f"the {layers}-layer {mode} measurement failed (exit {proc.returncode}).")
+                runs.setdefault((mode, layers), []).append(json.loads(lines[-1][len("RESULT ") :]))
+    first = args.teacher_layers[0]
+    print(f"| signal | target layers | peak MB | peak ÷ one layer's logits | peak vs {first} layers | s | same signal |")
+    print("|---|---|---|---|---|---|---|")
+    worst = {}
+    for mode in modes:
+        base = median(r["peak"] for r in runs[mode, first])
+        for layers in args.teacher_layers:
+            rs = runs[mode, layers]
+            peak = median(r["peak"] for r in rs)
+            same = all(r["checksum"] == runs["all-at-once", layers][0]["checksum"] for r in rs)
+            worst[mode] = max(worst.get(mode, 0.0), peak / base)
+            print(
+                f"| {mode} | {layers} | {peak / MB:.0f} | {peak / dense:.2f} | {peak / base:.2f} | "
+                f"{median(r['seconds'] for r in rs):.1f} | {'yes' if same else 'NO'} |"
+            )
+    print()
+    for mode in modes:
+        verdict = "MET" if worst[mode] <= TEACHER_GOAL else "MISSED"
+        print(
+            f"goal ({mode}): peak <= {TEACHER_GOAL} x the {first}-layer peak at every layer count -> worst {worst[mode]:.2f}: {verdict}"
+        )
+    return 0
+
+
 def checkpointing_table(args: argparse.Namespace) -> int:
     """Run :func:`measure_checkpointing` off and on at each length (fresh subprocesses); print the ratios."""
     print(
@@ -411,7 +515,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="--checkpointing: tokens per row")
     parser.add_argument("--ckpt-hidden", type=int, default=256, help="--checkpointing: student width")
     parser.add_argument("--ckpt-layers", type=int, default=8, help="--checkpointing: student decoder blocks")
+    parser.add_argument("--teacher", action="store_true", help="measure the teacher signal's peak vs its target layers instead")
+    parser.add_argument("--teacher-layers", type=int, nargs="+", default=[4, 10, 20], help="--teacher: target layers t_l")
+    parser.add_argument("--teacher-tokens", type=int, default=256, help="--teacher: response tokens in the batch")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-teacher", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-checkpointing", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -423,8 +531,13 @@ def main(argv=None) -> int:
         length, enabled = args.child_checkpointing
         print("RESULT " + json.dumps(measure_checkpointing(length, bool(enabled), args)), flush=True)
         return 0
+    if args.child_teacher is not None:
+        print("RESULT " + json.dumps(measure_teacher(int(args.child_teacher[0]), args.child_teacher[1], args)), flush=True)
+        return 0
     if args.checkpointing:
         return checkpointing_table(args)
+    if args.teacher:
+        return teacher_table(args)
 
     dense = args.tokens * args.vocab * 4
     modes = ["per-pair", "shared"] if args.candidate_kls == "both" else [args.candidate_kls]

@@ -28,6 +28,7 @@ from vlsi_ray.models.qwen2_vl import build_tiny
 from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.signals.produce import teacher_signal
+from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
 
 FAMILY = "qwen2_vl"
 TEACHER_SIZES = dict(
@@ -323,6 +324,36 @@ def test_teacher_signal_tail_samples_belong_to_rows_not_batches(base, setup):
     assert torch.equal(forward.tail_sample_ids[:, n0:], backward.tail_sample_ids[:, :-n0])
     other_seed = teacher_signal(teacher, t_verbs, collate(rows), 16, tail_samples=8, seed=4)
     assert not torch.equal(other_seed.tail_sample_ids, forward.tail_sample_ids)
+
+
+@pytest.mark.parametrize("topk,tail_samples", [(None, 0), (16, 0), (16, 8)], ids=["dense", "top-k", "top-k + draws"])
+def test_teacher_signal_layer_by_layer_equals_all_layers_at_once(setup, topk, tail_samples):
+    """The signal taken as each head runs is the one built from every layer's logits stacked first (the memory-
+    hungry way: ``[t_l + 1, N, V]``), tail draws included (each row's generator runs through the layers in order)."""
+    teacher, _, t_verbs, _, batch = setup
+    batch = dict(batch, ids=[f"row-{i}" for i in range(batch["labels"].shape[0])])
+    signal = teacher_signal(teacher, t_verbs, batch, topk, tail_samples=tail_samples, seed=3)
+    with torch.no_grad():
+        out = teacher.forward(model_inputs(batch), logits=False)
+        mask, _ = response_positions(batch["labels"])
+        heads = [t_verbs.head(layer, teacher.final_norm, teacher.lm_head) for layer in t_verbs.layers]
+        hidden = [out.hidden_states[layer][mask] for layer in t_verbs.layers]
+        logits = torch.stack(
+            [h(x).float() for h, x in zip(heads, hidden)] + [teacher.lm_head(out.hidden_states[-1][mask]).float()]
+        )
+    if tail_samples:
+        ends = mask.sum(dim=1).cumsum(0).tolist()
+        reference = TeacherSignal.cat_tokens([
+            TeacherSignal.from_logits(logits[:, a:b], topk, 1.0, tail_samples, tail_sample_generator(3, [i], logits.device))
+            for i, a, b in zip(batch["ids"], [0] + ends[:-1], ends)
+        ])  # fmt: skip
+    else:
+        reference = TeacherSignal.from_logits(logits, topk)
+    for name, tensor in reference._named_tensors().items():
+        assert (tensor is None) == (getattr(signal, name) is None), name
+        if tensor is not None:
+            torch.testing.assert_close(getattr(signal, name), tensor, rtol=0, atol=0, msg=name)
+    assert signal.num_layers == len(TEACHER_LAYERS) + 1
 
 
 def test_teacher_signal_vocab_prefix(setup):

@@ -34,6 +34,10 @@ def teacher_signal(
     ``tail_samples`` (top-k only) adds that many tail samples per token and layer, drawn for each
     row by :func:`tail_sample_generator` from ``seed`` and the row's id, so every caller sends the
     same samples for the same row, in any batch.
+
+    Layer by layer: each head's ``[N, V]`` logits are reduced to the layer's top-k (+ tail, + draws)
+    before the next head runs, so a top-k signal's peak memory is one layer's logits (and
+    :meth:`TeacherSignal.from_logits`'s two buffers of that size), whatever the number of target layers.
     """
     if tail_samples and "ids" not in batch:
         raise KeyError(
@@ -43,22 +47,26 @@ def teacher_signal(
     out = teacher.forward(model_inputs(batch), logits=False)
     mask, _ = response_positions(batch["labels"])
     device = teacher.lm_head.weight.device
-    layers = []
-    with teacher.autocast():
-        for layer in verbalizers.layers:
-            head = verbalizers.head(layer, teacher.final_norm, teacher.lm_head)
-            layers.append(head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab].float())
-        layers.append(teacher.lm_head(at_positions(out.hidden_states[-1], mask, device))[..., :vocab].float())
-    logits = torch.stack(layers)
-    if not tail_samples:
-        return TeacherSignal.from_logits(logits, topk, temperature)
-    # Each row's samples come from its own generator: the same whatever batch the row is in.
-    ends = mask.sum(dim=1).cumsum(0).tolist()  # row ends among the N response tokens
-    return TeacherSignal.cat_tokens(
-        [
-            TeacherSignal.from_logits(
-                logits[:, start:end], topk, temperature, tail_samples, tail_sample_generator(seed, [row_id], logits.device)
-            )
+    heads = [(layer, verbalizers.head(layer, teacher.final_norm, teacher.lm_head)) for layer in verbalizers.layers]
+    heads.append((-1, teacher.lm_head))
+    rows = None
+    if tail_samples:  # each row's draws come from its own generator (layer after layer): the same in any batch
+        ends = mask.sum(dim=1).cumsum(0).tolist()  # row ends among the N response tokens
+        rows = [
+            (tail_sample_generator(seed, [row_id], device), start, end)
             for row_id, start, end in zip(batch["ids"], [0] + ends[:-1], ends)
         ]
-    )
+    layers = []
+    for layer, head in heads:
+        with teacher.autocast():
+            logits = head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab].float()[None]  # [1, N, V]
+        if rows is None:
+            layers.append(TeacherSignal.from_logits(logits, topk, temperature))
+        else:
+            layers.append(
+                TeacherSignal.cat_tokens(
+                    [TeacherSignal.from_logits(logits[:, a:b], topk, temperature, tail_samples, g) for g, a, b in rows]
+                )
+            )
+        del logits
+    return TeacherSignal.stack(layers)

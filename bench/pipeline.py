@@ -9,8 +9,11 @@ teacher in a Ray actor (its own core), the student here, requests pipelined ``lo
 ahead; (c) the same two processes both busy at once with nothing to wait for: the actor answers every
 batch while the student trains on precomputed signals: what two processes at once reach on this
 machine, where they slow each other down (shared caches and memory), which the ideal ratio ignores.
-It is a reference for (b), not a bound: the two are within noise of each other. Each round measures, one after the other on the same batches, T_teacher and T_student
-(s/step, each alone), (a), (b) and (c), with the Ray actor up throughout (its idle cost is in every
+It is a reference for (b), not a bound: the two are within noise of each other. (b1) is (b) with a
+replica that takes one request at a time (``teacher_pool.overlap_host_work=false``): (b)'s replica
+decodes and copies the next batch, and encodes the last signal, while its forward runs; beside both,
+the teacher's busy fraction (the seconds its forwards held the device over the measurement's). Each round measures, one after the other on the same batches, T_teacher and T_student
+(s/step, each alone), (a), (b), (b1) and (c), with the Ray actors up throughout (its idle cost is in every
 measurement), and scores the round: b/a ÷ the ideal ratio (T_t + T_s) / max(T_t, T_s), perfect
 overlap, beside c/a ÷ the ideal ratio. (b) fills its pipeline once
 per measurement (its first batch waits for a whole teacher forward), which caps b/a at about
@@ -24,6 +27,7 @@ rounds, the per-round ratios give their spread. Goal: b/a >= 0.9 × ideal. Every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -117,29 +121,46 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     teacher.save_pretrained(Path(tmp.name) / "teacher")
     t_verbs.save(Path(tmp.name) / "verbs")
-    pool = TeacherPool(
-        cfg.teacher_pool,
-        Path(tmp.name) / "teacher",
-        Path(tmp.name) / "verbs",
-        cfg.signal.topk,
-        cfg.loss.kd_temperature,
-        None,
-        cfg.signal.storage,
-        tail_samples=cfg.signal.tail_samples,
-        seed=stage("interact").seed(cfg.seed),  # as the in-process source: the same tail samples per row
-    )
-    client = TeacherClient(pool.actors, args.lookahead)
+
+    def make_pool(overlap: bool) -> TeacherPool:
+        return TeacherPool(
+            dataclasses.replace(cfg.teacher_pool, overlap_host_work=overlap),
+            Path(tmp.name) / "teacher",
+            Path(tmp.name) / "verbs",
+            cfg.signal.topk,
+            cfg.loss.kd_temperature,
+            None,
+            cfg.signal.storage,
+            tail_samples=cfg.signal.tail_samples,
+            seed=stage("interact").seed(cfg.seed),  # as the in-process source: the same tail samples per row
+        )
+
+    # (b) with the replica overlapping host work with its forwards (teacher_pool.overlap_host_work, the
+    # default), and (b1) with a replica that takes one request at a time.
+    pool, pool_one = make_pool(True), make_pool(False)
+    client, client_one = TeacherClient(pool.actors, args.lookahead), TeacherClient(pool_one.actors, args.lookahead)
     for b in warm:
         local_teacher(b)
     objective, stepper = make_objective(client)
-    student_loop(objective, stepper, client.pipelined(iter(warm)))  # the actor's warm-up
+    objective_one, stepper_one = make_objective(client_one)
+    student_loop(objective, stepper, client.pipelined(iter(warm)))  # the actors' warm-up
+    student_loop(objective_one, stepper_one, client_one.pipelined(iter(warm)))
     signals = {tuple(b["ids"]): local_teacher(b) for b in timed}
     fixed_objective, fixed_stepper = make_objective(lambda b: signals[tuple(b["ids"])])
     student_loop(fixed_objective, fixed_stepper, timed[:2])
     local_objective, local_stepper = make_objective(local_teacher)
 
     n = len(timed)
-    runs: dict[str, list[float]] = {k: [] for k in ("t_teacher", "t_student", "a", "b", "c", "wait", "actor", "score", "ceiling")}
+    runs: dict[str, list[float]] = {
+        k: [] for k in ("t_teacher", "t_student", "a", "b", "c", "wait", "actor", "score", "ceiling", "b1", "busy", "busy1")
+    }
+
+    def pipelined(objective, stepper, client, actor) -> tuple[float, float]:
+        """(samples/s, the teacher's busy fraction: its forwards' seconds over the measurement's)."""
+        before = ray.get(actor.busy.remote())["forward_s"]
+        seconds = student_loop(objective, stepper, client.pipelined(iter(timed)))
+        return n * args.batch_size / seconds, (ray.get(actor.busy.remote())["forward_s"] - before) / seconds
+
     for _ in range(args.rounds):
         started = time.perf_counter()
         for b in timed:
@@ -148,7 +169,9 @@ def main(argv=None) -> int:
         runs["t_student"].append(student_loop(fixed_objective, fixed_stepper, timed) / n)  # T_student alone
         runs["a"].append(n * args.batch_size / student_loop(local_objective, local_stepper, timed))  # (a) sequential
         waited, forward = client.wait_seconds, client.teacher_seconds
-        runs["b"].append(n * args.batch_size / student_loop(objective, stepper, client.pipelined(iter(timed))))  # (b) pipeline
+        b, busy = pipelined(objective, stepper, client, pool.actors[0])  # (b) pipeline
+        runs["b"].append(b)
+        runs["busy"].append(busy)
         runs["wait"].append((client.wait_seconds - waited) / n)
         runs["actor"].append((client.teacher_seconds - forward) / n)
         # (c) the reference for (b): the actor answers every batch while this process trains on the
@@ -158,16 +181,20 @@ def main(argv=None) -> int:
         student_loop(fixed_objective, fixed_stepper, timed)
         ray.get(answers)
         runs["c"].append(n * args.batch_size / (time.perf_counter() - started))
+        b1, busy1 = pipelined(objective_one, stepper_one, client_one, pool_one.actors[0])  # (b1): one request at a time
+        runs["b1"].append(b1)
+        runs["busy1"].append(busy1)
         ideal = ideal_ratio(runs["t_teacher"][-1], runs["t_student"][-1])
         runs["score"].append(runs["b"][-1] / runs["a"][-1] / ideal)
         runs["ceiling"].append(runs["c"][-1] / runs["a"][-1] / ideal)
         print(
             f"round {len(runs['score'])}: T_teacher {runs['t_teacher'][-1]:.3f}  T_student {runs['t_student'][-1]:.3f}  "
-            f"(a) {runs['a'][-1]:.1f}  (b) {runs['b'][-1]:.1f}  (c) {runs['c'][-1]:.1f} samples/s  "
-            f"(actor's forward {runs['actor'][-1]:.3f})  b/a / ideal {runs['score'][-1]:.2f}  c/a / ideal {runs['ceiling'][-1]:.2f}",
+            f"(a) {runs['a'][-1]:.1f}  (b) {runs['b'][-1]:.1f}  (b1) {runs['b1'][-1]:.1f}  (c) {runs['c'][-1]:.1f} samples/s  "
+            f"teacher busy {runs['busy'][-1]:.2f} / {runs['busy1'][-1]:.2f}  (actor's forward {runs['actor'][-1]:.3f})  b/a / ideal {runs['score'][-1]:.2f}  c/a / ideal {runs['ceiling'][-1]:.2f}",
             flush=True,
         )
     pool.shutdown()
+    pool_one.shutdown()
     ray.shutdown()
     tmp.cleanup()
     m = {k: statistics.median(v) for k, v in runs.items()}  # the medians over the rounds
@@ -180,6 +207,15 @@ def main(argv=None) -> int:
     print(
         f"(b) Ray actor pipeline:    {m['b']:.1f} samples/s   student waits {m['wait'] * 1000:.0f} ms/step on the teacher, "
         f"whose forward takes {m['actor']:.3f} s/step in the actor"
+    )
+    print(
+        f"(b1) the same, a replica taking one request at a time (teacher_pool.overlap_host_work=false): {m['b1']:.1f} "
+        f"samples/s;  b/b1 {m['b'] / m['b1']:.2f}"
+    )
+    print(
+        f"teacher busy fraction (its forwards' share of the measurement): {m['busy']:.2f} overlapping host work, "
+        f"{m['busy1']:.2f} one request at a time (per round {min(runs['busy']):.2f}-{max(runs['busy']):.2f} and "
+        f"{min(runs['busy1']):.2f}-{max(runs['busy1']):.2f})"
     )
     print(f"(c) both at once, nothing to wait for: {m['c']:.1f} samples/s;  b/c {m['b'] / m['c']:.2f}")
     print(

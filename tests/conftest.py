@@ -108,6 +108,16 @@ def _ray_session():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_idle_ray(request):
+    """Before a module none of whose tests uses :func:`local_ray`: stop the shared Ray, so that its idle
+    processes do not share the 2 cores with CPU-bound tests (the next module that uses it starts it again)."""
+    if ray.is_initialized() and not any(
+        "local_ray" in item.fixturenames for item in request.session.items if item.module is request.module
+    ):
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def local_ray(_ray_session):
     """The shared local Ray (:data:`LOCAL_RAY_RESOURCES`), started by the first module that asks for it and kept

@@ -9,6 +9,7 @@ comes back as it was and the request that was in flight is retried (``max_task_r
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from signal import SIGKILL
@@ -33,6 +34,10 @@ from vlsi_ray.signals.produce import teacher_signal
 ENVELOPE = ("ids", "seconds", "pid")
 
 
+#: ``kill_at_request``: seconds the replica lets the previous answers leave before it kills itself.
+KILL_GRACE_S = 0.5
+
+
 class TeacherWorker:
     """One teacher replica: the frozen teacher and its verbalizers on this process's device.
 
@@ -48,7 +53,12 @@ class TeacherWorker:
     that loads them from there. ``load``: the run's :class:`~vlsi_ray.prepare.LoadSettings` for the
     teacher (compute dtype, attention kernel, image resolution); default: the checkpoint as saved.
     ``kill_at_request`` (fault injection, ``teacher_pool.kill_at_request``): a replica that Ray never
-    restarted kills its own process (SIGKILL) when this request arrives, before answering it.
+    restarted kills its own process (SIGKILL) when this request arrives, once the earlier ones are answered.
+
+    Created with ``max_concurrency=2`` (``teacher_pool.overlap_host_work``), a replica works on two
+    requests at once: one holds the device for its forward (a lock lets one forward run at a time)
+    while the other decodes its batch and copies it to the device, or copies its signal back and
+    encodes it. :meth:`busy` reports the forwards' share of the replica's time.
     """
 
     def __init__(
@@ -89,6 +99,12 @@ class TeacherWorker:
         self.topk, self.temperature, self.vocab_size, self.storage = topk, temperature, vocab_size, storage
         self.tail_samples, self.seed = tail_samples, seed
         self.requests = 0
+        self._arrivals = 0
+        self._counter_lock = threading.Lock()  # request counts (two requests may arrive at once)
+        self._device_lock = threading.Lock()  # one forward on the device at a time
+        self._forward_seconds = 0.0
+        self._first_started: float | None = None
+        self._last_finished: float | None = None
         if verbalizer_dir is not None:
             self.load_verbalizers(verbalizer_dir)
         elif step1_dir is not None and (Path(step1_dir) / "verbalizers.json").is_file():
@@ -130,27 +146,58 @@ class TeacherWorker:
         """
         if self.verbalizers is None:
             raise RuntimeError("the teacher has no verbalizers yet; run step 1 (verbalize) before step 2.")
-        if self.requests + 1 == self.kill_at_request and not _restarted():
+        with self._counter_lock:
+            self._arrivals += 1
+            arrival = self._arrivals
+        if arrival == self.kill_at_request and not _restarted():
+            # As a replica taking one request at a time would die: after answering the requests before this one,
+            # before starting any after it (the device lock keeps later ones from their forwards).
+            self._device_lock.acquire()
+            while self.requests < arrival - 1:
+                time.sleep(0.01)
+            time.sleep(KILL_GRACE_S)  # their answers leave this process (Ray replies after the method returns)
             print(f"teacher_pool.kill_at_request={self.kill_at_request}: killing this replica (pid {os.getpid()})", flush=True)
             os.kill(os.getpid(), SIGKILL)
         started = time.perf_counter()
-        tensors = to_device(decode_batch(batch), self.device)
-        signal = teacher_signal(
-            self.backbone,
-            self.verbalizers,
-            tensors,
-            self.topk,
-            self.temperature,
-            self.vocab_size,
-            tail_samples=self.tail_samples,
-            seed=self.seed,
-        )
-        out = signal.to_numpy(self.storage)
-        self.requests += 1
+        if self._first_started is None:
+            self._first_started = started
+        tensors = to_device(decode_batch(batch), self.device)  # host work: overlaps the other request's forward
+        with self._device_lock:
+            forward_started = time.perf_counter()
+            signal = teacher_signal(
+                self.backbone,
+                self.verbalizers,
+                tensors,
+                self.topk,
+                self.temperature,
+                self.vocab_size,
+                tail_samples=self.tail_samples,
+                seed=self.seed,
+            )
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the forward's share ends with its kernels
+            forward = time.perf_counter() - forward_started
+        out = signal.to_numpy(self.storage)  # host work again
+        finished = time.perf_counter()
+        with self._counter_lock:
+            self.requests += 1
+            self._forward_seconds += forward
+            self._last_finished = finished
         out["ids"] = list(batch["ids"])
-        out["seconds"] = np.array(time.perf_counter() - started)
+        out["seconds"] = np.array(finished - started)
         out["pid"] = os.getpid()
         return out
+
+    def busy(self) -> dict:
+        """``{"requests", "forward_s", "span_s", "busy"}``: requests answered, seconds the forwards held the device,
+        seconds from the first request's arrival to the last answer, and ``forward_s / span_s``."""
+        span = 0.0 if self._first_started is None or self._last_finished is None else self._last_finished - self._first_started
+        return {
+            "requests": self.requests,
+            "forward_s": self._forward_seconds,
+            "span_s": span,
+            "busy": self._forward_seconds / span if span > 0 else 0.0,
+        }
 
     def train_verbalizers(self, cfg_yaml: str, dataset, total_steps: int, out_dir: str, seed: int) -> dict:
         """Step 1 on the teacher's side: train its verb-FFNs where the teacher lives; save to ``out_dir``.
@@ -228,6 +275,7 @@ class TeacherPool:
                 resources=dict(res.resources) or None,
                 max_restarts=pool_cfg.max_restarts,
                 max_task_retries=pool_cfg.max_task_retries,
+                max_concurrency=2 if pool_cfg.overlap_host_work else 1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(
                 model_arg,

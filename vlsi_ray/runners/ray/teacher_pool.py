@@ -142,7 +142,8 @@ class TeacherWorker:
 
         Returns :meth:`TeacherSignal.to_numpy`'s arrays (``t_l + 1`` layers × ``N`` response
         tokens; top-k log-probs, int32 ids, tail mass, tail samples if any) plus ``ids``, the
-        forward's ``seconds`` and the answering process's ``pid`` (logged per step: a restart shows).
+        forward's ``seconds`` (the time it held the device) and the answering process's ``pid``
+        (logged per step: a restart shows).
         """
         if self.verbalizers is None:
             raise RuntimeError("the teacher has no verbalizers yet; run step 1 (verbalize) before step 2.")
@@ -184,7 +185,7 @@ class TeacherWorker:
             self._forward_seconds += forward
             self._last_finished = finished
         out["ids"] = list(batch["ids"])
-        out["seconds"] = np.array(finished - started)
+        out["seconds"] = np.array(forward)  # the forward alone (with overlap, the call also waits for the device)
         out["pid"] = os.getpid()
         return out
 

@@ -137,8 +137,9 @@ class TeacherPoolConfig:
     max_task_retries: int = 3  # a request to a dead actor is retried on its restart
     placement_timeout_s: float = 600.0  # how long to wait for the pool's resources (an autoscaler adds GPU nodes in minutes)
     kill_at_request: int = 0  # fault injection (tests, drills): a replica never restarted SIGKILLs itself at this request
-    # A replica takes two requests at once: the next one's decoding and host->device copy, and the last one's
-    # device->host copy and encoding, run while the current forward holds the device (one forward at a time).
+    # A replica takes two requests at once: the next batch's decoding and the last signal's encoding (host work)
+    # run while the current forward holds the device (one forward at a time). Host<->device copies stay on the
+    # device's default stream, in order with the forwards.
     overlap_host_work: bool = True
 
 

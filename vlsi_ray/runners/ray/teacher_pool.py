@@ -57,8 +57,9 @@ class TeacherWorker:
 
     Created with ``max_concurrency=2`` (``teacher_pool.overlap_host_work``), a replica works on two
     requests at once: one holds the device for its forward (a lock lets one forward run at a time)
-    while the other decodes its batch and copies it to the device, or copies its signal back and
-    encodes it. :meth:`busy` reports the forwards' share of the replica's time.
+    while the other decodes its batch or encodes its signal. Host↔device copies are issued on the
+    device's default stream, so on a GPU they wait for the forward in flight: what overlaps there is
+    the host-side work. :meth:`busy` reports the forwards' share of the replica's time.
     """
 
     def __init__(
@@ -162,7 +163,7 @@ class TeacherWorker:
         started = time.perf_counter()
         if self._first_started is None:
             self._first_started = started
-        tensors = to_device(decode_batch(batch), self.device)  # host work: overlaps the other request's forward
+        tensors = to_device(decode_batch(batch), self.device)  # decoding: host work beside the other request's forward
         with self._device_lock:
             forward_started = time.perf_counter()
             signal = teacher_signal(

@@ -1,5 +1,5 @@
 """The Ray driver holds the data index, never the rows: its peak memory is flat from 1,000 to 10,000 rows of
-50–100 KB images, measured in a driver process of its own (``ru_maxrss``) running step 1 over shards
+50–100 KB images, measured in a driver process of its own (``ru_maxrss``) running step 2 over shards
 prepared for the run's student (token counts in the shards, as jobs/prepare_data.py writes them)."""
 
 from __future__ import annotations
@@ -109,16 +109,16 @@ def test_driver_memory_is_flat_from_1k_to_10k_rows(local_ray, hub_worlds, tmp_pa
             f"memory-{n}",
             f"data.dir={data}",
             f"output_dir={tmp_path / 'runs'}",
-            "steps=[verbalize]",
+            "steps=[interact]",  # step 2 alone: the teacher pool, the Train worker and its data stream
             "baseline_sft=false",
             "eval_models=[]",
-            "stages.verbalize.max_steps=1",
-            "stages.verbalize.batch_size=2",
+            "stages.interact.max_steps=1",
+            "stages.interact.batch_size=2",
             "train.use_gpu=false",
             f"ray.address={local_ray.get_runtime_context().gcs_address}",  # the driver joins this module's Ray
         )
         peaks[n] = driver_peak_mb([o for o in overrides if not o.startswith("data.synthetic.")])
-        assert (tmp_path / "runs" / f"memory-{n}" / "verbalize").is_dir()
+        assert (tmp_path / "runs" / f"memory-{n}" / "interact").is_dir()
     small, large = SIZES
     print(f"driver peak RSS: {peaks[small]:.0f} MB at {small:,} rows ({sizes[small] / 2**20:.0f} MB of train shards), "
           f"{peaks[large]:.0f} MB at {large:,} rows ({sizes[large] / 2**20:.0f} MB)")  # fmt: skip

@@ -349,6 +349,19 @@ def measure_checkpointing(length: int, enabled: bool, args: argparse.Namespace) 
     }
 
 
+# ------------------------------------------------------------------------------------------ subprocesses
+def run_child(argv: list[str], args: argparse.Namespace, what: str) -> dict:
+    """Run this script's measurement ``argv`` (``--child...``) in a fresh interpreter (``--threads`` passed on) and
+    return the dict it prints on its ``RESULT`` line; exit naming ``what`` if it fails."""
+    argv = [sys.executable, str(Path(__file__).resolve()), *argv] + (["--threads", str(args.threads)] if args.threads else [])
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"the {what} measurement failed (exit {proc.returncode}).")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 # ------------------------------------------------------------------------------------------ teacher signal
 def all_layers_at_once(teacher, verbalizers, batch: dict, topk: int) -> TeacherSignal:
     """The teacher's signal built from every layer's logits stacked first (``[t_l + 1, N, V]``, then a copy by
@@ -410,17 +423,9 @@ def teacher_table(args: argparse.Namespace) -> int:
     for _ in range(args.repeats):
         for mode in modes:
             for layers in args.teacher_layers:
-                argv = [sys.executable, str(Path(__file__).resolve()), "--child-teacher", str(layers), mode,
-                        "--teacher-tokens", str(args.teacher_tokens), "--vocab", str(args.vocab), "--topk", str(args.topk),
-                        "--hidden", str(args.hidden), "--device", args.device]  # fmt: skip
-                proc = subprocess.run(
-                    argv + (["--threads", str(args.threads)] if args.threads else []), check=False, capture_output=True, text=True
-                )
-                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    sys.stderr.write(proc.stdout + proc.stderr)
-                    raise SystemExit(f"the {layers}-layer {mode} measurement failed (exit {proc.returncode}).")
-                runs.setdefault((mode, layers), []).append(json.loads(lines[-1][len("RESULT ") :]))
+                argv = ["--child-teacher", str(layers), mode, "--teacher-tokens", str(args.teacher_tokens),
+                        "--vocab", str(args.vocab), "--topk", str(args.topk), "--hidden", str(args.hidden), "--device", args.device]  # fmt: skip
+                runs.setdefault((mode, layers), []).append(run_child(argv, args, f"{layers}-layer {mode}"))
                 print(f"  {mode}, {layers} target layers: {runs[mode, layers][-1]['peak'] / MB:.0f} MB", flush=True)
     first = args.teacher_layers[0]
     print()
@@ -460,27 +465,9 @@ def checkpointing_table(args: argparse.Namespace) -> int:
     for length in args.lengths:
         pair = {}
         for enabled in (False, True):
-            argv = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--child-checkpointing",
-                str(length),
-                str(int(enabled)),
-                "--ckpt-hidden",
-                str(args.ckpt_hidden),
-                "--ckpt-layers",
-                str(args.ckpt_layers),
-                "--device",
-                args.device,
-            ]
-            proc = subprocess.run(
-                argv + (["--threads", str(args.threads)] if args.threads else []), check=False, capture_output=True, text=True
-            )
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                sys.stderr.write(proc.stdout + proc.stderr)
-                raise SystemExit(f"the {length}-token measurement failed (exit {proc.returncode}).")
-            pair[enabled] = json.loads(lines[-1][len("RESULT ") :])
+            argv = ["--child-checkpointing", str(length), str(int(enabled)), "--ckpt-hidden", str(args.ckpt_hidden),
+                    "--ckpt-layers", str(args.ckpt_layers), "--device", args.device]  # fmt: skip
+            pair[enabled] = run_child(argv, args, f"{length}-token")
         off, on = pair[False], pair[True]
         print(
             f"| {length:,} | {off['peak'] / MB:.0f} | {on['peak'] / MB:.0f} | {on['peak'] / off['peak']:.2f} | "
@@ -492,11 +479,11 @@ def checkpointing_table(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ driver
 def _child_argv(candidates: int, args: argparse.Namespace, mode: str) -> list[str]:
     return [
-        sys.executable, str(Path(__file__).resolve()), "--child", str(candidates), "--candidate-kls", mode, "--tokens", str(args.tokens),
+        "--child", str(candidates), "--candidate-kls", mode, "--tokens", str(args.tokens),
         "--vocab", str(args.vocab), "--topk", str(args.topk), "--hidden", str(args.hidden),
         "--student-layers", str(args.student_layers), "--chunk-size", str(args.chunk_size),
         "--lora-rank", str(args.lora_rank), "--device", args.device,
-    ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    ]  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -555,12 +542,7 @@ def main(argv=None) -> int:
     for repeat in range(args.repeats):  # rounds of every (mode, C): a slow spell of the machine hits them all
         for mode in modes:
             for c in args.candidates:
-                proc = subprocess.run(_child_argv(c, args, mode), check=False, capture_output=True, text=True)
-                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    sys.stderr.write(proc.stdout + proc.stderr)
-                    raise SystemExit(f"the C={c} ({mode}) measurement failed (exit {proc.returncode}).")
-                runs.setdefault((mode, c), []).append(json.loads(lines[-1][len("RESULT ") :]))
+                runs.setdefault((mode, c), []).append(run_child(_child_argv(c, args, mode), args, f"C={c} ({mode})"))
                 print(f"  round {repeat + 1}/{args.repeats} {mode} C={c}: {runs[mode, c][-1]['seconds']:.1f} s", flush=True)
     first = runs[modes[0], args.candidates[0]][0]
     base_c = 1 if 1 in args.candidates else args.candidates[0]

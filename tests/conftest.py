@@ -124,24 +124,25 @@ def local_ray(_ray_session):
     for the next ones: a Ray start and Ray Data's first use cost ~20 s on 2 cores. A module that needs a Ray of
     its own (a multi-node cluster, a head with a dashboard) shuts this one down first; the next module to ask
     for it starts it again."""
-    if ray.is_initialized():
-        resources = ray.cluster_resources()
-        if {k: resources.get(k) for k in LOCAL_RAY_RESOURCES} == LOCAL_RAY_RESOURCES and len(ray.nodes()) == 1:
-            yield ray
-            _release_or_stop()
-            return
+    if ray.is_initialized() and not _is_shared_local_ray():
         ray.shutdown()  # another module's Ray
-    # As the runner starts a local Ray for tiny.yaml: no dashboard, workers with tuned malloc.
-    ray.init(
-        address="local",
-        num_cpus=int(LOCAL_RAY_RESOURCES["CPU"]),
-        num_gpus=int(LOCAL_RAY_RESOURCES["GPU"]),
-        include_dashboard=False,
-        runtime_env=local_runtime_env(tune_malloc=True, include_dashboard=False),
-    )
-    DataContext.get_current().enable_progress_bars = False
+    if not ray.is_initialized():  # as the runner starts a local Ray for tiny.yaml: no dashboard, tuned malloc
+        ray.init(
+            address="local",
+            num_cpus=int(LOCAL_RAY_RESOURCES["CPU"]),
+            num_gpus=int(LOCAL_RAY_RESOURCES["GPU"]),
+            include_dashboard=False,
+            runtime_env=local_runtime_env(tune_malloc=True, include_dashboard=False),
+        )
+        DataContext.get_current().enable_progress_bars = False
     yield ray
     _release_or_stop()
+
+
+def _is_shared_local_ray() -> bool:
+    """Whether the Ray this process is connected to is :func:`local_ray`'s (one node, its resources)."""
+    resources = ray.cluster_resources()
+    return {k: resources.get(k) for k in LOCAL_RAY_RESOURCES} == LOCAL_RAY_RESOURCES and len(ray.nodes()) == 1
 
 
 def _release_or_stop(wait_s: float = 20.0) -> None:

@@ -13,13 +13,16 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 import torch
+from data.test_shards import corrupt
 
 from vlsi_ray.config import load_config
 from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.fingerprint import processor_fingerprint
+from vlsi_ray.data.index import measure_on_ray_or_here
 from vlsi_ray.data.mixture import MixtureError, load_mixture, prepare
 from vlsi_ray.data.samples import BAD, write_samples
-from vlsi_ray.data.shards import SPLITS, read_rows
+from vlsi_ray.data.shards import SPLITS, read_rows, write_shards
+from vlsi_ray.data.synthetic import generate_rows
 from vlsi_ray.eval.heldout import is_letter
 from vlsi_ray.export import export_student
 from vlsi_ray.generation import ChatGenerator, SamplingParams
@@ -117,6 +120,23 @@ def test_mixed_batch_of_text_only_one_and_two_image_rows(prepared, family):
     images = batch["image_grid_thw"].shape[0] if family == "qwen2_vl" else batch["image_sizes"].shape[0]
     assert images == 3
     assert (batch["input_ids"][0] == run.collator.image_token_id).sum() == 0  # the text-only row has no image tokens
+
+
+def test_ray_data_workers_measure_converted_rows_as_the_driver_does(prepared, tmp_path):
+    """The converted train rows (text-only, one and two images, multi-turn) of the bfloat16 Hub student, with bad
+    rows mixed in: Ray Data workers (``data.measure_in_driver_mb=0``) give the token counts and bad-row reasons
+    the driver gives (the default for shards this small), and the good rows' counts are the shards' own, measured
+    by the conversion."""
+    run = prepared("qwen2_vl")
+    rows, _ = read_rows(run.out, "train")
+    assert {len(r["images"]) for r in rows} >= {0, 1, 2}
+    _, bad = corrupt(generate_rows("train", 25, seed=0))
+    files = [str(f) for f in write_shards(rows[:5] + list(bad.values()) + rows[5:], tmp_path, "train", rows_per_shard=16)]
+    here = sorted(measure_on_ray_or_here(files, run.collator, in_driver_mb=64).to_pylist(), key=lambda r: r["id"])
+    on_ray = sorted(measure_on_ray_or_here(files, run.collator, in_driver_mb=0).to_pylist(), key=lambda r: r["id"])
+    assert on_ray == here and len(here) == len(rows) + len(bad)
+    assert {r["id"] for r in here if r["problem"]} == set(bad)
+    assert {r["id"]: r["tokens"] for r in here if not r["problem"]} == {r["id"]: r["tokens"] for r in rows}
 
 
 def test_the_same_mixture_gives_the_same_shards(prepared, mixture_file, tmp_path):

@@ -1,21 +1,15 @@
-"""The Ray Data train stream is the in-process batch order, whichever way an epoch is sorted, length-grouped or not;
-Ray Data workers measure the rows as the driver does."""
+"""The Ray Data train stream is the in-process batch order, whichever way an epoch is sorted, length-grouped or not."""
 
 from __future__ import annotations
 
 import itertools
 
 import pytest
-from data.test_shards import corrupt
 
-from vlsi_ray.data.collate import ChatCollator
-from vlsi_ray.data.index import measure_on_ray_or_here
 from vlsi_ray.data.order import BatchOrder
 from vlsi_ray.data.ray_dataset import train_dataset, train_split
 from vlsi_ray.data.shards import read_rows, write_shards
-from vlsi_ray.data.synthetic import ALL_TASKS, corpus_texts, generate_rows
-from vlsi_ray.models.qwen2_vl import build_image_processor
-from vlsi_ray.models.tokenizer import train_tokenizer
+from vlsi_ray.data.synthetic import generate_rows
 from vlsi_ray.runners.ray.driver import _data_context
 
 BATCH = 8
@@ -55,17 +49,3 @@ def test_train_stream_is_the_in_process_order(local_ray, tmp_path, sort_in_memor
         by_id = dict(zip(ids, lengths))
         descending = sum(all(by_id[a] >= by_id[b] for a, b in itertools.pairwise(batch)) for batch in got)
         assert descending >= len(got) // 2
-
-
-@pytest.mark.integration
-def test_ray_data_workers_measure_the_rows_as_the_driver_does(local_ray, tmp_path):
-    """``data.measure_in_driver_mb=0`` sends even a small split to a Ray Data actor pool: the same token counts
-    and the same reasons for the bad rows as the driver's own pass (the default for shards this small)."""
-    rows = generate_rows("train", 25, seed=0, tasks=ALL_TASKS)
-    good, bad = corrupt(rows)
-    files = [str(f) for f in write_shards(good[:3] + list(bad.values()) + good[3:], tmp_path, "train", rows_per_shard=4)]
-    collator = ChatCollator(train_tokenizer(corpus_texts(rows), "qwen2_vl"), build_image_processor(), "qwen2_vl")
-    here = measure_on_ray_or_here(files, collator, in_driver_mb=64).to_pylist()
-    on_ray = sorted(measure_on_ray_or_here(files, collator, in_driver_mb=0).to_pylist(), key=lambda r: r["id"])
-    assert on_ray == sorted(here, key=lambda r: r["id"]) and len(here) == len(good) + len(bad)
-    assert {r["id"] for r in here if r["problem"]} == set(bad) and all(r["tokens"] > 0 for r in here if not r["problem"])

@@ -143,7 +143,7 @@ def candidate_kls(
     if temperature != 1.0:
         scaled = scaled / temperature
     lse = _logsumexp64(scaled)  # [N] float64
-    s_full = torch.log_softmax(scaled.to(dtype), dim=-1) if any(s.is_dense for s in signals) else None
+    s_full = torch.log_softmax(scaled, dim=-1) if any(s.is_dense for s in signals) else None
     vocab, out = scaled.shape[-1], []
 
     def student_at(dim: int, ids: Tensor) -> Tensor:

@@ -160,9 +160,8 @@ class TeacherWorker:
             time.sleep(KILL_GRACE_S)  # their answers leave this process (Ray replies after the method returns)
             print(f"teacher_pool.kill_at_request={self.kill_at_request}: killing this replica (pid {os.getpid()})", flush=True)
             os.kill(os.getpid(), SIGKILL)
-        started = time.perf_counter()
         if self._first_started is None:
-            self._first_started = started
+            self._first_started = time.perf_counter()
         tensors = to_device(decode_batch(batch), self.device)  # decoding: host work beside the other request's forward
         with self._device_lock:
             forward_started = time.perf_counter()

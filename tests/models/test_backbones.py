@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import copy
 import io
 import json
 import re
@@ -177,6 +178,33 @@ def test_apply_and_merge_lora(setup):
         torch.testing.assert_close(model.forward(batch).logits, adapted, rtol=1e-4, atol=1e-4)
     assert all(p.requires_grad for p in model.model.parameters())  # flags restored
     assert not any("lora" in n for n, _ in model.model.named_parameters())
+
+
+@pytest.mark.parametrize("order", ["checkpointing, then LoRA", "LoRA, then checkpointing"])
+def test_checkpointing_keeps_frozen_embeddings_and_the_vision_tower_out_of_backward(setup, order):
+    """transformers (enabling checkpointing) and peft (wrapping a checkpointing model) hook every
+    embedding module, the vision tower's patch embedding included, to make its output require grad,
+    which would recompute and backpropagate the frozen ViT in every step; the backbone removes them."""
+    from transformers import PreTrainedModel  # noqa: PLC0415
+
+    family, tok, teacher, student, batch = setup
+    student = copy.deepcopy(student)
+    steps = [lambda: student.set_gradient_checkpointing(True), lambda: student.apply_lora(4, 4)]
+    for step in steps if order.startswith("checkpointing") else steps[::-1]:
+        step()
+    student.model.train()
+    seen = {}
+    embeddings = {
+        id(e): e
+        for m in student.base_model.modules()
+        if isinstance(m, PreTrainedModel) and (e := m.get_input_embeddings()) is not None
+    }
+    for key, module in embeddings.items():
+        module.register_forward_hook(lambda module, args, out, key=key: seen.__setitem__(key, out.requires_grad))
+    out = student.forward({k: v for k, v in batch.items() if k != "labels"}, logits=False)
+    assert len(embeddings) >= 2 and set(seen) == set(embeddings)  # the tokens' and the vision tower's
+    assert not any(seen.values())
+    assert out.hidden_states[-1].requires_grad  # LoRA still trains
 
 
 def test_build_is_deterministic_given_seed(setup):

@@ -200,8 +200,19 @@ class Backbone:
         model = self.base_model
         if enabled:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self._frozen_inputs_stay_frozen()
         elif model.is_activation_checkpointing:
             model.activation_checkpointing_disable()
+
+    def _frozen_inputs_stay_frozen(self) -> None:
+        """Remove the hooks that make every embedding output require grad.
+
+        transformers (enabling checkpointing) and peft (wrapping a checkpointing model) add them for
+        reentrant checkpointing, which needs a block's input to require grad. Non-reentrant checkpointing
+        does not; with them the frozen vision tower's patch embedding requires grad too, and every
+        step recomputes and backpropagates the whole ViT for nothing (``vlsi_ray.scale`` counts it).
+        """
+        self.base_model.disable_input_require_grads()
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The family's model inputs of a collated batch, on the model's device (floats in the compute dtype)."""
@@ -255,6 +266,7 @@ class Backbone:
         self._requires_grad_before_lora = {n: p.requires_grad for n, p in self.model.named_parameters()}
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=self.lora_target_modules, bias="none")
         self.model = get_peft_model(self.model, config)
+        self._frozen_inputs_stay_frozen()
 
     def merge_lora(self) -> None:
         """Merge the LoRA weights into the base model and drop the peft wrapper."""

@@ -38,6 +38,16 @@ _TAIL_DTYPE = np.float32
 _ID_DTYPE = np.int32
 
 
+def wire_bytes_per_token_per_layer(topk: int | None, tail_samples: int, storage: str, vocab_size: int) -> float:
+    """Bytes per (token, layer) of an encoded signal (:meth:`TeacherSignal.to_numpy`): dense ``V·s``;
+    top-k ``(k + m)·(s + 4) + 4`` (log-probs of ``s`` bytes and int32 ids for the top ``k`` and the
+    ``m`` tail samples, float32 tail), ``s`` = 2 for float16 and 4 for float32 ``storage``."""
+    s = np.dtype(_storage_dtype(storage)).itemsize
+    if topk is None:
+        return float(vocab_size * s)
+    return float((topk + tail_samples) * (s + np.dtype(_ID_DTYPE).itemsize) + np.dtype(_TAIL_DTYPE).itemsize)
+
+
 @dataclass
 class TeacherSignal:
     """Teacher log-probabilities for ``L`` layers at ``N`` tokens, dense or top-k + tail.
@@ -292,19 +302,11 @@ class TeacherSignal:
         return [t for t in self._named_tensors().values() if t is not None]
 
     def bytes_per_token_per_layer(self, storage: str | None = None) -> float:
-        """Bytes per (token, layer): as held now when ``storage`` is None, else in :meth:`to_numpy`'s layout.
-
-        Codec layout: dense ``V·s``; top-k ``(k + m)·(s + 4) + 4`` (log-probs of ``s`` bytes and int32
-        ids for the top k and the ``m`` tail samples, float32 tail), with ``s`` = 2 for float16 and 4
-        for float32 storage.
-        """
+        """Bytes per (token, layer): as held now when ``storage`` is None, else in :meth:`to_numpy`'s
+        layout (:func:`wire_bytes_per_token_per_layer`)."""
         if storage is None:
             return self.nbytes / max(1, self.num_layers * self.num_tokens)
-        s = np.dtype(_storage_dtype(storage)).itemsize
-        if self.is_dense:
-            return float(self.vocab_size * s)
-        entries = self.k + self.tail_samples
-        return float(entries * (s + np.dtype(_ID_DTYPE).itemsize) + np.dtype(_TAIL_DTYPE).itemsize)
+        return wire_bytes_per_token_per_layer(self.k, self.tail_samples, storage, self.vocab_size)
 
     def to_numpy(self, storage: str = "float16") -> dict[str, np.ndarray]:
         """Encode for the Ray object store: log-probs in ``storage`` dtype, ids int32, tail float32.

@@ -8,8 +8,8 @@
 For each GPU type it costs the config's layout as it runs today (``layout_of``: a teacher replica
 spread layer-wise over its GPUs, one busy at a time; step 1's teacher on one replica) beside the
 FLOP-balanced split (``--split``, default 6:2: three tensor-parallel replicas of 2 GPUs, 2 student
-workers; step 1's teacher data-parallel over the three, verb-FFN optimizer state on the host;
-step 3 on all 8 GPUs), and prints per step and side: GPUs, TFLOP per sample, samples/s, GiB per GPU
+workers; step 1's teacher data-parallel over the three, verb-FFNs split over each replica's ranks,
+their optimizer state on the host; step 3 on all 8 GPUs), and prints per step and side: GPUs, TFLOP per sample, samples/s, GiB per GPU
 (and whether it fits), the bottleneck, GPU-hours and days for ``--samples``; then the days of the
 whole run side by side and their ratio. Shapes come from the checkpoints' ``config.json`` where
 the paths exist, else from the released checkpoints' shapes (:data:`vlsi_ray.scale.KNOWN_CHECKPOINTS`).
@@ -37,26 +37,6 @@ from vlsi_ray import scale  # noqa: E402
 
 PAPER_CONFIG = ROOT / "conf" / "qwen2vl_72b_to_7b.yaml"
 CHECK_TOLERANCE = 0.1  # |predicted / measured - 1| at most this
-
-
-def balanced_layout(today: scale.Layout, teacher_gpus: int, student_gpus: int, tensor_parallel: int) -> scale.Layout:
-    """``teacher_gpus : student_gpus`` with tensor-parallel teacher replicas of ``tensor_parallel`` GPUs."""
-    if teacher_gpus % tensor_parallel:
-        raise SystemExit(
-            f"--split: {teacher_gpus} teacher GPUs do not divide into replicas of --tensor-parallel {tensor_parallel}."
-        )
-    replicas = teacher_gpus // tensor_parallel
-    return scale.Layout(
-        name=f"{teacher_gpus}:{student_gpus}, TP={tensor_parallel}",
-        teacher_replicas=replicas,
-        teacher_gpus=tensor_parallel,
-        teacher_parallel="tensor",
-        student_workers=student_gpus,
-        step1_replicas=replicas,
-        student_zero_stage=today.student_zero_stage,
-        step1_offload=True,
-        sft_workers=teacher_gpus + student_gpus,
-    )
 
 
 def gib(value: float) -> str:
@@ -103,7 +83,7 @@ def cost(args: argparse.Namespace) -> int:
     today = scale.layout_of(cfg)
     today = scale.Layout(**{**today.__dict__, "name": "today"})
     t_gpus, s_gpus = (int(n) for n in args.split.split(":"))
-    balanced = balanced_layout(today, t_gpus, s_gpus, args.tensor_parallel)
+    balanced = scale.balanced_layout(today, t_gpus, s_gpus, args.tensor_parallel)
     print(
         f"{Path(args.config).name}: {teacher.name} ({teacher.params() / 1e9:.1f}B) -> {student.name} "
         f"({student.params() / 1e9:.1f}B); {work.tokens:,} tokens a sample ({work.image_tokens:,} from the image, "

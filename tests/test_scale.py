@@ -90,7 +90,8 @@ def test_paper_plan_today_is_teacher_bound_and_does_not_fit_step_1_the_balanced_
     teacher2, student2 = interact.sides
     assert interact.bottleneck == "teacher" and student2.samples_per_s > 10 * teacher2.samples_per_s
     assert not verbalize.sides[0].fits(gpu)  # 20 verb-FFNs with float32 AdamW beside a quarter of the 72B
-    balanced = scale.Layout("6:2", 3, 2, "tensor", 2, step1_replicas=3, student_zero_stage=2, step1_offload=True, sft_workers=8)
+    balanced = scale.balanced_layout(today, 6, 2, tensor_parallel=2)
+    assert (balanced.teacher_replicas, balanced.step1_replicas, balanced.sft_workers) == (3, 3, 8)
     stages = scale.stage_costs(teacher, student, cfg, balanced, gpu, work)
     assert all(side.fits(gpu) for stage in stages for side in stage.sides)
     teacher2, student2 = stages[1].sides

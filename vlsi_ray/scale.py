@@ -596,6 +596,7 @@ class Layout:
     student_zero_stage: int
     step1_offload: bool = False
     sft_workers: int = 0  # step 3's Train workers (0: student_workers); the teacher is gone by then
+    shard_verbalizers: bool = False  # verb-FFNs split over a tensor-parallel replica's ranks (today: whole on each)
 
     @property
     def gpus(self) -> int:
@@ -624,6 +625,28 @@ def layout_of(cfg) -> Layout:
         student_workers=cfg.train.num_workers,
         step1_replicas=1,  # the driver trains the teacher's verb-FFNs on replica 0
         student_zero_stage=cfg.train.deepspeed_stage,
+    )
+
+
+def balanced_layout(today: Layout, teacher_gpus: int, student_gpus: int, tensor_parallel: int) -> Layout:
+    """The FLOP-balanced plan: ``teacher_gpus : student_gpus``, tensor-parallel teacher replicas of
+    ``tensor_parallel`` GPUs with their verb-FFNs split over the ranks; step 1's teacher data-parallel
+    over every replica with its optimizer state on the host; step 3 on every GPU. ``today``: the
+    layout it replaces (its ZeRO stage is kept)."""
+    if teacher_gpus % tensor_parallel:
+        raise ValueError(f"{teacher_gpus} teacher GPUs do not divide into tensor-parallel replicas of {tensor_parallel}.")
+    replicas = teacher_gpus // tensor_parallel
+    return Layout(
+        name=f"{teacher_gpus}:{student_gpus}, TP={tensor_parallel}",
+        teacher_replicas=replicas,
+        teacher_gpus=tensor_parallel,
+        teacher_parallel="tensor",
+        student_workers=student_gpus,
+        step1_replicas=replicas,
+        student_zero_stage=today.student_zero_stage,
+        step1_offload=True,
+        sft_workers=teacher_gpus + student_gpus,
+        shard_verbalizers=True,
     )
 
 
@@ -693,6 +716,7 @@ def stage_costs(
     s_targets = len(cfg.student.targets.resolve(student.text.layers))
     rank, ckpt, topk = cfg.lora.rank, cfg.student.gradient_checkpointing, cfg.signal.topk
     zero, workers, tp = layout.student_zero_stage, layout.student_workers, layout.tensor_parallel
+    verb_split = tp if layout.shard_verbalizers else 1  # ranks a verb-FFN is split over (else each holds it whole)
     teacher_weights = teacher.params() * 2 / layout.teacher_gpus
     student_weights = student.params() * 2
 
@@ -708,7 +732,7 @@ def stage_costs(
     if layout.teacher_parallel == "pipeline":  # one GPU holds every head, trained with plain AdamW
         state = trained_bytes(verb_t)
     else:  # each head split over the replica's GPUs, its state ZeRO-2 over the replicas
-        state = trained_bytes(verb_t / tp, layout.step1_replicas, 2)
+        state = trained_bytes(verb_t / verb_split, layout.step1_replicas, 2)
     host = state.pop("optimizer") if layout.step1_offload and layout.teacher_parallel == "tensor" else 0.0
     logits_t = 3 * min(cfg.loss.chunk_size, work.response) * teacher.text.vocab * 4
     heads_t = cfg.stages.verbalize.batch_size * work.response * teacher.text.hidden * 2 * t_targets + logits_t
@@ -743,7 +767,7 @@ def stage_costs(
         layout.teacher_replicas / _teacher_seconds(f2t, work, teacher.text, layout, gpu, mfu),
         {
             "frozen weights": teacher_weights,
-            "verb-FFNs": verb_t * 2 / tp,
+            "verb-FFNs": verb_t * 2 / verb_split,
             "activations": _inference_bytes(teacher.text, work, tp),
         },
     )

@@ -130,6 +130,9 @@ class TeacherPoolConfig:
     """The teacher actors of the Ray runner (frozen teacher + its verbalizers, one per replica)."""
 
     replicas: int = 1
+    # GPUs (ranks) per replica: >1 splits each teacher layer over that many actors joined by torch.distributed
+    # (transformers' tensor-parallel plan); resources are per replica, each rank gets its share
+    tensor_parallel: int = 1
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     placement_strategy: str = "PACK"  # placement group over the replicas: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     lookahead: int = 2  # batches requested ahead of the one the student trains on (bounds in-flight signals)
@@ -540,6 +543,13 @@ def _validate_ray(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} asks for a negative amount of a resource; use values >= 0.")
     if pool.replicas < 1 or train.num_workers < 1:
         raise ConfigError("teacher_pool.replicas and train.num_workers must be at least 1.")
+    if pool.tensor_parallel < 1:
+        raise ConfigError(f"teacher_pool.tensor_parallel={pool.tensor_parallel} must be at least 1 (1: no tensor parallelism).")
+    if pool.tensor_parallel > 1 and pool.resources.num_gpus not in (0, pool.tensor_parallel):
+        raise ConfigError(
+            f"teacher_pool.resources.num_gpus={pool.resources.num_gpus:g} with teacher_pool.tensor_parallel={pool.tensor_parallel}: "
+            "a tensor-parallel replica runs one rank per GPU; set num_gpus to tensor_parallel (or 0 on CPU)."
+        )
     if pool.lookahead < 0 or pool.max_restarts < -1 or pool.max_task_retries < -1:
         raise ConfigError("teacher_pool.lookahead must be >= 0 and max_restarts/max_task_retries >= -1 (-1: unlimited).")
     if train.collective_timeout_s < 1:

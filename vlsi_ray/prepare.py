@@ -82,14 +82,21 @@ def apply_resolution(model: Backbone | ModelInfo, min_pixels: int | None, max_pi
 
 
 def load_model(
-    path: str | Path, settings: LoadSettings, device: torch.device | str | None, device_map: str | None = None
+    path: str | Path,
+    settings: LoadSettings,
+    device: torch.device | str | None,
+    device_map: str | None = None,
+    tensor_parallel: int = 1,
 ) -> Backbone:
     """Load the checkpoint at ``path`` as ``settings`` say: compute dtype, attention kernel,
-    gradient checkpointing, image resolution; on ``device`` (or spread by ``device_map``)."""
+    gradient checkpointing, image resolution; on ``device`` (or spread by ``device_map``, or this
+    rank's shard of a ``tensor_parallel`` group: :meth:`Backbone.from_pretrained`)."""
     attention = attention_kernel(settings)
     where = device if device is not None else ("cuda" if device_map is not None else "cpu")
     dtype = compute_dtype(settings.dtype, where, saved_dtype(path))
-    backbone = Backbone.from_pretrained(path, device=device, dtype=dtype, device_map=device_map, attn_implementation=attention)
+    backbone = Backbone.from_pretrained(
+        path, device=device, dtype=dtype, device_map=device_map, attn_implementation=attention, tensor_parallel=tensor_parallel
+    )
     return settings.apply(backbone)
 
 
@@ -258,6 +265,20 @@ def check_pair_paths(teacher_dir: str | Path, student_dir: str | Path, cfg: RunC
     image resolution applied to both, when given)."""
     settings = {role: LoadSettings.of(cfg, role) if cfg is not None else LoadSettings(role) for role in ("teacher", "student")}
     return check_pair(model_info(teacher_dir, settings["teacher"]), model_info(student_dir, settings["student"]))
+
+
+def check_tensor_parallel(teacher: Backbone | ModelInfo, tensor_parallel: int) -> None:
+    """Refuse a ``teacher_pool.tensor_parallel`` that does not divide the teacher's attention and
+    key/value heads (each rank holds whole heads)."""
+    text = teacher.config.get_text_config() if isinstance(teacher, ModelInfo) else teacher.model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % tensor_parallel or kv_heads % tensor_parallel:
+        divisors = [n for n in range(1, kv_heads + 1) if heads % n == 0 and kv_heads % n == 0]
+        raise ConfigError(
+            f"teacher_pool.tensor_parallel={tensor_parallel} does not divide the teacher's {heads} attention and "
+            f"{kv_heads} key/value heads; use one of {divisors}."
+        )
 
 
 def new_verbalizers(cfg: RunConfig, role: str, model: Backbone | ModelInfo, seed: int) -> Verbalizers:

@@ -308,6 +308,7 @@ class Backbone:
         dtype: torch.dtype | str | None = None,
         device_map: str | dict | None = None,
         attn_implementation: str | None = None,
+        tensor_parallel: int = 1,
     ) -> Backbone:
         """Load a backbone from a local directory (never a hub); the family is auto-detected.
 
@@ -315,7 +316,11 @@ class Backbone:
         in, ``config.json``'s ``dtype``/``torch_dtype``). ``device_map`` (e.g. ``"auto"``) spreads the
         model over the visible GPUs instead of moving it to ``device``: a teacher too large for one
         GPU (Qwen2-VL-72B) on a multi-GPU replica. ``attn_implementation``: ``sdpa``, ``eager`` or
-        ``flash_attention_2`` (None: transformers' default).
+        ``flash_attention_2`` (None: transformers' default). ``tensor_parallel`` > 1: this process is
+        one rank of an initialised ``torch.distributed`` group of that size, and loads its shard of the
+        language model (transformers' tensor-parallel plan: attention and MLP projections split by
+        heads and columns, embeddings and LM head by vocabulary; the vision tower replicated); outputs
+        (hidden states, the LM head's logits) come back whole on every rank.
         """
         path = _checkpoint_dir(path)
         family = detect_family(path)
@@ -326,9 +331,13 @@ class Backbone:
             kwargs["device_map"] = device_map
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
+        if tensor_parallel > 1:
+            from transformers.distributed import DistributedConfig  # noqa: PLC0415 - loads on use
+
+            kwargs["distributed_config"] = DistributedConfig(tp_size=tensor_parallel)
         model = spec.model_class().from_pretrained(str(path), **kwargs)
         tokenizer, image_processor = _load_processors(path, spec, model.config)
-        if device is not None and device_map is None:
+        if device is not None and device_map is None and tensor_parallel == 1:  # a rank's shards load on its device
             model.to(device)
         return cls(family, model, tokenizer, image_processor, name=str(path), checkpoint_dtype=saved)
 

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from vlsi_ray.config import TeacherPoolConfig, load_config
+from vlsi_ray.config import ConfigError, TeacherPoolConfig, load_config
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows
 from vlsi_ray.method.losses import verbalized_kl
 from vlsi_ray.method.steps import response_positions
-from vlsi_ray.models.backbone import Backbone
+from vlsi_ray.models.backbone import Backbone, ModelInfo
 from vlsi_ray.models.qwen2_vl import build_tiny
 from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
-from vlsi_ray.prepare import make_collator, new_verbalizers
+from vlsi_ray.prepare import check_tensor_parallel, make_collator, new_verbalizers
 from vlsi_ray.runners.ray.client import TeacherClient
 from vlsi_ray.runners.ray.teacher_pool import ENVELOPE, TeacherPool, TeacherWorker
 from vlsi_ray.runners.ray.wire import decode_batch, encode_batch
@@ -237,3 +237,64 @@ def test_teacher_signal_with_samples_needs_row_ids(teacher_dirs):
     with pytest.raises(KeyError, match="row 'ids'"):
         teacher_signal(teacher, verbs, batch, 8, tail_samples=2)
     assert teacher_signal(teacher, verbs, batch, 8).tail_samples == 0  # without samples ids are not needed
+
+
+# ------------------------------------------------------------------------------------------ tensor parallel
+
+
+def _same_signal(got: TeacherSignal, expected: TeacherSignal, atol: float) -> None:
+    """The same top-k ids per token and layer (as sets: ties may order them differently), log-probs and tail to ``atol``."""
+    order_got, order_exp = got.topk_ids.sort(-1), expected.topk_ids.sort(-1)
+    assert torch.equal(order_got.values, order_exp.values)
+    values_got = got.topk_logprobs.gather(-1, order_got.indices)
+    values_exp = expected.topk_logprobs.gather(-1, order_exp.indices)
+    torch.testing.assert_close(values_got, values_exp, rtol=0, atol=atol)
+    torch.testing.assert_close(got.tail_logmass, expected.tail_logmass, rtol=0, atol=atol)
+
+
+@pytest.mark.integration
+def test_tensor_parallel_replica_sends_the_single_process_signal_and_restarts_whole_when_a_rank_dies(local_ray, teacher_dirs):
+    """One replica of two ranks (transformers' tensor-parallel plan over gloo): the signal of every batch
+    equals one process's to 1e-5 (float32; the ranks' partial sums are added in another order), and
+    when the last rank kills itself at request 3 its peer is killed too, a new pair joins a new
+    rendezvous and the request is retried inside the replica: the student sees every answer once."""
+    model_dir, verb_dir, batches = teacher_dirs
+    pool = TeacherPool(
+        TeacherPoolConfig(replicas=1, tensor_parallel=2, kill_at_request=3), model_dir, verb_dir, 16, 1.0, None, "float32"
+    )
+    try:
+        first = local_ray.get(pool.actors[0].info.remote())
+        assert first["generation"] == 0 and first["rank"] == 0 and len(set(first["rank_pids"])) == 2
+        vocab = ModelInfo.from_pretrained(model_dir).vocab_size
+        assert first["world"] == 2 and first["lm_head_rows"] == vocab // 2  # rank 0 holds half the LM head
+        client = TeacherClient(pool.actors, lookahead=1)
+        reference = TeacherWorker(str(model_dir), str(verb_dir), topk=16, storage="float32", device="cpu")
+        answered = 0
+        for batch in client.pipelined(iter(batches)):
+            expected = reference.signal(encode_batch(batch))
+            for key in ENVELOPE:
+                expected.pop(key)
+            _same_signal(client(batch), TeacherSignal.from_numpy(expected), atol=1e-5)
+            answered += 1
+        assert answered == len(batches)
+        after = local_ray.get(pool.actors[0].info.remote())
+        assert after["generation"] == 1 and not set(after["rank_pids"]) & set(first["rank_pids"])  # both ranks new
+        assert client.counters()["teacher_resubmissions"] == 0  # the replica retried the request itself
+    finally:
+        pool.shutdown()
+
+
+def test_tensor_parallel_must_divide_the_heads_and_match_the_gpus(teacher_dirs, tmp_path):
+    model_dir, _, _ = teacher_dirs
+    info = ModelInfo.from_pretrained(model_dir)  # 4 attention heads, 2 key/value heads
+    check_tensor_parallel(info, 2)
+    with pytest.raises(
+        ConfigError,
+        match=r"tensor_parallel=4 does not divide the teacher's 4 attention and 2 key/value heads; use one of \[1, 2\]",
+    ):
+        check_tensor_parallel(info, 4)
+    base = make_tiny_overrides(tmp_path, "tp")
+    with pytest.raises(ConfigError, match="one rank per GPU; set num_gpus to tensor_parallel"):
+        load_config(None, base + ["teacher_pool.tensor_parallel=2", "teacher_pool.resources.num_gpus=1"])
+    with pytest.raises(ConfigError, match="tensor_parallel=0 must be at least 1"):
+        load_config(None, base + ["teacher_pool.tensor_parallel=0"])

@@ -37,6 +37,7 @@ from vlsi_ray.models.backbone import ModelInfo
 from vlsi_ray.prepare import (
     LoadSettings,
     check_pair_paths,
+    check_tensor_parallel,
     load_model,
     make_collator,
     model_info,
@@ -294,6 +295,7 @@ class RayRun(Run):
             self.teacher_dir, teacher_config = self.start_pretraining("teacher")
         self.student_dir = self.pretrained("student")
         self.vocab = check_pair_paths(teacher_config, self.student_dir, cfg)
+        check_tensor_parallel(ModelInfo.from_pretrained(teacher_config), cfg.teacher_pool.tensor_parallel)
         self.collator = make_collator(model_info(self.student_dir, LoadSettings.of(cfg, "student")), cfg)
         self.index_data(self.student_dir)
         self.evaluate({"student_base": self.student_dir, "teacher": self.teacher_dir})

@@ -17,6 +17,7 @@ from signal import SIGKILL
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -54,6 +55,8 @@ class TeacherWorker:
     teacher (compute dtype, attention kernel, image resolution); default: the checkpoint as saved.
     ``kill_at_request`` (fault injection, ``teacher_pool.kill_at_request``): a replica that Ray never
     restarted kills its own process (SIGKILL) when this request arrives, once the earlier ones are answered.
+    ``group`` (``rank``, ``world``, ``address``, ``port``): this worker is one rank of a tensor-parallel
+    replica (:class:`TeacherGroup`); it joins the group and loads its shard; only rank 0 encodes answers.
 
     Created with ``max_concurrency=2`` (``teacher_pool.overlap_host_work``), a replica works on two
     requests at once: one holds the device for its forward (a lock lets one forward run at a time)
@@ -77,6 +80,7 @@ class TeacherWorker:
         step1_dir: str | None = None,
         load=None,
         kill_at_request: int = 0,
+        group: dict | None = None,
     ):
         set_offline_defaults()
         self.kill_at_request = kill_at_request
@@ -87,7 +91,11 @@ class TeacherWorker:
         self.model_dir = str(model_dir)
 
         self.load = load or LoadSettings("teacher")
-        if self.device.type == "cuda" and torch.cuda.device_count() > 1:
+        self.rank, self.world = 0, 1
+        if group is not None:  # one rank of a tensor-parallel replica (TeacherGroup)
+            self.rank, self.world = _join_group(group, self.device)
+            self.backbone = load_model(model_dir, self.load, self.device, tensor_parallel=self.world)
+        elif self.device.type == "cuda" and torch.cuda.device_count() > 1:
             # A replica given several GPUs (Ray sets CUDA_VISIBLE_DEVICES to them) spreads the teacher over all.
             self.backbone = load_model(model_dir, self.load, None, device_map="auto")
             self.device = self.backbone.device  # where inputs go: the first module's GPU
@@ -122,10 +130,15 @@ class TeacherWorker:
         return self.verbalizers.layers
 
     def info(self) -> dict:
-        """Where this replica runs: pid, Ray node id, device and GPU ids (placement checks, fault tests)."""
+        """Where this replica runs: pid, rank and group size, the LM head rows it holds, Ray node id,
+        device and GPU ids (placement checks, fault tests)."""
         devices = sorted({str(p.device) for p in self.backbone.model.parameters()})
+        head = self.backbone.lm_head.weight
         info = {
             "pid": os.getpid(),
+            "rank": self.rank,
+            "world": self.world,
+            "lm_head_rows": int((head.to_local() if hasattr(head, "to_local") else head).shape[0]),  # this rank's shard
             "device": str(self.device),
             "devices": devices,
             "model_dir": self.model_dir,
@@ -151,7 +164,7 @@ class TeacherWorker:
         with self._counter_lock:
             self._arrivals += 1
             arrival = self._arrivals
-        if arrival == self.kill_at_request and not _restarted():
+        if arrival == self.kill_at_request and not (self.world == 1 and _restarted()):
             # As a replica taking one request at a time would die: after answering the requests before this one,
             # before starting any after it (the device lock keeps later ones from their forwards).
             self._device_lock.acquire()
@@ -178,7 +191,7 @@ class TeacherWorker:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # the forward's share ends with its kernels
             forward = time.perf_counter() - forward_started
-        out = signal.to_numpy(self.storage)  # host work again
+        out = signal.to_numpy(self.storage) if self.rank == 0 else {}  # host work again; rank 0 answers for a group
         finished = time.perf_counter()
         with self._counter_lock:
             self.requests += 1
@@ -216,9 +229,27 @@ class TeacherWorker:
         batches = iter(dataset.iter_torch_batches(batch_size=opt.batch_size, collate_fn=collate, drop_last=True))
         stepper = Stepper(objective.parameters(), opt, objective.compute_dtype)
         history = run_steps("verbalize/teacher", objective, stepper, batches, opt, total_steps, self.device, modules=[verbs])
-        verbs.save(out_dir)
+        if self.rank == 0:  # every rank of a group trained the same verb-FFNs on the same whole hidden states
+            verbs.save(out_dir)
         self.verbalizers = frozen_verbalizers(verbs, self.backbone)
         return {"history": history, "seconds": time.perf_counter() - started}
+
+
+def _join_group(group: dict, device: torch.device) -> tuple[int, int]:
+    """Join this process to its tensor-parallel group (``group``: rank, world, address, port); NCCL on
+    GPUs, gloo on CPUs. Returns ``(rank, world)``."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    rank, world = int(group["rank"]), int(group["world"])
+    # transformers reads these when it builds its device mesh; Ray gives each rank one visible GPU
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://{group['address']}:{group['port']}",
+        rank=rank,
+        world_size=world,
+    )
+    return rank, world
 
 
 def _restarted() -> bool:
@@ -229,14 +260,156 @@ def _restarted() -> bool:
         return False
 
 
+@ray.remote(num_cpus=0)
+def _endpoint() -> tuple[str, int]:
+    """An address and a free port on the node this task runs on (a group's rendezvous)."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+#: After one rank of a group fails, seconds to wait for the others' outcome (a dead rank's shows at once).
+PEER_OUTCOME_WAIT_S = 60.0
+
+
+def _rank0_result(refs: list):
+    """Rank 0's result of one call on every rank of a group.
+
+    Raises ``RayActorError`` as soon as a rank's process is found dead, even while its peers wait in
+    a collective or fail in one (a peer's lost connection is not the cause); otherwise the first
+    error a rank raised.
+    """
+    pending, first_error = list(refs), None
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=None if first_error is None else PEER_OUTCOME_WAIT_S)
+        if not done:
+            break
+        try:
+            ray.get(done)
+        except RayActorError:
+            raise
+        except RayError as error:
+            first_error = first_error or error
+    if first_error is not None:
+        raise first_error
+    return ray.get(refs[0])
+
+
+class TeacherGroup:
+    """One tensor-parallel teacher replica: ``world`` :class:`TeacherWorker` ranks joined by
+    ``torch.distributed``, each on its own bundle of ``placement_group``, behind one actor.
+
+    It answers like a single replica (:meth:`signal`, :meth:`info`, :meth:`busy`,
+    :meth:`load_verbalizers`, :meth:`train_verbalizers`): every call goes to every rank, in the same
+    order (the collectives of a forward must match), and rank 0's answer is returned. A rank that
+    dies leaves its peers waiting in a collective, so the group restarts whole: the ranks are killed,
+    new ones join a new rendezvous (loading from disk, as a restarted replica does) and the call is
+    retried, up to ``max_task_retries`` times (-1: without limit). ``worker_kwargs`` are
+    :class:`TeacherWorker`'s arguments; ``kill_at_request`` (a drill) goes to the last rank of the
+    first generation only.
+    """
+
+    def __init__(
+        self,
+        worker_args: tuple,
+        worker_kwargs: dict,
+        world: int,
+        rank_options: dict,
+        placement_group,
+        bundles: list[int],
+        max_task_retries: int = 3,
+    ):
+        self.worker_args, self.worker_kwargs = worker_args, dict(worker_kwargs)
+        self.kill_at_request = self.worker_kwargs.pop("kill_at_request", 0)
+        self.world, self.rank_options = world, rank_options
+        self.placement_group, self.bundles = placement_group, bundles
+        self.max_task_retries = max_task_retries
+        self.generation = -1
+        self.ranks: list = []
+        self._lock = threading.Lock()  # submissions in one order to every rank; one restart at a time
+        self._start()
+
+    def _start(self) -> None:
+        """Start a new generation of ranks (the caller holds the lock or is the constructor)."""
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+        self.generation += 1
+        where = lambda i: PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=self.bundles[i])  # noqa: E731
+        address, port = ray.get(_endpoint.options(scheduling_strategy=where(0)).remote())
+        actor_cls = ray.remote(TeacherWorker)
+        self.ranks = [
+            actor_cls.options(
+                **self.rank_options, max_restarts=0, max_task_retries=0, max_concurrency=1, scheduling_strategy=where(i)
+            ).remote(
+                *self.worker_args,
+                **self.worker_kwargs,
+                kill_at_request=self.kill_at_request if self.generation == 0 and i == self.world - 1 else 0,
+                group={"rank": i, "world": self.world, "address": address, "port": port},
+            )
+            for i in range(self.world)
+        ]
+
+    def _on_every_rank(self, method: str, *args):
+        """``method(*args)`` on every rank; rank 0's result. Restarts the group and retries when a rank dies."""
+        attempt = 0
+        while True:
+            with self._lock:
+                generation = self.generation
+                refs = [getattr(rank, method).remote(*args) for rank in self.ranks]
+            try:
+                return _rank0_result(refs)
+            except RayActorError:
+                if self.max_task_retries != -1 and attempt >= self.max_task_retries:
+                    raise
+                attempt += 1
+                with self._lock:
+                    if self.generation == generation:  # not yet restarted by the other request in flight
+                        print(
+                            f"teacher group: a rank died; restarting all {self.world} ranks (generation {generation + 1})",
+                            flush=True,
+                        )
+                        self._start()
+
+    def signal(self, batch: dict) -> dict:
+        """:meth:`TeacherWorker.signal` of the group (rank 0's arrays)."""
+        return self._on_every_rank("signal", batch)
+
+    def load_verbalizers(self, path: str, after=None) -> list[int]:
+        """:meth:`TeacherWorker.load_verbalizers` on every rank."""
+        return self._on_every_rank("load_verbalizers", path)
+
+    def train_verbalizers(self, cfg_yaml: str, dataset, total_steps: int, out_dir: str, seed: int) -> dict:
+        """:meth:`TeacherWorker.train_verbalizers` on every rank (the same rows; rank 0 saves)."""
+        return self._on_every_rank("train_verbalizers", cfg_yaml, dataset, total_steps, out_dir, seed)
+
+    def busy(self) -> dict:
+        """Rank 0's :meth:`TeacherWorker.busy`."""
+        return ray.get(self.ranks[0].busy.remote())
+
+    def info(self) -> dict:
+        """Rank 0's :meth:`TeacherWorker.info`, with every rank's pid and the group's generation."""
+        infos = ray.get([rank.info.remote() for rank in self.ranks])
+        return {
+            **infos[0],
+            "rank_pids": [i["pid"] for i in infos],
+            "generation": self.generation,
+            "gpu_ids": sorted({g for i in infos for g in i.get("gpu_ids", [])}),
+        }
+
+
 class TeacherPool:
-    """``replicas`` :class:`TeacherWorker` actors in one placement group, restarted by Ray on failure.
+    """``replicas`` :class:`TeacherWorker` actors in one placement group, restarted by Ray on failure;
+    with ``tensor_parallel`` > 1, ``replicas`` :class:`TeacherGroup` actors of that many ranks each.
 
     Verbalizers are a constructor argument (``verbalizer_dir``, or ``step1_dir`` for a pool that
     trains them first), so that a restarted replica has them; so are ``tail_samples``, ``seed`` and
     the ``load`` settings (:class:`TeacherWorker`).
-    Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``);
-    the placement group keeps the pool together (PACK) or apart (SPREAD) as configured.
+    Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``; a
+    tensor-parallel replica's ranks a share each, one bundle per rank); the placement group keeps the
+    pool together (PACK) or apart (SPREAD) as configured.
     ``model_dir`` may be the ObjectRef of the path (a teacher still pretraining): the replicas start
     at once and load the teacher when it resolves; calls made on them meanwhile wait in their queues.
     """
@@ -255,44 +428,54 @@ class TeacherPool:
         step1_dir: str | Path | None = None,
         load=None,
     ):
-        res = pool_cfg.resources
-        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.resources}
+        res, tp = pool_cfg.resources, pool_cfg.tensor_parallel
+        # one bundle per replica, or per rank of a tensor-parallel replica (each rank: its share of the replica's)
+        share = {
+            "num_cpus": res.num_cpus / tp,
+            "num_gpus": res.num_gpus / tp,
+            "resources": {k: v / tp for k, v in res.resources.items()},
+        }
+        bundle = {"CPU": share["num_cpus"], **({"GPU": share["num_gpus"]} if res.num_gpus else {}), **share["resources"]}
         self.placement_group = placement_group(
-            [dict(bundle) for _ in range(pool_cfg.replicas)], strategy=pool_cfg.placement_strategy, name=""
+            [dict(bundle) for _ in range(pool_cfg.replicas * tp)], strategy=pool_cfg.placement_strategy, name=""
         )
         if not self.placement_group.wait(timeout_seconds=pool_cfg.placement_timeout_s):
             remove_placement_group(self.placement_group)
             raise RuntimeError(
-                f"the cluster could not place {pool_cfg.replicas} teacher replica(s) of {bundle} within "
+                f"the cluster could not place {pool_cfg.replicas} teacher replica(s) of {tp} × {bundle} within "
                 f"teacher_pool.placement_timeout_s={pool_cfg.placement_timeout_s:g}; lower teacher_pool.resources, add nodes "
                 "or wait longer for the autoscaler."
             )
-        actor_cls = ray.remote(TeacherWorker)
         model_arg = [model_dir] if isinstance(model_dir, ray.ObjectRef) else str(model_dir)  # nested: resolved in the replica
-        self.actors = [
-            actor_cls.options(
-                num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus,
-                resources=dict(res.resources) or None,
-                max_restarts=pool_cfg.max_restarts,
-                max_task_retries=pool_cfg.max_task_retries,
-                max_concurrency=2 if pool_cfg.overlap_host_work else 1,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(
-                model_arg,
-                None if verbalizer_dir is None else str(verbalizer_dir),
-                topk,
-                temperature,
-                vocab_size,
-                storage,
-                tail_samples=tail_samples,
-                seed=seed,
-                step1_dir=None if step1_dir is None else str(step1_dir),
-                load=load,
-                kill_at_request=pool_cfg.kill_at_request,
-            )
-            for i in range(pool_cfg.replicas)
-        ]
+        args = (model_arg, None if verbalizer_dir is None else str(verbalizer_dir), topk, temperature, vocab_size, storage)
+        kwargs = {
+            "tail_samples": tail_samples,
+            "seed": seed,
+            "step1_dir": None if step1_dir is None else str(step1_dir),
+            "load": load,
+            "kill_at_request": pool_cfg.kill_at_request,
+        }
+        options = {"num_cpus": share["num_cpus"], "num_gpus": share["num_gpus"], "resources": share["resources"] or None}
+        if tp > 1:  # a replica is a TeacherGroup: it places, restarts and calls its ranks
+            group_cls = ray.remote(TeacherGroup)
+            self.actors = [
+                group_cls.options(num_cpus=0, max_restarts=pool_cfg.max_restarts, max_task_retries=0, max_concurrency=2).remote(
+                    args, kwargs, tp, options, self.placement_group, list(range(i * tp, (i + 1) * tp)), pool_cfg.max_task_retries
+                )
+                for i in range(pool_cfg.replicas)
+            ]
+        else:
+            actor_cls = ray.remote(TeacherWorker)
+            self.actors = [
+                actor_cls.options(
+                    **options,
+                    max_restarts=pool_cfg.max_restarts,
+                    max_task_retries=pool_cfg.max_task_retries,
+                    max_concurrency=2 if pool_cfg.overlap_host_work else 1,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+                ).remote(*args, **kwargs)
+                for i in range(pool_cfg.replicas)
+            ]
         self._infos: list[dict] | None = None
         self._shut = False
 

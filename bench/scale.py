@@ -87,7 +87,9 @@ def cost(args: argparse.Namespace) -> int:
     print(
         f"{Path(args.config).name}: {teacher.name} ({teacher.params() / 1e9:.1f}B) -> {student.name} "
         f"({student.params() / 1e9:.1f}B); {work.tokens:,} tokens a sample ({work.image_tokens:,} from the image, "
-        f"{work.response:,} response positions); {args.mfu:.0%} MFU; {args.samples:,} samples per step"
+        f"{work.response:,} response positions); {args.mfu:.0%} MFU"
+        + (f" (student {args.student_mfu:.0%})" if args.student_mfu is not None else "")
+        + f"; {args.samples:,} samples per step"
     )
     flops = {
         "teacher signal (step 2)": scale.teacher_signal_flops(
@@ -109,7 +111,7 @@ def cost(args: argparse.Namespace) -> int:
         gpu = scale.GPUS[gpu_name]
         days = {}
         for layout in (today, balanced):
-            stages = scale.stage_costs(teacher, student, cfg, layout, gpu, work, args.mfu)
+            stages = scale.stage_costs(teacher, student, cfg, layout, gpu, work, args.mfu, args.student_mfu)
             layout_table(stages, layout, gpu, args.samples)
             if args.memory:
                 memory_breakdown(stages, layout)
@@ -152,6 +154,9 @@ def main() -> int:
     parser.add_argument("--gpus", nargs="+", default=["A100", "H100"], choices=sorted(scale.GPUS))
     parser.add_argument("--samples", type=int, default=2_900_000, help="samples each step sees (the paper's mixture: 2.9M)")
     parser.add_argument("--mfu", type=float, default=0.4, help="fraction of the dense bf16 peak every GPU sustains")
+    parser.add_argument(
+        "--student-mfu", type=float, default=None, help="the student's side, if not --mfu (bench/gpu_calibrate.py)"
+    )
     parser.add_argument("--tokens", type=int, default=scale.Workload.tokens)
     parser.add_argument("--response", type=int, default=scale.Workload.response)
     parser.add_argument("--image-tokens", type=int, default=scale.Workload.image_tokens)

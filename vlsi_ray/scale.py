@@ -707,9 +707,19 @@ def _inference_bytes(text: TextShape, work: Workload, tp: int) -> float:
 
 
 def stage_costs(
-    teacher: ModelShape, student: ModelShape, cfg, layout: Layout, gpu: Gpu, work: Workload, mfu: float = 0.4
+    teacher: ModelShape,
+    student: ModelShape,
+    cfg,
+    layout: Layout,
+    gpu: Gpu,
+    work: Workload,
+    mfu: float = 0.4,
+    student_mfu: float | None = None,
 ) -> list[StageCost]:
-    """The cost of each of the three steps of ``cfg`` on ``layout`` over ``gpu``s at ``mfu``."""
+    """The cost of each of the three steps of ``cfg`` on ``layout`` over ``gpu``s, the teacher's side
+    at ``mfu`` and the student's at ``student_mfu`` (default: the same; ``bench/gpu_calibrate.py``
+    measures both)."""
+    s_mfu = mfu if student_mfu is None else student_mfu
     from vlsi_ray.signals.teacher_signal import wire_bytes_per_token_per_layer  # noqa: PLC0415 - loads torch
 
     t_targets = len(cfg.teacher.targets.resolve(teacher.text.layers))
@@ -724,7 +734,7 @@ def stage_costs(
         scaled = Activations(acts.peak * batch, acts.block * batch)
         parts = training_peak_bytes(trained, scaled, gpus, zero)
         frozen = student_weights - trained * 2
-        return Side("student", gpus, flops, gpus * gpu.peak_flops * mfu / flops, {"frozen weights": frozen, **parts})
+        return Side("student", gpus, flops, gpus * gpu.peak_flops * s_mfu / flops, {"frozen weights": frozen, **parts})
 
     # step 1: the teacher's verb-FFNs on step1_replicas replicas, the student's on its workers, at once
     verb_t = verbalizer_params(teacher.text, t_targets)

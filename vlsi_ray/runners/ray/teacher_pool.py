@@ -300,7 +300,7 @@ def _rank0_result(refs: list):
 
 class TeacherGroup:
     """One tensor-parallel teacher replica: ``world`` :class:`TeacherWorker` ranks joined by
-    ``torch.distributed``, each on its own bundle of ``placement_group``, behind one actor.
+    ``torch.distributed``, rank ``i`` on bundle ``i`` of ``placement_group``, behind one actor.
 
     It answers like a single replica (:meth:`signal`, :meth:`info`, :meth:`busy`,
     :meth:`load_verbalizers`, :meth:`train_verbalizers`): every call goes to every rank, in the same
@@ -319,13 +319,13 @@ class TeacherGroup:
         world: int,
         rank_options: dict,
         placement_group,
-        bundles: list[int],
         max_task_retries: int = 3,
     ):
         self.worker_args, self.worker_kwargs = worker_args, dict(worker_kwargs)
-        self.kill_at_request = self.worker_kwargs.pop("kill_at_request", 0)
+        drill = self.worker_kwargs.pop("kill_at_request", 0)
+        self.kill_at_request = 0 if _restarted() else drill  # a restarted group's ranks are never killed again
         self.world, self.rank_options = world, rank_options
-        self.placement_group, self.bundles = placement_group, bundles
+        self.placement_group = placement_group
         self.max_task_retries = max_task_retries
         self.generation = -1
         self.ranks: list = []
@@ -337,7 +337,7 @@ class TeacherGroup:
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
         self.generation += 1
-        where = lambda i: PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=self.bundles[i])  # noqa: E731
+        where = lambda i: PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)  # noqa: E731
         address, port = ray.get(_endpoint.options(scheduling_strategy=where(0)).remote())
         actor_cls = ray.remote(TeacherWorker)
         self.ranks = [
@@ -365,13 +365,18 @@ class TeacherGroup:
                 if self.max_task_retries != -1 and attempt >= self.max_task_retries:
                     raise
                 attempt += 1
-                with self._lock:
-                    if self.generation == generation:  # not yet restarted by the other request in flight
-                        print(
-                            f"teacher group: a rank died; restarting all {self.world} ranks (generation {generation + 1})",
-                            flush=True,
-                        )
-                        self._start()
+                self._restart(generation, "a rank died")
+            except RayError:
+                # a rank raised: its peers may wait in a collective for good; restart them, do not retry the call
+                self._restart(generation, "a rank raised")
+                raise
+
+    def _restart(self, generation: int, why: str) -> None:
+        """Start a new generation unless ``generation`` was already replaced (by the other call in flight)."""
+        with self._lock:
+            if self.generation == generation:
+                print(f"teacher group: {why}; restarting all {self.world} ranks (generation {generation + 1})", flush=True)
+                self._start()
 
     def signal(self, batch: dict) -> dict:
         """:meth:`TeacherWorker.signal` of the group (rank 0's arrays)."""
@@ -407,9 +412,10 @@ class TeacherPool:
     Verbalizers are a constructor argument (``verbalizer_dir``, or ``step1_dir`` for a pool that
     trains them first), so that a restarted replica has them; so are ``tail_samples``, ``seed`` and
     the ``load`` settings (:class:`TeacherWorker`).
-    Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``; a
-    tensor-parallel replica's ranks a share each, one bundle per rank); the placement group keeps the
-    pool together (PACK) or apart (SPREAD) as configured.
+    Each replica asks for ``resources`` (CPUs, GPUs, custom resources such as ``teacher_node``); the
+    placement group keeps the pool together (PACK) or apart (SPREAD) as configured. A tensor-parallel
+    replica's ranks get a share each, one bundle per rank, in a placement group of the replica's own
+    on one node (STRICT_PACK).
     ``model_dir`` may be the ObjectRef of the path (a teacher still pretraining): the replicas start
     at once and load the teacher when it resolves; calls made on them meanwhile wait in their queues.
     """
@@ -429,20 +435,28 @@ class TeacherPool:
         load=None,
     ):
         res, tp = pool_cfg.resources, pool_cfg.tensor_parallel
-        # one bundle per replica, or per rank of a tensor-parallel replica (each rank: its share of the replica's)
+        # a bundle per replica; or per rank of a tensor-parallel replica (its share of the replica's resources),
+        # each replica's ranks in a placement group of their own, on one node (STRICT_PACK: NVLink between them)
         share = {
             "num_cpus": res.num_cpus / tp,
             "num_gpus": res.num_gpus / tp,
             "resources": {k: v / tp for k, v in res.resources.items()},
         }
         bundle = {"CPU": share["num_cpus"], **({"GPU": share["num_gpus"]} if res.num_gpus else {}), **share["resources"]}
-        self.placement_group = placement_group(
-            [dict(bundle) for _ in range(pool_cfg.replicas * tp)], strategy=pool_cfg.placement_strategy, name=""
-        )
-        if not self.placement_group.wait(timeout_seconds=pool_cfg.placement_timeout_s):
-            remove_placement_group(self.placement_group)
+        if tp == 1:
+            self.placement_groups = [
+                placement_group([dict(bundle) for _ in range(pool_cfg.replicas)], strategy=pool_cfg.placement_strategy)
+            ]
+        else:
+            self.placement_groups = [
+                placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK") for _ in range(pool_cfg.replicas)
+            ]
+        if not all(pg.wait(timeout_seconds=pool_cfg.placement_timeout_s) for pg in self.placement_groups):
+            for pg in self.placement_groups:
+                remove_placement_group(pg)
+            where = f"{tp} ranks of {bundle} on one node each" if tp > 1 else f"{bundle} each"
             raise RuntimeError(
-                f"the cluster could not place {pool_cfg.replicas} teacher replica(s) of {tp} × {bundle} within "
+                f"the cluster could not place {pool_cfg.replicas} teacher replica(s) of {where} within "
                 f"teacher_pool.placement_timeout_s={pool_cfg.placement_timeout_s:g}; lower teacher_pool.resources, add nodes "
                 "or wait longer for the autoscaler."
             )
@@ -460,9 +474,9 @@ class TeacherPool:
             group_cls = ray.remote(TeacherGroup)
             self.actors = [
                 group_cls.options(num_cpus=0, max_restarts=pool_cfg.max_restarts, max_task_retries=0, max_concurrency=2).remote(
-                    args, kwargs, tp, options, self.placement_group, list(range(i * tp, (i + 1) * tp)), pool_cfg.max_task_retries
+                    args, kwargs, tp, options, pg, pool_cfg.max_task_retries
                 )
-                for i in range(pool_cfg.replicas)
+                for pg in self.placement_groups
             ]
         else:
             actor_cls = ray.remote(TeacherWorker)
@@ -472,7 +486,9 @@ class TeacherPool:
                     max_restarts=pool_cfg.max_restarts,
                     max_task_retries=pool_cfg.max_task_retries,
                     max_concurrency=2 if pool_cfg.overlap_host_work else 1,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.placement_groups[0], placement_group_bundle_index=i
+                    ),
                 ).remote(*args, **kwargs)
                 for i in range(pool_cfg.replicas)
             ]
@@ -493,4 +509,5 @@ class TeacherPool:
         self._shut = True
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        remove_placement_group(self.placement_group)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)

@@ -77,6 +77,10 @@ def test_dry_run_reports_models_lengths_plan_and_placement(hub_worlds, capsys):
     assert stages["verbalize/teacher"]["workers"] == 1
     placement = plan["placement"]
     assert placement["gpus_at_once"] == 2 + 2 * 1 and placement["worker_bundle"]["GPU"] == 1
+    cost = plan["cost"]  # the cost model on the checkpoints' own shapes, for the planned samples
+    assert set(cost) == {"A100", "H100"} and set(cost["A100"]["steps"]) == {"verbalize", "interact", "sft"}
+    assert all(step["fits"] and step["samples_per_s"] > 0 for step in cost["A100"]["steps"].values())
+    assert 0 < cost["H100"]["days"] < cost["A100"]["days"] and "cost model (bench/scale.py)" in out
 
 
 def test_dry_run_job_refuses_a_mismatched_pair_and_writes_nothing(hub_worlds, tmp_path, capsys):

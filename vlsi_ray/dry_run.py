@@ -6,8 +6,10 @@ teacher/student pair check, the data's metadata (row counts per split from the P
 the train rows' token lengths (image tokens included; the shards' own counts when jobs/prepare_data.py
 measured them with this student, else a sample collated with the student's collator), as a histogram
 with how many rows ``data.max_length`` would leave out and which rows are bad, and why.
-It then prints the stage plan (steps, rows, optimizer steps, samples, learning rates) and the
-placement (actors, Train workers, GPUs, custom resources), and returns all of it as a dict.
+It then prints the stage plan (steps, rows, optimizer steps, samples, learning rates), the
+placement (actors, Train workers, GPUs, custom resources) and, for real checkpoints on Ray, the cost
+model's estimate on A100 and H100 machines (:mod:`vlsi_ray.scale`: bottlenecks, GiB per GPU and
+whether it fits, the time for the planned samples), and returns all of it as a dict.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from safetensors import safe_open
 
+from vlsi_ray import scale
 from vlsi_ray.config import RunConfig
 from vlsi_ray.data.collate import ChatCollator
 from vlsi_ray.data.fingerprint import processor_fingerprint
@@ -48,6 +51,8 @@ def dry_run(cfg: RunConfig, sample_rows: int = SAMPLE_ROWS) -> dict:
     out["data"] = _data(cfg, infos["student"], sample_rows)
     out["stages"] = _plan(cfg, out["data"])
     out["placement"] = _placement(cfg)
+    if cfg.runner == "ray" and all(infos.values()):
+        out["cost"] = _cost(cfg, out)
     print("[dry-run] nothing was loaded, trained or written; drop --dry-run to start the run", flush=True)
     return out
 
@@ -276,6 +281,57 @@ def _plan(cfg: RunConfig, data: dict) -> list[dict]:
     return stages
 
 
+# ------------------------------------------------------------------------------------------ cost
+#: Assumed shares of a sample's tokens (the paper's data: about 30% response); the lengths are measured.
+RESPONSE_SHARE, IMAGE_SHARE = 0.3, 0.5
+
+
+def _cost(cfg: RunConfig, out: dict) -> dict:
+    """:mod:`vlsi_ray.scale`'s estimate of this run on 8-GPU A100 and H100 machines at 40% MFU: each
+    step's bottleneck, samples/s and GiB per GPU, and the days for the planned samples."""
+    teacher, student = (scale.ModelShape.from_checkpoint(getattr(cfg, role).path) for role in ("teacher", "student"))
+    tokens = max(2, round(out["data"].get("lengths", {}).get("mean") or cfg.data.max_length))
+    work = scale.Workload(
+        tokens=tokens, response=max(1, round(RESPONSE_SHARE * tokens)), image_tokens=round(IMAGE_SHARE * tokens)
+    )
+    samples = {stage["stage"]: stage["samples"] for stage in out["stages"]}
+    layout = scale.layout_of(cfg)
+    result = {}
+    print(
+        f"[dry-run] cost model (bench/scale.py): {tokens:,} tokens a sample (the train rows' mean; "
+        f"{RESPONSE_SHARE:.0%} response and {IMAGE_SHARE:.0%} image tokens assumed), 40% MFU, this layout ({layout.split} GPUs):"
+    )
+    for name, gpu in scale.GPUS.items():
+        days, steps = 0.0, {}
+        for stage in scale.stage_costs(teacher, student, cfg, layout, gpu, work):
+            planned = max((n for key, n in samples.items() if key.split("/")[0] == stage.name), default=0)
+            days += planned / stage.rate / 86400
+            worst = max(stage.sides, key=lambda side: side.peak_bytes)
+            steps[stage.name] = {
+                "bottleneck": stage.bottleneck,
+                "samples_per_s": stage.rate,
+                "max_gib_per_gpu": worst.peak_bytes / scale.GiB,
+                "fits": all(side.fits(gpu) for side in stage.sides),
+            }
+        result[name] = {"days": days, "steps": steps}
+        print(
+            f"    {gpu.name}: {_duration(days * 86400)}; "
+            + "; ".join(
+                f"{stage} {s['samples_per_s']:.3g} samples/s ({s['bottleneck']}-bound), up to {s['max_gib_per_gpu']:.1f} GiB/GPU"
+                + ("" if s["fits"] else " DOES NOT FIT")
+                for stage, s in steps.items()
+            )
+        )
+    return result
+
+
+def _duration(seconds: float) -> str:
+    """``12.3 days``, ``4.5 h`` or ``67 s``."""
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
 def _placement(cfg: RunConfig) -> dict:
     if cfg.runner == "local":
         print(f"[dry-run] placement: everything in this process on device={cfg.device}")
@@ -290,6 +346,7 @@ def _placement(cfg: RunConfig) -> dict:
     out = {
         "runner": "ray",
         "teacher_replicas": pool.replicas,
+        "tensor_parallel": pool.tensor_parallel,
         "teacher_bundle": teacher,
         "placement_strategy": pool.placement_strategy,
         "train_workers": train.num_workers,
@@ -299,7 +356,8 @@ def _placement(cfg: RunConfig) -> dict:
         "teacher_source": cfg.teacher.source,
     }
     print(
-        f"[dry-run] placement (Ray): teacher pool {pool.replicas} x {json.dumps(teacher)} ({pool.placement_strategy}; "
+        f"[dry-run] placement (Ray): teacher pool {pool.replicas} x {json.dumps(teacher)}"
+        f"{f' (each {pool.tensor_parallel} tensor-parallel ranks on one node)' if pool.tensor_parallel > 1 else ''} ({pool.placement_strategy}; "
         f"step 1's teacher side{' and step 2' if live else ''}{'' if live else ', step 2 reads the teacher cache'}); "
         f"student: Ray Train {train.num_workers} x {json.dumps(worker)}, "
         f"{'DeepSpeed ZeRO-' + str(train.deepspeed_stage) if train.deepspeed_stage else 'data parallel (all-reduce)'}; "

@@ -615,13 +615,15 @@ class Layout:
 
 
 def layout_of(cfg) -> Layout:
-    """The layout a :class:`~vlsi_ray.config.RunConfig` runs today (a multi-GPU replica is pipelined)."""
-    gpus = max(1, int(round(cfg.teacher_pool.resources.num_gpus)))
+    """The layout a :class:`~vlsi_ray.config.RunConfig` runs: a replica of several GPUs is tensor-parallel
+    with ``teacher_pool.tensor_parallel`` > 1, else pipelined (``device_map="auto"``)."""
+    tp = cfg.teacher_pool.tensor_parallel
+    gpus = max(tp, int(round(cfg.teacher_pool.resources.num_gpus)), 1)
     return Layout(
         name="config",
         teacher_replicas=cfg.teacher_pool.replicas,
         teacher_gpus=gpus,
-        teacher_parallel="pipeline" if gpus > 1 else "tensor",
+        teacher_parallel="tensor" if tp > 1 or gpus == 1 else "pipeline",
         student_workers=cfg.train.num_workers,
         step1_replicas=1,  # the driver trains the teacher's verb-FFNs on replica 0
         student_zero_stage=cfg.train.deepspeed_stage,

@@ -126,7 +126,8 @@ def test_zero_stepper_resumes_exactly(single_process_group, stage):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_group, stage):
     """DeepSpeed's bf16 block: the engine's weights are bfloat16, its optimizer holds float32 masters, and
-    five steps follow plain AdamW on float32 masters under the same bfloat16 autocast (to bfloat16 rounding)."""
+    five steps follow plain AdamW on float32 masters under the same bfloat16 autocast (to bfloat16 rounding:
+    the engine runs every op on bfloat16 weights, the reference only the matmuls; gradient norms within 10%)."""
     opt = OptimConfig(lr=1e-2, min_lr=1e-3, batch_size=4, grad_accum=2, grad_clip=0.5)
     assert deepspeed_config(opt, stage, torch.bfloat16)["bf16"] == {"enabled": True} and "bf16" not in deepspeed_config(
         opt, stage
@@ -141,6 +142,6 @@ def test_zero_in_bfloat16_keeps_float32_masters_and_tracks_adamw(single_process_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = _train(plain, reference, opt, range(5))
         norms = _train(zero, model, opt, range(5))
-    assert all(torch.isfinite(torch.tensor(norms))) and norms == pytest.approx(expected, rel=0.05)
+    assert all(torch.isfinite(torch.tensor(norms))) and norms == pytest.approx(expected, rel=0.1)
     for p, q in zip(reference.parameters(), _weights(zero, model)):
         torch.testing.assert_close(q.float(), p.bfloat16().float(), rtol=0.02, atol=0.02)

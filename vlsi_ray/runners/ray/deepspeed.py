@@ -57,7 +57,10 @@ def deepspeed_config(opt: OptimConfig, stage: int, dtype: torch.dtype = torch.fl
         "train_micro_batch_size_per_gpu": opt.batch_size,
         "gradient_accumulation_steps": opt.grad_accum,
         "gradient_clipping": opt.grad_clip if opt.grad_clip > 0 else 0.0,
-        "zero_optimization": {"stage": stage},
+        # memory_efficient_linear: ZeRO-3 would replace torch's F.linear for the whole process, for good ("this
+        # will persist unless manually reset"): every later linear of the worker (the stages after this one,
+        # evaluation) would run through DeepSpeed's, which computes input gradients nothing needs
+        "zero_optimization": {"stage": stage, "memory_efficient_linear": False},
         "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs CUDA
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -133,6 +133,9 @@ class TeacherPoolConfig:
     # GPUs (ranks) per replica: >1 splits each teacher layer over that many actors joined by torch.distributed
     # (transformers' tensor-parallel plan); resources are per replica, each rank gets its share
     tensor_parallel: int = 1
+    # Step 1 trains the teacher's verb-FFNs on every replica at once (each a share of every optimizer step's
+    # micro-batches, gradients averaged); false: on replica 0 alone, the others load them after
+    step1_data_parallel: bool = True
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     placement_strategy: str = "PACK"  # placement group over the replicas: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     lookahead: int = 2  # batches requested ahead of the one the student trains on (bounds in-flight signals)
@@ -549,6 +552,12 @@ def _validate_ray(cfg: RunConfig) -> None:
         raise ConfigError(
             f"teacher_pool.resources.num_gpus={pool.resources.num_gpus:g} with teacher_pool.tensor_parallel={pool.tensor_parallel}: "
             "a tensor-parallel replica runs one rank per GPU; set num_gpus to tensor_parallel (or 0 on CPU)."
+        )
+    accum = cfg.stages.verbalize.grad_accum
+    if pool.step1_data_parallel and pool.replicas > 1 and "verbalize" in cfg.steps and accum % pool.replicas:
+        raise ConfigError(
+            f"stages.verbalize.grad_accum={accum} does not split over teacher_pool.replicas={pool.replicas} (step 1 is "
+            "data-parallel over the replicas); make it a multiple of the replicas or set teacher_pool.step1_data_parallel=false."
         )
     if pool.lookahead < 0 or pool.max_restarts < -1 or pool.max_task_retries < -1:
         raise ConfigError("teacher_pool.lookahead must be >= 0 and max_restarts/max_task_retries >= -1 (-1: unlimited).")

@@ -581,8 +581,9 @@ class Layout:
 
     A teacher replica holds ``teacher_gpus`` GPUs, ``pipeline`` (its layers spread over them, one GPU
     busy at a time: ``device_map="auto"``) or ``tensor`` parallel (every GPU busy on a slice of every
-    layer). Step 1 trains the teacher's verb-FFNs on ``step1_replicas`` replicas (data-parallel, their
-    optimizer state split over all their GPUs, or on the host with ``step1_offload``). The student's
+    layer). Step 1 trains the teacher's verb-FFNs on ``step1_replicas`` replicas (data-parallel), each
+    holding its float32 AdamW state whole (``step1_optimizer="replicated"``, what the runner does) or
+    sharded ZeRO-2 over the replicas with masters and moments on the host (``"zero2-offload"``). The student's
     ``student_workers`` Train workers hold one GPU each, ZeRO ``student_zero_stage`` (0: plain DDP);
     step 3 needs no teacher and may run ``sft_workers`` of them.
     """
@@ -594,7 +595,7 @@ class Layout:
     student_workers: int
     step1_replicas: int
     student_zero_stage: int
-    step1_offload: bool = False
+    step1_optimizer: str = "replicated"  # replicated | zero2-offload
     sft_workers: int = 0  # step 3's Train workers (0: student_workers); the teacher is gone by then
     shard_verbalizers: bool = False  # verb-FFNs split over a tensor-parallel replica's ranks (today: whole on each)
 
@@ -625,7 +626,7 @@ def layout_of(cfg) -> Layout:
         teacher_gpus=gpus,
         teacher_parallel="tensor" if tp > 1 or gpus == 1 else "pipeline",
         student_workers=cfg.train.num_workers,
-        step1_replicas=1,  # the driver trains the teacher's verb-FFNs on replica 0
+        step1_replicas=cfg.teacher_pool.replicas if cfg.teacher_pool.step1_data_parallel else 1,
         student_zero_stage=cfg.train.deepspeed_stage,
     )
 
@@ -646,7 +647,7 @@ def balanced_layout(today: Layout, teacher_gpus: int, student_gpus: int, tensor_
         student_workers=student_gpus,
         step1_replicas=replicas,
         student_zero_stage=today.student_zero_stage,
-        step1_offload=True,
+        step1_optimizer="zero2-offload",
         sft_workers=teacher_gpus + student_gpus,
         shard_verbalizers=True,
     )
@@ -741,11 +742,11 @@ def stage_costs(
     # step 1: the teacher's verb-FFNs on step1_replicas replicas, the student's on its workers, at once
     verb_t = verbalizer_params(teacher.text, t_targets)
     f1t = sum(verbalize_flops(teacher, work, StepSettings(targets=t_targets)).values())
-    if layout.teacher_parallel == "pipeline":  # one GPU holds every head, trained with plain AdamW
-        state = trained_bytes(verb_t)
-    else:  # each head split over the replica's GPUs, its state ZeRO-2 over the replicas
+    if layout.step1_optimizer == "replicated":  # plain AdamW, every head whole (pipelined: on one GPU)
+        state, host = trained_bytes(verb_t), 0.0
+    else:  # each head split over the replica's ranks, its state ZeRO-2 over the replicas, masters and moments on the host
         state = trained_bytes(verb_t / verb_split, layout.step1_replicas, 2)
-    host = state.pop("optimizer") if layout.step1_offload and layout.teacher_parallel == "tensor" else 0.0
+        host = state.pop("optimizer")
     logits_t = 3 * min(cfg.loss.chunk_size, work.response) * teacher.text.vocab * 4
     heads_t = cfg.stages.verbalize.batch_size * work.response * teacher.text.hidden * 2 * t_targets + logits_t
     step1_teacher = Side(

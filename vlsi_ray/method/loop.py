@@ -71,7 +71,9 @@ class Stepper:
 
     ``backward`` is called once per micro-batch, ``step`` once per optimizer step. When
     ``torch.distributed`` is initialised with more than one rank (Ray Train workers without
-    DeepSpeed), gradients are all-reduced (mean) before clipping, i.e. plain data parallelism.
+    DeepSpeed), gradients are all-reduced (mean) before clipping, i.e. plain data parallelism;
+    ``average`` (in place, over the list of gradients) replaces that with another group's mean (the
+    teacher replicas' step 1, whose default group is a tensor-parallel replica's).
     ``dtype`` is the objective's compute dtype: float16 adds dynamic loss scaling (a skipped step
     on overflow, as ``torch.amp.GradScaler`` does); the parameters themselves must be float32
     (the objectives keep float32 masters), so AdamW never updates a low-precision weight.
@@ -80,8 +82,15 @@ class Stepper:
     #: Whether :meth:`load_rank_states` needs every rank's saved state, not only this rank's.
     needs_every_rank_state = False
 
-    def __init__(self, parameters: Sequence[nn.Parameter], opt: OptimConfig, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        parameters: Sequence[nn.Parameter],
+        opt: OptimConfig,
+        dtype: torch.dtype = torch.float32,
+        average: Callable[[list[torch.Tensor]], None] | None = None,
+    ):
         self.parameters = list(parameters)
+        self.average = average
         low = [p.dtype for p in self.parameters if p.dtype != torch.float32]
         if low:
             raise ValueError(
@@ -106,7 +115,12 @@ class Stepper:
         """Average gradients over ranks, clip, update, zero; return the pre-clip gradient norm
         (``inf``/``nan`` on a float16 overflow, whose update is skipped)."""
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.average is not None:
+            for p in self.parameters:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.average([p.grad for p in self.parameters])
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
             for p in self.parameters:
                 if p.grad is None:

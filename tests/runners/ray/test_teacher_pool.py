@@ -7,9 +7,10 @@ import time
 
 import numpy as np
 import pytest
+import ray.data
 import torch
 
-from vlsi_ray.config import ConfigError, TeacherPoolConfig, load_config
+from vlsi_ray.config import ConfigError, TeacherPoolConfig, load_config, to_yaml
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows
 from vlsi_ray.method.losses import verbalized_kl
 from vlsi_ray.method.steps import response_positions
@@ -298,3 +299,58 @@ def test_tensor_parallel_must_divide_the_heads_and_match_the_gpus(teacher_dirs, 
         load_config(None, base + ["teacher_pool.tensor_parallel=2", "teacher_pool.resources.num_gpus=1"])
     with pytest.raises(ConfigError, match="tensor_parallel=0 must be at least 1"):
         load_config(None, base + ["teacher_pool.tensor_parallel=0"])
+
+
+@pytest.mark.integration
+def test_step1_data_parallel_over_two_replicas_trains_the_verbalizers_one_replica_does(local_ray, teacher_dirs, tmp_path):
+    """Two replicas each take every other micro-batch of an optimizer step (4 micro-batches of 4 rows, 3 steps)
+    and average their gradients: the verb-FFNs equal those one replica trains on all four (float32, to 1e-6:
+    the sum is taken in another order), on both replicas; replica 0 saves them."""
+    model_dir, _, _ = teacher_dirs
+    cfg = load_config(
+        None,
+        make_tiny_overrides(tmp_path, "dp")
+        + [
+            "stages.verbalize.batch_size=4",
+            "stages.verbalize.grad_accum=4",
+            "stages.verbalize.lr=3e-3",
+            "teacher_pool.replicas=2",
+        ],
+    )
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    rows = generate_rows("train", 48, seed=5)
+    dataset = ray.data.from_items(rows)
+    cfg_yaml = to_yaml(cfg)
+    single = TeacherWorker(str(model_dir), device="cpu")
+    single.train_verbalizers(cfg_yaml, dataset, 3, str(tmp_path / "single"), seed=7)
+    pool = TeacherPool(cfg.teacher_pool, model_dir, None, 16, 1.0, None, "float32", step1_dir=tmp_path / "dp")
+    try:
+        groups = pool.step1_data_parallel()
+        assert [g["rank"] for g in groups] == [0, 1] and all(g["world"] == 2 for g in groups)
+        results = local_ray.get(
+            [a.train_verbalizers.remote(cfg_yaml, dataset, 3, str(tmp_path / "dp"), 7, g) for a, g in zip(pool.actors, groups)]
+        )
+        assert all(len(r["history"]) == 3 for r in results)
+        expected = Verbalizers.load(tmp_path / "single").state_dict()
+        saved = Verbalizers.load(tmp_path / "dp").state_dict()
+        for name, weight in expected.items():
+            torch.testing.assert_close(saved[name], weight, rtol=0, atol=1e-6)
+        assert any(not torch.equal(w, Verbalizers(64, [1, 2, 3]).state_dict()[n]) for n, w in expected.items())  # it trained
+        batch = encode_batch(_collated(model_dir, cfg, rows[:8]))
+        answers = local_ray.get([a.signal.remote(batch) for a in pool.actors])  # both replicas hold the trained verb-FFNs
+        np.testing.assert_array_equal(answers[0]["topk_ids"], answers[1]["topk_ids"])
+        np.testing.assert_allclose(answers[0]["topk_logprobs"], answers[1]["topk_logprobs"], atol=1e-6)
+    finally:
+        pool.shutdown()
+
+
+def _collated(model_dir, cfg, rows) -> dict:
+    return make_collator(Backbone.from_pretrained(model_dir), cfg)(rows)
+
+
+def test_step1_data_parallel_needs_grad_accum_to_split_over_the_replicas(tmp_path):
+    base = make_tiny_overrides(tmp_path, "dp") + ["teacher_pool.replicas=2", "stages.verbalize.grad_accum=3"]
+    with pytest.raises(ConfigError, match=r"stages.verbalize.grad_accum=3 does not split over teacher_pool.replicas=2"):
+        load_config(None, base)
+    assert load_config(None, base + ["teacher_pool.step1_data_parallel=false"]).teacher_pool.replicas == 2

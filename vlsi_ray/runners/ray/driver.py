@@ -353,8 +353,8 @@ class RayRun(Run):
             )
 
     def queue_step1(self) -> None:
-        """Step 1: the teacher's side in the pool (replica 0), the student's in the Train run; the stage's
-        marker and summary once both are done."""
+        """Step 1: the teacher's side in the pool (data-parallel over its replicas, or replica 0), the
+        student's in the Train run; the stage's marker and summary once both are done."""
         if not self.trains_step1:
             return
         cfg, out, row = self.cfg, self.layout.verbalizers("teacher"), stage("verbalize/teacher")
@@ -365,10 +365,19 @@ class RayRun(Run):
             self.split(), opt.tasks, row.seed(cfg.seed), opt.batch_size, total * opt.grad_accum, ids,
             **self.grouping("verbalize"), lengths_from_shards=not self.index["train"].measured,
         )  # fmt: skip
-        teacher_job = self.pool.actors[0].train_verbalizers.remote(self.cfg_yaml, rows, total, str(out), row.seed(cfg.seed))
-        self.step1_calls = [teacher_job] + [
-            actor.load_verbalizers.remote(str(out), teacher_job) for actor in self.pool.actors[1:]
-        ]
+        seed = row.seed(cfg.seed)
+        if cfg.teacher_pool.step1_data_parallel and len(self.pool.actors) > 1:  # every replica trains a share
+            groups = self.pool.step1_data_parallel()
+            self.step1_calls = [
+                actor.train_verbalizers.remote(self.cfg_yaml, rows, total, str(out), seed, group)
+                for actor, group in zip(self.pool.actors, groups)
+            ]
+            teacher_job = self.step1_calls[0]
+        else:  # replica 0 trains, the others load its verb-FFNs once saved
+            teacher_job = self.pool.actors[0].train_verbalizers.remote(self.cfg_yaml, rows, total, str(out), seed)
+            self.step1_calls = [teacher_job] + [
+                actor.load_verbalizers.remote(str(out), teacher_job) for actor in self.pool.actors[1:]
+            ]
 
         def finish_step1() -> None:  # both sides done: the teacher's history joins the student's
             teacher = ray.get(teacher_job)

@@ -8,6 +8,8 @@ comes back as it was and the request that was in flight is retried (``max_task_r
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -213,12 +215,19 @@ class TeacherWorker:
             "busy": self._forward_seconds / span if span > 0 else 0.0,
         }
 
-    def train_verbalizers(self, cfg_yaml: str, dataset, total_steps: int, out_dir: str, seed: int) -> dict:
+    def train_verbalizers(
+        self, cfg_yaml: str, dataset, total_steps: int, out_dir: str, seed: int, data_parallel: dict | None = None
+    ) -> dict:
         """Step 1 on the teacher's side: train its verb-FFNs where the teacher lives; save to ``out_dir``.
 
         ``dataset``: the stage's train rows as a Ray Dataset in training order (``train_dataset``, as a
-        Train worker reads its stage), read and collated here; ``total_steps`` optimizer steps. Returns
-        ``{"history": per-step metrics, "seconds": its duration}``.
+        Train worker reads its stage), read and collated here; ``total_steps`` optimizer steps.
+        ``data_parallel`` (``rank``, ``world``, ``endpoints``: an address and port per tensor-parallel rank
+        index, :meth:`TeacherPool.step1_data_parallel`): this replica is one of ``world`` training the
+        same verb-FFNs at once; of each optimizer step's ``grad_accum`` micro-batches it takes every
+        ``world``-th from ``rank`` on, and the replicas average their gradients before each update (all
+        end with the same weights; replica 0 saves). Returns ``{"history": per-step metrics of this
+        replica's micro-batches, "seconds": its duration}``.
         """
         started = time.perf_counter()
         cfg = config_from_yaml(cfg_yaml)
@@ -226,13 +235,49 @@ class TeacherWorker:
         verbs = new_verbalizers(cfg, "teacher", self.backbone, seed)
         objective = VerbalizationObjective(self.backbone, verbs, cfg.loss.chunk_size)
         collate = RayCollate(make_collator(self.backbone, cfg))
-        batches = iter(dataset.iter_torch_batches(batch_size=opt.batch_size, collate_fn=collate, drop_last=True))
-        stepper = Stepper(objective.parameters(), opt, objective.compute_dtype)
+        dp_rank, world, average = 0, 1, None
+        if data_parallel is not None and int(data_parallel["world"]) > 1:
+            dp_rank, world = int(data_parallel["rank"]), int(data_parallel["world"])
+            address, port = data_parallel["endpoints"][self.rank]
+            group = {"rank": dp_rank, "world": world, "address": address, "port": port}
+            average = _group_mean(group, self.device, cfg.train.collective_timeout_s)
+            opt = dataclasses.replace(opt, grad_accum=opt.grad_accum // world)
+        rows = dataset.iter_batches(batch_size=opt.batch_size, batch_format="numpy", drop_last=True)
+        batches = (collate(batch) for batch in itertools.islice(rows, dp_rank, None, world))  # this replica's share
+        stepper = Stepper(objective.parameters(), opt, objective.compute_dtype, average=average)
         history = run_steps("verbalize/teacher", objective, stepper, batches, opt, total_steps, self.device, modules=[verbs])
-        if self.rank == 0:  # every rank of a group trained the same verb-FFNs on the same whole hidden states
+        if self.rank == 0 and dp_rank == 0:  # every rank and replica trained the same verb-FFNs
             verbs.save(out_dir)
         self.verbalizers = frozen_verbalizers(verbs, self.backbone)
         return {"history": history, "seconds": time.perf_counter() - started}
+
+
+def _group_mean(group: dict, device: torch.device, timeout_s: float):
+    """``average(grads)``: the in-place mean of a list of tensors over a process group of its own
+    (``group``: rank, world, address, port; a TCP store at the address, gloo on CPUs, NCCL on GPUs),
+    apart from any default group this process is in. One flat all-reduce per call."""
+    import datetime  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+
+    rank, world = int(group["rank"]), int(group["world"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(group["address"], int(group["port"]), world, is_master=rank == 0, timeout=timeout)
+    if device.type == "cuda":
+        process_group = dist.ProcessGroupNCCL(store, rank, world)
+    else:
+        process_group = dist.ProcessGroupGloo(store, rank, world, timeout)
+
+    def average(grads: list[torch.Tensor]) -> None:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        process_group.allreduce([flat]).wait()
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    return average
 
 
 def _join_group(group: dict, device: torch.device) -> tuple[int, int]:
@@ -386,9 +431,19 @@ class TeacherGroup:
         """:meth:`TeacherWorker.load_verbalizers` on every rank."""
         return self._on_every_rank("load_verbalizers", path)
 
-    def train_verbalizers(self, cfg_yaml: str, dataset, total_steps: int, out_dir: str, seed: int) -> dict:
-        """:meth:`TeacherWorker.train_verbalizers` on every rank (the same rows; rank 0 saves)."""
-        return self._on_every_rank("train_verbalizers", cfg_yaml, dataset, total_steps, out_dir, seed)
+    def train_verbalizers(
+        self, cfg_yaml: str, dataset, total_steps: int, out_dir: str, seed: int, data_parallel: dict | None = None
+    ) -> dict:
+        """:meth:`TeacherWorker.train_verbalizers` on every rank (the same rows; rank 0 saves). With
+        ``data_parallel``, rank ``i`` averages its gradients with rank ``i`` of the other replicas (not
+        retried: the other replicas' ranks wait on this group's)."""
+        if data_parallel is None:
+            return self._on_every_rank("train_verbalizers", cfg_yaml, dataset, total_steps, out_dir, seed)
+        with self._lock:
+            refs = [
+                rank.train_verbalizers.remote(cfg_yaml, dataset, total_steps, out_dir, seed, data_parallel) for rank in self.ranks
+            ]
+        return _rank0_result(refs)  # a failure fails the step: its peers in the other replicas wait on this group
 
     def busy(self) -> dict:
         """Rank 0's :meth:`TeacherWorker.busy`."""
@@ -435,6 +490,7 @@ class TeacherPool:
         load=None,
     ):
         res, tp = pool_cfg.resources, pool_cfg.tensor_parallel
+        self.tensor_parallel = tp
         # a bundle per replica; or per rank of a tensor-parallel replica (its share of the replica's resources),
         # each replica's ranks in a placement group of their own, on one node (STRICT_PACK: NVLink between them)
         share = {
@@ -494,6 +550,21 @@ class TeacherPool:
             ]
         self._infos: list[dict] | None = None
         self._shut = False
+
+    def step1_data_parallel(self) -> list[dict]:
+        """``data_parallel`` arguments of :meth:`TeacherWorker.train_verbalizers` for every replica: one
+        rendezvous on replica 0's node per rank index (a tensor-parallel replica's rank ``i`` averages
+        with rank ``i`` of the others)."""
+        tp = len(self.placement_groups[0].bundle_specs) if self.tensor_parallel > 1 else 1
+        endpoints = [
+            ray.get(
+                _endpoint.options(
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_groups[0], placement_group_bundle_index=i)
+                ).remote()
+            )
+            for i in range(tp)
+        ]
+        return [{"rank": r, "world": len(self.actors), "endpoints": endpoints} for r in range(len(self.actors))]
 
     @property
     def infos(self) -> list[dict]:

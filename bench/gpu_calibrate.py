@@ -14,6 +14,9 @@ of d 3,584) in bfloat16 with LoRA 64, its 7 verbalizers and gradient checkpointi
 top-64 signal of 21 layers. Weights are random (built on the GPU in seconds; the time does not depend
 on their values); the rows are text-only (the ViT is a small part of either side: ``bench/scale.py``).
 
+The student's step also runs once more under a peak-memory meter (the CUDA allocator's
+``max_memory_allocated`` above what its weights and signal hold), printed beside the bytes the cost
+model predicts for it (gradients and activations at 2,048 tokens, bfloat16, checkpointing on).
 Each part is timed ``--repeats`` times after ``--warmup`` runs (CUDA synchronised); the table gives
 the median, the FLOPs :mod:`vlsi_ray.scale` counts for it (attention as the full square; a causal
 kernel does half of that part), the FLOP/s and the MFU against the GPU's dense bf16 peak (A100 312,
@@ -49,6 +52,7 @@ from vlsi_ray.models.backbone import Backbone  # noqa: E402
 from vlsi_ray.models.qwen2_vl import FAMILY, build_image_processor, resolve_sizes, tiny_config  # noqa: E402
 from vlsi_ray.models.tokenizer import train_tokenizer  # noqa: E402
 from vlsi_ray.models.verbalizer import Verbalizers  # noqa: E402
+from vlsi_ray.profiling import PeakTensorBytes  # noqa: E402
 from vlsi_ray.signals.produce import teacher_signal  # noqa: E402
 
 #: Dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name().
@@ -78,8 +82,8 @@ def build(role: str, tokenizer, device: torch.device, dtype: torch.dtype, **size
     return Backbone(FAMILY, model.eval(), tokenizer, build_image_processor(), name=f"calibration {role}")
 
 
-def timed(run, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``run()`` over ``repeats`` runs after ``warmup`` (CUDA synchronised)."""
+def timed(run, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``run()`` after ``warmup`` (CUDA synchronised)."""
     for _ in range(warmup):
         run()
     seconds = []
@@ -91,7 +95,22 @@ def timed(run, device: torch.device, warmup: int, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+    return seconds
+
+
+def peak_bytes(run, device: torch.device) -> float:
+    """Peak bytes above those allocated before, during one ``run()``: the CUDA allocator's
+    ``max_memory_allocated``, or on the CPU :class:`~vlsi_ray.profiling.PeakTensorBytes`."""
+    if device.type != "cuda":
+        with PeakTensorBytes() as meter:
+            run()
+        return meter.peak
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def on(batch: dict, device: torch.device) -> dict:
@@ -115,7 +134,8 @@ def measure_teacher(tokenizer, args, device: torch.device, dtype: torch.dtype) -
     flops = sum(scale.teacher_signal_flops(shape, work, scale.StepSettings(targets=len(targets))).values())
     return {
         "part": f"teacher signal, {args.teacher_blocks} blocks of d {sizes['hidden_size']}",
-        "seconds": seconds,
+        "seconds": statistics.median(seconds),
+        "spread": (min(seconds), max(seconds)),
         "flops": flops,
     }
 
@@ -141,13 +161,26 @@ def measure_student(tokenizer, args, device: torch.device, dtype: torch.dtype) -
             p.grad = None
 
     seconds = timed(run, device, args.warmup, args.repeats)
+    measured = peak_bytes(run, device)
     shape = scale.ModelShape.from_hf_config(student.model.config.to_dict(), "student")
     work = scale.Workload(tokens=args.tokens, response=args.response, image_tokens=0)
     settings = scale.StepSettings(targets=len(targets), lora_rank=args.lora_rank, checkpointing=True)
     flops = sum(scale.interact_flops(shape, work, settings).values())
+    acts_bytes = 2 if dtype == torch.bfloat16 else 4
+    acts = scale.activation_bytes(
+        shape, work, checkpointing=True, rank=args.lora_rank, heads=len(targets) + 1, compute_bytes=acts_bytes
+    )
+    parts = scale.training_peak_bytes(sum(p.numel() for p in objective.parameters()), acts, compute_bytes=acts_bytes)
+    predicted = sum(parts.values()) - parts["trained weights"] - parts["optimizer"]  # masters exist before; no optimizer step
+    print(
+        f"  student step 2 peak above its weights: measured {measured / 2**30:.2f} GiB, cost model {predicted / 2**30:.2f} GiB "
+        f"(predicted ÷ measured {predicted / measured:.2f})",
+        flush=True,
+    )
     return {
         "part": f"student step 2, {sizes['num_layers']} blocks of d {sizes['hidden_size']}",
-        "seconds": seconds,
+        "seconds": statistics.median(seconds),
+        "spread": (min(seconds), max(seconds)),
         "flops": flops,
     }
 
@@ -176,18 +209,20 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the GPU's dense bf16 peak, if not A100/H100/H200")
     parser.add_argument("--pipeline", action="store_true", help="also run bench/pipeline.py here (b/a vs ideal)")
+    parser.add_argument("--bfloat16", action="store_true", help="--tiny: compute in bfloat16 on the CPU too")
     args = parser.parse_args()
     if args.tiny:
         args.tokens, args.response, args.vocab, args.lora_rank = min(args.tokens, 256), min(args.response, 64), 4096, 8
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if device.type == "cuda" or args.bfloat16 else torch.float32
     gpu, peak = peak_flops(args, device)
     tokenizer = train_tokenizer(corpus_texts(generate_rows("train", 8, seed=0)), FAMILY)
     print(f"{gpu}; {args.tokens:,} tokens a row, {args.response:,} response; {dtype}", flush=True)
     rows = []
     for measure in (measure_teacher, measure_student):
         rows.append(measure(tokenizer, args, device, dtype))
-        print(f"  {rows[-1]['part']}: {rows[-1]['seconds']:.3f} s", flush=True)
+        low, high = rows[-1]["spread"]
+        print(f"  {rows[-1]['part']}: {rows[-1]['seconds']:.3f} s (min {low:.3f}, max {high:.3f})", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(

@@ -94,8 +94,10 @@ def check_cost_model(tokenizer, image_batch: dict, *, lora_rank: int = 4, memory
     ``image_batch``: one collated row with an image (:class:`~vlsi_ray.data.collate.ChatCollator`).
     FLOPs: the teacher's signal and step 1 on a teacher, steps 2 and 3 with gradient checkpointing
     off and on on a student (eager attention, so that the attention matmuls are counted). Memory:
-    steps 2 and 3, off and on, on a text-only row at ``memory_sizes`` (student width, blocks, MLP
-    width, tokens, response). Returns one dict per check: ``what``, ``measured``, ``predicted``.
+    steps 2 and 3, off and on, on a text-only row at ``memory_sizes`` (``hidden``, ``layers``,
+    ``intermediate``, ``tokens``, ``response``, ``vocab``: default 256, 6, 512, 1,024, 512, 8,192, so
+    that both the blocks' activations and the heads' ``[chunk, V]`` tensors weigh). Returns one dict
+    per check: ``what``, ``measured``, ``predicted``.
     """
     from vlsi_ray.method.matching import MatchingOptions  # noqa: PLC0415 - torch-heavy imports on use
     from vlsi_ray.method.steps import SFT_GROUPS, InteractionObjective, SFTObjective, VerbalizationObjective, response_positions  # noqa: PLC0415
@@ -146,7 +148,7 @@ def check_cost_model(tokenizer, image_batch: dict, *, lora_rank: int = 4, memory
         step3 = SFTObjective(_training_copy(student, checkpointing, 0), SFT_GROUPS, chunk_size=1)
         settings = scale.StepSettings(checkpointing=checkpointing)
         flops(f"step 3, {label} checkpointing", scale.sft_flops(s_shape, work, settings), step3)
-    rows += _memory_checks(tokenizer, teacher, t_verbs, lora_rank, memory_sizes or {})
+    rows += _memory_checks(tokenizer, lora_rank, memory_sizes or {})
     return rows
 
 
@@ -160,20 +162,23 @@ def _training_copy(backbone, checkpointing: bool, lora_rank: int):
     return copied
 
 
-def _memory_checks(tokenizer, teacher, t_verbs, lora_rank: int, sizes: dict) -> list[dict]:
+def _memory_checks(tokenizer, lora_rank: int, sizes: dict) -> list[dict]:
     """Peak bytes of two AdamW steps of steps 2 and 3 (checkpointing off, on) against the prediction."""
     from vlsi_ray.method.matching import MatchingOptions  # noqa: PLC0415
     from vlsi_ray.method.steps import SFT_GROUPS, InteractionObjective, SFTObjective  # noqa: PLC0415
     from vlsi_ray.models.qwen2_vl import build_tiny  # noqa: PLC0415
     from vlsi_ray.models.verbalizer import Verbalizers  # noqa: PLC0415
-    from vlsi_ray.signals.produce import teacher_signal  # noqa: PLC0415
+    from vlsi_ray.signals.teacher_signal import TeacherSignal  # noqa: PLC0415
 
     d, layers, mlp = sizes.get("hidden", 256), sizes.get("layers", 6), sizes.get("intermediate", 512)
-    tokens, response = sizes.get("tokens", 1024), sizes.get("response", 512)
-    student = build_tiny("student", tokenizer, hidden_size=d, num_layers=layers, intermediate_size=mlp, vision_depth=1)
+    tokens, response, vocab = sizes.get("tokens", 1024), sizes.get("response", 512), sizes.get("vocab", 8192)
+    student = build_tiny(
+        "student", tokenizer, hidden_size=d, num_layers=layers, intermediate_size=mlp, vision_depth=1, vocab_size=vocab
+    )
     shape = scale.ModelShape.from_hf_config(student.model.config.to_dict(), "student")
-    batch = _text_batch(tokens, response, shape.text.vocab)
-    signal = teacher_signal(teacher, t_verbs, batch, topk=8)
+    batch = _text_batch(tokens, response, len(tokenizer))  # ids the tokenizer knows; the heads span the whole vocabulary
+    # a teacher signal over the student's whole vocabulary: 3 target layers + the last, top-16
+    signal = TeacherSignal.from_logits(torch.randn(4, response, vocab, generator=torch.Generator().manual_seed(0)), 16)
     work = scale.Workload(tokens=tokens, response=response, image_tokens=0)
     rows = []
     for step in ("step 2", "step 3"):
@@ -187,7 +192,7 @@ def _memory_checks(tokenizer, teacher, t_verbs, lora_rank: int, sizes: dict) -> 
                 acts = scale.activation_bytes(shape, work, checkpointing=checkpointing, rank=lora_rank, heads=4, compute_bytes=4)
             else:
                 objective = SFTObjective(backbone, SFT_GROUPS)
-                acts = scale.activation_bytes(shape, work, checkpointing=checkpointing, full=True, compute_bytes=4)
+                acts = scale.activation_bytes(shape, work, checkpointing=checkpointing, full=True, loss="ce", compute_bytes=4)
             optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
             trained = sum(p.numel() for p in objective.parameters())
             with PeakTensorBytes() as meter:

@@ -490,6 +490,12 @@ def block_saved_elements(text: TextShape, rank: int = 0, norms_trained: bool = F
     return norms + 3 * d + d + 2 * text.kv_dim + text.heads + 4 * f + 7 * rank
 
 
+#: ``[chunk, V]`` float32 tensors a head's backward holds at once (recomputed in its checkpointed chunk):
+#: the KL's logits, log-softmax, probabilities and three gradients; cross-entropy's logits, log-softmax and
+#: gradient (counted with vlsi_ray.profiling.PeakTensorBytes: 6.00 and 3.00 dense chunks).
+HEAD_CHUNK_TENSORS = {"kl": 6, "ce": 3}
+
+
 @dataclass(frozen=True)
 class Activations:
     """A training micro-batch's activation bytes: at the start of backward (``peak``) and while one
@@ -507,6 +513,7 @@ def activation_bytes(
     rank: int = 0,
     full: bool = False,
     heads: int = 1,
+    loss: str = "kl",
     compute_bytes: int = 2,
     chunk: int = 1024,
 ) -> Activations:
@@ -517,9 +524,9 @@ def activation_bytes(
     block's backward adds its MLP gradients (``2F`` per token; ``3F + 3d`` at the first block
     without checkpointing). ``full``: the LLM trains fully (norm weights too: step 3); ``heads``:
     heads trained with grad (each keeps its ``[R, d]`` input and, with checkpointing, until backward
-    reaches its layer, the ``[T, d]`` gradient of its hidden state); the heads' backward holds one
-    ``[chunk, V]`` chunk's float32 logits, log-softmax and gradient at once. A 16-bit compute dtype
-    keeps float32 copies of RMSNorm's inputs.
+    reaches its layer, the ``[T, d]`` gradient of its hidden state); a head's backward holds one
+    chunk's ``[chunk, V]`` float32 tensors, :data:`HEAD_CHUNK_TENSORS` of them for its ``loss``. A
+    16-bit compute dtype keeps float32 copies of RMSNorm's inputs.
     """
     text, t, d = shape.text, work.tokens, shape.text.hidden
     per_block = t * block_saved_elements(text, rank, full) * compute_bytes
@@ -527,7 +534,8 @@ def activation_bytes(
         per_block += t * 2 * d * (4 - compute_bytes)
     block = per_block + t * 2 * text.intermediate * compute_bytes
     inputs = heads * work.response * d * compute_bytes
-    logits = 3 * min(chunk, work.response) * text.vocab * 4
+    # the head's own logits too when they are 16-bit (the loss upcasts a copy)
+    logits = (HEAD_CHUNK_TENSORS[loss] * 4 + (compute_bytes if compute_bytes < 4 else 0)) * min(chunk, work.response) * text.vocab
     if checkpointing:  # the heads' logits are gone when the first block recomputes
         waiting = (heads - 1) * t * d * compute_bytes
         peak = (text.layers + 1) * t * d * compute_bytes + waiting + inputs + max(block, logits)
@@ -543,17 +551,14 @@ def training_peak_bytes(
     optimizer state, gradients (:func:`trained_bytes`) and activations.
 
     Gradients appear as backward frees activations, so the peak is the start of backward (all
-    activations, no gradients yet) or its end (all gradients, one block's activations).
+    activations, no gradients yet) or its end (all gradients, one block's activations). (Autocast's
+    16-bit copies of float32 masters are gone by then: its cache ends with the forward.)
     """
     state = trained_bytes(trained_params, shards, zero_stage, compute_bytes)
+    parts = {"trained weights": state["weights"], "optimizer": state["optimizer"]}
     if activations.peak >= state["gradients"] + activations.block:
-        return {"trained weights": state["weights"], "optimizer": state["optimizer"], "activations": activations.peak}
-    return {
-        "trained weights": state["weights"],
-        "optimizer": state["optimizer"],
-        "gradients": state["gradients"],
-        "activations": activations.block,
-    }
+        return {**parts, "activations": activations.peak}
+    return {**parts, "gradients": state["gradients"], "activations": activations.block}
 
 
 # ----- GPUs, layouts and the run --------------------------------------------------------------------
@@ -705,8 +710,9 @@ def _teacher_seconds(flops: float, work: Workload, text: TextShape, layout: Layo
 
 def _inference_bytes(text: TextShape, work: Workload, tp: int) -> float:
     """Activations of a teacher forward without grad: a few ``[T, d]`` and ``[T, F/tp]`` buffers and
-    one head's float32 ``[R, V]`` logits with :meth:`TeacherSignal.from_logits`'s two buffers."""
-    return work.tokens * (4 * text.hidden + 3 * text.intermediate / tp) * 2 + 3 * work.response * text.vocab * 4
+    four float32 ``[R, V]`` tensors of one head (its logits, and in :meth:`TeacherSignal.from_logits`
+    their ``/ T`` copy, log-softmax and scatter copy: 4.1-4.3 measured, docs/BENCHMARKS.md)."""
+    return work.tokens * (4 * text.hidden + 3 * text.intermediate / tp) * 2 + 4 * work.response * text.vocab * 4
 
 
 def stage_costs(
@@ -747,7 +753,7 @@ def stage_costs(
     else:  # each head split over the replica's ranks, its state ZeRO-2 over the replicas, masters and moments on the host
         state = trained_bytes(verb_t / verb_split, layout.step1_replicas, 2)
         host = state.pop("optimizer")
-    logits_t = 3 * min(cfg.loss.chunk_size, work.response) * teacher.text.vocab * 4
+    logits_t = HEAD_CHUNK_TENSORS["ce"] * min(cfg.loss.chunk_size, work.response) * teacher.text.vocab * 4
     heads_t = cfg.stages.verbalize.batch_size * work.response * teacher.text.hidden * 2 * t_targets + logits_t
     step1_teacher = Side(
         "teacher",
@@ -760,7 +766,7 @@ def stage_costs(
     f1s = sum(verbalize_flops(student, work, StepSettings(targets=s_targets)).values())
     heads_s = Activations(
         work.response * student.text.hidden * 2 * s_targets
-        + 3 * min(cfg.loss.chunk_size, work.response) * student.text.vocab * 4,
+        + HEAD_CHUNK_TENSORS["ce"] * min(cfg.loss.chunk_size, work.response) * student.text.vocab * 4,
         0.0,
     )
     step1 = StageCost(
@@ -800,7 +806,7 @@ def stage_costs(
 
     # step 3: the student's LLM fully
     f3 = sum(sft_flops(student, work, StepSettings(checkpointing=ckpt)).values())
-    acts3 = activation_bytes(student, work, checkpointing=ckpt, full=True, chunk=cfg.loss.chunk_size)
+    acts3 = activation_bytes(student, work, checkpointing=ckpt, full=True, loss="ce", chunk=cfg.loss.chunk_size)
     step3 = StageCost(
         "sft", (student_training(student.text.params(), acts3, cfg.stages.sft.batch_size, f3, layout.sft_workers or workers),)
     )

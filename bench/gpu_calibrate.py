@@ -42,7 +42,7 @@ from vlsi_ray.env import set_offline_defaults  # noqa: E402
 set_offline_defaults()
 
 import torch  # noqa: E402
-from memory import response_batch, synthetic_signal  # noqa: E402
+from memory import PeakCUDA, response_batch, synthetic_signal  # noqa: E402
 
 from vlsi_ray import scale  # noqa: E402
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows  # noqa: E402
@@ -99,18 +99,11 @@ def timed(run, device: torch.device, warmup: int, repeats: int) -> list[float]:
 
 
 def peak_bytes(run, device: torch.device) -> float:
-    """Peak bytes above those allocated before, during one ``run()``: the CUDA allocator's
-    ``max_memory_allocated``, or on the CPU :class:`~vlsi_ray.profiling.PeakTensorBytes`."""
-    if device.type != "cuda":
-        with PeakTensorBytes() as meter:
-            run()
-        return meter.peak
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+    """Peak bytes above those allocated before, during one ``run()``: ``bench/memory.py``'s
+    :class:`PeakCUDA` on a GPU, :class:`~vlsi_ray.profiling.PeakTensorBytes` on the CPU."""
+    with PeakCUDA(device) if device.type == "cuda" else PeakTensorBytes() as meter:
+        run()
+    return meter.peak
 
 
 def on(batch: dict, device: torch.device) -> dict:

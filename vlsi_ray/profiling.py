@@ -22,6 +22,12 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlsi_ray import scale
+from vlsi_ray.method.matching import MatchingOptions
+from vlsi_ray.method.steps import SFT_GROUPS, InteractionObjective, SFTObjective, VerbalizationObjective, response_positions
+from vlsi_ray.models.qwen2_vl import build_tiny
+from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.signals.produce import teacher_signal
+from vlsi_ray.signals.teacher_signal import TeacherSignal
 
 
 class MatmulFlops(TorchDispatchMode):
@@ -99,11 +105,6 @@ def check_cost_model(tokenizer, image_batch: dict, *, lora_rank: int = 4, memory
     that both the blocks' activations and the heads' ``[chunk, V]`` tensors weigh). Returns one dict
     per check: ``what``, ``measured``, ``predicted``.
     """
-    from vlsi_ray.method.matching import MatchingOptions  # noqa: PLC0415 - torch-heavy imports on use
-    from vlsi_ray.method.steps import SFT_GROUPS, InteractionObjective, SFTObjective, VerbalizationObjective, response_positions  # noqa: PLC0415
-    from vlsi_ray.models.qwen2_vl import build_tiny  # noqa: PLC0415
-    from vlsi_ray.models.verbalizer import Verbalizers  # noqa: PLC0415
-    from vlsi_ray.signals.produce import teacher_signal  # noqa: PLC0415
 
     teacher = build_tiny("teacher", tokenizer, hidden_size=64, num_layers=4, intermediate_size=128, vision_depth=1)
     student = build_tiny("student", tokenizer, hidden_size=32, num_layers=3, intermediate_size=64, vision_depth=1)
@@ -164,11 +165,6 @@ def _training_copy(backbone, checkpointing: bool, lora_rank: int):
 
 def _memory_checks(tokenizer, lora_rank: int, sizes: dict) -> list[dict]:
     """Peak bytes of two AdamW steps of steps 2 and 3 (checkpointing off, on) against the prediction."""
-    from vlsi_ray.method.matching import MatchingOptions  # noqa: PLC0415
-    from vlsi_ray.method.steps import SFT_GROUPS, InteractionObjective, SFTObjective  # noqa: PLC0415
-    from vlsi_ray.models.qwen2_vl import build_tiny  # noqa: PLC0415
-    from vlsi_ray.models.verbalizer import Verbalizers  # noqa: PLC0415
-    from vlsi_ray.signals.teacher_signal import TeacherSignal  # noqa: PLC0415
 
     d, layers, mlp = sizes.get("hidden", 256), sizes.get("layers", 6), sizes.get("intermediate", 512)
     tokens, response, vocab = sizes.get("tokens", 1024), sizes.get("response", 512), sizes.get("vocab", 8192)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -11,6 +12,10 @@ import ray.data
 import torch
 
 from vlsi_ray.config import ConfigError, TeacherPoolConfig, load_config, to_yaml
+from vlsi_ray.data.collate import ChatCollator
+from vlsi_ray.data.mixture import load_mixture, prepare
+from vlsi_ray.data.samples import write_samples
+from vlsi_ray.data.shards import read_rows
 from vlsi_ray.data.synthetic import corpus_texts, generate_rows
 from vlsi_ray.method.losses import verbalized_kl
 from vlsi_ray.method.steps import response_positions
@@ -18,7 +23,7 @@ from vlsi_ray.models.backbone import Backbone, ModelInfo
 from vlsi_ray.models.qwen2_vl import build_tiny
 from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
-from vlsi_ray.prepare import check_tensor_parallel, make_collator, new_verbalizers
+from vlsi_ray.prepare import LoadSettings, check_tensor_parallel, make_collator, model_info, new_verbalizers
 from vlsi_ray.runners.ray.client import TeacherClient
 from vlsi_ray.runners.ray.teacher_pool import ENVELOPE, TeacherPool, TeacherWorker
 from vlsi_ray.runners.ray.wire import decode_batch, encode_batch
@@ -354,3 +359,37 @@ def test_step1_data_parallel_needs_grad_accum_to_split_over_the_replicas(tmp_pat
     with pytest.raises(ConfigError, match=r"stages.verbalize.grad_accum=3 does not split over teacher_pool.replicas=2"):
         load_config(None, base)
     assert load_config(None, base + ["teacher_pool.step1_data_parallel=false"]).teacher_pool.replicas == 2
+
+
+@pytest.mark.integration
+def test_tensor_parallel_replica_of_a_hub_bf16_teacher_on_converted_rows(local_ray, hub_worlds, tmp_path):
+    """The released layout (bfloat16 safetensors shards, config.json, chat template), loaded in float32, and one
+    batch of converted sample rows (text only, two images, three turns with a system turn): TP=2 sends one
+    process's signal to 1e-5."""
+    world = hub_worlds("qwen2_vl")
+    info = model_info(world.teacher, LoadSettings("teacher"))
+    collator = ChatCollator(info.tokenizer, info.image_processor, info.family)
+    prepare(load_mixture(write_samples(tmp_path / "samples", rows=5)), tmp_path / "shards", collator=collator, command="test")
+    rows, _ = read_rows(tmp_path / "shards", "train")
+    kinds = {
+        "text only": lambda r: len(r["images"]) == 0,
+        "two images": lambda r: len(r["images"]) >= 2,
+        "three turns": lambda r: sum(m["role"] == "user" for m in json.loads(r["messages"])) >= 2,
+    }
+    batch_rows = [next(r for r in rows if wanted(r)) for wanted in kinds.values()]
+    Verbalizers(info.hidden_size, [1, 2], zero_init=False).save(tmp_path / "verbs")
+    load = LoadSettings("teacher", dtype="float32")
+    batch = encode_batch(collator(batch_rows))
+    reference = TeacherWorker(str(world.teacher), str(tmp_path / "verbs"), topk=16, storage="float32", device="cpu", load=load)
+    expected = reference.signal(batch)
+    pool = TeacherPool(
+        TeacherPoolConfig(replicas=1, tensor_parallel=2), world.teacher, tmp_path / "verbs", 16, 1.0, None, "float32", load=load
+    )
+    try:
+        got = local_ray.get(pool.actors[0].signal.remote(batch))
+        assert local_ray.get(pool.actors[0].info.remote())["lm_head_rows"] == info.vocab_size // 2
+    finally:
+        pool.shutdown()
+    for key in ENVELOPE:
+        expected.pop(key), got.pop(key)
+    _same_signal(TeacherSignal.from_numpy(got), TeacherSignal.from_numpy(expected), atol=1e-5)

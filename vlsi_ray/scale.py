@@ -37,9 +37,6 @@ from typing import Any
 
 GiB = 2**30
 
-#: Bytes per element of a dtype name.
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
 
 # ----- model shapes -------------------------------------------------------------------------------
 

@@ -136,6 +136,13 @@ class TeacherPoolConfig:
     # Step 1 trains the teacher's verb-FFNs on every replica at once (each a share of every optimizer step's
     # micro-batches, gradients averaged); false: on replica 0 alone, the others load them after
     step1_data_parallel: bool = True
+    # Step 1's optimizer on the teacher side: "replicated" (float32 AdamW whole on every GPU: 16 bytes a verb-FFN
+    # parameter) or "zero2-offload" (weights in the compute dtype on the GPU; float32 masters, gradients and moments
+    # split over the replicas in host memory, AdamW on the host: what fits a 72B teacher's 4B verb-FFN parameters)
+    step1_optimizer: str = "replicated"
+    # With tensor_parallel > 1: split every verb-FFN over the replica's ranks (gate/up column-wise, down row-wise)
+    # instead of holding it whole on each (a 72B teacher's 20 are 8 GB in bfloat16)
+    shard_verbalizers: bool = False
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     placement_strategy: str = "PACK"  # placement group over the replicas: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     lookahead: int = 2  # batches requested ahead of the one the student trains on (bounds in-flight signals)
@@ -539,6 +546,10 @@ def _targets_if_known(model: ModelConfig) -> list[int]:
     return []
 
 
+#: ``teacher_pool.step1_optimizer`` values (:class:`~vlsi_ray.method.offload.OffloadStepper` for the second).
+STEP1_OPTIMIZERS = ("replicated", "zero2-offload")
+
+
 def _validate_ray(cfg: RunConfig) -> None:
     pool, train = cfg.teacher_pool, cfg.train
     for key, res in (("teacher_pool.resources", pool.resources), ("train.resources_per_worker", train.resources_per_worker)):
@@ -558,6 +569,14 @@ def _validate_ray(cfg: RunConfig) -> None:
         raise ConfigError(
             f"stages.verbalize.grad_accum={accum} does not split over teacher_pool.replicas={pool.replicas} (step 1 is "
             "data-parallel over the replicas); make it a multiple of the replicas or set teacher_pool.step1_data_parallel=false."
+        )
+    if pool.step1_optimizer not in STEP1_OPTIMIZERS:
+        raise ConfigError(
+            f"teacher_pool.step1_optimizer={pool.step1_optimizer!r} is not one of {', '.join(STEP1_OPTIMIZERS)}; pick one of those."
+        )
+    if pool.step1_optimizer == "zero2-offload" and cfg.teacher.dtype == "float16":
+        raise ConfigError(
+            "teacher_pool.step1_optimizer=zero2-offload has no float16 loss scaling; set teacher.dtype=bfloat16 (or auto on a GPU with it)."
         )
     if pool.lookahead < 0 or pool.max_restarts < -1 or pool.max_task_retries < -1:
         raise ConfigError("teacher_pool.lookahead must be >= 0 and max_restarts/max_task_retries >= -1 (-1: unlimited).")

@@ -584,8 +584,10 @@ class Layout:
     A teacher replica holds ``teacher_gpus`` GPUs, ``pipeline`` (its layers spread over them, one GPU
     busy at a time: ``device_map="auto"``) or ``tensor`` parallel (every GPU busy on a slice of every
     layer). Step 1 trains the teacher's verb-FFNs on ``step1_replicas`` replicas (data-parallel), each
-    holding its float32 AdamW state whole (``step1_optimizer="replicated"``, what the runner does) or
-    sharded ZeRO-2 over the replicas with masters and moments on the host (``"zero2-offload"``). The student's
+    holding its float32 AdamW state whole (``step1_optimizer="replicated"``) or sharded ZeRO-2 over the
+    replicas with masters, gradient accumulators and moments on the host (``"zero2-offload"``,
+    :class:`~vlsi_ray.method.offload.OffloadStepper`); ``shard_verbalizers``: a tensor-parallel replica splits
+    each verb-FFN over its ranks (``teacher_pool.shard_verbalizers``). The student's
     ``student_workers`` Train workers hold one GPU each, ZeRO ``student_zero_stage`` (0: plain DDP);
     step 3 needs no teacher and may run ``sft_workers`` of them.
     """
@@ -599,7 +601,7 @@ class Layout:
     student_zero_stage: int
     step1_optimizer: str = "replicated"  # replicated | zero2-offload
     sft_workers: int = 0  # step 3's Train workers (0: student_workers); the teacher is gone by then
-    shard_verbalizers: bool = False  # verb-FFNs split over a tensor-parallel replica's ranks (today: whole on each)
+    shard_verbalizers: bool = False  # verb-FFNs split over a tensor-parallel replica's ranks (else whole on each)
 
     @property
     def gpus(self) -> int:
@@ -630,6 +632,8 @@ def layout_of(cfg) -> Layout:
         student_workers=cfg.train.num_workers,
         step1_replicas=cfg.teacher_pool.replicas if cfg.teacher_pool.step1_data_parallel else 1,
         student_zero_stage=cfg.train.deepspeed_stage,
+        step1_optimizer=cfg.teacher_pool.step1_optimizer,
+        shard_verbalizers=cfg.teacher_pool.shard_verbalizers and tp > 1,
     )
 
 
@@ -747,9 +751,12 @@ def stage_costs(
     f1t = sum(verbalize_flops(teacher, work, StepSettings(targets=t_targets)).values())
     if layout.step1_optimizer == "replicated":  # plain AdamW, every head whole (pipelined: on one GPU)
         state, host = trained_bytes(verb_t), 0.0
-    else:  # each head split over the replica's ranks, its state ZeRO-2 over the replicas, masters and moments on the host
-        state = trained_bytes(verb_t / verb_split, layout.step1_replicas, 2)
-        host = state.pop("optimizer")
+    else:  # OffloadStepper: each rank's part of the heads in the compute dtype with its whole gradient until the
+        # backward's end (then reduce-scattered, parameter by parameter); float32 master, gradient accumulator and
+        # moments of a 1/replicas slice on the host
+        local_params = verb_t / verb_split
+        state = {"weights": 2.0 * local_params, "gradients": 2.0 * local_params}
+        host = 16.0 * local_params / layout.step1_replicas
     logits_t = HEAD_CHUNK_TENSORS["ce"] * min(cfg.loss.chunk_size, work.response) * teacher.text.vocab * 4
     heads_t = cfg.stages.verbalize.batch_size * work.response * teacher.text.hidden * 2 * t_targets + logits_t
     step1_teacher = Side(
@@ -758,7 +765,7 @@ def stage_costs(
         f1t,
         layout.step1_replicas / _teacher_seconds(f1t, work, teacher.text, layout, gpu, mfu),
         {"frozen weights": teacher_weights, **{f"verb-FFN {k}": v for k, v in state.items()}, "activations": heads_t},
-        host_bytes=host,  # float32 masters and moments, updated on the host (ZeRO-Offload)
+        host_bytes=host,  # float32 masters, gradient accumulators and moments, updated on the host (ZeRO-Offload)
     )
     f1s = sum(verbalize_flops(student, work, StepSettings(targets=s_targets)).values())
     heads_s = Activations(

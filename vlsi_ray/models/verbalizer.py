@@ -69,11 +69,43 @@ class Verbalizers(nn.Module):
             return lambda h: lm_head(final_norm(ffn(h)))
         return lambda h: lm_head(ffn(h))
 
+    def shard(self, mesh) -> Verbalizers:
+        """Split every verb-FFN over the ranks of ``mesh`` (a 1-D ``DeviceMesh``: a tensor-parallel teacher
+        replica), Megatron-style with torch's tensor-parallel plans: ``gate`` and ``up`` column-wise (each rank
+        computes ``d / world`` of the inner width), ``down`` row-wise (its partial sums all-reduced), so a rank
+        holds ``1 / world`` of each verb-FFN and the input and output ``[n, d]`` stay whole. Every rank
+        calls it; returns ``self``."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: PLC0415
+
+        if self.hidden_size % mesh.size():
+            raise ValueError(f"verb-FFN width {self.hidden_size} does not split over {mesh.size()} tensor-parallel ranks.")
+        plan = {"gate": ColwiseParallel(), "up": ColwiseParallel(), "down": RowwiseParallel()}
+        for ffn in self.ffns.values():
+            parallelize_module(ffn, mesh, plan)
+        return self
+
+    def full_state_dict(self, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The state dict with whole tensors on the CPU: sharded ones (:meth:`shard`) gathered from every
+        rank, which must all call it. ``values``: this rank's local parts to use instead of the parameters'
+        own (an offloaded optimizer's float32 masters, keyed as the state dict)."""
+        out = {}
+        for name, tensor in self.state_dict().items():
+            value = tensor if values is None or name not in values else values[name]
+            if hasattr(tensor, "full_tensor"):
+                from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+                if value is not tensor:
+                    value = DTensor.from_local(value.to(tensor.device_mesh.device_type), tensor.device_mesh, tensor.placements)
+                value = value.full_tensor()
+            out[name] = value.detach().contiguous().cpu()
+        return out
+
     def extra_repr(self) -> str:
         return f"layers={self.layers}, residual={self.residual}, final_norm={self.use_final_norm}"
 
-    def save(self, path: str | Path) -> None:
-        """Write ``verbalizers.json`` and ``verbalizers.safetensors`` into directory ``path``."""
+    def save(self, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
+        """Write ``verbalizers.json`` and ``verbalizers.safetensors`` into directory ``path``; ``state``: the
+        weights to write (:meth:`full_state_dict`; default this module's own, which must be whole)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -84,7 +116,8 @@ class Verbalizers(nn.Module):
             "final_norm": self.use_final_norm,
         }
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if state is None:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE))
 
     @classmethod

@@ -312,23 +312,8 @@ def test_step1_data_parallel_over_two_replicas_trains_the_verbalizers_one_replic
     and average their gradients: the verb-FFNs equal those one replica trains on all four (float32, to 1e-6:
     the sum is taken in another order), on both replicas; replica 0 saves them."""
     model_dir, _, _ = teacher_dirs
-    cfg = load_config(
-        None,
-        make_tiny_overrides(tmp_path, "dp")
-        + [
-            "stages.verbalize.batch_size=4",
-            "stages.verbalize.grad_accum=4",
-            "stages.verbalize.lr=3e-3",
-            "teacher_pool.replicas=2",
-        ],
-    )
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
+    cfg, cfg_yaml, dataset, _ = _step1_single(model_dir, tmp_path, ["teacher_pool.replicas=2"])
     rows = generate_rows("train", 48, seed=5)
-    dataset = ray.data.from_items(rows)
-    cfg_yaml = to_yaml(cfg)
-    single = TeacherWorker(str(model_dir), device="cpu")
-    single.train_verbalizers(cfg_yaml, dataset, 3, str(tmp_path / "single"), seed=7)
     pool = TeacherPool(cfg.teacher_pool, model_dir, None, 16, 1.0, None, "float32", step1_dir=tmp_path / "dp")
     try:
         groups = pool.step1_data_parallel()
@@ -350,6 +335,69 @@ def test_step1_data_parallel_over_two_replicas_trains_the_verbalizers_one_replic
         pool.shutdown()
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("optimizer", ["zero2-offload", "replicated"])
+def test_step1_on_two_tensor_parallel_replicas_with_split_verbalizers(local_ray, teacher_dirs, tmp_path, optimizer):
+    """The 6:2 plan's step 1 in small: 2 replicas × 2 tensor-parallel ranks, each verb-FFN split over a replica's
+    ranks (teacher_pool.shard_verbalizers), its AdamW state split over the replicas on the host
+    (step1_optimizer=zero2-offload) or whole on each (replicated: AdamW on the ranks' DTensor shards, gradients
+    averaged over the replicas shard by shard). The saved verb-FFNs (gathered; offloaded: the float32 masters)
+    equal those one process trains with plain AdamW (float32, to 1e-5: sums in another order), a rank holds half
+    of them, and the replicas then send the signal one process sends with the saved verb-FFNs."""
+    model_dir, _, batches = teacher_dirs
+    cfg, cfg_yaml, dataset, history = _step1_single(
+        model_dir,
+        tmp_path,
+        [
+            "stages.verbalize.grad_clip=0.05",  # clipping takes part: the norm adds the ranks' and replicas' slices
+            "teacher_pool.replicas=2",
+            "teacher_pool.tensor_parallel=2",
+            "teacher_pool.shard_verbalizers=true",
+            f"teacher_pool.step1_optimizer={optimizer}",
+        ],
+    )
+    norms = [r["grad_norm"] for r in history]
+    assert min(norms) > 0.05
+    pool = TeacherPool(cfg.teacher_pool, model_dir, None, 16, 1.0, None, "float32", step1_dir=tmp_path / "tpdp")
+    try:
+        groups = pool.step1_data_parallel()
+        results = local_ray.get(
+            [a.train_verbalizers.remote(cfg_yaml, dataset, 3, str(tmp_path / "tpdp"), 7, g) for a, g in zip(pool.actors, groups)]
+        )
+        assert [r["grad_norm"] for r in results[0]["history"]] == pytest.approx(norms, rel=1e-4)
+        expected = Verbalizers.load(tmp_path / "single").state_dict()
+        saved = Verbalizers.load(tmp_path / "tpdp").state_dict()
+        for name, weight in expected.items():
+            torch.testing.assert_close(saved[name], weight, rtol=0, atol=1e-5)
+        info = local_ray.get(pool.actors[0].info.remote())
+        assert info["verbalizer_elements"] == sum(w.numel() for w in expected.values()) // 2  # half the verb-FFNs a rank
+        reference = TeacherWorker(str(model_dir), str(tmp_path / "single"), topk=16, storage="float32", device="cpu")
+        for batch in batches[:2]:
+            wire = encode_batch(batch)
+            want = reference.signal(wire)
+            for answer in local_ray.get([a.signal.remote(wire) for a in pool.actors]):
+                for key in ENVELOPE:
+                    answer.pop(key, None)
+                    want.pop(key, None)
+                _same_signal(TeacherSignal.from_numpy(answer), TeacherSignal.from_numpy(want), atol=1e-5)
+    finally:
+        pool.shutdown()
+
+
+def _step1_single(model_dir, tmp_path, overrides: list[str]):
+    """Step 1's config (4 micro-batches of 4 rows a step) with ``overrides``, its yaml, 48 rows as an ordered
+    Ray Dataset, and one process's training of the teacher's verb-FFNs on them (3 steps, saved to
+    ``tmp_path / "single"``; its history returned)."""
+    base = ["stages.verbalize.batch_size=4", "stages.verbalize.grad_accum=4", "stages.verbalize.lr=3e-3"]
+    cfg = load_config(None, make_tiny_overrides(tmp_path, "step1") + base + overrides)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dataset = ray.data.from_items(generate_rows("train", 48, seed=5))
+    cfg_yaml = to_yaml(cfg)
+    single = TeacherWorker(str(model_dir), device="cpu")
+    history = single.train_verbalizers(cfg_yaml, dataset, 3, str(tmp_path / "single"), seed=7)["history"]
+    return cfg, cfg_yaml, dataset, history
+
+
 def _collated(model_dir, cfg, rows) -> dict:
     return make_collator(Backbone.from_pretrained(model_dir), cfg)(rows)
 
@@ -359,6 +407,17 @@ def test_step1_data_parallel_needs_grad_accum_to_split_over_the_replicas(tmp_pat
     with pytest.raises(ConfigError, match=r"stages.verbalize.grad_accum=3 does not split over teacher_pool.replicas=2"):
         load_config(None, base)
     assert load_config(None, base + ["teacher_pool.step1_data_parallel=false"]).teacher_pool.replicas == 2
+
+
+def test_step1_optimizer_must_be_known_and_offloaded_only_without_float16(tmp_path):
+    base = make_tiny_overrides(tmp_path, "opt")
+    with pytest.raises(ConfigError, match=r"step1_optimizer='zero3' is not one of replicated, zero2-offload; pick one"):
+        load_config(None, base + ["teacher_pool.step1_optimizer=zero3"])
+    with pytest.raises(ConfigError, match="zero2-offload has no float16 loss scaling; set teacher.dtype=bfloat16"):
+        load_config(None, base + ["teacher_pool.step1_optimizer=zero2-offload", "teacher.dtype=float16"])
+    assert (
+        load_config(None, base + ["teacher_pool.step1_optimizer=zero2-offload"]).teacher_pool.step1_optimizer == "zero2-offload"
+    )
 
 
 @pytest.mark.integration

@@ -27,6 +27,7 @@ from vlsi_ray.config import config_from_yaml
 from vlsi_ray.data.ray_dataset import RayCollate
 from vlsi_ray.env import set_offline_defaults
 from vlsi_ray.method.loop import Stepper, run_steps, to_device
+from vlsi_ray.method.offload import OffloadStepper, local
 from vlsi_ray.method.steps import VerbalizationObjective
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.prepare import LoadSettings, frozen_verbalizers, load_model, make_collator, new_verbalizers, resolve_device
@@ -83,6 +84,7 @@ class TeacherWorker:
         load=None,
         kill_at_request: int = 0,
         group: dict | None = None,
+        shard_verbalizers: bool = False,
     ):
         set_offline_defaults()
         self.kill_at_request = kill_at_request
@@ -94,6 +96,7 @@ class TeacherWorker:
 
         self.load = load or LoadSettings("teacher")
         self.rank, self.world = 0, 1
+        self._mesh = None
         if group is not None:  # one rank of a tensor-parallel replica (TeacherGroup)
             self.rank, self.world = _join_group(group, self.device)
             self.backbone = load_model(model_dir, self.load, self.device, tensor_parallel=self.world)
@@ -103,6 +106,7 @@ class TeacherWorker:
             self.device = self.backbone.device  # where inputs go: the first module's GPU
         else:
             self.backbone = load_model(model_dir, self.load, self.device)
+        self.shard_verbalizers = shard_verbalizers and self.world > 1
         self.backbone.model.eval()
         for p in self.backbone.model.parameters():
             p.requires_grad_(False)
@@ -128,8 +132,18 @@ class TeacherWorker:
         Ray runs this call once that one has finished (and saved to ``path``).
         """
         verbalizers = Verbalizers.load(path, self.backbone.lm_head.weight.device)  # next to the heads they feed
-        self.verbalizers = frozen_verbalizers(verbalizers, self.backbone)
+        self.verbalizers = frozen_verbalizers(self._placed(verbalizers), self.backbone)
         return self.verbalizers.layers
+
+    def _placed(self, verbalizers: Verbalizers) -> Verbalizers:
+        """``verbalizers`` split over this replica's ranks with ``shard_verbalizers`` (else whole on each)."""
+        if not self.shard_verbalizers:
+            return verbalizers
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+
+            self._mesh = init_device_mesh(self.device.type, (self.world,))  # the replica's default group
+        return verbalizers.shard(self._mesh)
 
     def info(self) -> dict:
         """Where this replica runs: pid, rank and group size, the LM head rows it holds, Ray node id,
@@ -140,7 +154,10 @@ class TeacherWorker:
             "pid": os.getpid(),
             "rank": self.rank,
             "world": self.world,
-            "lm_head_rows": int((head.to_local() if hasattr(head, "to_local") else head).shape[0]),  # this rank's shard
+            "lm_head_rows": int(local(head).shape[0]),  # this rank's shard
+            "verbalizer_elements": None
+            if self.verbalizers is None
+            else sum(local(p).numel() for p in self.verbalizers.parameters()),  # this rank's part
             "device": str(self.device),
             "devices": devices,
             "model_dir": self.model_dir,
@@ -232,30 +249,45 @@ class TeacherWorker:
         started = time.perf_counter()
         cfg = config_from_yaml(cfg_yaml)
         opt = cfg.stages.verbalize
-        verbs = new_verbalizers(cfg, "teacher", self.backbone, seed)
+        verbs = self._placed(new_verbalizers(cfg, "teacher", self.backbone, seed))
         objective = VerbalizationObjective(self.backbone, verbs, cfg.loss.chunk_size)
         collate = RayCollate(make_collator(self.backbone, cfg))
-        dp_rank, world, average = 0, 1, None
+        dp_rank, world, group = 0, 1, None
         if data_parallel is not None and int(data_parallel["world"]) > 1:
             dp_rank, world = int(data_parallel["rank"]), int(data_parallel["world"])
             address, port = data_parallel["endpoints"][self.rank]
-            group = {"rank": dp_rank, "world": world, "address": address, "port": port}
-            average = _group_mean(group, self.device, cfg.train.collective_timeout_s)
+            where = {"rank": dp_rank, "world": world, "address": address, "port": port}
+            group = _replica_group(where, self.device, cfg.train.collective_timeout_s)
             opt = dataclasses.replace(opt, grad_accum=opt.grad_accum // world)
         rows = dataset.iter_batches(batch_size=opt.batch_size, batch_format="numpy", drop_last=True)
         batches = (collate(batch) for batch in itertools.islice(rows, dp_rank, None, world))  # this replica's share
-        stepper = Stepper(objective.parameters(), opt, objective.compute_dtype, average=average)
+        if cfg.teacher_pool.step1_optimizer == "zero2-offload":
+            stepper = OffloadStepper(objective.parameters(), opt, objective.compute_dtype, group, dp_rank, world)
+        else:
+            # a replica's ranks compute the same gradients (whole verb-FFNs) or each its shard's: nothing to average
+            # over them; over the replicas, the replica group's mean
+            average = _group_mean(group, world) if group is not None else (_keep if self.world > 1 else None)
+            stepper = Stepper(objective.parameters(), opt, objective.compute_dtype, average=average)
         history = run_steps("verbalize/teacher", objective, stepper, batches, opt, total_steps, self.device, modules=[verbs])
+        masters = None
+        if isinstance(stepper, OffloadStepper):  # the float32 masters, not the compute-dtype weights on the device
+            names = [name for name, _ in verbs.named_parameters()]
+            masters = dict(zip(names, stepper.master_weights()))
+            del stepper  # its host state
+        state = verbs.full_state_dict(masters)  # a collective over the replica's ranks when the verb-FFNs are split
         if self.rank == 0 and dp_rank == 0:  # every rank and replica trained the same verb-FFNs
-            verbs.save(out_dir)
+            verbs.save(out_dir, state)
         self.verbalizers = frozen_verbalizers(verbs, self.backbone)
         return {"history": history, "seconds": time.perf_counter() - started}
 
 
-def _group_mean(group: dict, device: torch.device, timeout_s: float):
-    """``average(grads)``: the in-place mean of a list of tensors over a process group of its own
-    (``group``: rank, world, address, port; a TCP store at the address, gloo on CPUs, NCCL on GPUs),
-    apart from any default group this process is in. One flat all-reduce per call."""
+def _keep(grads: list[torch.Tensor]) -> None:
+    """Gradients kept as they are (a tensor-parallel replica training alone)."""
+
+
+def _replica_group(group: dict, device: torch.device, timeout_s: float):
+    """A process group of its own over the replicas (``group``: rank, world, address, port; a TCP store at the
+    address, gloo on CPUs, NCCL on GPUs), apart from any default group this process is in."""
     import datetime  # noqa: PLC0415
 
     import torch.distributed as dist  # noqa: PLC0415
@@ -264,16 +296,21 @@ def _group_mean(group: dict, device: torch.device, timeout_s: float):
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(group["address"], int(group["port"]), world, is_master=rank == 0, timeout=timeout)
     if device.type == "cuda":
-        process_group = dist.ProcessGroupNCCL(store, rank, world)
-    else:
-        process_group = dist.ProcessGroupGloo(store, rank, world, timeout)
+        return dist.ProcessGroupNCCL(store, rank, world)
+    return dist.ProcessGroupGloo(store, rank, world, timeout)
+
+
+def _group_mean(process_group, world: int):
+    """``average(grads)``: the in-place mean of a list of gradients (their local parts: DTensor shards stay
+    this rank's) over ``process_group`` of ``world`` replicas; one flat all-reduce per call."""
 
     def average(grads: list[torch.Tensor]) -> None:
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        parts = [local(g) for g in grads]
+        flat = torch.cat([g.reshape(-1) for g in parts])
         process_group.allreduce([flat]).wait()
         flat.div_(world)
         offset = 0
-        for g in grads:
+        for g in parts:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
@@ -524,6 +561,7 @@ class TeacherPool:
             "step1_dir": None if step1_dir is None else str(step1_dir),
             "load": load,
             "kill_at_request": pool_cfg.kill_at_request,
+            "shard_verbalizers": pool_cfg.shard_verbalizers,
         }
         options = {"num_cpus": share["num_cpus"], "num_gpus": share["num_gpus"], "resources": share["resources"] or None}
         if tp > 1:  # a replica is a TeacherGroup: it places, restarts and calls its ranks

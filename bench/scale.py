@@ -1,15 +1,17 @@
 """The cost model of a run (:mod:`vlsi_ray.scale`): samples/s, bottleneck, memory, GPU-hours and days.
 
-    python bench/scale.py                               # conf/qwen2vl_72b_to_7b.yaml, A100 and H100, today vs 6:2
+    python bench/scale.py                               # conf/qwen2vl_72b_to_7b.yaml, A100 and H100, before vs now
+    python bench/scale.py --split 4:4 --student-mfu 0.194   # and 4:4 with TP=2 replicas, at a measured student MFU
     python bench/scale.py --samples 2900000 --mfu 0.4 --tokens 2048 --response 614 --image-tokens 1024
     python bench/scale.py --config conf/qwen2vl_72b_to_7b.yaml teacher.path=/models/Qwen2-VL-72B-Instruct
     python bench/scale.py --check                       # the model against measured FLOPs and peak bytes (tiny models)
 
-For each GPU type it costs the config's layout as it runs today (``layout_of``: a teacher replica
-spread layer-wise over its GPUs, one busy at a time; step 1's teacher on one replica) beside the
-FLOP-balanced split (``--split``, default 6:2: three tensor-parallel replicas of 2 GPUs, 2 student
-workers; step 1's teacher data-parallel over the three, verb-FFNs split over each replica's ranks,
-their optimizer state on the host; step 3 on all 8 GPUs), and prints per step and side: GPUs, TFLOP per sample, samples/s, GiB per GPU
+For each GPU type it costs the layout the paper config ran before its 6:2 split
+(:data:`~vlsi_ray.scale.PIPELINED_4_4`: one teacher replica spread layer-wise over 4 GPUs, one busy at a
+time; step 1's teacher on it with float32 AdamW) beside the config's own (``layout_of``; the paper
+config: three tensor-parallel replicas of 2 GPUs, 2 student workers; step 1's teacher data-parallel over
+the three, verb-FFNs split over each replica's ranks, their optimizer state on the host) and, with
+``--split``, a FLOP-balanced alternative (step 3 there on all GPUs), and prints per step and side: GPUs, TFLOP per sample, samples/s, GiB per GPU
 (and whether it fits), the bottleneck, GPU-hours and days for ``--samples``; then the days of the
 whole run side by side and their ratio. Shapes come from the checkpoints' ``config.json`` where
 the paths exist, else from the released checkpoints' shapes (:data:`vlsi_ray.scale.KNOWN_CHECKPOINTS`).
@@ -80,10 +82,11 @@ def memory_breakdown(stages: list[scale.StageCost], layout: scale.Layout) -> Non
 def cost(args: argparse.Namespace) -> int:
     cfg, teacher, student = scale.load_run(args.config, args.overrides)
     work = scale.Workload(tokens=args.tokens, response=args.response, image_tokens=args.image_tokens)
-    today = scale.layout_of(cfg)
-    today = scale.Layout(**{**today.__dict__, "name": "today"})
-    t_gpus, s_gpus = (int(n) for n in args.split.split(":"))
-    balanced = scale.balanced_layout(today, t_gpus, s_gpus, args.tensor_parallel)
+    configured = scale.layout_of(cfg)
+    layouts = [scale.PIPELINED_4_4, configured]
+    if args.split:
+        t_gpus, s_gpus = (int(n) for n in args.split.split(":"))
+        layouts.append(scale.balanced_layout(configured, t_gpus, s_gpus, args.tensor_parallel))
     print(
         f"{Path(args.config).name}: {teacher.name} ({teacher.params() / 1e9:.1f}B) -> {student.name} "
         f"({student.params() / 1e9:.1f}B); {work.tokens:,} tokens a sample ({work.image_tokens:,} from the image, "
@@ -109,17 +112,20 @@ def cost(args: argparse.Namespace) -> int:
     summary = []
     for gpu_name in args.gpus:
         gpu = scale.GPUS[gpu_name]
-        days = {}
-        for layout in (today, balanced):
+        days = []
+        for layout in layouts:
             stages = scale.stage_costs(teacher, student, cfg, layout, gpu, work, args.mfu, args.student_mfu)
             layout_table(stages, layout, gpu, args.samples)
             if args.memory:
                 memory_breakdown(stages, layout)
-            days[layout.name] = scale.days(stages, args.samples)
-        summary.append((gpu.name, days[today.name], days[balanced.name]))
-    print(f"\n| GPU | days, {today.name} ({today.split}) | days, {balanced.name} | today ÷ balanced |\n|---|---:|---:|---:|")
-    for name, before, after in summary:
-        print(f"| {name} | {before:.1f} | {after:.1f} | {before / after:.2f} |")
+            days.append(scale.days(stages, args.samples))
+        summary.append((gpu.name, days))
+    names = [f"days, {layout.name} ({layout.split})" for layout in layouts]
+    ratios = [f"{layouts[0].name} ÷ {layout.name}" for layout in layouts[1:]]
+    print("\n| GPU | " + " | ".join(names + ratios) + " |\n|---|" + "---:|" * (len(names) + len(ratios)))
+    for name, days in summary:
+        cells = [f"{d:.1f}" for d in days] + [f"{days[0] / d:.2f}" for d in days[1:]]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 
@@ -160,8 +166,10 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=scale.Workload.tokens)
     parser.add_argument("--response", type=int, default=scale.Workload.response)
     parser.add_argument("--image-tokens", type=int, default=scale.Workload.image_tokens)
-    parser.add_argument("--split", default="6:2", help="teacher:student GPUs of the balanced layout")
-    parser.add_argument("--tensor-parallel", type=int, default=2, help="GPUs per teacher replica in the balanced layout")
+    parser.add_argument(
+        "--split", default="", help="teacher:student GPUs of a FLOP-balanced layout to cost beside the config's (e.g. 4:4)"
+    )
+    parser.add_argument("--tensor-parallel", type=int, default=2, help="GPUs per teacher replica in the --split layout")
     parser.add_argument("--memory", action="store_true", help="also print the bytes per GPU by part")
     parser.add_argument("--check", action="store_true", help="check the model against measurements on tiny models")
     args = parser.parse_args()

@@ -81,19 +81,28 @@ def test_unknown_checkpoint_without_config_is_refused(tmp_path):
         scale.ModelShape.from_checkpoint(tmp_path / "Some-Model")
 
 
-def test_paper_plan_today_is_teacher_bound_and_does_not_fit_step_1_the_balanced_split_does():
+def test_paper_plan_before_was_teacher_bound_and_did_not_fit_step_1_the_config_s_6_2_split_does():
     cfg, teacher, student = scale.load_run(PAPER_CONFIG)
     work, gpu = scale.Workload(), scale.GPUS["A100"]
-    today = scale.layout_of(cfg)
-    assert (today.teacher_replicas, today.teacher_gpus, today.teacher_parallel, today.student_workers) == (1, 4, "pipeline", 4)
-    verbalize, interact, sft = scale.stage_costs(teacher, student, cfg, today, gpu, work)
+    before = scale.PIPELINED_4_4
+    verbalize, interact, sft = scale.stage_costs(teacher, student, cfg, before, gpu, work)
     teacher2, student2 = interact.sides
     assert interact.bottleneck == "teacher" and student2.samples_per_s > 10 * teacher2.samples_per_s
     assert not verbalize.sides[0].fits(gpu)  # 20 verb-FFNs with float32 AdamW beside a quarter of the 72B
-    balanced = scale.balanced_layout(today, 6, 2, tensor_parallel=2)
-    assert (balanced.teacher_replicas, balanced.step1_replicas, balanced.sft_workers) == (3, 3, 8)
-    stages = scale.stage_costs(teacher, student, cfg, balanced, gpu, work)
+    layout = scale.layout_of(cfg)
+    assert (layout.split, layout.teacher_parallel, layout.tensor_parallel, layout.step1_replicas) == ("6:2", "tensor", 2, 3)
+    assert layout.step1_optimizer == "zero2-offload" and layout.shard_verbalizers
+    stages = scale.stage_costs(teacher, student, cfg, layout, gpu, work)
     assert all(side.fits(gpu) for stage in stages for side in stage.sides)
+    step1 = stages[0].sides[0]  # 68.4 GiB of frozen weights, the bf16 verb-FFN halves and their gradients
+    assert step1.peak_bytes / scale.GiB == pytest.approx(77.3, abs=0.1) and step1.host_bytes / scale.GiB == pytest.approx(
+        10.0, abs=0.1
+    )
     teacher2, student2 = stages[1].sides
     assert teacher2.samples_per_s == pytest.approx(student2.samples_per_s, rel=0.1)  # FLOP-balanced
     assert scale.days(stages, 2_900_000) < scale.days([verbalize, interact, sft], 2_900_000) / 4
+    # step 3 on every GPU once the teacher is gone (the balanced plan) would save another quarter
+    balanced = scale.balanced_layout(layout, 6, 2, tensor_parallel=2)
+    assert balanced.sft_workers == 8 and scale.days(
+        scale.stage_costs(teacher, student, cfg, balanced, gpu, work), 2_900_000
+    ) < 0.8 * scale.days(stages, 2_900_000)

@@ -625,7 +625,7 @@ def layout_of(cfg) -> Layout:
     tp = cfg.teacher_pool.tensor_parallel
     gpus = max(tp, int(round(cfg.teacher_pool.resources.num_gpus)), 1)
     return Layout(
-        name="config",
+        name="the config's",
         teacher_replicas=cfg.teacher_pool.replicas,
         teacher_gpus=gpus,
         teacher_parallel="tensor" if tp > 1 or gpus == 1 else "pipeline",
@@ -635,6 +635,19 @@ def layout_of(cfg) -> Layout:
         step1_optimizer=cfg.teacher_pool.step1_optimizer,
         shard_verbalizers=cfg.teacher_pool.shard_verbalizers and tp > 1,
     )
+
+
+#: How ``conf/qwen2vl_72b_to_7b.yaml`` ran before its 6:2 split: one teacher replica spread layer-wise over a
+#: 4-GPU pod (``device_map="auto"``), step 1's teacher on it with float32 AdamW, 4 student workers with ZeRO-2.
+PIPELINED_4_4 = Layout(
+    name="4:4 pipelined (before)",
+    teacher_replicas=1,
+    teacher_gpus=4,
+    teacher_parallel="pipeline",
+    student_workers=4,
+    step1_replicas=1,
+    student_zero_stage=2,
+)
 
 
 def balanced_layout(today: Layout, teacher_gpus: int, student_gpus: int, tensor_parallel: int) -> Layout:

@@ -92,11 +92,33 @@ def test_paper_config_fits_its_worker_group(role):
         assert spare >= 1, f"a student pod keeps {spare} CPUs free for Ray Data; give it more CPUs or the workers fewer"
 
 
+def test_paper_plan_fits_the_gpus_and_the_teacher_pods_host_memory():
+    """The cost model's bytes per GPU of every step of the paper config's layout fit an 80 GB A100, and a
+    teacher pod's memory holds step 1's offloaded optimizer slices of its GPUs with room for the rest."""
+    from vlsi_ray import scale  # noqa: PLC0415 - loads torch
+
+    cfg, teacher, student = scale.load_run(PAPER_CONFIG)
+    layout, gpu = scale.layout_of(cfg), scale.GPUS["A100"]
+    stages = scale.stage_costs(teacher, student, cfg, layout, gpu, scale.Workload())
+    for stage in stages:
+        for side in stage.sides:
+            assert side.fits(gpu), f"{stage.name}'s {side.name} needs {side.peak_bytes / scale.GiB:.1f} GiB a GPU"
+    group = group_for(cluster_specs()["RayCluster"], {"teacher_node": 1})
+    capacity = group_capacity(group)
+    assert capacity["GPU"] == cfg.teacher_pool.tensor_parallel == layout.teacher_gpus  # a pod is one replica
+    memory = group["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert memory.endswith("Gi"), f"the teacher pod's memory limit {memory} is not in Gi"
+    host = stages[0].sides[0].host_bytes * capacity["GPU"]
+    assert 0 < host < 0.25 * float(memory[:-2]) * scale.GiB, (
+        f"step 1's offloaded state ({host / scale.GiB:.0f} GiB) crowds the pod"
+    )
+
+
 def test_fit_check_rejects_what_does_not_fit():
     group = group_for(cluster_specs()["RayCluster"], {"teacher_node": 1})
-    assert fit_problems(group, {"CPU": 8, "GPU": 8, "teacher_node": 1}, 1)  # 8 GPUs on a 4-GPU pod
-    assert fit_problems(group, {"CPU": 8, "GPU": 4, "teacher_node": 1}, group["maxReplicas"] + 1)  # past maxReplicas
-    assert not fit_problems(group, {"CPU": 8, "GPU": 4, "teacher_node": 1}, group["maxReplicas"])
+    assert fit_problems(group, {"CPU": 8, "GPU": 4, "teacher_node": 1}, 1)  # 4 GPUs on a 2-GPU pod
+    assert fit_problems(group, {"CPU": 8, "GPU": 2, "teacher_node": 1}, group["maxReplicas"] + 1)  # past maxReplicas
+    assert not fit_problems(group, {"CPU": 8, "GPU": 2, "teacher_node": 1}, group["maxReplicas"])
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayService"])

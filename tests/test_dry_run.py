@@ -3,6 +3,7 @@ printed in seconds without loading a weight or writing anything; a bad pair stop
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -77,6 +78,11 @@ def test_dry_run_reports_models_lengths_plan_and_placement(hub_worlds, capsys):
     assert stages["verbalize/teacher"]["workers"] == 1
     placement = plan["placement"]
     assert placement["gpus_at_once"] == 2 + 2 * 1 and placement["worker_bundle"]["GPU"] == 1
+    # with step 3 on the teacher's GPUs too: its own Train run of 4 workers, twice the rows of a step
+    sft_plan = dry_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sft_workers=4)))
+    sft4 = {s["stage"]: s for s in sft_plan["stages"]}["sft"]
+    assert (sft4["workers"], sft4["global_batch"]) == (4, 2 * sft["global_batch"])
+    assert sft_plan["placement"]["gpus_at_once"] == 4 and "a Train run of their own: 4 x" in capsys.readouterr().out
     cost = plan["cost"]  # the cost model on the checkpoints' own shapes, for the planned samples
     assert set(cost) == {"A100", "H100"} and set(cost["A100"]["steps"]) == {"verbalize", "interact", "sft"}
     assert all(step["fits"] and step["samples_per_s"] > 0 for step in cost["A100"]["steps"].values())

@@ -156,6 +156,10 @@ class TeacherPoolConfig:
     overlap_host_work: bool = True
 
 
+#: Student stages without a teacher: with ``train.sft_workers`` they run in a Train run of their own.
+SFT_RUN_STAGES = ("baseline_sft", "sft")
+
+
 @dataclass
 class TrainConfig:
     """The student side of the Ray runner: Ray Train workers, DeepSpeed, checkpoints, reports."""
@@ -163,6 +167,11 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # null: use GPUs when the cluster has any
     resources_per_worker: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # The SFT stages (step 3, the SFT-only baseline) need no teacher: > 0 runs them in a Train run of their own on
+    # this many workers once the teacher pool is gone (its GPUs free), each asking sft_resources_per_worker;
+    # 0: in the run of steps 1-2, on num_workers
+    sft_workers: int = 0
+    sft_resources_per_worker: ResourcesConfig = field(default_factory=ResourcesConfig)
     deepspeed_stage: int = 0  # 0: plain data parallelism (all-reduce); 2 / 3: DeepSpeed ZeRO-2 / ZeRO-3
     report_every: int = 50  # steps between ray.train.report calls (each costs about a second)
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: only at the end)
@@ -171,6 +180,14 @@ class TrainConfig:
     collective_timeout_s: int = 1800
     log_ids: bool = False  # write every consumed row id to <stage>/consumed_ids.*.jsonl (a data audit)
     fail_at_step: int = 0  # fault injection (tests, drills): a worker that started fresh SIGKILLs itself after this step
+
+    def workers_for(self, stage: str) -> tuple[int, ResourcesConfig]:
+        """Train workers of student stage ``stage`` and what each asks Ray for: ``sft_workers`` ×
+        ``sft_resources_per_worker`` for the SFT stages (:data:`SFT_RUN_STAGES`) when set, else
+        ``num_workers`` × ``resources_per_worker``."""
+        if self.sft_workers and stage in SFT_RUN_STAGES:
+            return self.sft_workers, self.sft_resources_per_worker
+        return self.num_workers, self.resources_per_worker
 
 
 @dataclass
@@ -552,11 +569,17 @@ STEP1_OPTIMIZERS = ("replicated", "zero2-offload")
 
 def _validate_ray(cfg: RunConfig) -> None:
     pool, train = cfg.teacher_pool, cfg.train
-    for key, res in (("teacher_pool.resources", pool.resources), ("train.resources_per_worker", train.resources_per_worker)):
+    for key, res in (
+        ("teacher_pool.resources", pool.resources),
+        ("train.resources_per_worker", train.resources_per_worker),
+        ("train.sft_resources_per_worker", train.sft_resources_per_worker),
+    ):
         if res.num_cpus < 0 or res.num_gpus < 0 or any(v < 0 for v in res.resources.values()):
             raise ConfigError(f"{key} asks for a negative amount of a resource; use values >= 0.")
     if pool.replicas < 1 or train.num_workers < 1:
         raise ConfigError("teacher_pool.replicas and train.num_workers must be at least 1.")
+    if train.sft_workers < 0:
+        raise ConfigError(f"train.sft_workers={train.sft_workers} must be >= 0 (0: the SFT stages run on train.num_workers).")
     if pool.tensor_parallel < 1:
         raise ConfigError(f"teacher_pool.tensor_parallel={pool.tensor_parallel} must be at least 1 (1: no tensor parallelism).")
     if pool.tensor_parallel > 1 and pool.resources.num_gpus not in (0, pool.tensor_parallel):

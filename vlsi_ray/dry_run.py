@@ -250,10 +250,9 @@ def _plan(cfg: RunConfig, data: dict) -> list[dict]:
     stages = []
     print("[dry-run] stages:")
     for row in planned(cfg):
-        # On Ray the student's stages run on train.num_workers workers; the teacher's in one replica or task.
-        workers = (
-            cfg.train.num_workers if cfg.runner == "ray" and row.side == "student" and not row.name.startswith("pretrain_") else 1
-        )
+        # On Ray the student's stages run on Train workers (train.workers_for); the teacher's in one replica or task.
+        student = cfg.runner == "ray" and row.side == "student" and not row.name.startswith("pretrain_")
+        workers = cfg.train.workers_for(row.name)[0] if student else 1
         opt = getattr(cfg.stages, row.settings)
         rows = sum(tasks.get(t, 0) for t in opt.tasks) if opt.tasks and tasks else train_rows
         steps = total_optimizer_steps(opt, rows, workers)
@@ -343,6 +342,10 @@ def _placement(cfg: RunConfig) -> dict:
         worker["GPU"] = train.resources_per_worker.num_gpus or (1 if train.use_gpu else 0)
     live = "interact" in cfg.steps and cfg.teacher.source == "live"
     gpus = pool.replicas * pool.resources.num_gpus * ("verbalize" in cfg.steps or live) + train.num_workers * worker.get("GPU", 0)
+    sft_run = bool(train.sft_workers) and ("sft" in cfg.steps or cfg.baseline_sft)
+    sft_worker = {"CPU": train.sft_resources_per_worker.num_cpus, **train.sft_resources_per_worker.resources}
+    if train.use_gpu is not False:
+        sft_worker["GPU"] = train.sft_resources_per_worker.num_gpus or (1 if train.use_gpu else 0)
     out = {
         "runner": "ray",
         "teacher_replicas": pool.replicas,
@@ -352,7 +355,8 @@ def _placement(cfg: RunConfig) -> dict:
         "train_workers": train.num_workers,
         "worker_bundle": worker,
         "deepspeed_stage": train.deepspeed_stage,
-        "gpus_at_once": gpus,
+        "sft_workers": train.sft_workers if sft_run else train.num_workers,
+        "gpus_at_once": max(gpus, train.sft_workers * sft_worker.get("GPU", 0) if sft_run else 0),
         "teacher_source": cfg.teacher.source,
     }
     print(
@@ -361,6 +365,7 @@ def _placement(cfg: RunConfig) -> dict:
         f"step 1's teacher side{' and step 2' if live else ''}{'' if live else ', step 2 reads the teacher cache'}); "
         f"student: Ray Train {train.num_workers} x {json.dumps(worker)}, "
         f"{'DeepSpeed ZeRO-' + str(train.deepspeed_stage) if train.deepspeed_stage else 'data parallel (all-reduce)'}; "
-        f"{gpus:g} GPUs at once; evaluations {cfg.eval_tasks} task(s) per model on the workers' resources"
+        f"{f'SFT stages then in a Train run of their own: {train.sft_workers} x {json.dumps(sft_worker)}; ' if sft_run else ''}"
+        f"{out['gpus_at_once']:g} GPUs at once at most; evaluations {cfg.eval_tasks} task(s) per model on the workers' resources"
     )
     return out

@@ -633,6 +633,7 @@ def layout_of(cfg) -> Layout:
         step1_replicas=cfg.teacher_pool.replicas if cfg.teacher_pool.step1_data_parallel else 1,
         student_zero_stage=cfg.train.deepspeed_stage,
         step1_optimizer=cfg.teacher_pool.step1_optimizer,
+        sft_workers=cfg.train.sft_workers,
         shard_verbalizers=cfg.teacher_pool.shard_verbalizers and tp > 1,
     )
 

@@ -114,6 +114,21 @@ def test_paper_plan_fits_the_gpus_and_the_teacher_pods_host_memory():
     )
 
 
+def test_paper_step3_workers_fit_every_gpu_pod_once_the_teacher_is_gone():
+    """train.sft_workers run after the teacher pool is shut down, on any GPU pod: at the groups' minReplicas
+    the pods hold them all (a shortfall would leave step 3 waiting for an autoscaled pod), and they ask for no
+    role's custom resource (which would pin them to that role's pods)."""
+    cfg = paper_config()
+    res = cfg.train.sft_resources_per_worker
+    demand = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
+    assert cfg.train.sft_workers > cfg.train.num_workers and demand["GPU"] == 1
+    assert not res.resources, f"the SFT workers ask for {res.resources}, which not every GPU pod offers"
+    groups = cluster_specs()["RayCluster"]["workerGroupSpecs"]
+    room = sum(actors_per_pod(group_capacity(g), demand) * g["minReplicas"] for g in groups)
+    gpus = sum(group_capacity(g)["GPU"] * g["minReplicas"] for g in groups)
+    assert room >= cfg.train.sft_workers == gpus, f"{cfg.train.sft_workers} SFT workers, room for {room} on {gpus:g} GPUs"
+
+
 def test_fit_check_rejects_what_does_not_fit():
     group = group_for(cluster_specs()["RayCluster"], {"teacher_node": 1})
     assert fit_problems(group, {"CPU": 8, "GPU": 4, "teacher_node": 1}, 1)  # 4 GPUs on a 2-GPU pod

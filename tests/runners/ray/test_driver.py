@@ -119,3 +119,35 @@ def test_resume_after_a_failure_continues_the_same_trajectory(local_ray, shared_
     assert json.loads((cfg.run_dir / "sft" / "stage.json").read_text())["steps"] == 3
     assert sorted(p.name for p in (cfg.run_dir / "ray_train").iterdir() if not p.name.endswith("-init")) == ["student"]
     assert set(report["accuracy"]) == {"teacher", "student_base", "vlsi_without_sft", "vlsi"}
+
+
+def test_sft_workers_run_step3_in_a_train_run_of_its_own_after_the_teacher(local_ray, shared_data):
+    """train.sft_workers=2: step 2 trains on one worker with the teacher pool, then step 3 in a second Train
+    run (``student_sft``) on two workers, each reading its share of the rows, from step 2's student."""
+    cfg = load_config(
+        None,
+        make_tiny_overrides(shared_data, "sft-workers", {"interact": 2, "sft": 2})
+        + [
+            "steps=[interact,sft]",
+            "baseline_sft=false",
+            "eval_models=[]",
+            "train.use_gpu=false",
+            "train.sft_workers=2",
+            "train.log_ids=true",
+            "stages.sft.batch_size=2",
+            "stages.sft.grad_accum=1",
+        ],
+    )
+    run_ray(cfg)
+    runs = sorted(p.name for p in (cfg.run_dir / "ray_train").iterdir() if not p.name.endswith("-init"))
+    assert runs == ["student", "student_sft"]
+    layout = cfg.run_dir
+    assert sorted(p.name for p in (layout / "interact").glob("consumed_ids.*")) == ["consumed_ids.interact.rank0.jsonl"]
+    sft_ids = sorted((layout / "sft").glob("consumed_ids.*"))
+    assert [p.name for p in sft_ids] == ["consumed_ids.sft.rank0.jsonl", "consumed_ids.sft.rank1.jsonl"]
+    shares = [{i for line in p.read_text().splitlines() for i in json.loads(line)} for p in sft_ids]
+    assert [len(s) for s in shares] == [2 * 2, 2 * 2] and not shares[0] & shares[1]  # 2 steps × 2 rows each, disjoint
+    assert json.loads((layout / "sft" / "stage.json").read_text())["steps"] == 2
+    # the teacher pool's last act (step 2's follow-up) came before the SFT run's first worker started
+    placement = layout / "interact" / "teacher_placement.json"
+    assert placement.stat().st_mtime <= min(p.stat().st_mtime for p in (layout / "sft").glob("*placement*"))

@@ -2,9 +2,10 @@
 
 Same recipe as :mod:`vlsi_ray.runners.local` (setup → stages → evaluate → report), same objectives, same
 seeds and batch order, so with one worker it reproduces the in-process run. The student's stages
-run in order in one ``TorchTrainer`` run whose storage is ``<run_dir>/ray_train/student``:
-re-running the same command skips finished stages (``stage.json``) and resumes an interrupted one
-from its last checkpoint. The teacher lives in Ray actors: a teacher pool trains its verbalizers
+run in order in one ``TorchTrainer`` run whose storage is ``<run_dir>/ray_train/student`` (with
+``train.sft_workers``, the SFT stages in a second one, ``student_sft``, on more workers once the teacher
+pool is gone): re-running the same command skips finished stages (``stage.json``) and resumes an
+interrupted one from its last checkpoint. The teacher lives in Ray actors: a teacher pool trains its verbalizers
 (step 1) and then answers step 2. The tiny demo models are pretrained in Ray tasks.
 """
 
@@ -25,7 +26,7 @@ from ray.data import DataContext
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from vlsi_ray import env as vlsi_env
-from vlsi_ray.config import EVAL_MODELS, RunConfig, config_from_yaml, to_yaml
+from vlsi_ray.config import EVAL_MODELS, SFT_RUN_STAGES, RunConfig, config_from_yaml, to_yaml
 from vlsi_ray.data.index import measure_on_ray_or_here
 from vlsi_ray.data.ray_dataset import train_dataset, train_split
 from vlsi_ray.env import at_idle_priority, malloc_env, set_offline_defaults
@@ -167,7 +168,7 @@ class RayRun(Run):
         """The :class:`StageSpec` of student stage ``name`` (its row of the stage table) starting from ``model_dir``."""
         row = stage(name)
         opt = getattr(self.cfg.stages, row.settings)
-        total = total_optimizer_steps(opt, len(self.train_ids(row.settings)), self.cfg.train.num_workers)
+        total = total_optimizer_steps(opt, len(self.train_ids(row.settings)), self.cfg.train.workers_for(name)[0])
         lora = row.lora or (row.objective == "sft" and self.cfg.stages.sft_lora)
         return StageSpec(
             stage=row,
@@ -179,12 +180,13 @@ class RayRun(Run):
             **kw,
         )
 
-    def fit(self, specs: list[StageSpec]) -> None:
-        """Run the student ``specs`` in order as one Ray Train run (``<run_dir>/ray_train/student``),
-        resuming from its last checkpoint; each finished stage leaves its marker."""
+    def fit(self, specs: list[StageSpec], run_name: str = "student") -> None:
+        """Run the student ``specs`` in order as one Ray Train run (``<run_dir>/ray_train/<run_name>``),
+        resuming from its last checkpoint; each finished stage leaves its marker. The specs share their
+        workers (``train.workers_for``)."""
         _data_context()
         cfg = self.cfg
-        workers = cfg.train.num_workers
+        workers, res = cfg.train.workers_for(specs[0].stage.name)
         datasets = {}
         for spec in specs:
             opt = getattr(cfg.stages, spec.stage.settings)
@@ -198,7 +200,6 @@ class RayRun(Run):
                 **self.grouping(spec.stage.settings, workers),
                 lengths_from_shards=not self.index["train"].measured,
             )
-        res = cfg.train.resources_per_worker
         per_worker = {"CPU": res.num_cpus, **res.resources}
         if self.use_gpu:
             per_worker["GPU"] = res.num_gpus or 1
@@ -211,13 +212,13 @@ class RayRun(Run):
             # One worker reads whole datasets: no split coordinator (one actor process fewer per stage).
             dataset_config=ray.train.DataConfig(datasets_to_split="all" if workers > 1 else []),
             run_config=ray.train.RunConfig(
-                name="student",
+                name=run_name,
                 storage_path=str(self.layout.ray_train),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
         )
-        print(f"[ray] student stages {[s.stage.name for s in specs]} in one Ray Train run", flush=True)
+        print(f"[ray] student stages {[s.stage.name for s in specs]} in one Ray Train run on {workers} worker(s)", flush=True)
         trainer.fit()
 
     def pretrain(self, role: str) -> Path:
@@ -443,10 +444,20 @@ class RayRun(Run):
         self.queue("sft", lambda: self.spec("sft", source), lambda: self.evaluate({"vlsi": self.layout.model("sft")}))
 
     def train_student(self) -> None:
-        """The queued stages as one Train run; the watcher runs each stage's follow-up as its marker appears."""
+        """The queued stages as one Train run (with ``train.sft_workers``, the SFT stages in a second one once
+        the first is done and the teacher pool gone); the watcher runs each stage's follow-up as its marker
+        appears."""
+        late = [s for s in self.specs if s.stage.name in SFT_RUN_STAGES] if self.cfg.train.sft_workers else []
+        first = [s for s in self.specs if s not in late]
+        self.watcher.last([s.done_path for s in late])
         self.watcher.start()
-        if self.specs:
-            self.fit(self.specs)
+        if first:
+            self.fit(first)
+        if late:
+            self.watcher.wait([s.done_path for s in first])  # step 2's follow-up shuts the teacher pool down
+            if self.pool is not None:
+                self.pool.shutdown()  # its GPUs go to the SFT workers
+            self.fit(late, run_name="student_sft")
         self.watcher.finish()
 
     def close(self) -> None:
@@ -513,6 +524,7 @@ class StageWatcher:
         self.interval = interval
         self.pending: list[tuple[Path, Callable[[], None]]] = []
         self.error: BaseException | None = None
+        self._done: set[Path] = set()  # paths whose callback has run
         self._final = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stage-watcher", daemon=True)
@@ -539,6 +551,20 @@ class StageWatcher:
             except BaseException as err:  # re-raised in the driver by finish()
                 self.error = err
                 return
+            self._done.add(path)
+
+    def last(self, paths: Sequence[str | Path]) -> None:
+        """Move the callbacks of ``paths`` after every other (a later Train run writes them)."""
+        late = {Path(p) for p in paths}
+        self.pending.sort(key=lambda item: item[0] in late)
+
+    def wait(self, paths: Sequence[str | Path]) -> None:
+        """Block until the callbacks registered for ``paths`` have run; raise the watcher's error, if any."""
+        wanted = {Path(p) for p in paths} & ({p for p, _ in self.pending} | self._done)
+        while wanted - self._done and self.error is None and self._thread.is_alive():
+            time.sleep(self.interval)
+        if self.error is not None:
+            raise self.error
 
     def finish(self) -> None:
         """After the Train run: run the callbacks still due, then raise the first error, if any."""

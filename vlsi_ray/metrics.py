@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -48,4 +49,7 @@ def write_stage_summary(path: str | Path, stage: str, history: list[dict], secon
         summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
+    # atomically: the driver's watcher acts on the file's existence and reads it at once
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(summary, indent=2))
+    os.replace(partial, path)

@@ -60,6 +60,8 @@ class TeacherWorker:
     restarted kills its own process (SIGKILL) when this request arrives, once the earlier ones are answered.
     ``group`` (``rank``, ``world``, ``address``, ``port``): this worker is one rank of a tensor-parallel
     replica (:class:`TeacherGroup`); it joins the group and loads its shard; only rank 0 encodes answers.
+    ``shard_verbalizers`` (``teacher_pool.shard_verbalizers``): such a rank holds its part of every verb-FFN
+    (:meth:`Verbalizers.shard`) instead of all of them.
 
     Created with ``max_concurrency=2`` (``teacher_pool.overlap_host_work``), a replica works on two
     requests at once: one holds the device for its forward (a lock lets one forward run at a time)
@@ -243,8 +245,10 @@ class TeacherWorker:
         index, :meth:`TeacherPool.step1_data_parallel`): this replica is one of ``world`` training the
         same verb-FFNs at once; of each optimizer step's ``grad_accum`` micro-batches it takes every
         ``world``-th from ``rank`` on, and the replicas average their gradients before each update (all
-        end with the same weights; replica 0 saves). Returns ``{"history": per-step metrics of this
-        replica's micro-batches, "seconds": its duration}``.
+        end with the same weights; replica 0 saves). The optimizer is ``teacher_pool.step1_optimizer``'s:
+        AdamW on the device (:class:`Stepper`) or split over the replicas on the host
+        (:class:`~vlsi_ray.method.offload.OffloadStepper`, which saves its float32 masters). Returns
+        ``{"history": per-step metrics of this replica's micro-batches, "seconds": its duration}``.
         """
         started = time.perf_counter()
         cfg = config_from_yaml(cfg_yaml)

@@ -52,6 +52,36 @@ class MatmulFlops(TorchDispatchMode):
         return out
 
 
+class HostWaits(TorchDispatchMode):
+    """Ops run inside the mode that, on a GPU, make the host wait for the device: reading a value
+    (``.item()``, ``float()``, ``bool()``) and data-dependent shapes (``nonzero``, boolean-mask indexing,
+    ``masked_select``). Counted on any device, so a CPU test sees where a GPU step would stall; whole-tensor
+    transfers (``.cpu()``, ``.tolist()``, copies from pageable host memory) are not ops on a CPU and are not
+    counted (one wait each on a GPU). ``counts``: by op."""
+
+    READS = {"_local_scalar_dense", "nonzero", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    @property
+    def total(self) -> int:
+        """All waits counted."""
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._overloadpacket.__name__
+        if name in self.READS:
+            self.counts[name] += 1
+        elif name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in tree_leaves(args[1])
+        ):
+            self.counts[f"{name} (boolean mask)"] += 1
+        return func(*args, **kwargs)
+
+
 class PeakTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages allocated inside the mode and still alive (views and in-place
     results counted once; ``peak`` after the ``with`` block)."""

@@ -20,7 +20,9 @@ from vlsi_ray.method.steps import (
     LossOptions,
     SFTObjective,
     VerbalizationObjective,
+    at_index,
     model_inputs,
+    response_index,
     response_positions,
 )
 from vlsi_ray.models.backbone import LM_LORA_TARGETS, Backbone
@@ -151,6 +153,11 @@ def test_response_positions_on_hand_made_labels():
     # x[mask] orders positions as the targets: position t predicts labels[t + 1].
     nxt = labels.roll(-1, dims=1)
     assert torch.equal(nxt[mask], targets)
+    # the same positions as flat indices into B × T, and the same targets
+    index, flat_targets = response_index(labels)
+    assert index.tolist() == [1, 2, 5, 12, 13] and torch.equal(flat_targets, targets)
+    hidden = torch.arange(4 * 5 * 2).reshape(4, 5, 2)
+    assert torch.equal(at_index(hidden, index, hidden.device), hidden[mask])
 
 
 def test_response_positions_on_the_collated_batch(base):
@@ -524,3 +531,39 @@ def test_a_batch_without_response_tokens_trains_nothing_and_stays_finite(setup, 
     out.loss.backward()
     grads = [p.grad for p in objective.parameters() if p.grad is not None]
     assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("student_layers", [[1], [1, 2, 3]])
+def test_a_step_waits_for_the_device_once_beyond_the_forward_whatever_the_layers_and_chunks(setup, student_layers):
+    """On a GPU the host waits for the device at every ``.item()`` and boolean-mask index. Beyond the model's
+    own forward (transformers' Qwen2-VL waits 53 times in it, its image and rope bookkeeping), step 2 (with a
+    precomputed signal, uniform matching, 2-token chunks) and step 1 find the response positions once and
+    fetch their logged numbers in one transfer (not counted: a whole-tensor copy): one wait a micro-batch
+    for 1 or 3 layers, where each layer's mask index and ``.item()`` used to add two."""
+    from collections import Counter  # noqa: PLC0415
+
+    from vlsi_ray.profiling import HostWaits  # noqa: PLC0415
+
+    teacher, student, t_verbs, _, batch = setup
+    s_verbs = _verbalizers(student, student_layers, seed=6, zero_init=False)
+    signal = teacher_signal(teacher, t_verbs, batch, 16, vocab_size=teacher.vocab_size)
+    student.apply_lora(LORA_RANK, LORA_RANK)
+    objective = InteractionObjective(
+        student,
+        s_verbs,
+        lambda b: signal,
+        MatchingOptions(strategy="uniform"),
+        LossOptions(chunk_size=2),
+        generator=torch.Generator().manual_seed(0),
+    )
+    for model, step in (
+        (student, objective),
+        (teacher, VerbalizationObjective(teacher, _verbalizers(teacher, student_layers, seed=7), 2)),
+    ):
+        with HostWaits() as forward:
+            model.forward(model_inputs(batch), logits=False)
+        with HostWaits() as waits:
+            out = step(batch)
+        assert forward.total > 0 and waits.counts == forward.counts + Counter({"nonzero": 1})
+        assert all(isinstance(v, float) for k, v in out.metrics.items() if k != "matched")
+    assert len([k for k in out.metrics if k.startswith("ce/")]) == len(student_layers)

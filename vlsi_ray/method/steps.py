@@ -59,6 +59,36 @@ def response_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     return mask, labels[:, 1:][mask[:, :-1]]
 
 
+def response_index(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`response_positions` as flat indices: ``labels [B, T]`` -> ``index [N]`` into ``B × T`` (the
+    positions ``x[mask]`` takes, in its order) and ``targets [N]``.
+
+    Finding the positions is the one point where the host waits for the device (``N`` decides shapes);
+    :func:`at_index` then takes them from every layer without another wait, where a boolean mask would
+    wait once per layer.
+    """
+    following = torch.full_like(labels, -100)  # each position's next token: what it predicts
+    following[:, :-1] = labels[:, 1:]
+    index = (following != -100).reshape(-1).nonzero().squeeze(1)
+    return index, following.reshape(-1).index_select(0, index)
+
+
+def at_index(hidden: Tensor, index: Tensor, device: torch.device) -> Tensor:
+    """``hidden [B, T, d]`` at the flat positions ``index [N]`` (:func:`response_index`) -> ``[N, d]`` on
+    ``device`` (where the heads are: a model spread over GPUs leaves each block's output on its GPU)."""
+    return hidden.flatten(0, 1).index_select(0, index.to(hidden.device)).to(device)
+
+
+def host_metrics(metrics: dict) -> dict:
+    """``metrics`` with every tensor value (0-d, on the device) as a float, fetched in one transfer: one
+    wait for the device per call instead of one per ``.item()``."""
+    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    if not keys:
+        return metrics
+    values = torch.stack([metrics[k].detach().float() for k in keys]).tolist()
+    return {**metrics, **dict(zip(keys, values))}
+
+
 def response_token_counts(labels: Tensor) -> list[int]:
     """Response positions per row of ``labels [B, T]``: how a batch's ``N`` signal tokens split into rows."""
     return response_positions(labels)[0].sum(dim=1).tolist()
@@ -121,10 +151,10 @@ class SFTObjective:
         """Mean response-token cross-entropy of the final layer; logs ``loss``."""
         with self.backbone.autocast():
             out = self.backbone.forward(model_inputs(batch), logits=False)
-            mask, targets = response_positions(batch["labels"])
-            h = out.hidden_states[-1][mask]  # already final-normed
+            index, targets = response_index(batch["labels"])
+            h = at_index(out.hidden_states[-1], index, out.hidden_states[-1].device)  # already final-normed
             loss = token_mean(verbalized_ce(h, self.backbone.lm_head, targets, self.chunk_size))
-        return StepOutput(loss, {"loss": loss.item()})
+        return StepOutput(loss, host_metrics({"loss": loss}))
 
 
 class VerbalizationObjective:
@@ -159,7 +189,7 @@ class VerbalizationObjective:
         """
         with torch.no_grad():
             out = self.backbone.forward(model_inputs(batch), logits=False)
-        mask, targets = response_positions(batch["labels"])
+        index, targets = response_index(batch["labels"])
         device = next(self.verbalizers.parameters()).device
         targets = targets.to(device)
         loss = torch.zeros((), device=device)
@@ -167,22 +197,11 @@ class VerbalizationObjective:
         with self.backbone.autocast():
             for layer in self.verbalizers.layers:
                 head = self.verbalizers.head(layer, self.backbone.final_norm, self.backbone.lm_head)
-                ce = token_mean(
-                    verbalized_ce(at_positions(out.hidden_states[layer], mask, device), head, targets, self.chunk_size)
-                )
-                metrics[f"ce/{layer}"] = ce.item()
+                ce = token_mean(verbalized_ce(at_index(out.hidden_states[layer], index, device), head, targets, self.chunk_size))
+                metrics[f"ce/{layer}"] = ce
                 loss = loss + ce
-        metrics["loss"] = loss.item()
-        return StepOutput(loss, metrics)
-
-
-def at_positions(hidden: Tensor, mask: Tensor, device: torch.device) -> Tensor:
-    """``hidden [B, T, d]`` at ``mask [B, T]`` -> ``[N, d]`` on ``device``.
-
-    A model spread over GPUs (``device_map``) leaves each block's output on that block's GPU, so the
-    mask follows the hidden states and the result goes where the verbalizer heads are.
-    """
-    return hidden[mask.to(hidden.device)].to(device)
+        metrics["loss"] = loss
+        return StepOutput(loss, host_metrics(metrics))
 
 
 @dataclass(frozen=True)
@@ -314,17 +333,19 @@ class InteractionObjective:
         """
         t_s, t_l = len(hidden), signal.num_layers - 1
         band = band_mask(t_s, t_l, self.options)
-        sums = torch.zeros(t_s, t_l, dtype=torch.float64, device=hidden[0].device)
         n, chunk_size = hidden[0].shape[0], self.loss.chunk_size
+        rows = []  # per student layer, its candidates' summed KLs [len(candidates)], on the device
         for i in range(t_s):
             candidates = torch.nonzero(band[i]).flatten().tolist()
+            row = torch.zeros(len(candidates), dtype=torch.float64, device=hidden[0].device)
             for start in range(0, n, chunk_size):
                 chunk = slice(start, min(n, start + chunk_size))
                 parts = [signal.layer(j).tokens(chunk) for j in candidates]
                 kls = candidate_kls(parts, heads[i](hidden[i][chunk]), self.loss.direction, self.loss.kd_temperature)
-                sums[i, candidates] += kls.sum(-1).to(sums)
-        distances = (sums / max(1, n)).float().cpu()
-        distances[~band] = float("inf")
+                row += kls.sum(-1).to(row)
+            rows.append(row)
+        distances = torch.full((t_s, t_l), float("inf"))
+        distances[band] = (torch.cat(rows) / max(1, n)).float().cpu()  # one transfer; band order = the rows' order
         return distances
 
     def __call__(self, batch: dict) -> StepOutput:
@@ -338,12 +359,12 @@ class InteractionObjective:
                 value, logged = term(self, step)
                 loss = loss + value
                 metrics.update(logged)
-        metrics["loss"] = loss.item()
-        return StepOutput(loss, metrics)
+        metrics["loss"] = loss
+        return StepOutput(loss, host_metrics(metrics))
 
     def _student_side(self, batch: dict, signal: TeacherSignal) -> _Step2:
         out = self.student.forward(model_inputs(batch), logits=False)
-        mask, targets = response_positions(batch["labels"])
+        index, targets = response_index(batch["labels"])
         if signal.num_tokens != targets.numel():
             raise ValueError(
                 f"teacher signal covers {signal.num_tokens} response tokens but the student batch has "
@@ -355,10 +376,10 @@ class InteractionObjective:
             for layer in layers
         ]
         return _Step2(
-            hidden=[out.hidden_states[layer][mask] for layer in layers],
+            hidden=[at_index(out.hidden_states[layer], index, out.hidden_states[layer].device) for layer in layers],
             heads=heads,
             layers=layers,
-            final=out.hidden_states[-1][mask],
+            final=at_index(out.hidden_states[-1], index, out.hidden_states[-1].device),
             head=_vocab_slice(self.student.lm_head, self.vocab),
             targets=targets,
             signal=signal,
@@ -381,7 +402,7 @@ def _matched_kl(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, 
     loss, metrics = _zero(step), {}
     for i, (indices, weights) in enumerate(zip(match.indices, match.weights)):
         term = sum(w * objective.kl(step.hidden[i], step.heads[i], step.signal.layer(j)) for j, w in zip(indices, weights))
-        metrics[f"kl/{step.layers[i]}"] = term.item()
+        metrics[f"kl/{step.layers[i]}"] = term
         loss = loss + term
     # Matched teacher target layers (0-based positions in the teacher's target list) per student target layer: Fig. 5's data.
     metrics["matched"] = [[int(j) for j in indices] for indices in match.indices]
@@ -394,7 +415,7 @@ def _intermediate_ce(objective: InteractionObjective, step: _Step2) -> tuple[Ten
     loss, metrics = _zero(step), {}
     for hidden, head, layer in zip(step.hidden, step.heads, step.layers):
         term = token_mean(verbalized_ce(hidden, head, step.targets, objective.loss.chunk_size))
-        metrics[f"ce/{layer}"] = term.item()
+        metrics[f"ce/{layer}"] = term
         loss = loss + term
     return loss, metrics
 
@@ -403,14 +424,14 @@ def _intermediate_ce(objective: InteractionObjective, step: _Step2) -> tuple[Ten
 def _last_kl(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
     """The paper: the student's final distribution to the teacher's."""
     last = objective.kl(step.final, step.head, step.signal.layer(step.signal.num_layers - 1))
-    return last, {"kl/last": last.item()}
+    return last, {"kl/last": last}
 
 
 @loss_term(LAST_LAYER_TERMS, "ce")
 def _last_ce(objective: InteractionObjective, step: _Step2) -> tuple[Tensor, dict]:
     """Table 4(d)'s ablation: the last layer's cross-entropy on the ground truth."""
     last = token_mean(verbalized_ce(step.final, objective.student.lm_head, step.targets, objective.loss.chunk_size))
-    return last, {"ce/last": last.item()}
+    return last, {"ce/last": last}
 
 
 @loss_term(INTERMEDIATE_TERMS, "none")

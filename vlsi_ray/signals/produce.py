@@ -7,9 +7,11 @@ so they send the same signal (tail samples included) for the same row.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from vlsi_ray.method.steps import at_positions, model_inputs, response_positions
+from vlsi_ray.method.steps import at_index, model_inputs, response_index, response_token_counts
 from vlsi_ray.models.backbone import Backbone
 from vlsi_ray.models.verbalizer import Verbalizers
 from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
@@ -45,13 +47,13 @@ def teacher_signal(
         )
     vocab = vocab_size or teacher.vocab_size
     out = teacher.forward(model_inputs(batch), logits=False)
-    mask, _ = response_positions(batch["labels"])
+    index, _ = response_index(batch["labels"])
     device = teacher.lm_head.weight.device
     heads = [(layer, verbalizers.head(layer, teacher.final_norm, teacher.lm_head)) for layer in verbalizers.layers]
     heads.append((-1, teacher.lm_head))
     rows = None
     if tail_samples:  # each row's draws come from its own generator (layer after layer): the same in any batch
-        ends = mask.sum(dim=1).cumsum(0).tolist()  # row ends among the N response tokens
+        ends = list(itertools.accumulate(response_token_counts(batch["labels"])))  # row ends among the N response tokens
         rows = [
             (tail_sample_generator(seed, [row_id], device), start, end)
             for row_id, start, end in zip(batch["ids"], [0] + ends[:-1], ends)
@@ -59,7 +61,7 @@ def teacher_signal(
     layers = []
     for layer, head in heads:
         with teacher.autocast():
-            logits = head(at_positions(out.hidden_states[layer], mask, device))[..., :vocab].float()[None]  # [1, N, V]
+            logits = head(at_index(out.hidden_states[layer], index, device))[..., :vocab].float()[None]  # [1, N, V]
         if rows is None:
             layers.append(TeacherSignal.from_logits(logits, topk, temperature))
         else:

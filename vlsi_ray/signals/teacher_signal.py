@@ -289,8 +289,12 @@ class TeacherSignal:
         return self._map(lambda t: t[:, index])
 
     def to(self, device: torch.device | str) -> TeacherSignal:
-        """Move every tensor to ``device`` (dtypes unchanged)."""
-        return self._map(lambda t: t.to(device))
+        """Move every tensor to ``device`` (dtypes unchanged). Host tensors go to a GPU through pinned memory
+        without waiting for the copy (a copy from pageable memory makes the host wait for the device)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return self._map(lambda t: t.to(device))
+        return self._map(lambda t: t.pin_memory().to(device, non_blocking=True) if t.device.type == "cpu" else t.to(device))
 
     # ----------------------------------------------------------------------------- codec and size
     @property

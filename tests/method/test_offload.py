@@ -78,11 +78,13 @@ def test_replicas_share_the_state_and_train_what_one_process_trains(world):
     results: dict[int, tuple] = {}
     errors: list[BaseException] = []
 
+    models = [_model() for _ in range(world)]  # here: the global RNG is not to be shared by threads
+
     def replica(rank: int) -> None:
         try:
             store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=60))
             group = dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=60))
-            model = _model()
+            model = models[rank]
             offload = OffloadStepper(list(model.parameters()), opt, group=group, rank=rank, world=world)
             norms = []
             for step in range(3):

@@ -331,21 +331,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 
+def _worker_bundle(res, use_gpu) -> dict:
+    """What one Train worker asks Ray for (``res``: a ``ResourcesConfig``); a GPU unless ``use_gpu`` is false."""
+    bundle = {"CPU": res.num_cpus, **res.resources}
+    if use_gpu is not False:
+        bundle["GPU"] = res.num_gpus or (1 if use_gpu else 0)
+    return bundle
+
+
 def _placement(cfg: RunConfig) -> dict:
     if cfg.runner == "local":
         print(f"[dry-run] placement: everything in this process on device={cfg.device}")
         return {"runner": "local", "device": cfg.device}
     pool, train = cfg.teacher_pool, cfg.train
     teacher = {"CPU": pool.resources.num_cpus, "GPU": pool.resources.num_gpus, **pool.resources.resources}
-    worker = {"CPU": train.resources_per_worker.num_cpus, **train.resources_per_worker.resources}
-    if train.use_gpu is not False:
-        worker["GPU"] = train.resources_per_worker.num_gpus or (1 if train.use_gpu else 0)
+    worker = _worker_bundle(train.resources_per_worker, train.use_gpu)
     live = "interact" in cfg.steps and cfg.teacher.source == "live"
     gpus = pool.replicas * pool.resources.num_gpus * ("verbalize" in cfg.steps or live) + train.num_workers * worker.get("GPU", 0)
     sft_run = bool(train.sft_workers) and ("sft" in cfg.steps or cfg.baseline_sft)
-    sft_worker = {"CPU": train.sft_resources_per_worker.num_cpus, **train.sft_resources_per_worker.resources}
-    if train.use_gpu is not False:
-        sft_worker["GPU"] = train.sft_resources_per_worker.num_gpus or (1 if train.use_gpu else 0)
+    sft_worker = _worker_bundle(train.sft_resources_per_worker, train.use_gpu)
     out = {
         "runner": "ray",
         "teacher_replicas": pool.replicas,

@@ -30,18 +30,25 @@ from vlsi_ray.signals.produce import teacher_signal
 from vlsi_ray.signals.teacher_signal import TeacherSignal
 
 
-class MatmulFlops(TorchDispatchMode):
+class _OpCounts(TorchDispatchMode):
+    """A dispatch mode that tallies something per op in ``counts``; ``total`` sums them."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    @property
+    def total(self) -> int:
+        """All counted."""
+        return sum(self.counts.values())
+
+
+class MatmulFlops(_OpCounts):
     """FLOPs of the ops run inside the mode, by op, in :mod:`torch.utils.flop_counter`'s convention."""
 
     def __init__(self):
         super().__init__()
         self.registry = FlopCounterMode(display=False).flop_registry
-        self.counts: Counter = Counter()
-
-    @property
-    def total(self) -> int:
-        """All FLOPs counted."""
-        return sum(self.counts.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -52,7 +59,7 @@ class MatmulFlops(TorchDispatchMode):
         return out
 
 
-class HostWaits(TorchDispatchMode):
+class HostWaits(_OpCounts):
     """Ops run inside the mode that, on a GPU, make the host wait for the device: reading a value
     (``.item()``, ``float()``, ``bool()``) and data-dependent shapes (``nonzero``, boolean-mask indexing,
     ``masked_select``). Counted on any device, so a CPU test sees where a GPU step would stall; whole-tensor
@@ -60,15 +67,6 @@ class HostWaits(TorchDispatchMode):
     counted (one wait each on a GPU). ``counts``: by op."""
 
     READS = {"_local_scalar_dense", "nonzero", "masked_select"}
-
-    def __init__(self):
-        super().__init__()
-        self.counts: Counter = Counter()
-
-    @property
-    def total(self) -> int:
-        """All waits counted."""
-        return sum(self.counts.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

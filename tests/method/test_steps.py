@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from vlsi_ray.models.backbone import LM_LORA_TARGETS, Backbone
 from vlsi_ray.models.qwen2_vl import build_tiny
 from vlsi_ray.models.tokenizer import train_tokenizer
 from vlsi_ray.models.verbalizer import Verbalizers
+from vlsi_ray.profiling import HostWaits
 from vlsi_ray.signals.produce import teacher_signal
 from vlsi_ray.signals.teacher_signal import TeacherSignal, tail_sample_generator
 
@@ -540,10 +542,6 @@ def test_a_step_waits_for_the_device_once_beyond_the_forward_whatever_the_layers
     precomputed signal, uniform matching, 2-token chunks) and step 1 find the response positions once and
     fetch their logged numbers in one transfer (not counted: a whole-tensor copy): one wait a micro-batch
     for 1 or 3 layers, where each layer's mask index and ``.item()`` used to add two."""
-    from collections import Counter  # noqa: PLC0415
-
-    from vlsi_ray.profiling import HostWaits  # noqa: PLC0415
-
     teacher, student, t_verbs, _, batch = setup
     s_verbs = _verbalizers(student, student_layers, seed=6, zero_init=False)
     signal = teacher_signal(teacher, t_verbs, batch, 16, vocab_size=teacher.vocab_size)

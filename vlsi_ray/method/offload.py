@@ -149,26 +149,23 @@ class OffloadStepper:
     @torch.no_grad()
     def _gather(self) -> None:
         """Every replica's updated slices -> the compute-dtype weights on the GPU."""
-        for p, n, s, master in zip(self.parameters, self.sizes, self.slices, self.masters):
-            mine = master.detach().to(self.device, p.dtype)
-            if self.world == 1:
-                whole = mine
-            else:
-                whole = torch.empty(s * self.world, dtype=p.dtype, device=self.device)
-                self.group._allgather_base(whole, mine).wait()
-            local(p).view(-1).copy_(whole[:n])
+        for p, n, master in zip(self.parameters, self.sizes, self.masters):
+            local(p).view(-1).copy_(self._all_gather(master, p.dtype)[:n])
+
+    def _all_gather(self, master: Tensor, dtype: torch.dtype) -> Tensor:
+        """Every replica's slice ``[s]`` of one parameter, in ``dtype`` on the device -> ``[s × world]``."""
+        mine = master.detach().to(self.device, dtype)
+        if self.world == 1:
+            return mine
+        whole = torch.empty(mine.numel() * self.world, dtype=dtype, device=self.device)
+        self.group._allgather_base(whole, mine).wait()
+        return whole
 
     @torch.no_grad()
     def master_weights(self) -> list[Tensor]:
         """Each parameter's float32 master, local part (``local(p).shape``), gathered from every replica
         onto the host: what a checkpoint saves (every replica must call it)."""
-        out = []
-        for p, n, s, master in zip(self.parameters, self.sizes, self.slices, self.masters):
-            mine = master.detach().to(self.device)
-            if self.world == 1:
-                whole = mine
-            else:
-                whole = torch.empty(s * self.world, dtype=torch.float32, device=self.device)
-                self.group._allgather_base(whole, mine).wait()
-            out.append(whole[:n].view(local(p).shape).cpu())
-        return out
+        return [
+            self._all_gather(master, torch.float32)[:n].view(local(p).shape).cpu()
+            for p, n, master in zip(self.parameters, self.sizes, self.masters)
+        ]

@@ -423,8 +423,8 @@ def test_step1_optimizer_must_be_known_and_offloaded_only_without_float16(tmp_pa
 @pytest.mark.integration
 def test_tensor_parallel_replica_of_a_hub_bf16_teacher_on_converted_rows(local_ray, hub_worlds, tmp_path):
     """The released layout (bfloat16 safetensors shards, config.json, chat template), loaded in float32, and one
-    batch of converted sample rows (text only, two images, three turns with a system turn): TP=2 sends one
-    process's signal to 1e-5."""
+    batch of converted sample rows (text only, two images, three turns with a system turn): TP=2, with the
+    verb-FFNs split over the two ranks, sends one process's signal to 1e-5."""
     world = hub_worlds("qwen2_vl")
     info = model_info(world.teacher, LoadSettings("teacher"))
     collator = ChatCollator(info.tokenizer, info.image_processor, info.family)
@@ -442,11 +442,20 @@ def test_tensor_parallel_replica_of_a_hub_bf16_teacher_on_converted_rows(local_r
     reference = TeacherWorker(str(world.teacher), str(tmp_path / "verbs"), topk=16, storage="float32", device="cpu", load=load)
     expected = reference.signal(batch)
     pool = TeacherPool(
-        TeacherPoolConfig(replicas=1, tensor_parallel=2), world.teacher, tmp_path / "verbs", 16, 1.0, None, "float32", load=load
+        TeacherPoolConfig(replicas=1, tensor_parallel=2, shard_verbalizers=True),
+        world.teacher,
+        tmp_path / "verbs",
+        16,
+        1.0,
+        None,
+        "float32",
+        load=load,
     )
     try:
         got = local_ray.get(pool.actors[0].signal.remote(batch))
-        assert local_ray.get(pool.actors[0].info.remote())["lm_head_rows"] == info.vocab_size // 2
+        placed = local_ray.get(pool.actors[0].info.remote())
+        assert placed["lm_head_rows"] == info.vocab_size // 2
+        assert placed["verbalizer_elements"] == 2 * 3 * info.hidden_size**2 // 2  # half of each of the 2 verb-FFNs
     finally:
         pool.shutdown()
     for key in ENVELOPE:

@@ -28,6 +28,8 @@ def test_variants_set_the_paper_options(tmp_path):
     with_bases = ablation.variant_overrides(tmp_path, ablation.VARIANTS[0], seed=1)
     assert f"teacher.path={tmp_path / 'bases' / 'pretrain_teacher'}" in with_bases  # every run starts from the shared bases
     assert f"student.path={tmp_path / 'bases' / 'pretrain_student'}" in with_bases
+    pinned = ablation.variant_overrides(tmp_path, ablation.VARIANTS[0], seed=1, teacher_path="conf/models/tiny-teacher")
+    assert "teacher.path=conf/models/tiny-teacher" in pinned  # a config's own teacher checkpoint is every run's teacher
     assert default.seed == 1 and default.runner == "local" and default.run_dir == tmp_path / "s1" / "vlsi"
     assert (default.matching.strategy, default.matching.temperature) == ("multinomial", "adaptive")
     assert default.matching.search_range and default.matching.order_preservation

@@ -124,15 +124,19 @@ def bases_overrides(root: Path) -> list[str]:
     ]
 
 
-def variant_overrides(root: Path, variant: Variant, seed: int, with_bases: bool = True) -> list[str]:
+def variant_overrides(
+    root: Path, variant: Variant, seed: int, with_bases: bool = True, teacher_path: str | None = None
+) -> list[str]:
     """One variant's run: ``root/s<seed>/<variant>``, started from the pretrained bases, steps 1–3.
 
-    ``with_bases=False`` leaves out the paths of the bases (to validate the overrides before they exist).
+    ``teacher_path``: the base config's teacher checkpoint, when it names one (the bases run then
+    pretrains only the student). ``with_bases=False`` leaves out the paths of the bases (to validate
+    the overrides before they exist).
     """
     bases = root / BASES
     # The bases were pretrained on the synthetic task: with their paths set, it is asked for by name.
     paths = [
-        f"teacher.path={bases / 'pretrain_teacher'}",
+        f"teacher.path={teacher_path or bases / 'pretrain_teacher'}",
         f"student.path={bases / 'pretrain_student'}",
         "data.synthetic.generate=true",
     ]
@@ -195,7 +199,7 @@ def run_ablation(
     chosen = variants(names)
     root = Path(root)
     bases_cfg = bases_overrides(root) + list(extra)
-    load_config(config, bases_cfg)  # validation only: a bad key fails before any work
+    teacher = load_config(config, bases_cfg).teacher.path  # also validates: a bad key fails before any work
     for variant in chosen:  # the bases do not exist yet: check the variant overrides without the paths
         load_config(config, variant_overrides(root, variant, seeds[0], with_bases=False) + list(extra))
     results: dict[str, dict] = {}
@@ -229,14 +233,14 @@ def run_ablation(
 
     phase([(BASES, bases_cfg, ("teacher", "student_base"))])
     default, others = chosen[0], chosen[1:]
-    phase([(f"s{s}/{default.name}", variant_overrides(root, default, s), default.evaluates) for s in seeds])
+    phase([(f"s{s}/{default.name}", variant_overrides(root, default, s, teacher_path=teacher), default.evaluates) for s in seeds])
     todo = []
     for s in seeds:
         for variant in others:
             step1 = RunLayout(root / f"s{s}" / variant.name).stage_dir("verbalize")
             if not step1.exists():  # every variant of a seed shares the default run's step 1
                 shutil.copytree(RunLayout(root / f"s{s}" / default.name).stage_dir("verbalize"), step1)
-            todo.append((f"s{s}/{variant.name}", variant_overrides(root, variant, s), variant.evaluates))
+            todo.append((f"s{s}/{variant.name}", variant_overrides(root, variant, s, teacher_path=teacher), variant.evaluates))
     phase(todo)
     return results
 

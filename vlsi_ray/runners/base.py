@@ -25,6 +25,7 @@ from vlsi_ray.eval.heldout import option_letters
 from vlsi_ray.method.loop import train_stage
 from vlsi_ray.metrics import MetricsWriter, write_stage_summary
 from vlsi_ray.models.backbone import Backbone
+from vlsi_ray.models.pinned import check_pinned, describe
 from vlsi_ray.prepare import build_model, index_splits, make_collator, model_key, prepare_data, read_split_rows, tiny_tokenizer
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import build_objective, pretraining, stage
@@ -45,9 +46,21 @@ class Run(ABC):
         self.layout.config.write_text(to_yaml(cfg))
         self.writer = MetricsWriter(self.layout.metrics)
         self.data_dir = prepare_data(cfg)
-        needs_tokenizer = cfg.teacher.path is None or cfg.student.path is None
-        self.tokenizer = tiny_tokenizer(cfg) if needs_tokenizer else None
+        self.tokenizer = self._tiny_tokenizer()
         self.index: dict[str, SplitIndex] = {}  # each split's row metadata, once the student is known (index_data)
+
+    def _tiny_tokenizer(self):
+        """The tokenizer tiny models are built with: none when both roles load checkpoints; the teacher
+        checkpoint's own when only the student is tiny (the pair must share one vocabulary, as released
+        pairs do); else the one trained offline on the train split (:func:`tiny_tokenizer`)."""
+        teacher, student = self.cfg.teacher.path, self.cfg.student.path
+        if teacher is not None and student is not None:
+            return None
+        if teacher is not None:
+            from transformers import AutoTokenizer  # noqa: PLC0415 - transformers loads on use, after the offline defaults
+
+            return AutoTokenizer.from_pretrained(str(teacher))
+        return tiny_tokenizer(self.cfg)
 
     def runs(self, name: str) -> bool:
         """Whether ``cfg`` runs stage ``name`` (the SFT-only baseline needs ``baseline_sft`` too)."""
@@ -110,7 +123,9 @@ class Run(ABC):
         """
         model_cfg, name = getattr(self.cfg, role), pretraining(role).name
         if model_cfg.path is not None:
-            print(f"[{role}] using the checkpoint in {model_cfg.path}", flush=True)
+            pinned = check_pinned(model_cfg.path)
+            about = f" (pinned: {describe(pinned)})" if pinned else ""
+            print(f"[{role}] using the checkpoint in {model_cfg.path}{about}", flush=True)
             return Path(model_cfg.path)
         target, cache = self.layout.model(name), self.model_cache(role)
         for source in (target, cache):
@@ -134,7 +149,15 @@ class Run(ABC):
             return None
         name = pretraining(role).name
         model_cfg, opt = getattr(self.cfg, role), getattr(self.cfg.stages, name)
-        key = model_key(model_cfg, opt if name in self.cfg.steps else None, self.cfg.data.synthetic, self.cfg.seed)
+        # A tiny student built on a teacher checkpoint's tokenizer depends on that checkpoint too.
+        vocabulary = str(self.cfg.teacher.path) if role == "student" and self.cfg.teacher.path is not None else None
+        key = model_key(
+            model_cfg,
+            opt if name in self.cfg.steps else None,
+            self.cfg.data.synthetic,
+            self.cfg.seed,
+            *([vocabulary] if vocabulary else []),
+        )
         return Path(self.cfg.model_cache_dir) / f"{role}-{key}"
 
     def init_model(self, role: str) -> Backbone:

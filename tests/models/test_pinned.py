@@ -1,0 +1,99 @@
+"""Pinned checkpoints: the manifest records what reproduces the weights, and changed weights are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from vlsi_ray.config import load_config
+from vlsi_ray.data.fingerprint import fingerprint
+from vlsi_ray.data.shards import shard_files
+from vlsi_ray.models.pinned import MANIFEST, PinnedCheckpointError, check_pinned, describe, pin_checkpoint
+from vlsi_ray.prepare import tiny_tokenizer
+from vlsi_ray.recipe.layout import RunLayout
+from vlsi_ray.runners.local import LocalRun
+
+from tiny_config import make_tiny_overrides
+from tiny_run import make_tiny_run
+
+ACCURACY = {"overall": 0.875, "per_task": {"colour": 1.0, "position": 0.75}, "n": 40, "loss": {"test": {"all": 0.3}}}
+COMMAND = "python jobs/distill.py name=served steps=[pretrain_teacher]"
+
+
+def _finished_run(tmp_path):
+    run_dir = make_tiny_run(tmp_path)
+    RunLayout(run_dir).report_json.write_text(json.dumps({"accuracy": {"teacher": ACCURACY}}))
+    return run_dir
+
+
+def test_pin_records_provenance_and_refuses_changed_weights(tmp_path):
+    run_dir = _finished_run(tmp_path)
+    out = tmp_path / "pinned"
+    manifest = pin_checkpoint(run_dir, out, COMMAND)
+
+    weights = out / "model.safetensors"
+    assert manifest["produced_by"] == COMMAND
+    assert manifest["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert manifest["data"]["train_fingerprint"] == fingerprint(shard_files(tmp_path / "data", "train"))
+    assert manifest["data"]["generator"]["sizes"]["train"] == 200
+    assert manifest["config"]["model"]["tiny"]["hidden_size"] == 64 and manifest["config"]["seed"] == 0
+    assert manifest["accuracy"] == {k: ACCURACY[k] for k in ("overall", "per_task", "n")}
+    assert manifest["stage"]["stage"] == "pretrain_teacher"
+    # The Hub's layout, and no run marker: the directory is a checkpoint, not a stage output.
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        MANIFEST,
+    } <= names
+    assert RunLayout.marker_in(out).name not in names
+    assert check_pinned(out) == manifest
+    assert describe(manifest) == "pretrained 0 steps; 87.5% on 40 test questions (colour 100, position 75)"
+
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PinnedCheckpointError, match=r"does not match the weights_sha256 .*re-pin"):
+        check_pinned(out)
+    weights.unlink()
+    with pytest.raises(PinnedCheckpointError, match=r"model.safetensors is missing"):
+        check_pinned(out)
+    assert check_pinned(run_dir / "pretrain_teacher") is None  # no manifest: not pinned
+
+
+def test_pin_refuses_an_unscored_or_unfinished_teacher(tmp_path):
+    run_dir = make_tiny_run(tmp_path)
+    with pytest.raises(PinnedCheckpointError, match=r"no teacher accuracy; run with eval_models=\[teacher\]"):
+        pin_checkpoint(run_dir, tmp_path / "pinned", COMMAND)
+    RunLayout(run_dir).report_json.write_text(json.dumps({"accuracy": {"teacher": ACCURACY}}))
+    RunLayout(run_dir).marker("pretrain_teacher").unlink()
+    with pytest.raises(PinnedCheckpointError, match=r"pretrain_teacher did not finish"):
+        pin_checkpoint(run_dir, tmp_path / "pinned", COMMAND)
+    assert not (tmp_path / "pinned").exists()
+
+
+def test_tiny_student_is_built_on_the_teacher_checkpoints_tokenizer(tmp_path):
+    """A tokenizer trained on other data would give other ids; with a teacher path the tiny student takes
+    the teacher's vocabulary, as a released pair shares one."""
+    run_dir = _finished_run(tmp_path)
+    pinned = tmp_path / "pinned"
+    pin_checkpoint(run_dir, pinned, COMMAND)
+    other = tmp_path / "other"
+    overrides = make_tiny_overrides(other, "student-only") + [
+        f"teacher.path={pinned}",
+        "data.synthetic.generate=true",
+        "data.synthetic.train=40",
+        "data.synthetic.tasks=[count]",  # a different corpus: its own tokenizer would differ
+    ]
+    cfg = load_config(None, overrides)
+    run = LocalRun(cfg)
+    teacher_vocab = AutoTokenizer.from_pretrained(str(pinned)).get_vocab()
+    assert tiny_tokenizer(cfg).get_vocab() != teacher_vocab  # what the student would have had before
+    assert run.tokenizer.get_vocab() == teacher_vocab
+    assert run.init_model("student").tokenizer.get_vocab() == teacher_vocab

@@ -1,0 +1,134 @@
+"""Pinned checkpoints: a small pretrained model kept in the repository with the provenance that reproduces it.
+
+A pinned directory is a checkpoint in the Hub's layout (``config.json``, ``model.safetensors``,
+tokenizer, chat template, processor config) plus ``MANIFEST.json``::
+
+    {"produced_by": "<the command that trained it>",
+     "weights_sha256": "<sha256 of model.safetensors>",
+     "stage": {"steps": 12000, "seconds": ..., "first_loss": ..., "last_loss": ...},
+     "config": {"seed": 0, "model": {...}, "optim": {...}},          # what decided its weights
+     "data": {"generator": {...}, "train_fingerprint": "<sha256 of the train shards>"},
+     "accuracy": {"overall": 0.93, "per_task": {...}, "n": 1000},     # its run's test split
+     "git_commit": "<vlsi-ray commit that trained it>"}
+
+:func:`pin_checkpoint` writes one from a finished run (``jobs/pin_teacher.py``); :func:`check_pinned`
+refuses a pinned directory whose weights no longer match their manifest, and runs call it whenever
+a model ``path`` holds a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from vlsi_ray.data.fingerprint import fingerprint
+from vlsi_ray.data.shards import load_manifest, shard_files
+from vlsi_ray.recipe.layout import RunLayout
+from vlsi_ray.recipe.stages import pretraining
+
+MANIFEST = "MANIFEST.json"
+WEIGHTS = "model.safetensors"
+#: Files of a run's model directory that are copied (the run's stage marker becomes the manifest's ``stage``).
+_CHECKPOINT_FILES = ("*.json", "*.jinja", "*.safetensors", "*.txt")
+
+
+class PinnedCheckpointError(ValueError):
+    """A pinned checkpoint that does not match its manifest."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 hex digest of one file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _git_commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def pin_checkpoint(run_dir: str | Path, out: str | Path, command: str, role: str = "teacher") -> dict:
+    """Copy the ``role`` model that the finished run in ``run_dir`` pretrained into ``out`` with its manifest.
+
+    ``command`` is the command line that produced the run (recorded as ``produced_by``). The run must
+    have pretrained the model (its pretraining stage in the config's ``steps``, its marker written) and
+    scored it (``report.json``). Returns the manifest. ``out`` is replaced.
+    """
+    layout = RunLayout(run_dir)
+    name = pretraining(role).name
+    source = layout.model(name)
+    cfg = yaml.safe_load(layout.config.read_text()) if layout.config.is_file() else None
+    if cfg is None or name not in cfg.get("steps", []):
+        raise PinnedCheckpointError(f"{run_dir} did not run {name}; pin a run whose steps include it.")
+    marker = RunLayout.marker_in(source)
+    if not marker.is_file():
+        raise PinnedCheckpointError(f"{source} has no {marker.name}: {name} did not finish; re-run it to completion.")
+    report = layout.report_json
+    accuracy = json.loads(report.read_text()).get("accuracy", {}).get(role) if report.is_file() else None
+    if accuracy is None:
+        raise PinnedCheckpointError(f"{report} has no {role} accuracy; run with eval_models=[{role}] before pinning.")
+    data_dir = Path(cfg["data"]["dir"])
+    generated = load_manifest(data_dir)
+    manifest = {
+        "produced_by": command,
+        "weights_sha256": sha256_file(source / WEIGHTS),
+        "stage": json.loads(marker.read_text()),
+        "config": {"seed": cfg["seed"], "model": cfg[role], "optim": cfg["stages"][name]},
+        "data": {
+            "generator": {k: generated[k] for k in ("generator_version", "seed", "sizes", "generator_kwargs")}
+            if generated
+            else None,
+            "train_fingerprint": fingerprint(shard_files(data_dir, "train")),
+        },
+        "accuracy": {k: accuracy[k] for k in ("overall", "per_task", "n")},
+        "git_commit": _git_commit(Path(__file__).resolve().parents[2]),
+    }
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for pattern in _CHECKPOINT_FILES:
+        for f in source.glob(pattern):
+            if f.name != marker.name:
+                shutil.copy2(f, out / f.name)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def check_pinned(path: str | Path) -> dict | None:
+    """The manifest of the pinned checkpoint at ``path`` after checking its weights (None: not pinned).
+
+    Raises :class:`PinnedCheckpointError` when ``model.safetensors`` is missing or its SHA-256 is not
+    the manifest's (a Git LFS pointer, a truncated copy, or weights changed without re-pinning).
+    """
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise PinnedCheckpointError(f"{weights} is missing; restore it (git checkout) or re-pin with jobs/pin_teacher.py.")
+    if sha256_file(weights) != manifest["weights_sha256"]:
+        raise PinnedCheckpointError(
+            f"{weights} does not match the weights_sha256 of {manifest_path}; restore it (git checkout) "
+            "or re-pin the checkpoint with jobs/pin_teacher.py."
+        )
+    return manifest
+
+
+def describe(manifest: dict) -> str:
+    """One line about a pinned checkpoint: how long it trained and how it scored."""
+    acc = manifest["accuracy"]
+    tasks = ", ".join(f"{t} {100 * a:.0f}" for t, a in sorted(acc["per_task"].items()))
+    return f"pretrained {manifest['stage']['steps']:,} steps; {100 * acc['overall']:.1f}% on {acc['n']} test questions ({tasks})"

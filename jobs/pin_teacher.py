@@ -1,10 +1,9 @@
 """Pin the tiny teacher a finished run pretrained: copy it into the repository with MANIFEST.json.
 
-    # 1. pretrain and score the teacher (this is what conf/models/tiny-teacher/MANIFEST.json records)
+    # 1. pretrain and score the teacher: conf/tiny.yaml's settings with teacher.path=null (~45 min on one core)
     python jobs/distill.py runner=local name=tiny-teacher data.dir=data/tiny-teacher teacher.path=null \
-        data.synthetic.train=60000 "steps=[pretrain_teacher]" "eval_models=[teacher]" baseline_sft=false \
-        stages.pretrain_teacher.max_steps=12000
-    # 2. pin it
+        "steps=[pretrain_teacher]" "eval_models=[teacher]" baseline_sft=false data.synthetic.train=60000
+    # 2. pin it (this is what conf/models/tiny-teacher/MANIFEST.json records)
     python jobs/pin_teacher.py runs/tiny-teacher conf/models/tiny-teacher --command "<command 1>"
 
 The manifest names the command, the config that decided the weights (model, optimisation, seed), the

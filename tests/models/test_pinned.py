@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from vlsi_ray.config import load_config
 from vlsi_ray.data.fingerprint import fingerprint
 from vlsi_ray.data.shards import shard_files
+from vlsi_ray.data.synthetic import generate_rows
+from vlsi_ray.eval.heldout import score_rows
 from vlsi_ray.models.pinned import MANIFEST, PinnedCheckpointError, check_pinned, describe, pin_checkpoint
-from vlsi_ray.prepare import tiny_tokenizer
+from vlsi_ray.prepare import LoadSettings, load_model, make_collator, tiny_tokenizer
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.runners.local import LocalRun
 
 from tiny_config import make_tiny_overrides
 from tiny_run import make_tiny_run
 
+ROOT = Path(__file__).resolve().parents[2]
+PINNED_TEACHER = Path("conf/models/tiny-teacher")  # as conf/tiny.yaml names it (relative to the repository root)
 ACCURACY = {"overall": 0.875, "per_task": {"colour": 1.0, "position": 0.75}, "n": 40, "loss": {"test": {"all": 0.3}}}
 COMMAND = "python jobs/distill.py name=served steps=[pretrain_teacher]"
 
@@ -97,3 +104,26 @@ def test_tiny_student_is_built_on_the_teacher_checkpoints_tokenizer(tmp_path):
     assert tiny_tokenizer(cfg).get_vocab() != teacher_vocab  # what the student would have had before
     assert run.tokenizer.get_vocab() == teacher_vocab
     assert run.init_model("student").tokenizer.get_vocab() == teacher_vocab
+
+
+def test_the_pinned_tiny_teacher_is_intact_reproducible_and_strong(one_thread):
+    """conf/tiny.yaml's teacher: its weights match the manifest, the manifest's settings are the ones
+    tiny.yaml pretrains with (teacher.path=null), and it answers fresh questions of its task."""
+    cfg = load_config(ROOT / "conf" / "tiny.yaml", [])
+    manifest = check_pinned(cfg.teacher.path)
+    assert manifest is not None and Path(cfg.teacher.path) == PINNED_TEACHER
+    assert manifest["config"]["model"]["tiny"] == asdict(cfg.teacher.tiny)
+    assert manifest["config"]["optim"] == asdict(cfg.stages.pretrain_teacher)
+    synthetic = cfg.data.synthetic
+    assert manifest["data"]["generator"]["generator_kwargs"] == {
+        k: v for k, v in synthetic.generator_kwargs().items() if k != "rows_per_shard"
+    }
+    assert manifest["data"]["generator"]["seed"] == synthetic.seed and "teacher.path=null" in manifest["produced_by"]
+    assert manifest["accuracy"]["overall"] >= 0.85 and min(manifest["accuracy"]["per_task"].values()) >= 0.70
+
+    difficulty = {k: getattr(synthetic, k) for k in ("min_objects", "max_objects", "distractors", "dot_prob")}
+    rows = generate_rows("test", 100, seed=7, **difficulty)  # questions its test split never asked
+    teacher = load_model(PINNED_TEACHER, LoadSettings("teacher"), "cpu")
+    records = score_rows(teacher, rows, make_collator(teacher, cfg), 50, torch.device("cpu"), "ABCD")
+    correct = sum(r["prediction"] == r["answer"] for r in records)
+    assert correct >= 80, f"the pinned teacher answered {correct}/100 fresh questions"

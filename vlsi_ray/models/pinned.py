@@ -9,7 +9,7 @@ tokenizer, chat template, processor config) plus ``MANIFEST.json``::
      "config": {"seed": 0, "model": {...}, "optim": {...}},          # what decided its weights
      "data": {"generator": {...}, "train_fingerprint": "<sha256 of the train shards>"},
      "accuracy": {"overall": 0.93, "per_task": {...}, "n": 1000},     # its run's test split
-     "git_commit": "<vlsi-ray commit that trained it>"}
+     "pinned_at_commit": "<the vlsi-ray commit checked out when it was pinned>"}
 
 :func:`pin_checkpoint` writes one from a finished run (``jobs/pin_teacher.py``); :func:`check_pinned`
 refuses a pinned directory whose weights no longer match their manifest, and runs call it whenever
@@ -92,7 +92,7 @@ def pin_checkpoint(run_dir: str | Path, out: str | Path, command: str, role: str
             "train_fingerprint": fingerprint(shard_files(data_dir, "train")),
         },
         "accuracy": {k: accuracy[k] for k in ("overall", "per_task", "n")},
-        "git_commit": _git_commit(Path(__file__).resolve().parents[2]),
+        "pinned_at_commit": _git_commit(Path(__file__).resolve().parents[2]),
     }
     out = Path(out)
     if out.exists():

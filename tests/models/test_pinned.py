@@ -16,10 +16,12 @@ from vlsi_ray.data.fingerprint import fingerprint
 from vlsi_ray.data.shards import shard_files
 from vlsi_ray.data.synthetic import generate_rows
 from vlsi_ray.eval.heldout import score_rows
+from vlsi_ray.method.steps import model_inputs, response_positions
 from vlsi_ray.models.pinned import MANIFEST, PinnedCheckpointError, check_pinned, describe, pin_checkpoint
-from vlsi_ray.prepare import LoadSettings, load_model, make_collator, tiny_tokenizer
+from vlsi_ray.prepare import LoadSettings, load_model, make_collator, new_verbalizers, tiny_tokenizer
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.runners.local import LocalRun
+from vlsi_ray.signals.produce import teacher_signal
 
 from tiny_config import make_tiny_overrides
 from tiny_run import make_tiny_run
@@ -127,3 +129,22 @@ def test_the_pinned_tiny_teacher_is_intact_reproducible_and_strong(one_thread):
     records = score_rows(teacher, rows, make_collator(teacher, cfg), 50, torch.device("cpu"), "ABCD")
     correct = sum(r["prediction"] == r["answer"] for r in records)
     assert correct >= 80, f"the pinned teacher answered {correct}/100 fresh questions"
+
+
+def test_the_pinned_teachers_signal_is_its_final_layers_prediction_of_the_response(one_thread):
+    """Step 2's teacher signal at the response positions, final layer: its top token is what the teacher's
+    own forward predicts there (the same position, not one off) and, for a strong teacher, the response."""
+    cfg = load_config(ROOT / "conf" / "tiny.yaml", [])
+    synthetic = cfg.data.synthetic
+    difficulty = {k: getattr(synthetic, k) for k in ("min_objects", "max_objects", "distractors", "dot_prob")}
+    teacher = load_model(PINNED_TEACHER, LoadSettings("teacher"), "cpu")
+    batch = make_collator(teacher, cfg)(generate_rows("test", 40, seed=11, **difficulty))
+    signal = teacher_signal(teacher, new_verbalizers(cfg, "teacher", teacher, seed=0), batch, topk=16)
+    final = signal.layer(-1)  # [1, N, k]
+    top = final.topk_ids.gather(-1, final.topk_logprobs.argmax(-1, keepdim=True)).reshape(-1)  # [N]
+    mask, targets = response_positions(batch["labels"])
+    with torch.no_grad():
+        logits = teacher.forward(model_inputs(batch)).logits  # [B, T, V]
+    assert torch.equal(top, logits[mask].argmax(-1))
+    assert len(targets) == 80  # a letter and the end token per row
+    assert (top == targets).float().mean().item() >= 0.9

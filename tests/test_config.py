@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from vlsi_ray.config import STEPS, ConfigError, RunConfig, TargetLayersConfig, load_config
+from vlsi_ray.config import (
+    STEPS,
+    ConfigError,
+    RunConfig,
+    TargetLayersConfig,
+    config_from_yaml,
+    load_config,
+    to_yaml,
+    with_absolute_model_paths,
+)
 from vlsi_ray.serve.config import serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +204,18 @@ def test_a_ray_job_with_a_working_dir_refuses_relative_output_paths(monkeypatch,
     )
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # a job without a working dir
     assert load_config(None, ["output_dir=runs"]).output_dir == "runs"
+
+
+def test_model_paths_travel_absolute_to_ray_workers(monkeypatch):
+    """Train workers run in their own directories: the config they receive names checkpoints absolutely,
+    and the driver's own config keeps what the user wrote."""
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    monkeypatch.chdir(conf)
+    cfg = load_config(None, ["teacher.path=models/tiny-teacher", "student.path=null"])
+    remote = with_absolute_model_paths(cfg)
+    assert remote.teacher.path == str(conf / "models" / "tiny-teacher") and remote.student.path is None
+    assert cfg.teacher.path == "models/tiny-teacher"
+    monkeypatch.chdir("/")
+    assert config_from_yaml(to_yaml(remote)).teacher.path == remote.teacher.path  # loads anywhere
+    with pytest.raises(ConfigError, match=r"teacher.path=models/tiny-teacher is not a directory"):
+        config_from_yaml(to_yaml(cfg))

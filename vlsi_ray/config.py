@@ -7,6 +7,7 @@ and turns every problem into a :class:`ConfigError` whose message is one sentenc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -646,6 +647,17 @@ def _get(tree: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree[part]
     return tree
+
+
+def with_absolute_model_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` whose ``teacher.path`` and ``student.path`` are absolute (resolved against this
+    process's working directory): the config Ray actors and Train workers receive, since they do not run
+    in the driver's working directory (Ray Train moves its workers into their run directories)."""
+    out = copy.deepcopy(cfg)
+    for model in (out.teacher, out.student):
+        if model.path is not None:
+            model.path = str(Path(model.path).resolve())
+    return out
 
 
 def config_from_yaml(text: str) -> RunConfig:

@@ -26,7 +26,7 @@ from ray.data import DataContext
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from vlsi_ray import env as vlsi_env
-from vlsi_ray.config import EVAL_MODELS, SFT_RUN_STAGES, RunConfig, config_from_yaml, to_yaml
+from vlsi_ray.config import EVAL_MODELS, SFT_RUN_STAGES, RunConfig, config_from_yaml, to_yaml, with_absolute_model_paths
 from vlsi_ray.data.index import measure_on_ray_or_here
 from vlsi_ray.data.ray_dataset import train_dataset, train_split
 from vlsi_ray.env import at_idle_priority, malloc_env, set_offline_defaults
@@ -141,6 +141,8 @@ class RayRun(Run):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
+        # Actors and workers run elsewhere (Train workers in their run directories): checkpoint paths go absolute.
+        self.cfg = cfg = with_absolute_model_paths(cfg)
         self.cfg_yaml = to_yaml(cfg)
         self.layout = RunLayout(self.layout.root.resolve())  # workers and tasks may run anywhere in the cluster
         self._split = None

@@ -106,6 +106,11 @@ def test_tiny_student_is_built_on_the_teacher_checkpoints_tokenizer(tmp_path):
     assert tiny_tokenizer(cfg).get_vocab() != teacher_vocab  # what the student would have had before
     assert run.tokenizer.get_vocab() == teacher_vocab
     assert run.init_model("student").tokenizer.get_vocab() == teacher_vocab
+    # Cached tiny students are keyed by that vocabulary: not the one a run without the teacher caches.
+    cached = [o for o in overrides if not o.startswith("model_cache_dir")] + [f"model_cache_dir={tmp_path / 'cache'}"]
+    on_teacher = LocalRun(load_config(None, cached)).model_cache("student")
+    alone = LocalRun(load_config(None, [*cached, "teacher.path=null"])).model_cache("student")
+    assert on_teacher is not None and alone is not None and on_teacher != alone
 
 
 def test_the_pinned_tiny_teacher_is_intact_reproducible_and_strong(one_thread):

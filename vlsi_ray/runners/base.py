@@ -149,8 +149,10 @@ class Run(ABC):
             return None
         name = pretraining(role).name
         model_cfg, opt = getattr(self.cfg, role), getattr(self.cfg.stages, name)
-        # A tiny student built on a teacher checkpoint's tokenizer depends on that checkpoint too.
-        vocabulary = str(self.cfg.teacher.path) if role == "student" and self.cfg.teacher.path is not None else None
+        # A tiny student built on a teacher checkpoint's tokenizer depends on that vocabulary too (by content:
+        # the same checkpoint may sit at another path, and a re-pinned one at the same path).
+        on_teacher = role == "student" and self.cfg.teacher.path is not None and self.tokenizer is not None
+        vocabulary = sorted(self.tokenizer.get_vocab().items()) if on_teacher else None
         key = model_key(
             model_cfg,
             opt if name in self.cfg.steps else None,

@@ -82,7 +82,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=30, help="timed batches of the input stream and of step 2")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, [f"data.max_length={MAX_LENGTH}"])  # the mixture's longest rows fit
+    cfg = load_config(
+        args.config, ["teacher.path=null", f"data.max_length={MAX_LENGTH}"]
+    )  # random-init tiny models  # the mixture's longest rows fit
     tmp = tempfile.TemporaryDirectory()
     synthetic = {"train": 4 * args.rows, "val": 8, "test": 8}
     mixture_file = write_samples(Path(tmp.name) / "samples", rows=args.rows, synthetic=synthetic)

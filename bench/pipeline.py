@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = load_config(args.config, [])
+    cfg = load_config(args.config, ["teacher.path=null"])  # random-init tiny models of the config's sizes
     rows = generate_rows("train", args.batch_size * (args.steps + 5), seed=0)
     tokenizer = train_tokenizer(corpus_texts(rows), cfg.student.family)
     teacher = build_model(cfg, "teacher", tokenizer, torch.device("cpu"))

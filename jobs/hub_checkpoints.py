@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     texts = corpus_texts(generate_rows("train", 400, seed=0))
     for family in args.family:
-        cfg = load_config(ROOT / "conf" / "tiny.yaml", [f"teacher.family={family}", f"student.family={family}"])
+        cfg = load_config(
+            ROOT / "conf" / "tiny.yaml", ["teacher.path=null", f"teacher.family={family}", f"student.family={family}"]
+        )
         tokenizer = train_tokenizer(texts, family, cfg.data.synthetic.tokenizer_vocab_size)
         for role in ("teacher", "student"):
             out = write_hub_checkpoint(

@@ -219,3 +219,13 @@ def test_model_paths_travel_absolute_to_ray_workers(monkeypatch):
     assert config_from_yaml(to_yaml(remote)).teacher.path == remote.teacher.path  # loads anywhere
     with pytest.raises(ConfigError, match=r"teacher.path=models/tiny-teacher is not a directory"):
         config_from_yaml(to_yaml(cfg))
+
+
+def test_the_synthetic_task_is_generated_only_for_a_tiny_student():
+    """A run that trains a real checkpoint never trains it on coloured shapes unless asked to."""
+    pinned = Path(__file__).resolve().parents[1] / "conf" / "models" / "tiny-teacher"
+    assert load_config(None, []).generates_synthetic
+    assert load_config(None, [f"teacher.path={pinned}"]).generates_synthetic  # a tiny student on a pinned teacher
+    assert not load_config(None, [f"student.path={pinned}"]).generates_synthetic
+    assert load_config(None, [f"student.path={pinned}", "data.synthetic.generate=true"]).generates_synthetic
+    assert not load_config(None, ["data.synthetic.generate=false"]).generates_synthetic

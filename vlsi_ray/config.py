@@ -230,8 +230,8 @@ class StagesConfig:
 class SyntheticConfig:
     """The synthetic shapes task, generated offline into ``data.dir`` when that has no shards of its own."""
 
-    # Whether a data.dir without shards gets the synthetic task: null = only when both models are tiny
-    # (a run on real checkpoints never trains on coloured shapes by accident).
+    # Whether a data.dir without shards gets the synthetic task: null = only when the student is tiny
+    # (a run that trains a real checkpoint never trains it on coloured shapes by accident).
     generate: Optional[bool] = None
     train: int = 6000
     val: int = 500
@@ -341,7 +341,7 @@ class RunConfig:
     def generates_synthetic(self) -> bool:
         """Whether a ``data.dir`` without shards gets the synthetic task (``data.synthetic.generate``)."""
         generate = self.data.synthetic.generate
-        return generate if generate is not None else self.teacher.path is None and self.student.path is None
+        return generate if generate is not None else self.student.path is None
 
     @property
     def teacher_cache(self) -> Path:

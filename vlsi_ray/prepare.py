@@ -133,7 +133,7 @@ def has_own_shards(data_dir: str | Path) -> bool:
 def require_data(cfg: RunConfig) -> None:
     """Before any work: a ``data.dir`` without shards is refused unless the config asks for the synthetic task."""
     if not has_own_shards(cfg.data.dir) and not cfg.generates_synthetic:
-        why = "teacher.path/student.path are set" if cfg.data.synthetic.generate is None else "data.synthetic.generate=false"
+        why = "student.path is set" if cfg.data.synthetic.generate is None else "data.synthetic.generate=false"
         raise ConfigError(
             f"data.dir={cfg.data.dir} has no Parquet shards of its own and the synthetic task is off ({why}); convert your data "
             f"with `python jobs/prepare_data.py MIXTURE.yaml --out {cfg.data.dir}`, or set data.synthetic.generate=true."

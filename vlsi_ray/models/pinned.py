@@ -24,7 +24,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
 from vlsi_ray.data.fingerprint import fingerprint
 from vlsi_ray.data.shards import load_manifest, shard_files
@@ -68,7 +68,7 @@ def pin_checkpoint(run_dir: str | Path, out: str | Path, command: str, role: str
     layout = RunLayout(run_dir)
     name = pretraining(role).name
     source = layout.model(name)
-    cfg = yaml.safe_load(layout.config.read_text()) if layout.config.is_file() else None
+    cfg = OmegaConf.to_container(OmegaConf.load(layout.config)) if layout.config.is_file() else None
     if cfg is None or name not in cfg.get("steps", []):
         raise PinnedCheckpointError(f"{run_dir} did not run {name}; pin a run whose steps include it.")
     marker = RunLayout.marker_in(source)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from vlsi_ray import ablation
-from vlsi_ray.config import load_config
+from vlsi_ray.config import ConfigError, load_config
+from vlsi_ray.data.shards import load_manifest
 from vlsi_ray.data.synthetic import SCORED_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,15 +84,58 @@ def test_write_results_keeps_the_prose(tmp_path):
         ablation.write_results(path, "x")
 
 
+def test_a_named_section_has_its_own_markers_beside_the_main_tables(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    begin, end = ablation.markers("data-limited")
+    assert (
+        begin == "<!-- ablate[data-limited]:begin (written by jobs/ablate.py) -->" and end == "<!-- ablate[data-limited]:end -->"
+    )
+    path.write_text(f"{ablation.BEGIN}\nmain\n{ablation.END}\nprose\n{begin}\nold\n{end}\ntail\n")
+    ablation.write_results(path, f"{begin}\nnew\n{end}", "data-limited")
+    assert path.read_text() == f"{ablation.BEGIN}\nmain\n{ablation.END}\nprose\n{begin}\nnew\n{end}\ntail\n"
+    with pytest.raises(ValueError, match=r"lacks the markers '<!-- ablate\[other\]:begin"):
+        ablation.write_results(path, "x", "other")
+    with pytest.raises(ValueError, match="section='a b' must be a non-empty name"):
+        ablation.markers("a b")
+    # A table with one finished row (a run of a few variants: only VLsI in 4(e)) is left out.
+    results = {f"s{s}/vlsi": {m: _acc(0.4) for m in ("student_sft_only", "vlsi_without_sft", "vlsi")} for s in (0, 1)}
+    block = ablation.render_tables(ablation.summarize(results, [0, 1]), [0, 1], "cmd", "data-limited")
+    assert block.startswith(begin) and block.endswith(end)
+    assert "Table 4(b)/(c)" in block and "Table 4(e)" not in block and "Table 4(d)" not in block
+
+
+def test_the_data_limited_regime_is_checked_before_any_run(tmp_path):
+    """Steps 1–3 on a prefix of the train split: the overrides load, and an impossible size or a data.dir
+    with shards of its own is refused before anything runs."""
+    root = tmp_path / "ablate"
+    cfg = load_config(ROOT / "conf" / "tiny.yaml", ablation.limited_overrides(root, 3000))
+    assert cfg.data.synthetic.train == 3000 and Path(cfg.data.dir) == root / "data"
+    assert cfg.data.synthetic.test == 1000  # the same test questions as the full regime
+    with pytest.raises(ConfigError, match=r"train_rows=40000 must be between 1 and data.synthetic.train=30000"):
+        ablation.run_ablation(str(ROOT / "conf" / "tiny.yaml"), [], root, [0], train_rows=40000)
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "train-00000.parquet").write_bytes(b"")  # shards of its own (no synthetic manifest)
+    with pytest.raises(ConfigError, match=r"limits the synthetic task's train split, but data.dir=.*own holds shards"):
+        ablation.run_ablation(str(ROOT / "conf" / "tiny.yaml"), [f"data.dir={own}"], root, [0], train_rows=300)
+    assert not root.exists()
+
+
 @pytest.mark.integration
 def test_micro_ablation_runs_and_resumes(tmp_path, tiny_overrides):
-    """Two variants × two seeds at a few steps per stage; a second call runs nothing and reads the same numbers."""
+    """Two variants × two seeds at a few steps per stage, data-limited; a second call runs nothing and reads the
+    same numbers."""
     steps = dict(pretrain_teacher=10, pretrain_student=10, verbalize=3, interact=3, sft=3)
     extra = [o for o in tiny_overrides(tmp_path, "unused", steps) if not o.startswith(("name=", "output_dir="))]
     said: list[str] = []
     root = tmp_path / "ablate"
-    first = ablation.run_ablation(None, extra, root, [0, 1], ["random"], jobs=2, threads=1, say=said.append)
+    # The data-limited regime: the bases pretrain on the 300 train rows, steps 1–3 see the first 120.
+    first = ablation.run_ablation(None, extra, root, [0, 1], ["random"], jobs=2, threads=1, say=said.append, train_rows=120)
     assert set(first) == {"bases", "s0/vlsi", "s1/vlsi", "s0/random", "s1/random"}
+    assert "[data] train: 300 rows" in (root / "bases" / "ablate.log").read_text()
+    for key in ("s0/vlsi", "s1/random"):
+        assert "[data] train: 120 rows" in (root / key / "ablate.log").read_text()
+    assert load_manifest(root / "data")["sizes"]["train"] == 120
     assert set(first["s0/vlsi"]) == {"student_sft_only", "vlsi_without_sft", "vlsi"} and set(first["s1/random"]) == {"vlsi"}
     assert all(a["n"] == 100 for run in first.values() for a in run.values())
     # Step 1 is the default run's, copied; the seeds differ, so their step-1 verbalizers differ.
@@ -102,6 +146,7 @@ def test_micro_ablation_runs_and_resumes(tmp_path, tiny_overrides):
     weights = sorted((root / "s0/vlsi/verbalize/student_verbalizers").glob("*.safetensors"))
     assert weights and weights[0].read_bytes() != (root / "s1/vlsi/verbalize/student_verbalizers" / weights[0].name).read_bytes()
     said.clear()
-    again = ablation.run_ablation(None, extra, root, [0, 1], ["random"], jobs=2, threads=1, say=said.append)
-    assert again == first and all("done before" in line for line in said)
+    again = ablation.run_ablation(None, extra, root, [0, 1], ["random"], jobs=2, threads=1, say=said.append, train_rows=120)
+    runs = [line for line in said if "data-limited regime: steps 1-3 on the first 120 of 300 train rows" not in line]
+    assert again == first and len(runs) == len(said) - 1 and all("done before" in line for line in runs)
     assert ablation.collect_finished(root, [0, 1], ablation.variants(["random"])) == first

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from vlsi_ray.config import load_config
+from vlsi_ray.config import ConfigError, load_config
 from vlsi_ray.data.synthetic import SCORED_TASKS
+from vlsi_ray.prepare import has_own_shards, prepare_data
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.runners.local import run_local
 
@@ -99,6 +100,16 @@ TABLES: dict[str, list[tuple[str, str, str, float | None]]] = {
 BEGIN, END = "<!-- ablate:begin (written by jobs/ablate.py) -->", "<!-- ablate:end -->"
 
 
+def markers(section: str | None = None) -> tuple[str, str]:
+    """The begin/end markers of a generated block of RESULTS.md: the main tables (``section=None``) or a
+    named section's (e.g. ``data-limited``), so that one file holds several regimes' tables."""
+    if section is None:
+        return BEGIN, END
+    if not section or not all(c.isalnum() or c in "-_" for c in section):
+        raise ValueError(f"section={section!r} must be a non-empty name of letters, digits, '-' and '_'; rename it.")
+    return f"<!-- ablate[{section}]:begin (written by jobs/ablate.py) -->", f"<!-- ablate[{section}]:end -->"
+
+
 def variants(names: Sequence[str] | None = None) -> list[Variant]:
     """The variants called ``names`` in :data:`VARIANTS` order (all when None); ``vlsi`` is always included."""
     if names is None:
@@ -153,6 +164,13 @@ def variant_overrides(
     ]
 
 
+def limited_overrides(root: Path, train_rows: int) -> list[str]:
+    """The data-limited regime: steps 1–3 see the first ``train_rows`` rows of the synthetic train split
+    (the generator is sequential, so they are a prefix of the full split's rows; val and test are the
+    same), generated once into ``root/data``. The bases still pretrain on the whole split."""
+    return [f"data.dir={Path(root) / 'data'}", f"data.synthetic.train={train_rows}"]
+
+
 def finished_accuracy(run_dir: Path, models: Iterable[str]) -> dict | None:
     """``report.json``'s accuracies when the run finished and scored every model in ``models``, else None."""
     path = RunLayout(run_dir).report_json
@@ -189,19 +207,34 @@ def run_ablation(
     jobs: int = 2,
     threads: int = 1,
     say: Callable[[str], None] = print,
+    train_rows: int | None = None,
 ) -> dict:
     """Run (or resume) every variant for every seed; returns ``{run key: accuracy dict}``.
 
     Run keys are ``bases`` and ``s<seed>/<variant>``. ``extra`` overrides go on every run (e.g.
-    fewer steps); ``jobs`` runs go on at once, each with ``threads`` torch threads. Every config is
-    loaded (and so validated) before the first run starts.
+    fewer steps); ``jobs`` runs go on at once, each with ``threads`` torch threads. ``train_rows``:
+    the data-limited regime (:func:`limited_overrides`). Every config is loaded (and so validated)
+    before the first run starts.
     """
     chosen = variants(names)
     root = Path(root)
     bases_cfg = bases_overrides(root) + list(extra)
-    teacher = load_config(config, bases_cfg).teacher.path  # also validates: a bad key fails before any work
+    base = load_config(config, bases_cfg)  # also validates: a bad key fails before any work
+    teacher = base.teacher.path
+    extra = list(extra)
+    if train_rows is not None:
+        if has_own_shards(base.data.dir):
+            raise ConfigError(
+                f"train_rows limits the synthetic task's train split, but data.dir={base.data.dir} holds shards of its "
+                "own; run the data-limited regime on the synthetic task (or give the runs a smaller data.dir)."
+            )
+        if not 1 <= train_rows <= base.data.synthetic.train:
+            raise ConfigError(
+                f"train_rows={train_rows} must be between 1 and data.synthetic.train={base.data.synthetic.train}; lower it."
+            )
+        extra += limited_overrides(root, train_rows)
     for variant in chosen:  # the bases do not exist yet: check the variant overrides without the paths
-        load_config(config, variant_overrides(root, variant, seeds[0], with_bases=False) + list(extra))
+        load_config(config, variant_overrides(root, variant, seeds[0], with_bases=False) + extra)
     results: dict[str, dict] = {}
     started = time.perf_counter()
 
@@ -223,7 +256,7 @@ def run_ablation(
             futures = {}
             for key, overrides in pending:
                 (root / key).mkdir(parents=True, exist_ok=True)
-                futures[pool.submit(_run, config, overrides + list(extra), str(root / key / "ablate.log"))] = key
+                futures[pool.submit(_run, config, overrides, str(root / key / "ablate.log"))] = key
                 say(f"[ablate] {key}: started (log: {root / key / 'ablate.log'})")
             for future in as_completed(futures):
                 key = futures[future]
@@ -232,15 +265,27 @@ def run_ablation(
                 say(f"[ablate] {key}: finished after {_clock(time.perf_counter() - started)} total: {scores}")
 
     phase([(BASES, bases_cfg, ("teacher", "student_base"))])
+    if train_rows is not None:  # generated here, once: the parallel runs would otherwise each write it
+        limited = prepare_data(load_config(config, variant_overrides(root, chosen[0], seeds[0], with_bases=False) + extra))
+        say(
+            f"[ablate] data-limited regime: steps 1-3 on the first {train_rows} of {base.data.synthetic.train} train rows ({limited})"
+        )
     default, others = chosen[0], chosen[1:]
-    phase([(f"s{s}/{default.name}", variant_overrides(root, default, s, teacher_path=teacher), default.evaluates) for s in seeds])
+    phase(
+        [
+            (f"s{s}/{default.name}", variant_overrides(root, default, s, teacher_path=teacher) + extra, default.evaluates)
+            for s in seeds
+        ]
+    )
     todo = []
     for s in seeds:
         for variant in others:
             step1 = RunLayout(root / f"s{s}" / variant.name).stage_dir("verbalize")
             if not step1.exists():  # every variant of a seed shares the default run's step 1
                 shutil.copytree(RunLayout(root / f"s{s}" / default.name).stage_dir("verbalize"), step1)
-            todo.append((f"s{s}/{variant.name}", variant_overrides(root, variant, s, teacher_path=teacher), variant.evaluates))
+            todo.append(
+                (f"s{s}/{variant.name}", variant_overrides(root, variant, s, teacher_path=teacher) + extra, variant.evaluates)
+            )
     phase(todo)
     return results
 
@@ -314,17 +359,19 @@ def _cell(ms: tuple[float, float], n: int) -> str:
     return f"{ms[0]:.1f}" if n == 1 else f"{ms[0]:.1f} ± {ms[1]:.1f}"
 
 
-def render_tables(tables: dict[str, list[dict]], seeds: Sequence[int], command: str) -> str:
-    """Markdown of :func:`summarize`'s tables with the ordering checks (the generated block of RESULTS.md)."""
+def render_tables(tables: dict[str, list[dict]], seeds: Sequence[int], command: str, section: str | None = None) -> str:
+    """Markdown of :func:`summarize`'s tables with the ordering checks (the generated block of RESULTS.md
+    between :func:`markers` of ``section``). A table with fewer than two finished rows is left out."""
+    begin, end = markers(section)
     lines = [
-        BEGIN,
+        begin,
         "",
         f"Generated by `{command}` — seeds {', '.join(map(str, seeds))}; test accuracy in % "
         "(mean ± sample std over seeds; the teacher and base student are trained once).",
         "",
     ]
     for title, rows in tables.items():
-        if not rows:
+        if len(rows) < 2:  # e.g. 4(e) of a run of a few variants: only VLsI's row, nothing to compare
             continue
         tasks = list(rows[0]["per_task"])
         lines += [
@@ -341,20 +388,22 @@ def render_tables(tables: dict[str, list[dict]], seeds: Sequence[int], command: 
         if checks:
             lines += ["", "Steps the paper scores, in its order:", ""] + [f"- {c}" for c in checks]
         lines.append("")
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
-def write_results(path: Path, block: str) -> None:
-    """Put ``block`` between the markers of ``path`` (created if missing), keeping the prose around it."""
+def write_results(path: Path, block: str, section: str | None = None) -> None:
+    """Put ``block`` between the :func:`markers` of ``section`` in ``path`` (created if missing), keeping the
+    prose around them."""
     path = Path(path)
+    begin, end = markers(section)
     text = (
-        path.read_text() if path.is_file() else "# Results: the paper's ablations at tiny scale\n\n" + BEGIN + "\n" + END + "\n"
+        path.read_text() if path.is_file() else "# Results: the paper's ablations at tiny scale\n\n" + begin + "\n" + end + "\n"
     )
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{path} lacks the markers {BEGIN!r} … {END!r}; add them where the tables go.")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} lacks the markers {begin!r} … {end!r}; add them where the tables go.")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     path.write_text(head + block + tail)
 
 
@@ -365,7 +414,7 @@ def plot_tables(tables: dict[str, list[dict]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot, Agg backend, only when a plot is drawn
 
-    shown = {t: rows for t, rows in tables.items() if rows}
+    shown = {t: rows for t, rows in tables.items() if len(rows) >= 2}  # as in render_tables
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False)
     for ax, (title, rows) in zip(axes[0], shown.items()):
         means = [r["overall"][0] for r in rows]

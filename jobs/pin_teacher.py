@@ -5,10 +5,13 @@
         "steps=[pretrain_teacher]" "eval_models=[teacher]" baseline_sft=false data.synthetic.train=60000
     # 2. pin it (this is what conf/models/tiny-teacher/MANIFEST.json records)
     python jobs/pin_teacher.py runs/tiny-teacher conf/models/tiny-teacher --command "<command 1>"
+    # or as released checkpoints are written: bfloat16, sharded, the Hub's layout
+    python jobs/pin_teacher.py runs/tiny-teacher pinned/tiny-teacher-bf16 --command "<command 1>" --dtype bfloat16
 
 The manifest names the command, the config that decided the weights (model, optimisation, seed), the
-data generator and a fingerprint of the train shards, the weights' SHA-256 and the run's test
-accuracy per task type; runs that load the directory check the weights against it.
+data generator and a fingerprint of the train shards, the weights' SHA-256 (each shard's, when
+sharded) and the run's test accuracy per task type; runs that load the directory check the weights
+against it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vlsi_ray.models.pinned import PinnedCheckpointError, describe, pin_checkpoint  # noqa: E402
+from vlsi_ray.models.precision import parse_dtype  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="where the pinned checkpoint goes (replaced)")
     parser.add_argument("--command", required=True, help="the command line that produced the run (recorded)")
     parser.add_argument("--role", default="teacher", choices=["teacher", "student"])
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        help="write the weights cast and sharded in the Hub's layout (default: as trained)",
+    )
+    parser.add_argument("--shards", type=int, default=3, help="with --dtype: about this many safetensors files (default 3)")
     args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error("--shards must be at least 1")
     try:
-        manifest = pin_checkpoint(args.run_dir, args.out, args.command, args.role)
+        dtype = None if args.dtype is None else parse_dtype(args.dtype)
+        manifest = pin_checkpoint(args.run_dir, args.out, args.command, args.role, dtype=dtype, shards=args.shards)
     except (PinnedCheckpointError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

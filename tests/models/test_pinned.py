@@ -113,6 +113,51 @@ def test_tiny_student_is_built_on_the_teacher_checkpoints_tokenizer(tmp_path):
     assert on_teacher is not None and alone is not None and on_teacher != alone
 
 
+def test_a_teacher_pinned_as_released_bf16_shards_is_checked_shard_by_shard_and_lends_its_tokenizer(tmp_path):
+    """``dtype=bfloat16``: the pinned copy is a released-style checkpoint (cast, sharded, the Hub's files); the
+    manifest holds each shard's SHA-256, it loads back as the run's weights in bfloat16, a tiny student run
+    on it takes its tokenizer, and a changed or missing shard is refused by name."""
+    run_dir = _finished_run(tmp_path)
+    pinned = tmp_path / "pinned-bf16"
+    manifest = pin_checkpoint(run_dir, pinned, COMMAND, dtype=torch.bfloat16, shards=3)
+
+    shards = sorted(pinned.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2 and (pinned / "model.safetensors.index.json").is_file()
+    assert not (pinned / "model.safetensors").exists() and not (pinned / "vlsi_backbone.json").exists()
+    assert {"tokenizer.json", "vocab.json", "merges.txt", "chat_template.json", "preprocessor_config.json"} <= {
+        p.name for p in pinned.iterdir()
+    }
+    assert manifest["weights_sha256"] == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in shards}
+    assert manifest["written_as"] == {"dtype": "bfloat16", "layout": "hub", "shards": 3}
+    assert json.loads((pinned / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert check_pinned(pinned) == manifest
+
+    trained = load_model(run_dir / "pretrain_teacher", LoadSettings("teacher"), "cpu")
+    released = load_model(pinned, LoadSettings("teacher"), "cpu")
+    assert released.lm_head.weight.dtype == torch.bfloat16
+    for name, weight in trained.base_model.state_dict().items():
+        assert torch.equal(released.base_model.state_dict()[name], weight.to(torch.bfloat16)), name
+
+    overrides = make_tiny_overrides(tmp_path / "other", "student-only") + [
+        f"teacher.path={pinned}",
+        "data.synthetic.generate=true",
+        "data.synthetic.train=40",
+        "data.synthetic.tasks=[count]",
+    ]
+    run = LocalRun(load_config(None, overrides))
+    assert run.tokenizer.get_vocab() == trained.tokenizer.get_vocab() == released.tokenizer.get_vocab()
+    assert run.reuse("teacher") == pinned
+
+    data = bytearray(shards[1].read_bytes())
+    data[-1] ^= 1
+    shards[1].write_bytes(bytes(data))
+    with pytest.raises(PinnedCheckpointError, match=rf"{shards[1].name} does not match the weights_sha256"):
+        run.reuse("teacher")
+    shards[0].unlink()
+    with pytest.raises(PinnedCheckpointError, match=rf"{shards[0].name} is missing"):
+        check_pinned(pinned)
+
+
 def test_the_pinned_tiny_teacher_is_intact_reproducible_and_strong(one_thread):
     """conf/tiny.yaml's teacher: its weights match the manifest, the manifest's settings are the ones
     tiny.yaml pretrains with (teacher.path=null), and it answers fresh questions of its task."""

@@ -1,10 +1,13 @@
 """Pinned checkpoints: a small pretrained model kept in the repository with the provenance that reproduces it.
 
-A pinned directory is a checkpoint in the Hub's layout (``config.json``, ``model.safetensors``,
-tokenizer, chat template, processor config) plus ``MANIFEST.json``::
+A pinned directory is a checkpoint (``config.json``, weights, tokenizer, chat template, processor
+config) plus ``MANIFEST.json``. Its weights are the run's ``model.safetensors`` as trained, or (``dtype``)
+the Hub's released layout: cast (e.g. to bfloat16) and sharded with ``model.safetensors.index.json``
+(:func:`vlsi_ray.models.hub_layout.write_hub_checkpoint`)::
 
     {"produced_by": "<the command that trained it>",
-     "weights_sha256": "<sha256 of model.safetensors>",
+     "weights_sha256": "<sha256 of model.safetensors>",   # sharded: {"<shard file>": "<sha256>", ...}
+     "written_as": null,                                  # or {"dtype": "bfloat16", "layout": "hub", "shards": 3}
      "stage": {"steps": 12000, "seconds": ..., "first_loss": ..., "last_loss": ...},
      "config": {"seed": 0, "model": {...}, "optim": {...}},          # what decided its weights
      "data": {"generator": {...}, "train_fingerprint": "<sha256 of the train shards>"},
@@ -24,15 +27,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from vlsi_ray.data.fingerprint import fingerprint
 from vlsi_ray.data.shards import load_manifest, shard_files
+from vlsi_ray.models.hub_layout import write_hub_checkpoint
+from vlsi_ray.models.precision import dtype_name
+from vlsi_ray.prepare import LoadSettings, load_model
 from vlsi_ray.recipe.layout import RunLayout
 from vlsi_ray.recipe.stages import pretraining
 
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 #: Files of a run's model directory that are copied (the run's stage marker becomes the manifest's ``stage``).
 _CHECKPOINT_FILES = ("*.json", "*.jinja", "*.safetensors", "*.txt")
 
@@ -50,6 +58,24 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def weight_files(path: str | Path) -> list[str]:
+    """The weight files of the checkpoint at ``path``: the shards its ``model.safetensors.index.json`` names
+    (sorted), else ``model.safetensors``."""
+    index = Path(path) / INDEX
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [WEIGHTS]
+
+
+def weights_digest(path: str | Path) -> str | dict[str, str]:
+    """The manifest's ``weights_sha256`` of the checkpoint at ``path``: the SHA-256 of ``model.safetensors``,
+    or ``{shard file: SHA-256}`` for a sharded checkpoint."""
+    files = weight_files(path)
+    if files == [WEIGHTS]:
+        return sha256_file(Path(path) / WEIGHTS)
+    return {name: sha256_file(Path(path) / name) for name in files}
+
+
 def _git_commit(repo: Path) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
@@ -58,12 +84,16 @@ def _git_commit(repo: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def pin_checkpoint(run_dir: str | Path, out: str | Path, command: str, role: str = "teacher") -> dict:
+def pin_checkpoint(
+    run_dir: str | Path, out: str | Path, command: str, role: str = "teacher", dtype: torch.dtype | None = None, shards: int = 3
+) -> dict:
     """Copy the ``role`` model that the finished run in ``run_dir`` pretrained into ``out`` with its manifest.
 
     ``command`` is the command line that produced the run (recorded as ``produced_by``). The run must
     have pretrained the model (its pretraining stage in the config's ``steps``, its marker written) and
-    scored it (``report.json``). Returns the manifest. ``out`` is replaced.
+    scored it (``report.json``). ``dtype`` (e.g. ``torch.bfloat16``) writes the weights as released
+    checkpoints are, cast and in about ``shards`` files in the Hub's layout, instead of copying them as
+    trained. Returns the manifest. ``out`` is replaced.
     """
     layout = RunLayout(run_dir)
     name = pretraining(role).name
@@ -82,7 +112,8 @@ def pin_checkpoint(run_dir: str | Path, out: str | Path, command: str, role: str
     generated = load_manifest(data_dir)
     manifest = {
         "produced_by": command,
-        "weights_sha256": sha256_file(source / WEIGHTS),
+        "weights_sha256": None,  # below, from the files written
+        "written_as": None if dtype is None else {"dtype": dtype_name(dtype), "layout": "hub", "shards": shards},
         "stage": json.loads(marker.read_text()),
         "config": {"seed": cfg["seed"], "model": cfg[role], "optim": cfg["stages"][name]},
         "data": {
@@ -98,10 +129,14 @@ def pin_checkpoint(run_dir: str | Path, out: str | Path, command: str, role: str
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for pattern in _CHECKPOINT_FILES:
-        for f in source.glob(pattern):
-            if f.name != marker.name:
-                shutil.copy2(f, out / f.name)
+    if dtype is None:
+        for pattern in _CHECKPOINT_FILES:
+            for f in source.glob(pattern):
+                if f.name != marker.name:
+                    shutil.copy2(f, out / f.name)
+    else:
+        write_hub_checkpoint(load_model(source, LoadSettings(role, dtype="float32"), "cpu"), out, dtype=dtype, shards=shards)
+    manifest["weights_sha256"] = weights_digest(out)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -109,21 +144,24 @@ def pin_checkpoint(run_dir: str | Path, out: str | Path, command: str, role: str
 def check_pinned(path: str | Path) -> dict | None:
     """The manifest of the pinned checkpoint at ``path`` after checking its weights (None: not pinned).
 
-    Raises :class:`PinnedCheckpointError` when ``model.safetensors`` is missing or its SHA-256 is not
-    the manifest's (a Git LFS pointer, a truncated copy, or weights changed without re-pinning).
+    Raises :class:`PinnedCheckpointError` when a weight file the manifest names (``model.safetensors``, or
+    each shard) is missing or its SHA-256 is not the manifest's (a Git LFS pointer, a truncated copy, or
+    weights changed without re-pinning).
     """
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         return None
     manifest = json.loads(manifest_path.read_text())
-    weights = Path(path) / WEIGHTS
-    if not weights.is_file():
-        raise PinnedCheckpointError(f"{weights} is missing; restore it (git checkout) or re-pin with jobs/pin_teacher.py.")
-    if sha256_file(weights) != manifest["weights_sha256"]:
-        raise PinnedCheckpointError(
-            f"{weights} does not match the weights_sha256 of {manifest_path}; restore it (git checkout) "
-            "or re-pin the checkpoint with jobs/pin_teacher.py."
-        )
+    expected = manifest["weights_sha256"]
+    for name, digest in expected.items() if isinstance(expected, dict) else [(WEIGHTS, expected)]:
+        weights = Path(path) / name
+        if not weights.is_file():
+            raise PinnedCheckpointError(f"{weights} is missing; restore it (git checkout) or re-pin with jobs/pin_teacher.py.")
+        if sha256_file(weights) != digest:
+            raise PinnedCheckpointError(
+                f"{weights} does not match the weights_sha256 of {manifest_path}; restore it (git checkout) "
+                "or re-pin the checkpoint with jobs/pin_teacher.py."
+            )
     return manifest
 
 

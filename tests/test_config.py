@@ -229,3 +229,10 @@ def test_the_synthetic_task_is_generated_only_for_a_tiny_student():
     assert not load_config(None, [f"student.path={pinned}"]).generates_synthetic
     assert load_config(None, [f"student.path={pinned}", "data.synthetic.generate=true"]).generates_synthetic
     assert not load_config(None, ["data.synthetic.generate=false"]).generates_synthetic
+
+
+def test_explained_responses_are_a_generator_argument_only_when_asked_for():
+    """``data.synthetic.explain`` reaches the generator; left false it is not in the manifest's arguments, so
+    shards (and the pinned teacher's data record) generated before the option existed still match."""
+    assert "explain" not in load_config(None, []).data.synthetic.generator_kwargs()
+    assert load_config(None, ["data.synthetic.explain=true"]).data.synthetic.generator_kwargs()["explain"] is True

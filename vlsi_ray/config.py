@@ -244,6 +244,9 @@ class SyntheticConfig:
     max_objects: int = 5
     dot_prob: float = 0.25
     distractors: bool = True  # false: only the objects a question needs
+    # true: each response is the letter, then a description of the image ("B. red star at row 1 column 2. ..."),
+    # so that a row carries many decisions about the image; accuracy still scores the letter
+    explain: bool = False
     tokenizer_vocab_size: int = 512
 
     def generator_kwargs(self) -> dict:
@@ -258,6 +261,8 @@ class SyntheticConfig:
         )
         if self.tasks:
             kwargs["tasks"] = list(self.tasks)
+        if self.explain:  # only when set: the default's manifests (and the pinned teacher's) stay as they were
+            kwargs["explain"] = True
         return kwargs
 
 

@@ -112,6 +112,8 @@ def test_same_seed_same_bytes_different_seed_different():
         set(a[0]) == {"id", "images", "messages", "answer", "task", "source", "split", "tokens"} and a[0]["source"] == "synthetic"
     )
     assert all(r["images"][0].startswith(b"\x89PNG") and r["split"] == "train" for r in a)
+    # Fewer rows are a prefix of more (the data-limited ablation's subset of the same split).
+    assert syn.generate_rows("train", 25, seed=3, **kw) == a[:25]
 
 
 def test_splits_are_disjoint_even_in_a_tiny_scene_space():
@@ -201,6 +203,26 @@ def test_rows_render_their_scene_and_use_the_chat_format():
             assert lines[0] == ex.question and lines[-1] == "Answer with the option's letter."
             assert lines[1:5] == [f"{letter}. {o}" for letter, o in zip("ABCD", syn.OPTIONS[row["task"]])]
             assert row["answer"] in "ABCD" and len(row["answer"]) == 1
+
+
+def test_explained_responses_describe_the_image_after_the_scored_letter():
+    """``explain``: the same scenes, questions and letters; the response goes on with the scene's description
+    (every object's colour, shape, cell and dot, in reading order), and the instruction asks for it."""
+    kw = dict(tasks=syn.ALL_TASKS, min_objects=2, max_objects=3)
+    plain = syn.generate_rows("val", 24, seed=5, **kw)
+    explained = syn.generate_rows("val", 24, seed=5, explain=True, **kw)
+    for ex, row, base in zip(syn.generate_examples("val", 24, seed=5, explain=True, **kw), explained, plain):
+        assert (row["images"], row["answer"], row["task"]) == (base["images"], base["answer"], base["task"])
+        user, response = (json.loads(row["messages"])[i]["content"][-1]["text"] for i in (0, 1))
+        if row["task"] == "caption":
+            assert row["messages"] == base["messages"]
+            continue
+        assert user.split("\n")[-1] == "Answer with the option's letter, then describe the image."
+        dot = {True: " with a dot", False: ""}
+        cells = [f"{o.colour} {o.shape} at row {o.row + 1} column {o.col + 1}{dot[o.dot]}." for o in ex.scene.objects]
+        assert response == f"{row['answer']}. " + " ".join(cells)
+    colour = next(r for r in explained if r["task"] == "colour")
+    assert json.loads(colour["messages"])[1]["content"][0]["text"].startswith(colour["answer"] + ". ")
 
 
 def test_tasks_round_robin_and_letters_balanced():

@@ -4,7 +4,10 @@ An image is a ``grid`` × ``grid`` board of equal cells (default 112 px, 4 × 4 
 Qwen2-VL image token — 14 px patches merged 2 × 2 — sees exactly one cell). Each cell holds at most one
 large shape, optionally with a dark dot in its centre. Questions use a FIXED option list per task
 (shuffled options were not learnable at this scale, see SYNTHETIC_TASK_NOTES.md), answers are letters
-balanced within each task, and task types are interleaved by weighted round-robin.
+balanced within each task, and task types are interleaved by weighted round-robin. With ``explain``
+the response goes on after the letter with a description of the whole image ("B. red star at row 1
+column 2. blue circle at row 3 column 1."): a response of many tokens, each one a decision about the
+image, as instruction data's answers are; the row's ``answer`` (what is scored) stays the letter.
 
 Everything is a function of ``(seed, split, arguments)``: the same call gives byte-identical rows.
 Splits draw from different random streams and, for ``train``/``val``/``test``, from disjoint parts of
@@ -49,6 +52,7 @@ OPTIONS: dict[str, list[str]] = {
     "pattern": ["circle", "square", "triangle", "star"],
 }
 INSTRUCTION = "Answer with the option's letter."
+EXPLAIN_INSTRUCTION = "Answer with the option's letter, then describe the image."
 CAPTION_PROMPT = "Describe the image."
 # Periods of the pattern row; only those whose shortest-period continuation is unambiguous for the
 # row length are used (e.g. "AABB" needs 5 shown cells, so it is dropped on a 4-wide grid).
@@ -105,7 +109,8 @@ class Difficulty:
 
 @dataclass(frozen=True)
 class Example:
-    """A generated question before rendering: ``answer`` is a letter (the caption for captions)."""
+    """A generated question before rendering: ``answer`` is a letter (the caption for captions);
+    ``explain``: the response describes the image after the letter."""
 
     id: str
     split: str
@@ -113,6 +118,7 @@ class Example:
     scene: Scene
     question: str
     answer: str
+    explain: bool = False
 
     @property
     def user_text(self) -> str:
@@ -120,7 +126,14 @@ class Example:
         if self.task == "caption":
             return self.question
         lines = [f"{letter}. {opt}" for letter, opt in zip(LETTERS, OPTIONS[self.task])]
-        return "\n".join([self.question, *lines, INSTRUCTION])
+        return "\n".join([self.question, *lines, EXPLAIN_INSTRUCTION if self.explain else INSTRUCTION])
+
+    @property
+    def response(self) -> str:
+        """The assistant turn's text: the answer, then (``explain``) the image's description."""
+        if self.explain and self.task != "caption":
+            return f"{self.answer}. {caption(self.scene)}"
+        return self.answer
 
 
 # ----------------------------------------------------------------------------------------- render
@@ -385,11 +398,14 @@ def generate_examples(
     tasks: Sequence[str] | Mapping[str, float] | None = None,
     caption_fraction: float | None = None,
     grid: int = 4,
+    explain: bool = False,
     **difficulty,
 ) -> list[Example]:
     """Generate ``n`` examples (scenes + questions, not yet rendered) for ``split``.
 
-    ``difficulty`` holds ``Difficulty`` fields (min_objects, max_objects, dot_prob, distractors).
+    ``difficulty`` holds ``Difficulty`` fields (min_objects, max_objects, dot_prob, distractors);
+    ``explain`` makes every response the letter and a description of the image (the same scenes and
+    questions as without it).
     """
     d = Difficulty(**difficulty)
     d.check(grid)
@@ -413,7 +429,7 @@ def generate_examples(
                 f"allow more variety (raise max_objects or set distractors=True)."
             )
         answer = caption(scene) if task == "caption" else LETTERS[idx]
-        out.append(Example(f"{split}-{i:06d}", split, task, scene, question, answer))
+        out.append(Example(f"{split}-{i:06d}", split, task, scene, question, answer, explain))
     return out
 
 
@@ -433,7 +449,7 @@ def example_to_row(ex: Example, image_size: int = 112, grid: int = 4) -> dict:
     return {
         "id": ex.id,
         "images": [to_png(render(ex.scene, image_size, grid))],
-        "messages": messages_json(ex.user_text, ex.answer),
+        "messages": messages_json(ex.user_text, ex.response),
         "answer": ex.answer,
         "task": ex.task,
         "source": SOURCE,
@@ -450,11 +466,12 @@ def generate_rows(
     caption_fraction: float | None = None,
     image_size: int = 112,
     grid: int = 4,
+    explain: bool = False,
     **difficulty,
 ) -> list[dict]:
     """Generate ``n`` rendered rows for ``split``; same arguments and seed give identical bytes."""
     _cell_px(image_size, grid)
-    examples = generate_examples(split, n, seed, tasks, caption_fraction, grid, **difficulty)
+    examples = generate_examples(split, n, seed, tasks, caption_fraction, grid, explain, **difficulty)
     return [example_to_row(ex, image_size, grid) for ex in examples]
 
 

@@ -226,7 +226,7 @@ def run_ablation(
         if has_own_shards(base.data.dir):
             raise ConfigError(
                 f"train_rows limits the synthetic task's train split, but data.dir={base.data.dir} holds shards of its "
-                "own; run the data-limited regime on the synthetic task (or give the runs a smaller data.dir)."
+                "own; run the data-limited regime on the synthetic task (a data.dir without shards of its own)."
             )
         if not 1 <= train_rows <= base.data.synthetic.train:
             raise ConfigError(

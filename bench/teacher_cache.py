@@ -3,8 +3,8 @@
     python bench/teacher_cache.py              # conf/tiny.yaml models and data, 40 steps per block
     python bench/teacher_cache.py --steps 80 --blocks 4
 
-Sets up a run (``runs/bench_cache``: the tiny teacher and student from the model cache, step 1 for
-one step: verbalizer quality does not change the speed), builds its teacher cache with
+Sets up a run (``runs/bench_cache``: the config's teacher — conf/tiny.yaml's pinned one — and the tiny
+student from the model cache, step 1 for one step: verbalizer quality does not change the speed), builds its teacher cache with
 ``jobs/teacher_cache.py``'s code on a local Ray (prints rows/s and bytes), then times step 2 in this
 process, one torch thread, on the same pre-collated batches: (live) the teacher forward then the
 student step, (cache) the student step with the signal read from the cache. Blocks alternate
@@ -39,7 +39,7 @@ from vlsi_ray.prepare import check_pair, make_collator  # noqa: E402
 from vlsi_ray.recipe.layout import RunLayout  # noqa: E402
 from vlsi_ray.runners.local import run_local  # noqa: E402
 from vlsi_ray.runners.ray.driver import connect  # noqa: E402
-from vlsi_ray.teacher.cache import build_cache, open_cache  # noqa: E402
+from vlsi_ray.teacher.cache import build_cache, open_cache, step2_inputs  # noqa: E402
 from vlsi_ray.teacher.sources import in_process  # noqa: E402
 
 
@@ -69,17 +69,15 @@ def main(argv=None) -> int:
     ray.shutdown()
 
     torch.set_num_threads(1)
-    run = cfg.run_dir
-    teacher = Backbone.from_pretrained(RunLayout(run).model("pretrain_teacher"))
+    layout = RunLayout(cfg.run_dir)
+    inputs = step2_inputs(cfg)  # the config's teacher checkpoint (tiny.yaml: the pinned one) or the run's
+    teacher = Backbone.from_pretrained(inputs["teacher"])
     teacher.model.eval()
-    student = Backbone.from_pretrained(RunLayout(run).model("pretrain_student"))
-    layout = RunLayout(run)
-    t_verbs = Verbalizers.load(layout.verbalizers("teacher"), "cpu").eval()
+    student = Backbone.from_pretrained(inputs["student"])
+    t_verbs = Verbalizers.load(inputs["teacher_verbalizers"], "cpu").eval()
     s_verbs = Verbalizers.load(layout.verbalizers("student"), "cpu")
     vocab = check_pair(teacher, student)
-    cache = open_cache(
-        cfg, layout.model("pretrain_teacher"), layout.model("pretrain_student"), layout.verbalizers("teacher"), vocab
-    )
+    cache = open_cache(cfg, inputs["teacher"], inputs["student"], inputs["teacher_verbalizers"], vocab)
 
     rows, _ = read_rows(cfg.data.dir, split="train")
     bs = cfg.stages.interact.batch_size

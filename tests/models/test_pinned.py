@@ -27,7 +27,6 @@ from tiny_config import make_tiny_overrides
 from tiny_run import make_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
-PINNED_TEACHER = Path("conf/models/tiny-teacher")  # as conf/tiny.yaml names it (relative to the repository root)
 ACCURACY = {"overall": 0.875, "per_task": {"colour": 1.0, "position": 0.75}, "n": 40, "loss": {"test": {"all": 0.3}}}
 COMMAND = "python jobs/distill.py name=served steps=[pretrain_teacher]"
 
@@ -158,12 +157,30 @@ def test_a_teacher_pinned_as_released_bf16_shards_is_checked_shard_by_shard_and_
         check_pinned(pinned)
 
 
-def test_the_pinned_tiny_teacher_is_intact_reproducible_and_strong(one_thread):
-    """conf/tiny.yaml's teacher: its weights match the manifest, the manifest's settings are the ones
-    tiny.yaml pretrains with (teacher.path=null), and it answers fresh questions of its task."""
-    cfg = load_config(ROOT / "conf" / "tiny.yaml", [])
+#: The pinned teachers and the conf/tiny.yaml overrides that select each one's setting.
+PINNED = {
+    "tiny-teacher": [],
+    "tiny-teacher-explain": ["teacher.path=conf/models/tiny-teacher-explain", "data.synthetic.explain=true"],
+}
+
+
+def _setting(name: str):
+    """The pinned teacher ``name``'s config (conf/tiny.yaml + its overrides) and the generator's difficulty."""
+    cfg = load_config(ROOT / "conf" / "tiny.yaml", PINNED[name])
+    assert Path(cfg.teacher.path) == Path("conf/models") / name
+    synthetic = cfg.data.synthetic
+    keys = ("min_objects", "max_objects", "distractors", "dot_prob", "explain")
+    return cfg, {k: getattr(synthetic, k) for k in keys}
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_the_pinned_tiny_teachers_are_intact_reproducible_and_strong(one_thread, name):
+    """Each committed teacher: its weights match the manifest, the manifest's settings are the ones
+    tiny.yaml (+ its setting's overrides) pretrains with at teacher.path=null, and it answers fresh
+    questions of its task."""
+    cfg, difficulty = _setting(name)
     manifest = check_pinned(cfg.teacher.path)
-    assert manifest is not None and Path(cfg.teacher.path) == PINNED_TEACHER
+    assert manifest is not None
     assert manifest["config"]["model"]["tiny"] == asdict(cfg.teacher.tiny)
     assert manifest["config"]["optim"] == asdict(cfg.stages.pretrain_teacher)
     synthetic = cfg.data.synthetic
@@ -173,21 +190,20 @@ def test_the_pinned_tiny_teacher_is_intact_reproducible_and_strong(one_thread):
     assert manifest["data"]["generator"]["seed"] == synthetic.seed and "teacher.path=null" in manifest["produced_by"]
     assert manifest["accuracy"]["overall"] >= 0.85 and min(manifest["accuracy"]["per_task"].values()) >= 0.70
 
-    difficulty = {k: getattr(synthetic, k) for k in ("min_objects", "max_objects", "distractors", "dot_prob")}
     rows = generate_rows("test", 100, seed=7, **difficulty)  # questions its test split never asked
-    teacher = load_model(PINNED_TEACHER, LoadSettings("teacher"), "cpu")
+    teacher = load_model(cfg.teacher.path, LoadSettings("teacher"), "cpu")
     records = score_rows(teacher, rows, make_collator(teacher, cfg), 50, torch.device("cpu"), "ABCD")
     correct = sum(r["prediction"] == r["answer"] for r in records)
-    assert correct >= 80, f"the pinned teacher answered {correct}/100 fresh questions"
+    assert correct >= 80, f"the pinned teacher {name} answered {correct}/100 fresh questions"
 
 
-def test_the_pinned_teachers_signal_is_its_final_layers_prediction_of_the_response(one_thread):
+@pytest.mark.parametrize("name", PINNED)
+def test_the_pinned_teachers_signal_is_its_final_layers_prediction_of_the_response(one_thread, name):
     """Step 2's teacher signal at the response positions, final layer: its top token is what the teacher's
-    own forward predicts there (the same position, not one off) and, for a strong teacher, the response."""
-    cfg = load_config(ROOT / "conf" / "tiny.yaml", [])
-    synthetic = cfg.data.synthetic
-    difficulty = {k: getattr(synthetic, k) for k in ("min_objects", "max_objects", "distractors", "dot_prob")}
-    teacher = load_model(PINNED_TEACHER, LoadSettings("teacher"), "cpu")
+    own forward predicts there (the same position, not one off) and, for a strong teacher, the response —
+    the letter and the end token, or (explained answers) every token of the image's description too."""
+    cfg, difficulty = _setting(name)
+    teacher = load_model(cfg.teacher.path, LoadSettings("teacher"), "cpu")
     batch = make_collator(teacher, cfg)(generate_rows("test", 40, seed=11, **difficulty))
     signal = teacher_signal(teacher, new_verbalizers(cfg, "teacher", teacher, seed=0), batch, topk=16)
     final = signal.layer(-1)  # [1, N, k]
@@ -196,5 +212,8 @@ def test_the_pinned_teachers_signal_is_its_final_layers_prediction_of_the_respon
     with torch.no_grad():
         logits = teacher.forward(model_inputs(batch)).logits  # [B, T, V]
     assert torch.equal(top, logits[mask].argmax(-1))
-    assert len(targets) == 80  # a letter and the end token per row
+    if difficulty["explain"]:
+        assert len(targets) >= 40 * 10  # the letter, the description (>= 1 object) and the end token
+    else:
+        assert len(targets) == 80  # a letter and the end token per row
     assert (top == targets).float().mean().item() >= 0.9

@@ -34,6 +34,7 @@ set_offline_defaults()
 
 from vlsi_ray.ablation import (  # noqa: E402
     VARIANT_NAMES,
+    check_markers,
     collect_finished,
     markers,
     plot_tables,
@@ -67,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
-    try:  # before any run: the tables must have somewhere to go
-        begin, end = markers(args.section)
+    out = Path(args.out)
+    try:  # before any run: the tables must have somewhere to go (a missing file is created with them)
+        markers(args.section)
+        if out.is_file():
+            check_markers(out.read_text(), out, args.section)
     except ValueError as err:
         parser.error(str(err))
-    out = Path(args.out)
-    if out.is_file() and (begin not in out.read_text() or end not in out.read_text()):
-        parser.error(f"--out {out} lacks the markers {begin!r} … {end!r}; add them where the tables go.")
     root = Path(args.root)
     try:
         if args.report_only:

@@ -392,6 +392,13 @@ def render_tables(tables: dict[str, list[dict]], seeds: Sequence[int], command: 
     return "\n".join(lines)
 
 
+def check_markers(text: str, path: Path, section: str | None = None) -> None:
+    """Raise ValueError unless ``text`` (the content of ``path``) holds both :func:`markers` of ``section``."""
+    begin, end = markers(section)
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} lacks the markers {begin!r} … {end!r}; add them where the tables go.")
+
+
 def write_results(path: Path, block: str, section: str | None = None) -> None:
     """Put ``block`` between the :func:`markers` of ``section`` in ``path`` (created if missing), keeping the
     prose around them."""
@@ -400,8 +407,7 @@ def write_results(path: Path, block: str, section: str | None = None) -> None:
     text = (
         path.read_text() if path.is_file() else "# Results: the paper's ablations at tiny scale\n\n" + begin + "\n" + end + "\n"
     )
-    if begin not in text or end not in text:
-        raise ValueError(f"{path} lacks the markers {begin!r} … {end!r}; add them where the tables go.")
+    check_markers(text, path, section)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(head + block + tail)

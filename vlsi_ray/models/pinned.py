@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from vlsi_ray.data.fingerprint import fingerprint
 from vlsi_ray.data.shards import load_manifest, shard_files
-from vlsi_ray.models.hub_layout import write_hub_checkpoint
+from vlsi_ray.models.hub_layout import INDEX_FILE, write_hub_checkpoint
 from vlsi_ray.models.precision import dtype_name
 from vlsi_ray.prepare import LoadSettings, load_model
 from vlsi_ray.recipe.layout import RunLayout
@@ -40,7 +40,6 @@ from vlsi_ray.recipe.stages import pretraining
 
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 #: Files of a run's model directory that are copied (the run's stage marker becomes the manifest's ``stage``).
 _CHECKPOINT_FILES = ("*.json", "*.jinja", "*.safetensors", "*.txt")
 
@@ -61,7 +60,7 @@ def sha256_file(path: str | Path) -> str:
 def weight_files(path: str | Path) -> list[str]:
     """The weight files of the checkpoint at ``path``: the shards its ``model.safetensors.index.json`` names
     (sorted), else ``model.safetensors``."""
-    index = Path(path) / INDEX
+    index = Path(path) / INDEX_FILE
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     return [WEIGHTS]
